@@ -1,0 +1,50 @@
+"""clipn-cli: zero-shot out-of-distribution detection with CLIPN, as a library and a CLI.
+
+The Python API the CLI is built on::
+
+    import clipn_cli as clipn
+
+    model, info = clipn.load_model("clipn.safetensors")
+    heads = clipn.embed_classes(model, ["cow", "cat", "fish"], clipn.load_templates("clipn"), info.fingerprint)
+    for result in clipn.detect(model, heads, clipn.iter_inputs(["photos/"])):
+        print(result.path, result.verdict, result.class_name, result.atd_score)
+
+Attributes are imported on first use, so `import clipn_cli` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "load_model": "weights",
+    "convert_checkpoint": "weights",
+    "read_info": "weights",
+    "WeightsInfo": "weights",
+    "CLIPN": "model",
+    "build_model": "model",
+    "load_templates": "prompts",
+    "TemplateSet": "prompts",
+    "read_class_file": "classes",
+    "parse_class_list": "classes",
+    "embed_classes": "embeddings",
+    "ClassEmbeddings": "embeddings",
+    "score": "scoring",
+    "Scores": "scoring",
+    "iter_inputs": "images",
+    "encode_images": "inference",
+    "detect": "detect",
+    "Detection": "detect",
+    "ClipnError": "errors",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'clipn_cli' has no attribute '{name}'")

@@ -1,0 +1,47 @@
+"""Class names from a comma list or a text file, with the warnings a user needs to see."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .errors import ClassesError
+
+
+def parse_class_list(text: str) -> list[str]:
+    """`cow,cat,fish` → names; surrounding whitespace stripped, empty items dropped."""
+    names = [item.strip() for item in text.split(",")]
+    names = [n for n in names if n]
+    if not names:
+        raise ClassesError("--classes: no class names given")
+    return names
+
+
+def read_class_file(path: str | Path) -> list[str]:
+    """One class per line (UTF-8); blank lines and `#` comments ignored, whitespace stripped."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ClassesError(f"{path}: cannot read class file: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ClassesError(f"{path}: not UTF-8 (byte {exc.start}); save the class file as UTF-8") from None
+    names = [line.strip() for line in text.splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    if not names:
+        raise ClassesError(f"{path}: no class names (only blank lines or comments)")
+    return names
+
+
+def class_warnings(names: list[str]) -> list[str]:
+    """Things that are legal but probably not what the user meant."""
+    warnings = []
+    dupes = [n for n, c in Counter(names).items() if c > 1]
+    if dupes:
+        shown = ", ".join(dupes[:5]) + (" …" if len(dupes) > 5 else "")
+        warnings.append(f"duplicate class names kept (indices follow your list): {shown}")
+    if len(names) == 1:
+        warnings.append("a single class: ATD equals CTW (the class softmax is 1), both rules give the same verdict")
+    return warnings

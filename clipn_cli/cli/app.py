@@ -1,0 +1,24 @@
+"""The Typer application. Commands import the library (and torch) only when they run,
+so `clipn --help` stays fast."""
+
+from __future__ import annotations
+
+import typer
+
+from . import convert, detect, embed
+
+app = typer.Typer(
+    name="clipn",
+    help="Zero-shot out-of-distribution detection with CLIPN: is an image one of your classes, or something else?",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+app.command("convert")(convert.convert)
+app.command("embed-classes")(embed.embed_classes)
+app.command("detect")(detect.detect)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,98 @@
+"""What every command shares: the stderr console, error handling and exit codes, option aliases.
+
+Exit codes: 0 every input scored; 1 some inputs failed (each has an error record);
+2 usage or setup error (bad option, missing or unreadable weights, classes, embeddings);
+130 / 143 interrupted by SIGINT / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from ..errors import ClipnError
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]clipn: warning:[/yellow] {message}", markup=True, highlight=False)
+
+
+def info(message: str) -> None:
+    stderr.print(f"clipn: {message}", markup=False)
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Print one line on stderr and exit (no traceback)."""
+    stderr.print(f"[red]clipn: error:[/red] {_escape(message)}", markup=True)
+    raise typer.Exit(code)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(" ".join(text.split("\n")))
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when SIGTERM arrives, so cleanup runs as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def handle_errors() -> Iterator[None]:
+    """Map library errors to one-line messages and documented exit codes."""
+
+    def on_term(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    try:
+        yield
+    except ClipnError as exc:
+        fail(str(exc))
+    except (ValueError, OSError) as exc:
+        fail(str(exc) or type(exc).__name__)
+    except KeyboardInterrupt:
+        stderr.print("clipn: interrupted", markup=False)
+        raise typer.Exit(EXIT_SIGINT) from None
+    except Terminated:
+        stderr.print("clipn: terminated", markup=False)
+        raise typer.Exit(EXIT_SIGTERM) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option("--weights", "-w", help="CLIPN weights (.safetensors from 'clipn convert'). Default: $CLIPN_WEIGHTS.", show_default=False),
+]
+TemplatesOpt = Annotated[
+    str, typer.Option("--templates", "-t", help="Prompt templates: 'clipn' (the official 128), 'simple', or a file with one template per line.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+ClassesOpt = Annotated[str | None, typer.Option("--classes", "-c", help="Comma-separated class names, e.g. cow,cat,fish.", show_default=False)]
+ClassesFileOpt = Annotated[
+    Path | None, typer.Option("--classes-file", help="Text file: one class per line, '#' comments.", show_default=False)
+]

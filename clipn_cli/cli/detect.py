@@ -1,0 +1,90 @@
+"""`clipn detect`: one ID/OOD verdict per image."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import EXIT_OK, EXIT_PARTIAL, ClassesFileOpt, ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, fail, handle_errors, info, stderr, stdout_is_terminal
+from .runtime import class_embeddings, load_classes, load_weights_for_cli
+
+
+def detect(
+    paths: Annotated[list[str] | None, typer.Argument(help="Image files, directories (recursive), glob patterns, or - to read paths from stdin.", show_default=False)] = None,
+    classes: ClassesOpt = None,
+    classes_file: ClassesFileOpt = None,
+    embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,
+    weights: WeightsOpt = None,
+    templates: TemplatesOpt = "clipn",
+    rule: Annotated[str, typer.Option("--rule", help="Verdict rule: atd (agreeing-to-differ) or ctw (competing-to-win).")] = "atd",
+    fmt: Annotated[str | None, typer.Option("--format", "-f", help="table, json, jsonl or csv. Default: table on a terminal, jsonl otherwise.", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results to this file instead of stdout.", show_default=False)] = None,
+    details: Annotated[bool, typer.Option("--details", help="Add p_yes, logits_yes and logits_no (per class) to each record.")] = False,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Add the K most probable classes to each record.")] = 0,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 32,
+    workers: Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Decoding threads (0 = decode in the main thread). Default: min(4, CPUs).", show_default=False)] = None,
+    precision: Annotated[str, typer.Option("--precision", help="fp32 (exact), fp16 or bf16 (autocast).")] = "fp32",
+    exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Rotate by EXIF orientation first (the official pipeline does not).")] = False,
+) -> None:
+    """Say ID or OOD for each image, from class names alone.
+
+    Exit codes: 0 all inputs scored, 1 some inputs failed (error records), 2 usage or setup error.
+    """
+    with handle_errors():
+        if rule not in ("atd", "ctw"):
+            fail(f"--rule must be atd or ctw, not '{rule}'")
+        fmt = fmt or ("table" if output is None and stdout_is_terminal() else "jsonl")
+        if fmt not in ("table", "json", "jsonl", "csv"):
+            fail(f"--format must be table, json, jsonl or csv, not '{fmt}'")
+        if not paths:
+            fail("no inputs: give image files, directories, globs, or - for paths on stdin")
+        names = load_classes(classes, classes_file, embeddings)
+        model, weights_info = load_weights_for_cli(weights, device)
+        heads = class_embeddings(model, weights_info, names, embeddings, templates)
+
+        from ..detect import detect as run_detect
+        from ..images import iter_inputs
+        from ..output import open_writer
+
+        items = iter_inputs(paths, sys.stdin)
+        results = run_detect(
+            model, heads, items, rule=rule, batch_size=batch_size,
+            workers=min(4, os.cpu_count() or 1) if workers is None else workers,
+            precision=precision, exif_transpose=exif_transpose, details=details, top_k=top_k,
+        )
+        done = failed = 0
+        with open_writer(fmt, output, details=details) as writer, _progress() as tick:
+            for result in results:
+                writer.write(result.as_dict(details))
+                done += 1
+                failed += not result.ok
+                tick()
+        if done == 0:
+            fail("no images found in the given inputs")
+        if failed:
+            info(f"{failed} of {done} inputs could not be scored (see their error records)")
+            raise typer.Exit(EXIT_PARTIAL)
+        raise typer.Exit(EXIT_OK)
+
+
+def _progress():
+    """A spinner with a count on a terminal's stderr; a no-op in pipelines and tests."""
+    import contextlib
+
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext(lambda: None)
+
+    @contextlib.contextmanager
+    def bar():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TimeElapsedColumn
+
+        with Progress(SpinnerColumn(), "images", MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(), console=stderr, transient=True) as progress:
+            task = progress.add_task("images", total=None)
+            yield lambda: progress.advance(task)
+
+    return bar()

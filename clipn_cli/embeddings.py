@@ -1,0 +1,146 @@
+"""Class embeddings: the standard and "no" text heads built from class names and templates.
+
+Per class c: yes_c = normalize(Σ_t normalize(E_yes(t(c)))), and no_c likewise with the "no"
+tower (eval mode: mean prompt). Saved as safetensors so that `detect` can skip text encoding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import EmbeddingsError
+from .files import atomic_path
+from .model import CLIPN
+from .prompts import TemplateSet
+
+FORMAT = "clipn-cli.embeddings"
+FORMAT_VERSION = "1"
+TEXT_BATCH = 256
+
+
+@dataclass
+class ClassEmbeddings:
+    """Normalized class heads, rows in the user's class order, tied to the weights that made them."""
+
+    classes: list[str]
+    text_yes: torch.Tensor
+    text_no: torch.Tensor
+    templates: str
+    templates_sha256: str
+    weights_fingerprint: str
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a safetensors file (float32 `text_yes`, `text_no`); it appears atomically."""
+        from safetensors.torch import save_file
+
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "classes": json.dumps(self.classes, ensure_ascii=False),
+            "templates": self.templates,
+            "templates_sha256": self.templates_sha256,
+            "weights_fingerprint": self.weights_fingerprint,
+        }
+        tensors = {"text_yes": self.text_yes.float().cpu().contiguous(), "text_no": self.text_no.float().cpu().contiguous()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ClassEmbeddings:
+        """Read and check an embeddings file written by `save`."""
+        from safetensors.torch import load_file
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise EmbeddingsError(f"{path}: no such embeddings file")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as exc:
+            raise EmbeddingsError(f"{path}: not a valid safetensors file: {str(exc).strip()[:200]}") from None
+        if meta.get("format") != FORMAT:
+            raise EmbeddingsError(f"{path}: not a clipn-cli embeddings file (make one with 'clipn embed-classes')")
+        try:
+            classes = json.loads(meta["classes"])
+            yes, no = tensors["text_yes"].float(), tensors["text_no"].float()
+        except (KeyError, ValueError) as exc:
+            raise EmbeddingsError(f"{path}: damaged embeddings file ({exc})") from None
+        if not (yes.ndim == 2 and yes.shape == no.shape and yes.shape[0] == len(classes) > 0):
+            raise EmbeddingsError(f"{path}: tensor shapes {tuple(yes.shape)}/{tuple(no.shape)} do not fit {len(classes)} classes")
+        if not (torch.isfinite(yes).all() and torch.isfinite(no).all()):
+            raise EmbeddingsError(f"{path}: embeddings contain NaN or Inf values")
+        return cls(classes, yes, no, meta.get("templates", ""), meta.get("templates_sha256", ""), meta.get("weights_fingerprint", ""))
+
+    def check_weights(self, weights_fingerprint: str, source: str = "embeddings") -> None:
+        """Refuse embeddings made with other weights: their scores would be meaningless."""
+        if self.weights_fingerprint != weights_fingerprint:
+            raise EmbeddingsError(
+                f"{source}: made with other weights (fingerprint {self.weights_fingerprint[:12] or 'none'}, "
+                f"loaded weights {weights_fingerprint[:12]}); rebuild it with 'clipn embed-classes'"
+            )
+
+
+def tokenizer_for(model: CLIPN):
+    """The CLIP BPE tokenizer at the model's context length (what the official code uses)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=model.context_length)
+
+
+def truncated_names(classes: list[str], templates: TemplateSet, context_length: int, tokenizer) -> list[str]:
+    """Class names whose prompt exceeds the context and will be cut, as the official tokenizer cuts."""
+    longest = max(templates.templates, key=len)
+    return [c for c in dict.fromkeys(classes) if len(tokenizer.encode(longest.format(c))) + 2 > context_length]
+
+
+@torch.inference_mode()
+def encode_texts(
+    model: CLIPN,
+    tokens: torch.Tensor,
+    batch_size: int = TEXT_BATCH,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized yes/no features of token rows, batched by similar length (exact, see model)."""
+    device = next(model.parameters()).device
+    order = torch.argsort(tokens.argmax(dim=-1), stable=True)
+    yes = torch.empty(len(tokens), model.text_projection.shape[1])
+    no = torch.empty_like(yes)
+    for start in range(0, len(tokens), batch_size):
+        idx = order[start : start + batch_size]
+        batch = tokens[idx].to(device)
+        yes[idx] = model.encode_text_yes(batch, normalize=True).float().cpu()
+        no[idx] = model.encode_text_no(batch, normalize=True).float().cpu()
+        if progress:
+            progress(len(idx))
+    return yes, no
+
+
+def embed_classes(
+    model: CLIPN,
+    classes: list[str],
+    templates: TemplateSet,
+    weights_fingerprint: str,
+    batch_size: int = TEXT_BATCH,
+    progress: Callable[[int], None] | None = None,
+) -> ClassEmbeddings:
+    """Build both class heads with the template ensemble of the official inference."""
+    if not classes:
+        raise EmbeddingsError("no class names given")
+    model.eval()
+    tokenizer = tokenizer_for(model)
+    texts = [text for c in classes for text in templates.texts(c)]
+    tokens = tokenizer(texts)
+    yes, no = encode_texts(model, tokens, batch_size, progress)
+    shape = (len(classes), len(templates.templates), -1)
+    text_yes = F.normalize(yes.view(shape).sum(dim=1), dim=-1)
+    text_no = F.normalize(no.view(shape).sum(dim=1), dim=-1)
+    return ClassEmbeddings(list(classes), text_yes, text_no, templates.name, templates.sha256, weights_fingerprint)

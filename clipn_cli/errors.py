@@ -1,0 +1,31 @@
+"""Typed errors the library raises; the CLI turns each into a one-line message and exit code 2."""
+
+from __future__ import annotations
+
+
+class ClipnError(Exception):
+    """Base class: a problem the user can fix (bad file, bad option, missing weights)."""
+
+
+class WeightsError(ClipnError):
+    """Weights are missing, unreadable, unsafe or do not fit the model architecture."""
+
+
+class ConfigError(ClipnError):
+    """The model architecture cannot be resolved from a name, a file or tensor shapes."""
+
+
+class ClassesError(ClipnError):
+    """Class names are missing or unreadable."""
+
+
+class TemplatesError(ClipnError):
+    """A prompt template set is unknown or malformed."""
+
+
+class EmbeddingsError(ClipnError):
+    """A class-embeddings file is unreadable or was made with other weights."""
+
+
+class ImageError(ClipnError):
+    """One image could not be read; reported per input, never fatal to a run."""

@@ -1,0 +1,157 @@
+"""Finding image inputs and decoding them exactly as the official pipeline does.
+
+Decoding: PIL opens the file (first frame of animations), then open_clip's eval transform:
+resize the shorter side to the model's size (bicubic), centre crop, convert to RGB, normalize
+with the OpenAI mean/std. EXIF orientation is ignored by default, as in the official code.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own decompression-bomb limit
+GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input as the user named it; `error` is set when it could not even be found."""
+
+    path: str
+    error: str | None = None
+
+
+def iter_inputs(args: Iterable[str], stdin: IO[str] | None = None) -> Iterator[InputItem]:
+    """Expand files, directories (recursive, image extensions), globs and `-` (paths on stdin).
+
+    Lazy: paths from stdin are yielded as they are read, so millions of them stream through.
+    """
+    for arg in args:
+        if arg == "-":
+            if stdin is None:
+                continue
+            for line in stdin:
+                line = line.rstrip("\r\n")
+                if line:
+                    yield InputItem(line)
+        elif os.path.isdir(arg):
+            yield from _walk(arg)
+        elif os.path.lexists(arg) or not GLOB_CHARS & set(arg):
+            yield InputItem(arg)
+        else:
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                yield InputItem(arg, error="no file matches this pattern")
+            for match in matches:
+                yield from _walk(match) if os.path.isdir(match) else (InputItem(match),)
+
+
+def _walk(directory: str) -> Iterator[InputItem]:
+    """Image files under `directory`, recursively, in a stable (sorted) order."""
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield InputItem(os.path.join(root, name))
+
+
+def open_image(path: str, exif_transpose: bool = False, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode the first frame of an image file; any failure becomes an ImageError naming the problem."""
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > max_pixels:
+                raise ImageError(f"image too large: {img.width}x{img.height} pixels (limit {max_pixels}); possible decompression bomb")
+            img.seek(0)
+            img.load()
+            out = ImageOps.exif_transpose(img) if exif_transpose else img.copy()
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, not an image") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unknown or unsupported format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ImageError(f"corrupt or truncated image ({detail[:160]})") from None
+    return out
+
+
+def make_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """open_clip's eval transform (the one the official inference uses) at the model's size."""
+    import open_clip
+
+    return open_clip.image_transform(image_size, is_train=False)
+
+
+def image_size_of(model: torch.nn.Module) -> int:
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """A preprocessed image tensor, or the reason it could not be made."""
+
+    path: str
+    pixels: torch.Tensor | None
+    error: str | None
+
+
+def load_one(item: InputItem, transform: Callable[[Image.Image], torch.Tensor], exif_transpose: bool = False) -> LoadedImage:
+    """Decode and preprocess one input; never raises for a bad file."""
+    if item.error:
+        return LoadedImage(item.path, None, item.error)
+    try:
+        return LoadedImage(item.path, transform(open_image(item.path, exif_transpose)), None)
+    except ImageError as exc:
+        return LoadedImage(item.path, None, str(exc))
+    except Exception as exc:  # a decoder bug must cost one record, not the run
+        return LoadedImage(item.path, None, f"cannot decode image ({type(exc).__name__}: {str(exc)[:160]})")
+
+
+def load_images(
+    items: Iterable[InputItem],
+    transform: Callable[[Image.Image], torch.Tensor],
+    workers: int = 0,
+    exif_transpose: bool = False,
+    prefetch: int = 64,
+) -> Iterator[LoadedImage]:
+    """Decode inputs in input order; with `workers` > 0, in a thread pool `prefetch` items ahead.
+
+    Pillow releases the GIL while decoding and resizing, so threads overlap decoding with the
+    model's forward pass without the start-up cost of processes. At most `prefetch` decoded
+    images are held at once, whatever the number of inputs.
+    """
+    if workers <= 0:
+        for item in items:
+            yield load_one(item, transform, exif_transpose)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipn-decode") as pool:
+        pending: deque[Future[LoadedImage]] = deque()
+        for item in items:
+            pending.append(pool.submit(load_one, item, transform, exif_transpose))
+            if len(pending) >= max(prefetch, workers):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

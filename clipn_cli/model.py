@@ -1,0 +1,113 @@
+"""The CLIPN network: an open_clip CLIP plus a second, "no" text tower with learnable prompts.
+
+Attribute names follow the official code (`transformer_no`, `token_embedding_no`, ... `prompt_no`),
+so `state_dict()` keys are exactly the official checkpoint's keys without the DDP `module.` prefix
+and strict loading needs no renaming table.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NUM_PROMPTS = 16  # learnable "no" prompts in the official model
+TEXT_PARTS = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection")
+
+
+def causal_mask(length: int) -> torch.Tensor:
+    """Additive causal attention mask: -inf above the diagonal, as open_clip builds it."""
+    return torch.full((length, length), float("-inf")).triu_(1)
+
+
+class CLIPN(open_clip.model.CLIP):
+    """CLIP with a "no" text tower: same architecture, own weights, plus `prompt_no`.
+
+    The "no" tower adds a prompt (16 × context × width) to the token + positional embeddings at
+    every position. In eval mode that prompt is the mean of the 16; in training mode each text
+    gets one of the 16 or their mean, uniformly at random, as the official code does.
+    """
+
+    def __init__(self, model_cfg: dict[str, Any], num_prompts: int = NUM_PROMPTS) -> None:
+        cfg = dict(model_cfg)
+        super().__init__(
+            embed_dim=cfg["embed_dim"],
+            vision_cfg=cfg["vision_cfg"],
+            text_cfg=cfg["text_cfg"],
+            quick_gelu=cfg.get("quick_gelu", False),
+        )
+        self.model_cfg = cfg
+        self.num_prompts = num_prompts
+        for name in TEXT_PARTS:
+            setattr(self, f"{name}_no", copy.deepcopy(getattr(self, name)))
+        context, width = self.positional_embedding.shape
+        self.prompt_no = nn.Parameter(torch.zeros(num_prompts, context, width))
+
+    def no_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters CLIPN trains: every one whose name contains `_no`."""
+        return [(n, p) for n, p in self.named_parameters() if "_no" in n]
+
+    def encode_text_yes(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Standard CLIP text features."""
+        return self._encode_text(tokens, suffix="", prompt=None, normalize=normalize)
+
+    def encode_text_no(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """"No" text features: the same tokens through the "no" tower with the added prompt."""
+        if self.training:
+            choice = torch.randint(0, self.num_prompts + 1, (tokens.shape[0],), device=tokens.device)
+            prompts = torch.cat([self.prompt_no, self.prompt_no.mean(0, keepdim=True)], dim=0)
+            prompt = prompts[choice]
+        else:
+            prompt = self.prompt_no.mean(0)
+        return self._encode_text(tokens, suffix="_no", prompt=prompt, normalize=normalize)
+
+    def _encode_text(
+        self, tokens: torch.Tensor, suffix: str, prompt: torch.Tensor | None, normalize: bool
+    ) -> torch.Tensor:
+        """Encode tokens with the tower named by `suffix`, cut to the batch's longest text.
+
+        With a causal mask and pooling at the end-of-text token, positions after the last
+        end-of-text token cannot affect the result, so computing only up to it is exact.
+        """
+        eot = tokens.argmax(dim=-1)
+        length = int(eot.max().item()) + 1
+        tokens = tokens[:, :length]
+        cast_dtype = self.transformer.get_cast_dtype()
+        x = getattr(self, f"token_embedding{suffix}")(tokens).to(cast_dtype)
+        x = x + getattr(self, f"positional_embedding{suffix}")[:length].to(cast_dtype)
+        if prompt is not None:
+            x = x + prompt[..., :length, :].to(cast_dtype)
+        mask = causal_mask(length).to(device=x.device, dtype=x.dtype)
+        x = getattr(self, f"transformer{suffix}")(x, attn_mask=mask)
+        x = getattr(self, f"ln_final{suffix}")(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        x = x @ getattr(self, f"text_projection{suffix}")
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(  # type: ignore[override]
+        self, image: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalized image, yes-text and no-text features and the logit scale, as the official forward."""
+        return (
+            self.encode_image(image, normalize=True),
+            self.encode_text_yes(tokens, normalize=True),
+            self.encode_text_no(tokens, normalize=True),
+            self.logit_scale.exp(),
+        )
+
+
+def build_model(model_cfg: dict[str, Any], num_prompts: int = NUM_PROMPTS, device: str | torch.device = "cpu") -> CLIPN:
+    """Build a CLIPN with freshly initialised weights; on `meta` no memory is allocated."""
+    with torch.device(device):
+        model = CLIPN(model_cfg, num_prompts=num_prompts)
+    return model
+
+
+def expected_shapes(model_cfg: dict[str, Any], num_prompts: int = NUM_PROMPTS) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape a CLIPN of this architecture holds (computed without memory)."""
+    model = build_model(model_cfg, num_prompts, device="meta")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}

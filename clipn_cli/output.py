@@ -1,0 +1,134 @@
+"""Writers for detection records: JSON Lines, JSON, CSV (for machines) and a Rich table (for people).
+
+Machine formats stream record by record, so memory stays flat for any number of inputs.
+Written to a file, JSON and CSV appear atomically (complete or absent); JSON Lines is
+appended line by line and flushed, so a cut run keeps every finished line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from .files import atomic_open
+
+FORMATS = ("table", "json", "jsonl", "csv")
+CSV_COLUMNS = (
+    "path", "error", "verdict", "rule", "class", "class_index",
+    "ctw_score", "atd_score", "p_ood", "msp", "max_logit", "energy",
+)
+DETAIL_COLUMNS = ("p_yes", "logits_yes", "logits_no", "top_k")
+
+
+class Writer:
+    """Base writer: `write` one record dict; `finish` writes any trailer once all records are in."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, record: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Write any trailer (closing bracket, table)."""
+
+
+class JsonlWriter(Writer):
+    def write(self, record: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+
+class JsonWriter(Writer):
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(stream)
+        self._count = 0
+        stream.write("[")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.stream.write((",\n " if self._count else "\n ") + json.dumps(record, ensure_ascii=False))
+        self._count += 1
+
+    def finish(self) -> None:
+        self.stream.write("\n]\n" if self._count else "]\n")
+
+
+class CsvWriter(Writer):
+    def __init__(self, stream: IO[str], details: bool = False) -> None:
+        super().__init__(stream)
+        columns = CSV_COLUMNS + (DETAIL_COLUMNS if details else ("top_k",))
+        self._csv = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        self._csv.writeheader()
+
+    def write(self, record: dict[str, Any]) -> None:
+        row = {k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for k, v in record.items()}
+        self._csv.writerow(row)
+
+
+class TableWriter(Writer):
+    """Collects rows and prints one Rich table at the end (for a terminal, not for pipes)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(stream)
+        self._rows: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._rows.append(record)
+
+    def finish(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(show_edge=False, header_style="bold")
+        for name, justify in (("image", "left"), ("verdict", "center"), ("class", "left"), ("CTW", "right"), ("ATD", "right")):
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for r in self._rows:
+            if "error" in r:
+                table.add_row(r["path"], Text("ERROR", style="bold yellow"), Text(r["error"], style="yellow"), "", "")
+                continue
+            style = "bold red" if r["verdict"] == "OOD" else "bold green"
+            table.add_row(r["path"], Text(r["verdict"], style=style), r["class"], f"{r['ctw_score']:.3f}", f"{r['atd_score']:.3f}")
+        width = None if self.stream.isatty() else 200  # a table saved to a file keeps full paths
+        Console(file=self.stream, width=width).print(table)
+
+
+@contextlib.contextmanager
+def open_writer(
+    fmt: str,
+    output: str | Path | None = None,
+    details: bool = False,
+    append: bool = False,
+    stdout: IO[str] | None = None,
+) -> Iterator[Writer]:
+    """A writer for `fmt` to `output` (a file) or stdout, finished when the block ends normally.
+
+    If the block raises (an error, Ctrl-C), an atomic JSON/CSV/table file is discarded and a
+    JSON Lines file keeps the complete lines written so far.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format '{fmt}' (expected one of {', '.join(FORMATS)})")
+    with contextlib.ExitStack() as stack:
+        if output is None:
+            stream: IO[str] = stdout or sys.stdout
+        elif fmt == "jsonl":
+            stream = stack.enter_context(open(output, "a" if append else "w", encoding="utf-8", newline=""))
+        else:
+            stream = stack.enter_context(atomic_open(output, "w", encoding="utf-8", newline=""))
+        writer: Writer
+        if fmt == "jsonl":
+            writer = JsonlWriter(stream)
+        elif fmt == "json":
+            writer = JsonWriter(stream)
+        elif fmt == "csv":
+            writer = CsvWriter(stream, details)
+        else:
+            writer = TableWriter(stream)
+        yield writer
+        writer.finish()
+        stream.flush()
