@@ -1,0 +1,54 @@
+"""Shared fixtures: the official tiny checkpoint converted once per session, its images and golden numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+OFFICIAL_CHECKPOINT = FIXTURES / "clipn-tiny-official.pt"
+TINY_CONFIG = FIXTURES / "clipn-tiny-config.json"
+IMAGES = FIXTURES / "images"
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    """Numbers the official CLIPN code computed on the tiny checkpoint (see shared/reference)."""
+    return json.loads((FIXTURES / "golden-tiny.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny official checkpoint converted to clipn's safetensors format."""
+    from clipn_cli.weights import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    convert_checkpoint(OFFICIAL_CHECKPOINT, out, config=str(TINY_CONFIG))
+    return out
+
+
+@pytest.fixture(scope="session")
+def images_dir() -> Path:
+    return IMAGES
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test sees the developer's weights or home directory."""
+    monkeypatch.delenv("CLIPN_WEIGHTS", raising=False)
+    monkeypatch.setenv("CLIPN_HOME", str(tmp_path / "clipn-home"))
+
+
+def run_cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real `clipn` entry point (`python -m clipn_cli`) in a subprocess."""
+    full_env = {k: v for k, v in os.environ.items() if k != "CLIPN_WEIGHTS"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "clipn_cli", *args],
+        input=stdin, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=None,
+    )

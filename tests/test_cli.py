@@ -1,0 +1,180 @@
+"""The `clipn` command line through its real entry point: inputs, outputs, errors, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import IMAGES, OFFICIAL_CHECKPOINT, TINY_CONFIG, run_cli
+
+CLASSES = "cat,coffee,rocket"
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def embeddings(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("emb") / "classes.safetensors"
+    result = run_cli("embed-classes", "--classes", CLASSES, "--weights", str(tiny_weights), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_help_lists_commands() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("convert", "embed-classes", "detect"):
+        assert command in result.stdout
+
+
+def test_stdin_paths_in_input_order(tiny_weights: Path, embeddings: Path) -> None:
+    paths = [str(IMAGES / "rocket.jpg"), str(IMAGES / "chelsea.png"), str(IMAGES / "coffee.png")]
+    result = run_cli("detect", "-w", str(tiny_weights), "--embeddings", str(embeddings), "-", stdin="\n".join(paths) + "\n")
+    assert result.returncode == 0, result.stderr
+    records = jsonl(result.stdout)  # not a terminal: jsonl by default
+    assert [r["path"] for r in records] == paths
+    for r in records:
+        assert r["verdict"] in {"ID", "OOD"} and r["rule"] == "atd"
+        assert r["class"] in CLASSES.split(",") and r["class_index"] == CLASSES.split(",").index(r["class"])
+        assert r["p_ood"] == pytest.approx(1 - r["atd_score"], abs=1e-6)
+
+
+def test_directory_input_is_recursive_and_sorted(tiny_weights: Path, embeddings: Path, tmp_path: Path) -> None:
+    nested = tmp_path / "photos" / "nested"
+    nested.mkdir(parents=True)
+    shutil.copy(IMAGES / "rocket.jpg", tmp_path / "photos" / "b.jpg")
+    shutil.copy(IMAGES / "horse.png", nested / "a.png")
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    result = run_cli("detect", "-w", str(tiny_weights), "-e", str(embeddings), str(tmp_path / "photos"))
+    assert result.returncode == 0, result.stderr
+    names = [Path(r["path"]).name for r in jsonl(result.stdout)]
+    assert names == ["b.jpg", "a.png"]  # files of a folder before its sub-folders; .txt skipped
+
+
+def test_glob_expanded_by_the_tool(tiny_weights: Path, embeddings: Path) -> None:
+    result = run_cli("detect", "-w", str(tiny_weights), "-e", str(embeddings), str(IMAGES / "*.jpg"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(Path(r["path"]).name for r in jsonl(result.stdout)) == ["hubble_deep_field.jpg", "retina.jpg", "rocket.jpg"]
+
+
+def test_corrupt_file_gives_error_record_and_exit_1(tiny_weights: Path, embeddings: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes((IMAGES / "rocket.jpg").read_bytes()[:300])
+    good = [str(IMAGES / "chelsea.png"), str(IMAGES / "rocket.jpg")]
+    result = run_cli("detect", "-w", str(tiny_weights), "-e", str(embeddings), good[0], str(bad), good[1], str(tmp_path / "missing.png"))
+    assert result.returncode == 1
+    records = jsonl(result.stdout)
+    assert [r["path"] for r in records] == [good[0], str(bad), good[1], str(tmp_path / "missing.png")]
+    assert "error" in records[1] and "truncated" in records[1]["error"]
+    assert records[3] == {"path": str(tmp_path / "missing.png"), "error": "no such file"}
+    assert records[0]["verdict"] and records[2]["verdict"]
+    alone = jsonl(run_cli("detect", "-w", str(tiny_weights), "-e", str(embeddings), good[0]).stdout)
+    assert alone[0].keys() == records[0].keys()  # a bad neighbour changes nothing (but batch-size rounding)
+    for key, value in alone[0].items():
+        assert records[0][key] == (pytest.approx(value, abs=1e-5) if isinstance(value, float) else value)
+    assert "2 of 4 inputs could not be scored" in result.stderr
+
+
+def test_missing_weights_exit_2_one_line(tmp_path: Path) -> None:
+    result = run_cli("detect", "--classes", CLASSES, str(IMAGES / "chelsea.png"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no weights" in lines[0] and "CLIPN_WEIGHTS" in lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_weights_from_environment(tiny_weights: Path) -> None:
+    result = run_cli("detect", "--classes", CLASSES, str(IMAGES / "chelsea.png"), env={"CLIPN_WEIGHTS": str(tiny_weights)})
+    assert result.returncode == 0, result.stderr
+    assert jsonl(result.stdout)[0]["path"].endswith("chelsea.png")
+
+
+def test_embeddings_from_other_weights_refused(tiny_weights: Path, embeddings: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.safetensors"
+    assert run_cli("convert", str(OFFICIAL_CHECKPOINT), str(other), "--config", str(TINY_CONFIG), "--dtype", "fp16").returncode == 0
+    result = run_cli("detect", "-w", str(other), "-e", str(embeddings), str(IMAGES / "chelsea.png"))
+    assert result.returncode == 2
+    assert "made with other weights" in result.stderr and str(embeddings) in result.stderr
+    assert result.stdout == ""
+
+
+def test_fp16_weights_score_close_to_fp32(tiny_weights: Path, tmp_path: Path) -> None:
+    half = tmp_path / "half.safetensors"
+    assert run_cli("convert", str(OFFICIAL_CHECKPOINT), str(half), "--config", str(TINY_CONFIG), "--dtype", "fp16").returncode == 0
+    assert half.stat().st_size < 0.6 * tiny_weights.stat().st_size
+    args = ("detect", "--classes", CLASSES, str(IMAGES))
+    full = jsonl(run_cli(*args, "-w", str(tiny_weights)).stdout)
+    reduced = jsonl(run_cli(*args, "-w", str(half)).stdout)
+    for a, b in zip(full, reduced):
+        assert abs(a["atd_score"] - b["atd_score"]) < 1e-2 and abs(a["ctw_score"] - b["ctw_score"]) < 1e-2
+
+
+def test_formats_json_csv_table_and_output_file(tiny_weights: Path, embeddings: Path, tmp_path: Path) -> None:
+    base = ("detect", "-w", str(tiny_weights), "-e", str(embeddings), str(IMAGES / "chelsea.png"), str(IMAGES / "rocket.jpg"))
+    as_json = json.loads(run_cli(*base, "--format", "json", "--top-k", "2").stdout)
+    assert len(as_json) == 2 and len(as_json[0]["top_k"]) == 2
+    assert as_json[0]["top_k"][0]["class"] == as_json[0]["class"]
+
+    out = tmp_path / "out.csv"
+    result = run_cli(*base, "--format", "csv", "--output", str(out))
+    assert result.returncode == 0 and result.stdout == ""
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert [Path(r["path"]).name for r in rows] == ["chelsea.png", "rocket.jpg"]
+    assert float(rows[0]["atd_score"]) == pytest.approx(as_json[0]["atd_score"])
+
+    table = run_cli(*base, "--format", "table").stdout
+    assert "chelsea.png" in table and "verdict" in table
+
+
+def test_ctw_rule_and_single_class_warning(tiny_weights: Path) -> None:
+    result = run_cli("detect", "-w", str(tiny_weights), "--classes", "cat", "--rule", "ctw", str(IMAGES / "chelsea.png"))
+    assert result.returncode == 0
+    (record,) = jsonl(result.stdout)
+    assert record["rule"] == "ctw" and record["atd_score"] == pytest.approx(record["ctw_score"], abs=1e-6)
+    assert "ATD equals CTW" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--rule", "bogus"), "--rule"),
+        (("--format", "xml"), "--format"),
+        (("--templates", "no-such-set"), "unknown template set"),
+    ],
+)
+def test_bad_options_exit_2(tiny_weights: Path, args: tuple[str, ...], message: str) -> None:
+    result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, *args, str(IMAGES / "chelsea.png"))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_template_file_must_have_placeholder(tiny_weights: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "templates.txt"
+    bad.write_text("a photo of something\n")
+    result = run_cli("embed-classes", "--classes", CLASSES, "-w", str(tiny_weights), "-o", str(tmp_path / "e.safetensors"), "--templates", str(bad))
+    assert result.returncode == 2 and "exactly one '{}'" in result.stderr
+    good = tmp_path / "good.txt"
+    good.write_text("a photo of a {}.\nart of the {}.\n")
+    result = run_cli("embed-classes", "--classes", CLASSES, "-w", str(tiny_weights), "-o", str(tmp_path / "e.safetensors"), "--templates", str(good))
+    assert result.returncode == 0, result.stderr
+
+
+def test_duplicate_classes_kept_with_warning(tiny_weights: Path, tmp_path: Path) -> None:
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\n\n# a comment\n  rocket  \ncat\n", encoding="utf-8")
+    out = tmp_path / "classes.safetensors"
+    result = run_cli("embed-classes", str(classes), "-w", str(tiny_weights))
+    assert result.returncode == 0 and "duplicate class names" in result.stderr
+    from clipn_cli.embeddings import ClassEmbeddings
+
+    heads = ClassEmbeddings.load(out)
+    assert heads.classes == ["cat", "rocket", "cat"]
+    assert (heads.text_yes[0] - heads.text_yes[2]).abs().max() < 1e-6
+    assert (heads.text_yes[0] - heads.text_yes[1]).abs().max() > 1e-3
