@@ -11,6 +11,10 @@ class WeightsError(ClipnError):
     """Weights are missing, unreadable, unsafe or do not fit the model architecture."""
 
 
+class FetchError(WeightsError):
+    """A download failed, cannot start (offline) or was refused (size or checksum mismatch)."""
+
+
 class ConfigError(ClipnError):
     """The model architecture cannot be resolved from a name, a file or tensor shapes."""
 

@@ -20,18 +20,11 @@ import torch
 from .configs import infer_config, resolve_config, validate_config
 from .errors import ClipnError, WeightsError
 from .files import atomic_path, sha256_file
+from .home import FORMAT, resolve_weights
 from .model import CLIPN, build_model, causal_mask, expected_shapes
 
-FORMAT = "clipn-cli.weights"
 FORMAT_VERSION = "1"
-WEIGHTS_ENV = "CLIPN_WEIGHTS"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-OFFICIAL_HINT = (
-    "get the official CLIPN ViT-B-16 weights (links in the CLIPN README, github.com/xmed-lab/CLIPN; "
-    "repeat 2 is the best: ATD 94.32 AUROC / 26.02 FPR95 on ImageNet-1K), then run "
-    "'clipn convert epoch_10.pt clipn.safetensors --config ViT-B-16' and pass --weights clipn.safetensors "
-    f"or set ${WEIGHTS_ENV}"
-)
 
 
 @dataclass(frozen=True)
@@ -153,6 +146,7 @@ def convert_checkpoint(
     out: str | os.PathLike[str],
     config: str | None = None,
     dtype: str = "fp32",
+    extra_metadata: dict[str, str] | None = None,
 ) -> WeightsInfo:
     """Official `.pt` checkpoint (or bare state dict) → our safetensors, checked strictly.
 
@@ -172,7 +166,7 @@ def convert_checkpoint(
         model_name = config if not Path(config).is_file() else Path(config).stem
     check_tensors(tensors, model_cfg, num_prompts, str(src))
     cast = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in tensors.items()}
-    extra = {"source_name": Path(src).name, "source_sha256": sha256_file(src), "dtype": dtype}
+    extra = {"source_name": Path(src).name, "source_sha256": sha256_file(src), "dtype": dtype, **(extra_metadata or {})}
     return save_weights(cast, out, model_cfg, model_name, extra)
 
 
@@ -203,11 +197,9 @@ def read_info(path: str | os.PathLike[str]) -> WeightsInfo:
 
 
 def resolve_weights_path(weights: str | os.PathLike[str] | None) -> Path:
-    """`weights` if given, else `$CLIPN_WEIGHTS`, else an error that says how to get weights."""
-    chosen = weights or os.environ.get(WEIGHTS_ENV)
-    if not chosen:
-        raise WeightsError(f"no weights given: pass --weights FILE or set ${WEIGHTS_ENV}; {OFFICIAL_HINT}")
-    return Path(chosen)
+    """`weights` (a file or a name in the weights home), else `$CLIPN_WEIGHTS`, else the home's
+    default: see `home.resolve_weights`, which errors with the commands that get weights."""
+    return resolve_weights(weights)
 
 
 def load_model(

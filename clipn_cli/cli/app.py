@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from . import convert, detect, embed
+from . import convert, detect, embed, weights
 
 app = typer.Typer(
     name="clipn",
@@ -18,6 +18,7 @@ app = typer.Typer(
 app.command("convert")(convert.convert)
 app.command("embed-classes")(embed.embed_classes)
 app.command("detect")(detect.detect)
+app.add_typer(weights.app, name="weights")
 
 
 def main() -> None:

@@ -1,0 +1,385 @@
+"""Getting weights into the home: resumable verified downloads, conversion, atomic placement.
+
+A fetch never leaves a file that looks valid unless it is: bytes go to `NAME.part` (kept on a
+lost connection so that the next run resumes with an HTTP Range request), the finished download
+is checked (length, sha256 where known), converted to clipn's safetensors format, and only then
+renamed into `weights/`. A checksum mismatch deletes the download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.client
+import os
+import re
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import ClipnError, ConfigError, FetchError
+from .files import atomic_path, sha256_file
+from .home import (
+    BUNDLED, FORMAT, KNOWN, check_name, downloads_dir, fix_hint, get_default, known_model, locate, read_header,
+    set_default, target_path,
+)
+
+Progress = Callable[[int, int | None], None]
+"""Called with (bytes on disk so far, total bytes or None) as a download advances."""
+
+CHUNK = 1 << 20
+_DRIVE_HOSTS = {"drive.google.com", "docs.google.com", "drive.usercontent.google.com"}
+
+
+@dataclass(frozen=True)
+class Download:
+    """A finished download: `resumed_from` bytes were already on disk, `received` came this time."""
+
+    path: Path
+    size: int
+    sha256: str
+    resumed_from: int
+    received: int
+
+
+@dataclass(frozen=True)
+class Installed:
+    """Weights placed in the home by `fetch_weights` or `add_weights`."""
+
+    name: str
+    path: Path
+    fingerprint: str
+    model_name: str
+    already_present: bool = False
+    made_default: bool = False
+    download: Download | None = None
+
+
+def download(
+    url: str,
+    dest: str | os.PathLike[str],
+    *,
+    sha256: str | None = None,
+    size: int | None = None,
+    progress: Progress | None = None,
+    timeout: float = 60.0,
+) -> Download:
+    """Download `url` to `dest` over HTTP(S), resuming `dest.part` when the server allows it.
+
+    Resuming sends `Range` with `If-Range` (the ETag or Last-Modified of the first attempt), so a
+    file that changed on the server is downloaded again instead of being spliced.
+    """
+    dest = Path(dest)
+    sha256 = _check_hex(sha256)
+    if dest.is_file():
+        digest = sha256_file(dest)
+        if sha256 is None or digest == sha256:
+            return Download(dest, dest.stat().st_size, digest, dest.stat().st_size, 0)
+        dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    validator_file = dest.with_name(dest.name + ".part.validator")
+    validator = validator_file.read_text(encoding="utf-8").strip() if validator_file.is_file() else ""
+    offset = part.stat().st_size if part.is_file() and validator else 0
+
+    headers = {"User-Agent": f"clipn-cli/{__version__}", "Accept-Encoding": "identity"}
+    if offset:
+        headers.update({"Range": f"bytes={offset}-", "If-Range": validator})
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        total = _range_total(exc.headers.get("Content-Range", ""))
+        if exc.code == 416 and offset and total == offset:
+            return _finish(part, dest, validator_file, sha256, size, offset, 0)
+        if exc.code == 416:
+            _discard(part, validator_file)
+            return download(url, dest, sha256=sha256, size=size, progress=progress, timeout=timeout)
+        raise FetchError(f"{url}: the server answered HTTP {exc.code} {exc.reason}; {_by_hand(url)}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise FetchError(f"cannot download {url} ({reason}); {_by_hand(url)}") from None
+
+    with response:
+        if response.status == 206 and _range_start(response.headers.get("Content-Range", "")) == offset:
+            total = _range_total(response.headers.get("Content-Range", ""))
+        else:
+            offset = 0
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        if size is not None and total is not None and total != size:
+            _discard(part, validator_file)
+            raise FetchError(f"{url}: the server offers {total} bytes, expected {size}: refused")
+        new_validator = response.headers.get("ETag") or response.headers.get("Last-Modified") or ""
+        if new_validator:
+            validator_file.write_text(new_validator, encoding="utf-8")
+        else:
+            validator_file.unlink(missing_ok=True)
+        received = _receive(response, part, offset, total, progress)
+    done = offset + received
+    if total is not None and done != total:
+        again = "resume" if new_validator else "start again (the server gives no ETag or Last-Modified to resume safely)"
+        raise FetchError(
+            f"{url}: the connection was lost after {done} of {total} bytes; the partial download is kept "
+            f"at {part}: run the same command again to {again}"
+        )
+    return _finish(part, dest, validator_file, sha256, size, offset, received)
+
+
+def _receive(response: http.client.HTTPResponse, part: Path, offset: int, total: int | None, progress: Progress | None) -> int:
+    """Append the response body to `part`; a lost connection ends the loop, not the program."""
+    received = 0
+    with open(part, "ab" if offset else "wb") as fh:
+        if progress:
+            progress(offset, total)
+        while True:
+            try:
+                block = response.read(CHUNK)
+            except (OSError, http.client.HTTPException):
+                break
+            if not block:
+                break
+            fh.write(block)
+            received += len(block)
+            if progress:
+                progress(offset + received, total)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return received
+
+
+def _finish(part: Path, dest: Path, validator_file: Path, sha256: str | None, size: int | None, offset: int, received: int) -> Download:
+    """Check the complete `part`; rename it to `dest` or delete it."""
+    actual_size = part.stat().st_size
+    digest = sha256_file(part)
+    if size is not None and actual_size != size:
+        _discard(part, validator_file)
+        raise FetchError(f"{dest.name}: downloaded {actual_size} bytes, expected {size}: deleted")
+    if sha256 is not None and digest != sha256:
+        _discard(part, validator_file)
+        raise FetchError(f"{dest.name}: sha256 mismatch (expected {sha256}, got {digest}): the download was deleted")
+    os.replace(part, dest)
+    validator_file.unlink(missing_ok=True)
+    return Download(dest, actual_size, digest, offset, received)
+
+
+def _discard(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _range_start(content_range: str) -> int | None:
+    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", content_range.strip())
+    return int(match.group(1)) if match else None
+
+
+def _range_total(content_range: str) -> int | None:
+    match = re.fullmatch(r"bytes (?:\d+-\d+|\*)/(\d+)", content_range.strip())
+    return int(match.group(1)) if match else None
+
+
+def _check_hex(sha256: str | None) -> str | None:
+    if sha256 is None:
+        return None
+    value = sha256.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise FetchError(f"--sha256 must be 64 hexadecimal digits, not '{sha256}'")
+    return value
+
+
+def _by_hand(url: str) -> str:
+    return f"without internet, download {url} in a browser, copy it here, then run 'clipn weights add FILE --name NAME'"
+
+
+def is_drive_url(url: str) -> bool:
+    return urllib.parse.urlparse(url).hostname in _DRIVE_HOSTS
+
+
+def download_drive(url: str, dest: Path, name: str, checkpoint: str | None, progress: Progress | None = None) -> Path:
+    """A Google Drive file or folder via gdown (optional extra `drive`): gdown handles Drive's
+    confirmation pages, cookies and resuming, which a plain HTTP client gets wrong. From a folder
+    the file at `checkpoint` is taken, else the checkpoint with the highest epoch."""
+    try:
+        import gdown
+    except ImportError:
+        raise FetchError(
+            f"Google Drive downloads need gdown: pip install 'clipn-cli[drive]'; {_by_hand_drive(url, name, checkpoint)}"
+        ) from None
+    try:
+        if "/folders/" in url:
+            listing = gdown.download_folder(url=url, skip_download=True, quiet=True)
+            file_id = pick_checkpoint([(f.id, f.path) for f in listing], checkpoint, url)
+            url = f"https://drive.google.com/uc?id={file_id}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        gdown.download(url=url, output=str(dest), resume=True, quiet=True, progress=progress)
+    except FetchError:
+        raise
+    except OSError as exc:  # requests' connection errors are OSErrors
+        raise FetchError(f"cannot reach Google Drive ({type(exc).__name__}); {_by_hand_drive(url, name, checkpoint)}") from None
+    except Exception as exc:  # gdown raises many types (quota, permissions, page layout); each becomes one line
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise FetchError(f"Google Drive download failed ({first}); {_by_hand_drive(url, name, checkpoint)}") from None
+    return dest
+
+
+def pick_checkpoint(files: list[tuple[str, str]], wanted: str | None, url: str) -> str:
+    """The Drive id of `wanted` among (id, path-in-folder) pairs, else of the latest `epoch_N.pt`."""
+    if wanted is not None:
+        for file_id, path in files:
+            if path.replace("\\", "/") == wanted:
+                return file_id
+    epochs = [(int(m.group(1)), file_id) for file_id, path in files if (m := re.search(r"epoch_(\d+)\.pt$", path))]
+    if not epochs:
+        raise FetchError(f"{url}: no {wanted or 'epoch_N.pt checkpoint'} in this Google Drive folder")
+    return max(epochs)[1]
+
+
+def _by_hand_drive(url: str, name: str, checkpoint: str | None) -> str:
+    file = Path(checkpoint).name if checkpoint else "FILE.pt"
+    return (
+        f"or by hand: download {checkpoint or 'the checkpoint (.pt)'} from {url} in a browser, "
+        f"then run 'clipn weights add {file} --name {name}'"
+    )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one fetch downloads, and under which name and architecture it is stored."""
+
+    name: str
+    url: str
+    config: str | None
+    sha256: str | None
+    size: int | None
+    checkpoint: str | None
+
+
+def _plan(source: str, name: str | None, sha256: str | None, config: str | None) -> _Plan:
+    """A known name or a URL → what to download; a URL of a known model counts as that model."""
+    model = known_model(source)
+    if model is None and urllib.parse.urlparse(source).scheme not in ("http", "https"):
+        names = ", ".join(m.name for m in KNOWN)
+        raise FetchError(f"unknown weights '{source}': give one of {names}, or an http(s) URL")
+    url = model.url if model is not None and model.url else source
+    model = model or next((m for m in KNOWN if m.url == url), None)
+    if name is None and model is None and is_drive_url(url):
+        raise FetchError(f"{url}: give the weights a name with --name")
+    name = check_name(name or (model.name if model is not None else _stem(url)))
+    known = known_model(name)
+    return _Plan(
+        name=name,
+        url=url,
+        config=config,
+        sha256=_check_hex(sha256) or (known.sha256 if known is not None else None),
+        size=known.size if known is not None else None,
+        checkpoint=known.checkpoint if known is not None else None,
+    )
+
+
+def _stem(url: str) -> str:
+    """A default name from a URL's file name: `.../epoch_10.pt` → `epoch_10`."""
+    base = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", base.split(".")[0]).strip("-._")
+    if not stem:
+        raise FetchError(f"{url}: cannot derive a name from this URL; give one with --name")
+    return stem[:64]
+
+
+def fetch_weights(
+    source: str,
+    name: str | None = None,
+    *,
+    sha256: str | None = None,
+    config: str | None = None,
+    progress: Progress | None = None,
+    force: bool = False,
+) -> Installed:
+    """A known model name or an http(s)/Google Drive URL → verified, converted weights in the home.
+
+    A complete download whose conversion fails (e.g. it needs `config`) is kept, so the next
+    attempt converts it without downloading again.
+    """
+    model = known_model(source)
+    if model is not None and model.name in BUNDLED:
+        path = locate(model.name)
+        if path is None:
+            raise FetchError(f"nothing to fetch for '{model.name}': {fix_hint(model.name)}")
+        return _describe(model.name, path, already_present=True)
+    plan = _plan(source, name, sha256, config)
+    present = locate(plan.name)
+    if present is not None and not force:
+        return _describe(plan.name, present, already_present=True)
+    key = hashlib.sha256(plan.url.encode()).hexdigest()[:10]
+    dest = downloads_dir() / f"{plan.name}-{key}{Path(plan.checkpoint or urllib.parse.urlparse(plan.url).path).suffix}"
+    if is_drive_url(plan.url):
+        download_drive(plan.url, dest, plan.name, plan.checkpoint, progress)
+        result = _verify_local(dest, plan.sha256, plan.size)
+    else:
+        result = download(plan.url, dest, sha256=plan.sha256, size=plan.size, progress=progress)
+    try:
+        installed = _install(result.path, plan.name, plan.config, {"source_url": plan.url}, move=True)
+    except ClipnError as exc:
+        raise FetchError(
+            f"{exc}; the download is kept at {result.path}: rerun with --config NAME|FILE.json, "
+            f"or run 'clipn weights add {result.path} --name {plan.name} --config NAME|FILE.json'"
+        ) from None
+    result.path.unlink(missing_ok=True)
+    return dataclasses.replace(installed, download=result)
+
+
+def _verify_local(path: Path, sha256: str | None, size: int | None) -> Download:
+    """Length and sha256 checks for a file another downloader finished; a mismatch deletes it."""
+    actual, digest = path.stat().st_size, sha256_file(path)
+    if (size is not None and actual != size) or (sha256 is not None and digest != sha256):
+        path.unlink()
+        raise FetchError(f"{path.name}: size or sha256 mismatch (got {actual} bytes, sha256 {digest}): the download was deleted")
+    return Download(path, actual, digest, 0, actual)
+
+
+def add_weights(file: str | os.PathLike[str], name: str | None = None, config: str | None = None) -> Installed:
+    """Register a local `.pt` checkpoint (converted) or clipn `.safetensors` (checked, copied)."""
+    file = Path(file)
+    if not file.is_file():
+        raise FetchError(f"{file}: no such file")
+    return _install(file, check_name(name or _stem(file.name)), config, {}, move=False)
+
+
+def _install(src: Path, name: str, config: str | None, metadata: dict[str, str], move: bool) -> Installed:
+    """Convert or check `src` and place it at the name's path atomically."""
+    from .weights import convert_checkpoint, load_model
+
+    target = target_path(name)
+    if read_header(src).get("format") == FORMAT:
+        load_model(src)  # strict: every tensor present, right shape, finite
+        if move:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, target)
+        else:
+            with atomic_path(target) as tmp:
+                shutil.copyfile(src, tmp)
+    else:
+        known = known_model(name)
+        default_config = known.config if known is not None and known.config else None
+        try:
+            convert_checkpoint(src, target, config=config or default_config, extra_metadata=metadata)
+        except ConfigError as exc:
+            raise ConfigError(f"{src}: {exc}") from None
+    return _describe(name, target, made_default=_default_if_none(name))
+
+
+def _default_if_none(name: str) -> bool:
+    """The first weights in a home without a default become it, unless an official model is
+    present (the default rule then picks the best official one by itself)."""
+    if get_default() is not None or any(locate(m.name) for m in KNOWN if m.url):
+        return False
+    set_default(name)
+    return True
+
+
+def _describe(name: str, path: Path, already_present: bool = False, made_default: bool = False) -> Installed:
+    meta = read_header(path)
+    return Installed(name, path, meta.get("fingerprint", ""), meta.get("model_name", ""), already_present, made_default)
