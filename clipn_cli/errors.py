@@ -33,3 +33,11 @@ class EmbeddingsError(ClipnError):
 
 class ImageError(ClipnError):
     """One image could not be read; reported per input, never fatal to a run."""
+
+
+class DataError(ClipnError):
+    """A training data source is missing, malformed or holds no usable sample."""
+
+
+class TrainError(ClipnError):
+    """A training run cannot start or resume (bad base, options or checkpoint)."""

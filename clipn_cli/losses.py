@@ -29,7 +29,8 @@ class LossTerms:
     tso: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
-        return {"loss": float(self.total), "yes": float(self.yes), "no": float(self.no), "tso": float(self.tso)}
+        values = torch.stack([self.total, self.yes, self.no, self.tso]).detach().float().tolist()
+        return dict(zip(("loss", "yes", "no", "tso"), values))
 
 
 def negative_pairs(n: int, caption_ids: torch.Tensor | None = None, device: torch.device | None = None) -> torch.Tensor:

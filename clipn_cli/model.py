@@ -55,12 +55,18 @@ class CLIPN(open_clip.model.CLIP):
         """Standard CLIP text features."""
         return self._encode_text(tokens, suffix="", prompt=None, normalize=normalize)
 
-    def encode_text_no(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """"No" text features: the same tokens through the "no" tower with the added prompt."""
-        if self.training:
-            choice = torch.randint(0, self.num_prompts + 1, (tokens.shape[0],), device=tokens.device)
+    def encode_text_no(
+        self, tokens: torch.Tensor, normalize: bool = False, prompt_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """"No" text features: the same tokens through the "no" tower with the added prompt.
+
+        `prompt_index` (one per text, in 0..num_prompts, where num_prompts means the mean) fixes
+        the training-mode choice, so a trainer can draw it from its own seeded generator.
+        """
+        if self.training or prompt_index is not None:
+            choice = prompt_index if prompt_index is not None else torch.randint(0, self.num_prompts + 1, (tokens.shape[0],), device=tokens.device)
             prompts = torch.cat([self.prompt_no, self.prompt_no.mean(0, keepdim=True)], dim=0)
-            prompt = prompts[choice]
+            prompt = prompts[choice.to(prompts.device)]
         else:
             prompt = self.prompt_no.mean(0)
         return self._encode_text(tokens, suffix="_no", prompt=prompt, normalize=normalize)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from . import convert, detect, embed, weights
+from . import train as train_command
 
 app = typer.Typer(
     name="clipn",
@@ -18,6 +19,7 @@ app = typer.Typer(
 app.command("convert")(convert.convert)
 app.command("embed-classes")(embed.embed_classes)
 app.command("detect")(detect.detect)
+app.command("train")(train_command.train)
 app.add_typer(weights.app, name="weights")
 
 

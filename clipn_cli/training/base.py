@@ -1,0 +1,154 @@
+"""The model a training run starts from, initialised and frozen as the official code does.
+
+BASE is one of: an open_clip model name with a pretrained tag (downloaded by open_clip), a local
+checkpoint of a plain open_clip CLIP (`.pt`/`.bin` state dict or training checkpoint, or a
+`.safetensors` state dict), or a CLIPN (our `.safetensors` or an official `.pt`) to continue.
+A fresh "no" tower is an exact copy of the standard text tower and `prompt_no` is zeros.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..configs import infer_config, resolve_config
+from ..errors import ClipnError, TrainError
+from ..model import CLIPN, NUM_PROMPTS, TEXT_PARTS, build_model, causal_mask
+
+
+@dataclass(frozen=True)
+class Base:
+    """A model ready to train, with what it was made from (recorded in the output's metadata)."""
+
+    model: CLIPN
+    model_name: str
+    description: str
+
+
+def load_base(base: str, pretrained: str | None = None, config: str | None = None, num_prompts: int | None = None) -> Base:
+    """Build the starting CLIPN from BASE; only the `_no` parameters require gradients afterwards."""
+    path = Path(base)
+    if pretrained is not None:
+        result = _from_open_clip(base, pretrained, num_prompts)
+    elif path.is_file():
+        result = _from_file(path, config, num_prompts)
+    elif os.sep in base or path.suffix:
+        raise TrainError(f"{base}: no such base checkpoint")
+    else:
+        raise TrainError(f"--base {base}: an open_clip model name needs --pretrained TAG (e.g. ViT-B-16 with laion2b_s34b_b88k)")
+    freeze(result.model)
+    return result
+
+
+def freeze(model: CLIPN) -> None:
+    """Official freezing: image tower, standard text tower and logit scale fixed; every `_no` parameter trains."""
+    for name, param in model.named_parameters():
+        param.requires_grad_("_no" in name)
+
+
+def init_clipn(model_cfg: dict[str, Any], clip_state: dict[str, torch.Tensor], num_prompts: int, source: str) -> CLIPN:
+    """A CLIPN whose CLIP part is `clip_state` (strict) and whose "no" tower copies the text tower."""
+    model = build_model(model_cfg, num_prompts, device="meta")
+    expected = {k for k in model.state_dict() if "_no" not in k}
+    missing = sorted(expected - clip_state.keys())
+    unexpected = sorted(clip_state.keys() - expected)
+    if missing or unexpected:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}" for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys
+        )
+        raise TrainError(f"{source}: not a plain CLIP of this architecture ({detail})")
+    state = {k: v.float() for k, v in clip_state.items()}
+    for key in list(state):
+        if key.startswith(TEXT_PARTS):
+            part, _, rest = key.partition(".")
+            state[f"{part}_no{'.' + rest if rest else ''}"] = state[key].clone()
+    context, width = state["positional_embedding"].shape
+    state["prompt_no"] = torch.zeros(num_prompts, context, width)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise TrainError(f"{source}: tensors do not fit the model config ({str(exc).splitlines()[0][:200]})") from None
+    model.attn_mask = causal_mask(model.context_length)
+    return model
+
+
+def _from_open_clip(name: str, tag: str, num_prompts: int | None) -> Base:
+    import open_clip
+
+    model_cfg = resolve_config(name)
+    if (open_clip.get_pretrained_cfg(name, tag) or {}).get("quick_gelu"):
+        model_cfg["quick_gelu"] = True
+    try:
+        clip = open_clip.create_model(name, pretrained=tag, require_pretrained=True)
+    except Exception as exc:
+        raise TrainError(f"cannot get open_clip {name} '{tag}' ({type(exc).__name__}: {str(exc).strip()[:200]}); it is downloaded on first use, so this needs network access") from None
+    state = {k: v for k, v in clip.state_dict().items() if k != "attn_mask"}
+    model = init_clipn(model_cfg, state, num_prompts or NUM_PROMPTS, f"{name} {tag}")
+    return Base(model, name, f"open_clip:{name}:{tag}")
+
+
+def _from_file(path: Path, config: str | None, num_prompts: int | None) -> Base:
+    from ..weights import FORMAT, load_model, read_checkpoint
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            ours = (fh.metadata() or {}).get("format") == FORMAT
+        if ours:
+            model, info = load_model(path)
+            _check_prompts(path, info.num_prompts, num_prompts)
+            return Base(model, info.model_name, f"clipn:{path.name}:{info.fingerprint[:16]}")
+        from safetensors.torch import load_file
+
+        tensors = {k.removeprefix("module."): v for k, v in load_file(str(path)).items()}
+    else:
+        tensors = read_checkpoint(path)
+    if "prompt_no" in tensors:
+        return _continue_official(path, tensors, config, num_prompts)
+    model_name, model_cfg = _config_for_clip(tensors, config, path)
+    model = init_clipn(model_cfg, tensors, num_prompts or NUM_PROMPTS, str(path))
+    return Base(model, model_name, f"clip:{path.name}")
+
+
+def _continue_official(path: Path, tensors: dict[str, torch.Tensor], config: str | None, num_prompts: int | None) -> Base:
+    from ..weights import check_tensors
+
+    found = int(tensors["prompt_no"].shape[0])
+    _check_prompts(path, found, num_prompts)
+    if config is None:
+        model_name, model_cfg = infer_config({k: tuple(v.shape) for k, v in tensors.items()}, found)
+    else:
+        model_cfg, model_name = resolve_config(config), Path(config).stem
+    check_tensors(tensors, model_cfg, found, str(path))
+    model = build_model(model_cfg, found, device="meta")
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True, assign=True)
+    model.attn_mask = causal_mask(model.context_length)
+    return Base(model, model_name, f"clipn:{path.name}")
+
+
+def _check_prompts(path: Path, found: int, wanted: int | None) -> None:
+    if wanted is not None and wanted != found:
+        raise TrainError(f"{path}: this CLIPN has {found} 'no' prompts; --num-prompts {wanted} cannot continue it")
+
+
+def _config_for_clip(tensors: dict[str, torch.Tensor], config: str | None, path: Path) -> tuple[str, dict[str, Any]]:
+    """The architecture of a plain CLIP checkpoint: from --config, or recognised from its shapes."""
+    if config is not None:
+        return (Path(config).stem if Path(config).is_file() else config), resolve_config(config)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    for key, shape in list(shapes.items()):
+        if key.startswith(TEXT_PARTS):
+            part, _, rest = key.partition(".")
+            shapes[f"{part}_no{'.' + rest if rest else ''}"] = shape
+    if "positional_embedding" not in shapes:
+        raise TrainError(f"{path}: no 'positional_embedding' tensor: not an open_clip CLIP checkpoint")
+    shapes["prompt_no"] = (NUM_PROMPTS, *shapes["positional_embedding"])
+    try:
+        return infer_config(shapes, NUM_PROMPTS)
+    except ClipnError as exc:
+        raise TrainError(f"{path}: {exc}") from None
