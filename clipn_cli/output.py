@@ -132,3 +132,26 @@ def open_writer(
         yield writer
         writer.finish()
         stream.flush()
+
+
+def resume_jsonl(path: str | Path) -> set[str]:
+    """Prepare a JSON Lines file for `--resume`: cut a partial last line, return the paths it holds.
+
+    A run killed mid-write can leave a line without its newline; it is removed so that
+    appending starts on a clean line and that input is done again.
+    """
+    path = Path(path)
+    if not path.exists():
+        return set()
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            fh.truncate(end)
+    done = set()
+    for line in data[:end].splitlines():
+        try:
+            done.add(json.loads(line)["path"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return done

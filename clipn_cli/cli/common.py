@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -57,6 +58,8 @@ def handle_errors() -> Iterator[None]:
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    # per-file image problems become error records; PIL's own warnings about them are noise
+    warnings.filterwarnings("ignore", module=r"PIL(\..*)?$")
     try:
         yield
     except ClipnError as exc:

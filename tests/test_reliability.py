@@ -1,0 +1,340 @@
+"""Hostile and odd inputs: every input gets exactly one record, the run goes on, nothing runs code."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import IMAGES, OFFICIAL_CHECKPOINT, TINY_CONFIG, run_cli
+
+CLASSES = "cat,coffee,rocket"
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def png_bomb(path: Path, side: int = 60_000) -> None:
+    """A valid PNG header declaring side×side pixels, with almost no data (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def build_corpus(root: Path) -> tuple[dict[str, str], list[str]]:
+    """Write the hostile corpus; returns {path: expected error fragment} and the paths that must score."""
+    root.mkdir()
+    photo = Image.open(IMAGES / "chelsea.png").convert("RGB")
+    jpeg = io.BytesIO()
+    photo.save(jpeg, "JPEG")
+    png = (IMAGES / "horse.png").read_bytes()
+    bad: dict[str, str] = {}
+    good: list[str] = []
+
+    def add_bad(name: str, data: bytes | None, fragment: str) -> None:
+        path = root / name
+        if data is not None:
+            path.write_bytes(data)
+        bad[str(path)] = fragment
+
+    add_bad("zero.jpg", b"", "not an image")
+    add_bad("truncated.jpg", jpeg.getvalue()[: len(jpeg.getvalue()) // 3], "truncated")
+    add_bad("truncated.png", png[: len(png) // 3], "truncated")
+    add_bad("random.jpg", random.Random(0).randbytes(5000), "not an image")
+    add_bad("text.png", b"hello, I am text\n" * 20, "not an image")
+    (root / "x.jpg").mkdir()
+    add_bad("x.jpg", None, "directory")
+    os.symlink(root / "nowhere.png", root / "broken-link.png")
+    add_bad("broken-link.png", None, "broken symbolic link")
+    png_bomb(root / "bomb.png")
+    add_bad("bomb.png", None, "too large")
+    os.mkfifo(root / "fifo.png")
+    add_bad("fifo.png", None, "not a regular file")
+
+    def add_good(name: str, image: Image.Image, **save: object) -> None:
+        path = root / name
+        image.save(path, **save)
+        good.append(str(path))
+
+    add_good("one-pixel.png", Image.new("RGB", (1, 1), (200, 10, 10)))
+    add_good("strip.png", Image.new("L", (20_000, 1), 128))
+    add_good("sixteen-bit.png", Image.new("I;16", (64, 48), 40_000))
+    add_good("cmyk.jpg", photo.convert("CMYK"))
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE)
+    add_good("palette-transparent.png", palette, transparency=0)
+    frames = [photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    add_good("animated.gif", frames[0], save_all=True, append_images=frames[1:])
+    add_good("multipage.tiff", frames[0], save_all=True, append_images=frames[1:])
+    add_good("photo.webp", photo)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    add_good("exif-rotated.jpg", photo, exif=exif.tobytes())
+    add_good("with space.png", photo)
+    add_good("ünïcödé 猫.png", photo)
+    add_good("new\nline.png", photo)
+    return bad, good
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], list[str]]:
+    return build_corpus(tmp_path_factory.mktemp("hostile") / "corpus")
+
+
+def test_every_hostile_input_gets_exactly_one_record(tiny_weights: Path, corpus: tuple[dict[str, str], list[str]]) -> None:
+    bad, good = corpus
+    inputs = [p for pair in zip(good, list(bad) + [""] * len(good)) for p in pair if p]
+    result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--workers", "2", *inputs)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+    records = jsonl(result.stdout)
+    assert [r["path"] for r in records] == inputs
+    for record in records:
+        if record["path"] in bad:
+            assert bad[record["path"]] in record["error"], record
+        else:
+            assert "error" not in record and record["verdict"] in {"ID", "OOD"}, record
+    assert f"{len(bad)} of {len(inputs)} inputs could not be scored" in result.stderr
+
+
+def test_stdin_and_directory_walk_over_the_corpus(tiny_weights: Path, corpus: tuple[dict[str, str], list[str]]) -> None:
+    bad, good = corpus
+    listed = [p for p in good + list(bad) if "\n" not in p]
+    result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "-", stdin="\n".join(listed) + "\n")
+    assert [r["path"] for r in jsonl(result.stdout)] == listed
+    root = Path(good[0]).parent
+    walked = jsonl(run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, str(root)).stdout)
+    assert len({r["path"] for r in walked}) == len(walked)  # one record per file, folders skipped
+    assert str(root / "x.jpg") not in {r["path"] for r in walked}
+
+
+def test_exif_orientation_ignored_by_default_and_applied_on_request(tiny_weights: Path, tmp_path: Path) -> None:
+    photo = Image.open(IMAGES / "chelsea.png").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tagged, plain, rotated = tmp_path / "tagged.png", tmp_path / "plain.png", tmp_path / "rotated.png"
+    photo.save(tagged, exif=exif.tobytes())
+    photo.save(plain)
+    photo.transpose(Image.Transpose.ROTATE_270).save(rotated)
+    args = ("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--details", "--workers", "0")
+    default = jsonl(run_cli(*args, str(tagged), str(plain)).stdout)
+    assert default[0]["logits_yes"] == pytest.approx(default[1]["logits_yes"], abs=1e-4)
+    turned = jsonl(run_cli(*args, "--exif-transpose", str(tagged), str(rotated)).stdout)
+    assert turned[0]["logits_yes"] == pytest.approx(turned[1]["logits_yes"], abs=1e-4)
+    assert turned[0]["logits_yes"] != pytest.approx(default[0]["logits_yes"], abs=1e-4)
+
+
+def make_many(root: Path, count: int) -> list[str]:
+    root.mkdir(exist_ok=True)
+    Image.new("RGB", (32, 24), (90, 120, 30)).save(root / "seed.png")
+    paths = []
+    for i in range(count):
+        path = root / f"img-{i:05d}.png"
+        os.link(root / "seed.png", path)
+        paths.append(str(path))
+    return paths
+
+
+def wait_for_lines(path: Path, lines: int, proc: subprocess.Popen) -> None:
+    while proc.poll() is None:
+        if path.exists() and path.read_bytes().count(b"\n") >= lines:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"detect ended before writing {lines} lines: {proc.stderr.read() if proc.stderr else ''}")
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_jsonl_keeps_complete_lines_and_resumes(tiny_weights: Path, tmp_path: Path, sig: int, code: int) -> None:
+    paths = make_many(tmp_path / "many", 3000)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "clipn_cli", "detect", "-w", str(tiny_weights), "--classes", CLASSES,
+           "--format", "jsonl", "--output", str(out), "--batch-size", "16", "-"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None
+    proc.stdin.write("\n".join(paths) + "\n")
+    proc.stdin.close()
+    wait_for_lines(out, 50, proc)
+    proc.send_signal(sig)
+    assert proc.stderr is not None
+    stderr = proc.stderr.read()
+    proc.wait()
+    assert proc.returncode == code, stderr
+    assert "stopped after" in stderr and "--resume" in stderr
+    data = out.read_bytes()
+    assert data.endswith(b"\n")
+    first = [json.loads(line) for line in data.splitlines()]
+    assert 50 <= len(first) < len(paths)
+    assert [r["path"] for r in first] == paths[: len(first)]
+
+    with open(out, "ab") as fh:  # simulate a line cut by a hard kill: resume must drop it
+        fh.write(b'{"path": "half a rec')
+    result = run_cli(*cmd[3:], "--resume", stdin="\n".join(paths) + "\n")
+    assert result.returncode == 0, result.stderr
+    final = jsonl(out.read_text())
+    assert [r["path"] for r in final] == paths
+
+
+def test_interrupted_json_output_leaves_no_file(tiny_weights: Path, tmp_path: Path) -> None:
+    paths = make_many(tmp_path / "many", 2000)
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, "-m", "clipn_cli", "detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "json", "--output", str(out), "-"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None
+    proc.stdin.write("\n".join(paths) + "\n")
+    proc.stdin.close()
+    time.sleep(0.5)
+    while proc.poll() is None and not list(tmp_path.glob(".out.json.*")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.wait()
+    assert proc.returncode == 130
+    assert not out.exists() and not list(tmp_path.glob(".out.json.*"))
+
+
+def peak_rss_mb(args: list[str], stdin: str) -> float:
+    """Peak RSS (MB) of a `clipn` run, measured inside the child process."""
+    code = (
+        "import resource, sys\n"
+        "from clipn_cli.cli.app import app\n"
+        "try:\n    app(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "sys.stderr.write(f'PEAK_RSS_KB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *args], input=stdin, capture_output=True, text=True)
+    line = [ln for ln in result.stderr.splitlines() if ln.startswith("PEAK_RSS_KB")][0]
+    return int(line.split()[1]) / 1024
+
+
+def test_memory_stays_flat_with_many_stdin_paths(tiny_weights: Path, tmp_path: Path) -> None:
+    paths = make_many(tmp_path / "many", 4000)
+    args = ["detect", "-w", str(tiny_weights), "--classes", CLASSES, "--output", str(tmp_path / "o.jsonl"), "-"]
+    small = peak_rss_mb(args, "\n".join(paths[:400]) + "\n")
+    large = peak_rss_mb(args, "\n".join(paths) + "\n")
+    # holding 4,000 preprocessed images would need ~2.4 GB; streaming keeps the peak where it was
+    assert large - small < 100, (small, large)
+
+
+def make_pickle_bomb(path: Path, marker: Path) -> None:
+    """A checkpoint whose unpickling would create `marker` (what a malicious .pt does)."""
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import torch
+
+    torch.save({"state_dict": {"prompt_no": Payload()}}, path)
+
+
+def test_pickle_payload_refused_and_never_run(tmp_path: Path) -> None:
+    evil, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    make_pickle_bomb(evil, marker)
+    result = run_cli("convert", str(evil), str(tmp_path / "out.safetensors"), "--config", str(TINY_CONFIG))
+    assert result.returncode == 2
+    assert "refused" in result.stderr and str(evil) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def corrupt_variants(tiny_weights: Path, root: Path) -> dict[str, tuple[Path, str]]:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from clipn_cli.weights import read_info
+
+    data = tiny_weights.read_bytes()
+    meta = read_info(tiny_weights).metadata
+    tensors = load_file(str(tiny_weights))
+    cases: dict[str, tuple[Path, str]] = {}
+
+    def case(name: str, expect: str) -> Path:
+        path = root / f"{name}.safetensors"
+        cases[name] = (path, expect)
+        return path
+
+    case("truncated", "not a valid safetensors").write_bytes(data[: len(data) // 2])
+    case("garbage", "not a valid safetensors").write_bytes(b"\x00" * 64)
+    case("huge-header", "not a valid safetensors").write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    wrong = dict(tensors, text_projection_no=torch.zeros(3, 3))
+    save_file(wrong, str(case("wrong-shape", "wrong shape: text_projection_no")), metadata=meta)
+    missing = {k: v for k, v in tensors.items() if k != "ln_final_no.bias"}
+    save_file(missing, str(case("missing", "missing: ln_final_no.bias")), metadata=meta)
+    nan = dict(tensors, positional_embedding=torch.full_like(tensors["positional_embedding"], float("nan")))
+    save_file(nan, str(case("nan", "NaN or Inf")), metadata=meta)
+    save_file(tensors, str(case("no-metadata", "not a clipn-cli weights file")))
+    return cases
+
+
+def test_bad_weights_files_one_line_exit_2(tiny_weights: Path, tmp_path: Path) -> None:
+    for name, (path, expect) in corrupt_variants(tiny_weights, tmp_path).items():
+        result = run_cli("detect", "-w", str(path), "--classes", CLASSES, str(IMAGES / "chelsea.png"))
+        assert result.returncode == 2, name
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expect in lines[0] and str(path) in lines[0], (name, result.stderr)
+        assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "no class names"),
+        (b"# only\n# comments\n\n", "no class names"),
+        ("caf\u00e9\n".encode("latin-1"), "not UTF-8"),
+    ],
+)
+def test_bad_class_files(tiny_weights: Path, tmp_path: Path, content: bytes, message: str) -> None:
+    classes = tmp_path / "classes.txt"
+    classes.write_bytes(content)
+    result = run_cli("detect", "-w", str(tiny_weights), "--classes-file", str(classes), str(IMAGES / "chelsea.png"))
+    assert result.returncode == 2 and message in result.stderr and str(classes) in result.stderr
+
+
+def test_empty_class_list_and_long_names(tiny_weights: Path) -> None:
+    result = run_cli("detect", "-w", str(tiny_weights), "--classes", " , ", str(IMAGES / "chelsea.png"))
+    assert result.returncode == 2 and "no class names" in result.stderr
+    long_name = "a very long class name " * 20
+    result = run_cli("detect", "-w", str(tiny_weights), "--classes", f"cat,{long_name}", str(IMAGES / "chelsea.png"))
+    assert result.returncode == 0 and "truncated" in result.stderr
+
+
+def test_ten_thousand_classes(tiny_weights: Path, tmp_path: Path) -> None:
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(f"class number {i}" for i in range(10_000)) + "\n")
+    out = tmp_path / "classes.safetensors"
+    result = run_cli("embed-classes", str(classes), "-w", str(tiny_weights), "--templates", "simple")
+    assert result.returncode == 0, result.stderr
+    result = run_cli("detect", "-w", str(tiny_weights), "-e", str(out), "--top-k", "3", str(IMAGES / "chelsea.png"))
+    (record,) = jsonl(result.stdout)
+    assert 0 <= record["class_index"] < 10_000 and len(record["top_k"]) == 3
+
+
+def test_concurrent_writers_never_corrupt_embeddings(tiny_weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shared.safetensors"
+    cmd = [sys.executable, "-m", "clipn_cli", "embed-classes", "-w", str(tiny_weights), "-o", str(out)]
+    procs = [subprocess.Popen([*cmd, "--classes", classes], stderr=subprocess.PIPE) for classes in ("cat,rocket", "coffee,horse,tree")]
+    seen = []
+    while any(p.poll() is None for p in procs):
+        if out.exists():  # a reader never sees a partial file
+            from clipn_cli.embeddings import ClassEmbeddings
+
+            seen.append(ClassEmbeddings.load(out).classes)
+        time.sleep(0.01)
+    assert all(p.returncode == 0 for p in procs)
+    from clipn_cli.embeddings import ClassEmbeddings
+
+    assert ClassEmbeddings.load(out).classes in (["cat", "rocket"], ["coffee", "horse", "tree"])
+    assert all(s in (["cat", "rocket"], ["coffee", "horse", "tree"]) for s in seen)
+    assert not list(tmp_path.glob(".shared.safetensors.*"))
