@@ -35,6 +35,14 @@ class ImageError(ClipnError):
     """One image could not be read; reported per input, never fatal to a run."""
 
 
+class CacheError(ClipnError):
+    """The feature cache directory cannot be used."""
+
+
+class EvaluationError(ClipnError):
+    """An evaluation cannot run: an image set is missing, empty, or wrongly specified."""
+
+
 class DataError(ClipnError):
     """A training data source is missing, malformed or holds no usable sample."""
 

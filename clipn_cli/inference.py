@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .images import InputItem, LoadedImage, image_size_of, load_images, make_transform
 from .model import CLIPN
+
+if TYPE_CHECKING:
+    from .cache import FeatureCache
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -68,11 +73,16 @@ def encode_images(
     precision: str = "fp32",
     exif_transpose: bool = False,
     on_loaded: Callable[[LoadedImage], None] | None = None,
+    cache: FeatureCache | None = None,
 ) -> Iterator[EncodedImage]:
     """Encode images in batches, yielding one EncodedImage per input, in input order.
 
     Failed inputs are carried along in their place so that output order never changes.
+    With `cache`, stored features are used instead of decoding and encoding (see `_encode_cached`).
     """
+    if cache is not None:
+        yield from _encode_cached(model, items, cache, batch_size, workers, precision, exif_transpose, on_loaded)
+        return
     device = next(model.parameters()).device
     transform = make_transform(image_size_of(model))
     batch: list[LoadedImage] = []
@@ -93,3 +103,39 @@ def encode_images(
             yield from flush()
     if batch:
         yield from flush()
+
+
+def _encode_cached(
+    model: CLIPN,
+    items: Iterable[InputItem],
+    cache: FeatureCache,
+    batch_size: int,
+    workers: int,
+    precision: str,
+    exif_transpose: bool,
+    on_loaded: Callable[[LoadedImage], None] | None,
+) -> Iterator[EncodedImage]:
+    """Cache-aware encoding, in chunks of 8 batches: look every input up, encode only the misses.
+
+    Chunks keep memory flat and let hits skip decoding entirely; the price is that inputs are
+    read one chunk ahead and the decoding threads restart at each chunk. A feature is stored only
+    if the file's identity did not change while it was being encoded.
+    """
+    variant = f"precision={precision};exif_transpose={exif_transpose}"
+    stream = iter(items)
+    while block := list(itertools.islice(stream, 8 * batch_size)):
+        keys = [cache.key(item.path, variant) if item.error is None else None for item in block]
+        found = [cache.get(key) if key else None for key in keys]
+        misses = [item for item, hit in zip(block, found) if hit is None]
+        fresh = encode_images(model, misses, batch_size, workers, precision, exif_transpose, on_loaded)
+        try:
+            for item, key, hit in zip(block, keys, found):
+                if hit is not None:
+                    yield EncodedImage(item.path, hit, None)
+                    continue
+                encoded = next(fresh)
+                if encoded.feature is not None and key is not None and cache.key(item.path, variant) == key:
+                    cache.put(key, encoded.feature)
+                yield encoded
+        finally:
+            fresh.close()

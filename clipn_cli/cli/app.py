@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from . import convert, detect, embed, weights
+from . import eval as eval_command
 from . import train as train_command
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app.command("convert")(convert.convert)
 app.command("embed-classes")(embed.embed_classes)
 app.command("detect")(detect.detect)
 app.command("train")(train_command.train)
+app.command("eval")(eval_command.evaluate)
 app.add_typer(weights.app, name="weights")
 
 

@@ -30,6 +30,7 @@ def detect(
     workers: Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Decoding threads (0 = decode in the main thread). Default: min(4, CPUs).", show_default=False)] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32 (exact), fp16 or bf16 (autocast).")] = "fp32",
     exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Rotate by EXIF orientation first (the official pipeline does not).")] = False,
+    cache: Annotated[Path | None, typer.Option("--cache", help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
 ) -> None:
     """Say ID or OOD for each image, from class names alone.
 
@@ -47,16 +48,20 @@ def detect(
         model, weights_info = load_weights_for_cli(weights, device)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
 
-        from ..detect import detect as run_detect
+        from ..cache import FeatureCache
+        from ..detect import score_encoded
         from ..images import iter_inputs
+        from ..inference import encode_images
         from ..output import open_writer
 
         items = iter_inputs(paths, sys.stdin)
-        results = run_detect(
-            model, heads, items, rule=rule, batch_size=batch_size,
+        feature_cache = FeatureCache(cache, weights_info.fingerprint) if cache is not None else None
+        encoded = encode_images(
+            model, items, batch_size=batch_size,
             workers=min(4, os.cpu_count() or 1) if workers is None else workers,
-            precision=precision, exif_transpose=exif_transpose, details=details, top_k=top_k,
+            precision=precision, exif_transpose=exif_transpose, cache=feature_cache,
         )
+        results = score_encoded(encoded, heads, rule=rule, details=details, top_k=top_k, chunk=batch_size)
         done = failed = 0
         with open_writer(fmt, output, details=details) as writer, _progress() as tick:
             for result in results:

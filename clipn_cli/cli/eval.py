@@ -1,0 +1,168 @@
+"""`clipn eval`: OOD detection metrics of CLIPN and the baselines on labelled ID and OOD sets."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Annotated
+
+import typer
+
+from .common import EXIT_OK, EXIT_PARTIAL, ClassesFileOpt, ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, fail, handle_errors, info, stderr, stdout_is_terminal, warn
+from .runtime import class_embeddings, load_classes, load_weights_for_cli
+
+if TYPE_CHECKING:
+    from ..evaluate import Evaluation
+
+FORMATS = ("table", "json", "csv")
+CSV_COLUMNS = ("ood", "method", "auroc", "fpr95", "aupr_in", "aupr_out", "id_flagged", "ood_caught", "threshold_95", "fpr95_convention")
+
+
+def evaluate(
+    id_paths: Annotated[list[str], typer.Option("--id", help="ID images: a directory (recursive; class-named sub-folders give ID accuracy), a glob, or a text file listing paths. Repeatable.", show_default=False)],
+    ood: Annotated[list[str], typer.Option("--ood", help="OOD images as NAME=PATH (PATH as for --id). Repeatable; a repeated NAME merges its paths.", show_default=False)],
+    classes: ClassesOpt = None,
+    classes_file: ClassesFileOpt = None,
+    embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,
+    weights: WeightsOpt = None,
+    templates: TemplatesOpt = "clipn",
+    fmt: Annotated[str | None, typer.Option("--format", "-f", help="table (percentages), json or csv (fractions). Default: table on a terminal, json otherwise.", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file instead of stdout.", show_default=False)] = None,
+    fpr_convention: Annotated[str, typer.Option("--fpr-convention", help="clipn: ID positive, OOD accepted at 95% ID recall, interpolated (CLIPN/MCM papers). openood: OOD positive, ID rejected at the first point with 95% OOD caught.")] = "clipn",
+    save_scores: Annotated[Path | None, typer.Option("--save-scores", help="Write every image's scores (path, set, all methods) as CSV, or JSON Lines if FILE ends in .jsonl.", show_default=False)] = None,
+    plots: Annotated[Path | None, typer.Option("--plots", help="Write ROC curves and score histograms per OOD set as PNG files into DIR (needs matplotlib).", show_default=False)] = None,
+    cache: Annotated[Path | None, typer.Option("--cache", help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 32,
+    workers: Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Decoding threads (0 = decode in the main thread). Default: min(4, CPUs).", show_default=False)] = None,
+    precision: Annotated[str, typer.Option("--precision", help="fp32 (exact), fp16 or bf16 (autocast).")] = "fp32",
+    exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Rotate by EXIF orientation first (the official pipeline does not).")] = False,
+) -> None:
+    """Measure how well CTW and ATD (and MSP, MaxLogit, Energy, MCM) separate ID from OOD images.
+
+    Reports AUROC, FPR95, AUPR-In, AUPR-Out per OOD set and averaged, the CTW/ATD threshold-free
+    operating points, each score's threshold at 95% ID recall, and ID accuracy when labels exist.
+
+    Exit codes: 0 all images scored, 1 some images could not be read (left out, listed), 2 usage or setup error.
+    """
+    with handle_errors():
+        fmt = fmt or ("table" if output is None and stdout_is_terminal() else "json")
+        if fmt not in FORMATS:
+            fail(f"--format must be table, json or csv, not '{fmt}'")
+        from ..evaluate import check_convention, collect_sets, group_ood_specs
+
+        check_convention(fpr_convention)
+        if plots is not None:
+            from ..plots import require_matplotlib
+
+            require_matplotlib()
+        names = load_classes(classes, classes_file, embeddings)
+        sets = collect_sets(id_paths, group_ood_specs(ood))
+        model, weights_info = load_weights_for_cli(weights, device)
+        heads = class_embeddings(model, weights_info, names, embeddings, templates)
+
+        from ..cache import FeatureCache
+        from ..evaluate import evaluate as run_evaluation
+
+        feature_cache = FeatureCache(cache, weights_info.fingerprint) if cache is not None else None
+        with _progress(sum(len(s.items) for s in sets)) as advance:
+            evaluation = run_evaluation(
+                model, heads, sets, convention=fpr_convention, cache=feature_cache, batch_size=batch_size,
+                workers=min(4, os.cpu_count() or 1) if workers is None else workers,
+                precision=precision, exif_transpose=exif_transpose, progress=advance,
+            )
+        for note in evaluation.notes:
+            warn(note)
+        _write_report(evaluation, fmt, output)
+        if save_scores is not None:
+            from ..evaluate import write_scores
+
+            write_scores(evaluation, save_scores)
+            info(f"wrote per-image scores to {save_scores}")
+        if plots is not None:
+            from ..plots import write_plots
+
+            written = write_plots(evaluation, plots)
+            info(f"wrote {len(written)} plots to {plots}")
+        if feature_cache is not None:
+            stats = feature_cache.stats
+            info(f"feature cache {cache}: {stats.hits} reused, {stats.written} encoded and stored"
+                 + (f", {stats.corrupt} damaged entries rebuilt" if stats.corrupt else ""))
+            if stats.write_errors:
+                warn(f"{len(stats.write_errors)} cache entries could not be written (first: {stats.write_errors[0]})")
+        failures = evaluation.failures
+        if failures:
+            first_set, first_path, first_error = failures[0]
+            warn(f"{len(failures)} images could not be read and were left out (first: {first_path}: {first_error})")
+            raise typer.Exit(EXIT_PARTIAL)
+        raise typer.Exit(EXIT_OK)
+
+
+def _write_report(evaluation: Evaluation, fmt: str, output: Path | None) -> None:
+    from ..files import atomic_open
+
+    with contextlib.ExitStack() as stack:
+        stream: IO[str] = sys.stdout if output is None else stack.enter_context(atomic_open(output, "w", encoding="utf-8", newline=""))
+        if fmt == "json":
+            stream.write(json.dumps(evaluation.as_dict(), indent=2, ensure_ascii=False) + "\n")
+        elif fmt == "csv":
+            writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            for result in evaluation.results:
+                writer.writerow({**result.as_dict(), "fpr95_convention": evaluation.convention})
+        else:
+            _print_table(evaluation, stream)
+        stream.flush()
+
+
+def _print_table(evaluation: Evaluation, stream: IO[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..evaluate import METHODS
+    from ..metrics import FPR_CONVENTIONS
+
+    def pct(value: float | None) -> str:
+        return "" if value is None else f"{100 * value:.2f}"
+
+    table = Table(header_style="bold", title="OOD detection (%)", title_justify="left")
+    for name in ("OOD set", "method", "AUROC↑", "FPR95↓", "AUPR-In↑", "AUPR-Out↑", "ID flagged", "OOD caught", "thr@95%ID"):
+        table.add_column(name, justify="left" if name in ("OOD set", "method") else "right")
+    previous = None
+    for r in evaluation.results:
+        if previous is not None and r.ood != previous:
+            table.add_section()
+        previous = r.ood
+        style = "bold" if r.ood == "average" else None
+        table.add_row(r.ood, METHODS[r.method], pct(r.auroc), pct(r.fpr95), pct(r.aupr_in), pct(r.aupr_out),
+                      pct(r.id_flagged), pct(r.ood_caught), f"{r.threshold_95:.4g}", style=style)
+    console = Console(file=stream, width=None if stream.isatty() else 160, highlight=False)
+    console.print(table)
+    counts = ", ".join(f"{s.name} {len(s.paths)}" for s in evaluation.sets)
+    console.print(f"images: {counts}; classes: {len(evaluation.classes)}", markup=False)
+    if evaluation.id_accuracy is not None:
+        console.print(f"ID top-1 accuracy: {100 * evaluation.id_accuracy:.2f}%", markup=False)
+    console.print(f"FPR95 ({evaluation.convention}): {FPR_CONVENTIONS[evaluation.convention]}", markup=False)
+    console.print("ID flagged / OOD caught: images the CTW/ATD threshold-free rule calls OOD. "
+                  "thr@95%ID: score threshold keeping 95% of ID images (score >= thr is ID).", markup=False)
+
+
+def _progress(total: int) -> contextlib.AbstractContextManager[Callable[[int], None] | None]:
+    """A progress bar on a terminal's stderr; nothing in pipelines and tests."""
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext(None)
+
+    @contextlib.contextmanager
+    def bar() -> Iterator[Callable[[int], None]]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        with Progress("images", MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(), console=stderr, transient=True) as progress:
+            task = progress.add_task("images", total=total)
+            yield lambda n: progress.advance(task, n)
+
+    return bar()
