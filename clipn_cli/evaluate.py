@@ -178,14 +178,15 @@ def collect_sets(id_specs: str | Sequence[str], ood_specs: Mapping[str, str | Se
         raise EvaluationError("no ID images: give at least one --id PATH")
     if not ood_specs:
         raise EvaluationError("no OOD images: give at least one --ood NAME=PATH")
+    for name in ood_specs:
+        if name.lower() in (AVERAGE, ID_SET.lower()):
+            raise EvaluationError(f"OOD set name '{name}' is reserved ('{AVERAGE}' and '{ID_SET}' name the average and the ID set); choose another")
     sets = [ImageSet(ID_SET, "id")]
     for spec in id_specs:
         items, labels = collect(spec)
         sets[0].items += items
         sets[0].labels += labels
     for name, specs in ood_specs.items():
-        if name.lower() == AVERAGE:
-            raise EvaluationError(f"'{name}' is reserved for the average over OOD sets; name the set differently")
         ood = ImageSet(name, "ood")
         for spec in [specs] if isinstance(specs, str) else specs:
             items, _ = collect(spec)

@@ -94,8 +94,9 @@ def test_ood_specs() -> None:
     assert group_ood_specs(["a=x", "b=y", "a=z"]) == {"a": ["x", "z"], "b": ["y"]}
     with pytest.raises(EvaluationError, match="no ID images"):
         collect_sets([], {"x": "y"})
-    with pytest.raises(EvaluationError, match="reserved"):
-        collect_sets(["."], {"Average": "."})
+    for reserved in ("Average", "id"):
+        with pytest.raises(EvaluationError, match="reserved"):
+            collect_sets(["."], {reserved: "."})
 
 
 # ---------------------------------------------------------------- library: metrics per method
