@@ -248,6 +248,11 @@ def test_pickle_payload_refused_and_never_run(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
 
+    result = run_cli("weights", "add", str(evil), "--name", "evil", "--config", str(TINY_CONFIG))
+    assert result.returncode == 2 and "refused" in result.stderr
+    assert not marker.exists()
+    assert "evil" not in run_cli("weights", "list", "--format", "json").stdout
+
 
 def corrupt_variants(tiny_weights: Path, root: Path) -> dict[str, tuple[Path, str]]:
     import torch
@@ -338,3 +343,28 @@ def test_concurrent_writers_never_corrupt_embeddings(tiny_weights: Path, tmp_pat
     assert ClassEmbeddings.load(out).classes in (["cat", "rocket"], ["coffee", "horse", "tree"])
     assert all(s in (["cat", "rocket"], ["coffee", "horse", "tree"]) for s in seen)
     assert not list(tmp_path.glob(".shared.safetensors.*"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_gets_error_record(tiny_weights: Path, tmp_path: Path) -> None:
+    locked = tmp_path / "locked.png"
+    locked.write_bytes((IMAGES / "horse.png").read_bytes())
+    locked.chmod(0)
+    result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, str(locked), str(IMAGES / "horse.png"))
+    records = jsonl(result.stdout)
+    assert result.returncode == 1 and records[0] == {"path": str(locked), "error": "permission denied"}
+    assert records[1]["verdict"] in {"ID", "OOD"}
+
+
+def test_permission_error_maps_to_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mapping itself, testable as root too: PIL raising PermissionError becomes a record."""
+    from PIL import Image
+
+    from clipn_cli.images import InputItem, load_one
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Image, "open", refuse)
+    loaded = load_one(InputItem(str(IMAGES / "horse.png")), transform=lambda img: img)
+    assert loaded.pixels is None and loaded.error == "permission denied"
