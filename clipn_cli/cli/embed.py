@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .common import ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, fail, handle_errors, info
-from .runtime import load_classes, load_weights_for_cli, text_progress
+from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
 
 def embed_classes(
@@ -27,11 +27,6 @@ def embed_classes(
             output = classes_file.with_suffix(".safetensors")
         names = load_classes(classes, classes_file, None)
         model, weights_info = load_weights_for_cli(weights, device)
-        from ..embeddings import embed_classes as build
-        from ..prompts import load_templates
-
-        template_set = load_templates(templates)
-        with text_progress(len(names) * len(template_set.templates)) as advance:
-            result = build(model, names, template_set, weights_info.fingerprint, progress=advance)
-        result.save(output)
-        info(f"wrote {output} ({len(names)} classes × {len(template_set.templates)} templates '{template_set.name}')")
+        heads = class_embeddings(model, weights_info, names, None, templates)
+        heads.save(output)
+        info(f"wrote {output} ({len(names)} classes, templates '{heads.templates}', weights {weights_info.fingerprint[:12]})")
