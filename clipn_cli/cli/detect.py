@@ -31,6 +31,8 @@ def detect(
     precision: Annotated[str, typer.Option("--precision", help="fp32 (exact), fp16 or bf16 (autocast).")] = "fp32",
     exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Rotate by EXIF orientation first (the official pipeline does not).")] = False,
     cache: Annotated[Path | None, typer.Option("--cache", help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
+    draft: Annotated[bool, typer.Option("--draft", help="Decode large JPEGs at reduced scale: several times faster for big photos, not exact.")] = False,
+    quantize: Annotated[str | None, typer.Option("--quantize", help="int8: quantise the image tower's linear layers (CPU only): faster, not exact.", show_default=False)] = None,
 ) -> None:
     """Say ID or OOD for each image, from class names alone.
 
@@ -44,9 +46,15 @@ def detect(
             fail(f"--format must be table, json, jsonl or csv, not '{fmt}'")
         if not paths:
             fail("no inputs: give image files, directories, globs, or - for paths on stdin")
+        if quantize not in (None, "int8"):
+            fail(f"--quantize must be int8, not '{quantize}'")
         names = load_classes(classes, classes_file, embeddings)
         model, weights_info = load_weights_for_cli(weights, device)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
+        if quantize:
+            from ..inference import quantize_image_tower
+
+            quantize_image_tower(model)
 
         from ..cache import FeatureCache
         from ..detect import score_encoded
@@ -59,7 +67,7 @@ def detect(
         encoded = encode_images(
             model, items, batch_size=batch_size,
             workers=min(4, os.cpu_count() or 1) if workers is None else workers,
-            precision=precision, exif_transpose=exif_transpose, cache=feature_cache,
+            precision=precision, exif_transpose=exif_transpose, cache=feature_cache, draft=draft,
         )
         results = score_encoded(encoded, heads, rule=rule, details=details, top_k=top_k, chunk=batch_size)
         done = failed = 0

@@ -1,0 +1,186 @@
+"""The exactness claims behind the speed-ups (issue 7), proved on the tiny official fixture.
+
+- Text prompts sorted by length and cut to each batch's longest give the embeddings of the
+  official computation at the full 77 tokens (causal mask + pooling at the end-of-text token).
+- Decoding in threads yields exactly what decoding in the main thread yields, in input order,
+  error records included.
+- The weights' NaN/Inf check that reads the file in chunks finds what the in-memory one finds.
+- The opt-in speed-ups (--draft, --quantize int8) stay off by default and stay close when on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from clipn_cli.cli.app import app
+from clipn_cli.embeddings import embed_classes, encode_texts, tokenizer_for
+from clipn_cli.errors import WeightsError
+from clipn_cli.images import InputItem, iter_inputs, load_images, make_transform, open_image
+from clipn_cli.inference import encode_images
+from clipn_cli.prompts import load_templates
+from clipn_cli.weights import check_finite_file, load_model
+
+LONG_NAME = " ".join(["extraordinarily"] * 40)  # beyond the 77-token context: cut as the official tokenizer cuts
+CLASSES = ["cat", "great white shark", "a very long and complicated class name with many words", LONG_NAME]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_weights: Path):
+    return load_model(tiny_weights)[0]
+
+
+def reference_features(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official computation: all 77 positions, causal mask, pooling at the end-of-text token.
+
+    "yes" is open_clip's own CLIP.encode_text; "no" is the same steps with the "no" tower and the
+    mean of the 16 prompts added at every position (official model.py, eval mode).
+    """
+    assert model.attn_mask.shape == (77, 77)
+    yes = open_clip.model.CLIP.encode_text(model, tokens, normalize=True)
+    x = model.token_embedding_no(tokens) + model.positional_embedding_no + model.prompt_no.mean(dim=0)
+    x = model.ln_final_no(model.transformer_no(x, attn_mask=model.attn_mask))
+    x = x[torch.arange(len(tokens)), tokens.argmax(dim=-1)] @ model.text_projection_no
+    return yes, F.normalize(x, dim=-1)
+
+
+@torch.inference_mode()
+def test_truncated_sorted_text_encoding_equals_77_tokens(model) -> None:
+    templates = load_templates("clipn")
+    tokens = tokenizer_for(model)([t for c in CLASSES for t in templates.texts(c)])
+    lengths = tokens.argmax(dim=-1) + 1
+    assert lengths.min() < 15 and lengths.max() == 77  # short prompts are really cut; the long name fills the context
+    ref_yes, ref_no = reference_features(model, tokens)
+    yes, no = encode_texts(model, tokens, batch_size=7)  # many length-sorted batches, out of input order
+    assert (yes - ref_yes).abs().max() <= 1e-5
+    assert (no - ref_no).abs().max() <= 1e-5
+    assert (ref_yes - ref_no).abs().max() > 1e-2  # the two towers differ, so the "no" check is not the "yes" one again
+
+
+@torch.inference_mode()
+def test_class_heads_equal_77_token_ensemble(model) -> None:
+    templates = load_templates("clipn")
+    heads = embed_classes(model, CLASSES, templates, "fp")
+    ref_yes, ref_no = reference_features(model, tokenizer_for(model)([t for c in CLASSES for t in templates.texts(c)]))
+    shape = (len(CLASSES), len(templates.templates), -1)
+    assert (heads.text_yes - F.normalize(ref_yes.view(shape).sum(1), dim=-1)).abs().max() <= 1e-5
+    assert (heads.text_no - F.normalize(ref_no.view(shape).sum(1), dim=-1)).abs().max() <= 1e-5
+
+
+@pytest.fixture
+def mixed_inputs(images_dir: Path, tmp_path: Path) -> list[InputItem]:
+    """Good images with every kind of failure between them."""
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("not an image")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((images_dir / "rocket.jpg").read_bytes()[:600])
+    good = list(iter_inputs([str(images_dir)]))
+    bad = [InputItem(str(tmp_path / "missing.png")), InputItem(str(not_image)), InputItem(str(truncated)),
+           InputItem(str(tmp_path)), InputItem("*.nothing", error="no file matches this pattern")]
+    items = []
+    for i, item in enumerate(good * 2):
+        items.append(item)
+        if i % 3 == 1:
+            items.append(bad[i % len(bad)])
+    return items
+
+
+@pytest.mark.parametrize(("workers", "prefetch"), [(1, 1), (3, 2), (4, 64)])
+def test_parallel_loading_matches_sequential(mixed_inputs: list[InputItem], workers: int, prefetch: int) -> None:
+    transform = make_transform(224)
+    sequential = list(load_images(mixed_inputs, transform, workers=0))
+    parallel = list(load_images(iter(mixed_inputs), transform, workers=workers, prefetch=prefetch))
+    assert [r.path for r in parallel] == [i.path for i in mixed_inputs]
+    assert sum(r.error is not None for r in sequential) >= 5
+    for seq, par in zip(sequential, parallel, strict=True):
+        assert seq.error == par.error
+        assert (seq.pixels is None) == (par.pixels is None)
+        if seq.pixels is not None:
+            assert torch.equal(seq.pixels, par.pixels)
+
+
+def test_parallel_encoding_matches_sequential(model, mixed_inputs: list[InputItem]) -> None:
+    sequential = list(encode_images(model, mixed_inputs, batch_size=5, workers=0))
+    parallel = list(encode_images(model, mixed_inputs, batch_size=5, workers=3))
+    assert [e.path for e in parallel] == [i.path for i in mixed_inputs]
+    for seq, par in zip(sequential, parallel, strict=True):
+        assert seq.error == par.error
+        if seq.feature is not None:
+            assert torch.equal(seq.feature, par.feature)
+
+
+def test_draft_is_off_by_default_and_only_shrinks_large_jpegs(images_dir: Path, tmp_path: Path) -> None:
+    big = tmp_path / "big.jpg"
+    with Image.open(images_dir / "chelsea.png") as img:
+        img.convert("RGB").resize((2000, 1500)).save(big, quality=90)
+    full, drafted = open_image(str(big)), open_image(str(big), draft=448)
+    assert full.size == (2000, 1500)
+    assert drafted.size == (1000, 750)  # the largest JPEG scale (1/2) keeping both sides ≥ 448
+    png = images_dir / "coffee.png"
+    assert open_image(str(png), draft=448).tobytes() == open_image(str(png)).tobytes()
+    transform = make_transform(224)
+    exact = transform(full)
+    assert torch.equal(transform(open_image(str(big))), exact)
+    assert 0 < (transform(drafted) - exact).abs().mean() < 0.02
+
+
+def test_finite_check_reads_the_file_in_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        tensors = {"a": torch.randn(100_000).to(dtype), "b": torch.arange(10), "c": torch.full((1000,), 60000.0).to(dtype)}
+        save_file(tensors, str(path))
+        check_finite_file(path, load_file(str(path)), chunk_bytes=4096)  # finite, though c's fp16 sum overflows
+        tensors["a"][-1] = float("nan")
+        save_file(tensors, str(path))
+        with pytest.raises(WeightsError, match=r"w\.safetensors: tensor 'a' contains NaN or Inf"):
+            check_finite_file(path, load_file(str(path)), chunk_bytes=4096)
+
+
+def test_load_model_refuses_inf_in_the_no_tower(tiny_weights: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_weights), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(tiny_weights))
+    tensors["transformer_no.resblocks.1.mlp.c_proj.weight"][0, 0] = float("inf")
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(WeightsError, match="transformer_no.resblocks.1.mlp.c_proj.weight' contains NaN or Inf"):
+        load_model(bad)
+
+
+def detect_records(*args: str) -> list[dict]:
+    result = CliRunner().invoke(app, ["detect", *args, "-f", "jsonl"])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_quantize_and_draft_options_stay_close(tiny_weights: Path, images_dir: Path, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("chelsea.png", "astronaut.png", "coffee.png"):
+        with Image.open(images_dir / name) as img:
+            img.convert("RGB").resize((1600, 1200)).save(photos / name.replace(".png", ".jpg"), quality=90)
+    shutil.copy(images_dir / "rocket.jpg", photos / "rocket.jpg")
+    common = ("-w", str(tiny_weights), "--classes", "cat,rocket,coffee", "--templates", "simple", str(photos))
+    exact = detect_records(*common)
+    for option in (("--draft",), ("--quantize", "int8")):
+        fast = detect_records(*common, *option)
+        assert [r["path"] for r in fast] == [r["path"] for r in exact]
+        changed = max(abs(a[k] - b[k]) for a, b in zip(exact, fast) for k in ("ctw_score", "atd_score", "p_ood"))
+        assert 0 < changed < 0.05, (option, changed)
+
+
+def test_unknown_quantization_is_a_usage_error(tiny_weights: Path, images_dir: Path) -> None:
+    result = CliRunner().invoke(app, ["detect", "-w", str(tiny_weights), "--classes", "cat", "--quantize", "int4", str(images_dir)])
+    assert result.exit_code == 2
+    assert "--quantize must be int8" in result.output
