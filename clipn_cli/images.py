@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +26,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own decompression-bomb limit
+MAX_ASPECT = 100  # longer side / shorter side beyond which the long side is centre-cropped first
 GLOB_CHARS = frozenset("*?[")
 
 
@@ -50,7 +52,12 @@ def iter_inputs(args: Iterable[str], stdin: IO[str] | None = None) -> Iterator[I
                 if line:
                     yield InputItem(line)
         elif os.path.isdir(arg):
-            yield from _walk(arg)
+            found = False
+            for item in _walk(arg):
+                found = True
+                yield item
+            if not found:
+                yield InputItem(arg, error="directory contains no image files")
         elif os.path.lexists(arg) or not GLOB_CHARS & set(arg):
             yield InputItem(arg)
         else:
@@ -77,6 +84,8 @@ def open_image(path: str, exif_transpose: bool = False, max_pixels: int = MAX_PI
     several times faster for large photos, but no longer pixel-exact (opt-in, `detect --draft`).
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):
+            raise ImageError("not a regular file (device, socket or pipe)")
         with Image.open(path) as img:
             if img.width * img.height > max_pixels:
                 raise ImageError(f"image too large: {img.width}x{img.height} pixels (limit {max_pixels}); possible decompression bomb")
@@ -85,10 +94,11 @@ def open_image(path: str, exif_transpose: bool = False, max_pixels: int = MAX_PI
                 img.draft(img.mode, (draft, draft))
             img.load()
             out = ImageOps.exif_transpose(img) if exif_transpose else img.copy()
+            out = limit_aspect(out)
     except ImageError:
         raise
     except FileNotFoundError:
-        raise ImageError("no such file") from None
+        raise ImageError("broken symbolic link" if os.path.islink(path) else "no such file") from None
     except IsADirectoryError:
         raise ImageError("is a directory, not an image") from None
     except PermissionError:
@@ -101,6 +111,24 @@ def open_image(path: str, exif_transpose: bool = False, max_pixels: int = MAX_PI
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ImageError(f"corrupt or truncated image ({detail[:160]})") from None
     return out
+
+
+def limit_aspect(img: Image.Image, max_aspect: int = MAX_ASPECT) -> Image.Image:
+    """Centre-crop the long side of extreme panoramas/strips to `max_aspect` × the short side.
+
+    Resizing the short side to 224 would otherwise blow a 1×20000 strip up to 224×4,480,000
+    pixels (3 GB) just to keep its central 224×224 crop. Images within the limit (all normal
+    photos) are untouched, so parity with the official pipeline holds for them.
+    """
+    short, long = sorted(img.size)
+    if long <= short * max_aspect:
+        return img
+    keep = short * max_aspect
+    if img.width > img.height:
+        left = (img.width - keep) // 2
+        return img.crop((left, 0, left + keep, img.height))
+    top = (img.height - keep) // 2
+    return img.crop((0, top, img.width, top + keep))
 
 
 def make_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
@@ -156,11 +184,15 @@ def load_images(
         for item in items:
             yield load_one(item, transform, exif_transpose, draft)
         return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipn-decode") as pool:
-        pending: deque[Future[LoadedImage]] = deque()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipn-decode")
+    pending: deque[Future[LoadedImage]] = deque()
+    try:
         for item in items:
             pending.append(pool.submit(load_one, item, transform, exif_transpose, draft))
             if len(pending) >= max(prefetch, workers):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:
+        # on Ctrl-C or an abandoned generator, drop queued work instead of decoding it all
+        pool.shutdown(wait=True, cancel_futures=True)

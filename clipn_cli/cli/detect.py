@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .common import EXIT_OK, EXIT_PARTIAL, ClassesFileOpt, ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, fail, handle_errors, info, stderr, stdout_is_terminal
+from .common import EXIT_OK, EXIT_PARTIAL, Terminated, ClassesFileOpt, ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, fail, handle_errors, info, stderr, stdout_is_terminal
 from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
 
@@ -30,6 +30,7 @@ def detect(
     workers: Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Decoding threads (0 = decode in the main thread). Default: min(4, CPUs).", show_default=False)] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32 (exact), fp16 or bf16 (autocast).")] = "fp32",
     exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Rotate by EXIF orientation first (the official pipeline does not).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="With --format jsonl --output F: skip inputs already in F and append the rest.")] = False,
     cache: Annotated[Path | None, typer.Option("--cache", help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
     draft: Annotated[bool, typer.Option("--draft", help="Decode large JPEGs at reduced scale: several times faster for big photos, not exact.")] = False,
     quantize: Annotated[str | None, typer.Option("--quantize", help="int8: quantise the image tower's linear layers (CPU only): faster, not exact.", show_default=False)] = None,
@@ -46,6 +47,8 @@ def detect(
             fail(f"--format must be table, json, jsonl or csv, not '{fmt}'")
         if not paths:
             fail("no inputs: give image files, directories, globs, or - for paths on stdin")
+        if resume and (output is None or fmt != "jsonl"):
+            fail("--resume needs --format jsonl and --output FILE (the file to continue)")
         if quantize not in (None, "int8"):
             fail(f"--quantize must be int8, not '{quantize}'")
         names = load_classes(classes, classes_file, embeddings)
@@ -60,9 +63,13 @@ def detect(
         from ..detect import score_encoded
         from ..images import iter_inputs
         from ..inference import encode_images
-        from ..output import open_writer
+        from ..output import open_writer, resume_jsonl
 
         items = iter_inputs(paths, sys.stdin)
+        already = resume_jsonl(output) if resume and output is not None else set()
+        if already:
+            info(f"resuming: {len(already)} inputs already in {output} are skipped")
+            items = (item for item in items if item.path not in already)
         feature_cache = FeatureCache(cache, weights_info.fingerprint) if cache is not None else None
         encoded = encode_images(
             model, items, batch_size=batch_size,
@@ -71,13 +78,21 @@ def detect(
         )
         results = score_encoded(encoded, heads, rule=rule, details=details, top_k=top_k, chunk=batch_size)
         done = failed = 0
-        with open_writer(fmt, output, details=details) as writer, _progress() as tick:
-            for result in results:
-                writer.write(result.as_dict(details))
-                done += 1
-                failed += not result.ok
-                tick()
-        if done == 0:
+        last = None
+        try:
+            with open_writer(fmt, output, details=details, append=resume) as writer, _progress() as tick:
+                for result in results:
+                    writer.write(result.as_dict(details))
+                    done += 1
+                    failed += not result.ok
+                    last = result.path
+                    tick()
+        except (KeyboardInterrupt, Terminated):
+            where = f"after {done} inputs (last: {last})" if last else "before any input was finished"
+            kept = f"; {output} keeps every finished line, continue with --resume" if output is not None and fmt == "jsonl" else ""
+            info(f"stopped {where}{kept}")
+            raise
+        if done == 0 and not already:
             fail("no images found in the given inputs")
         if failed:
             info(f"{failed} of {done} inputs could not be scored (see their error records)")
