@@ -330,10 +330,20 @@ def test_gather_features_single_process_is_identity() -> None:
 
 
 def test_cli_errors_are_one_line(dataset: Path, tmp_path: Path) -> None:
-    result = run_cli("train", "--base", str(dataset / "clip.pt"), "--data", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o.safetensors"))
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "nope.jsonl: no such file or folder" in result.stderr
-    result = run_cli("train", "--base", "ViT-B-16", "--data", str(dataset / "index.jsonl"), "--output", str(tmp_path / "o.safetensors"))
-    assert result.returncode == 2 and "needs --pretrained TAG" in result.stderr and "Traceback" not in result.stderr
-    result = run_cli("train", "--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"), "--data", str(dataset / "index.jsonl"), "--output", str(tmp_path / "o.pt"))
-    assert result.returncode == 2 and "must be a .safetensors file" in result.stderr
+    from typer.testing import CliRunner
+
+    from clipn_cli.cli.app import app
+
+    def run(*args: str):
+        return CliRunner().invoke(app, ["train", *args])
+
+    result = run("--base", str(dataset / "clip.pt"), "--data", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o.safetensors"))
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "nope.jsonl: no such file or folder" in result.output
+    result = run("--base", "ViT-B-16", "--data", str(dataset / "index.jsonl"), "--output", str(tmp_path / "o.safetensors"))
+    assert result.exit_code == 2 and "needs --pretrained TAG" in result.output and "Traceback" not in result.output
+    result = run("--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"), "--data", str(dataset / "index.jsonl"), "--output", str(tmp_path / "o.pt"))
+    assert result.exit_code == 2 and "must be a .safetensors file" in result.output
+    result = run("--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"), "--data", str(dataset / "index.jsonl"),
+                 "--output", str(tmp_path / "o.safetensors"), "--resume", str(tmp_path / "none.ckpt"))
+    assert result.exit_code == 2 and "none.ckpt: no such checkpoint" in result.output
