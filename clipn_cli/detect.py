@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,6 +13,9 @@ from .images import InputItem
 from .inference import EncodedImage, encode_images
 from .model import CLIPN
 from .scoring import RULES, Scores, score
+
+if TYPE_CHECKING:
+    from .cache import FeatureCache
 
 SCORE_FIELDS = ("ctw_score", "atd_score", "p_ood", "msp", "max_logit", "energy")
 
@@ -141,7 +144,16 @@ def detect(
     exif_transpose: bool = False,
     details: bool = False,
     top_k: int = 0,
+    cache: FeatureCache | None = None,
+    draft: bool = False,
 ) -> Iterator[Detection]:
-    """Verdicts for a stream of inputs: decode, encode, score; one Detection per input, in order."""
-    encoded = encode_images(model, items, batch_size=batch_size, workers=workers, precision=precision, exif_transpose=exif_transpose)
+    """Verdicts for a stream of inputs: decode, encode, score; one Detection per input, in order.
+
+    `cache` reuses image features stored for these weights; `draft` decodes large JPEGs at
+    reduced scale (faster, not exact). See `encode_images`.
+    """
+    encoded = encode_images(
+        model, items, batch_size=batch_size, workers=workers, precision=precision,
+        exif_transpose=exif_transpose, cache=cache, draft=draft,
+    )
     return score_encoded(encoded, embeddings, rule=rule, details=details, top_k=top_k, chunk=batch_size)

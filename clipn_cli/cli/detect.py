@@ -60,9 +60,8 @@ def detect(
             quantize_image_tower(model)
 
         from ..cache import FeatureCache
-        from ..detect import score_encoded
+        from ..detect import detect as run_detect
         from ..images import iter_inputs
-        from ..inference import encode_images
         from ..output import open_writer, resume_jsonl
 
         items = iter_inputs(paths, sys.stdin)
@@ -71,12 +70,12 @@ def detect(
             info(f"resuming: {len(already)} inputs already in {output} are skipped")
             items = (item for item in items if item.path not in already)
         feature_cache = FeatureCache(cache, weights_info.fingerprint) if cache is not None else None
-        encoded = encode_images(
-            model, items, batch_size=batch_size,
+        results = run_detect(
+            model, heads, items, rule=rule, batch_size=batch_size,
             workers=min(4, os.cpu_count() or 1) if workers is None else workers,
-            precision=precision, exif_transpose=exif_transpose, cache=feature_cache, draft=draft,
+            precision=precision, exif_transpose=exif_transpose, details=details, top_k=top_k,
+            cache=feature_cache, draft=draft,
         )
-        results = score_encoded(encoded, heads, rule=rule, details=details, top_k=top_k, chunk=batch_size)
         done = failed = 0
         last = None
         try:
