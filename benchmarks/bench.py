@@ -70,6 +70,25 @@ with open(sys.argv[1], "w") as fh:
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
+BARE_THROUGHPUT = r"""
+import json, sys, time
+from pathlib import Path
+import torch
+from clipn_cli.images import InputItem, image_size_of, load_one, make_transform
+from clipn_cli.weights import load_model
+model, _ = load_model(sys.argv[1])
+transform = make_transform(image_size_of(model))
+paths = sorted(Path(sys.argv[2]).glob("*.jpg"))[: int(sys.argv[3])]
+pixels = torch.stack([load_one(InputItem(str(p)), transform).pixels for p in paths])
+seconds = []
+with torch.inference_mode():
+    for _ in range(1 + int(sys.argv[4])):
+        start = time.perf_counter()
+        model.encode_image(pixels)
+        seconds.append(time.perf_counter() - start)
+print(json.dumps({"warmup_s": seconds[0], "batch_s": seconds[1:]}))
+"""
+
 DETECT_SPLIT = r"""
 import json, sys, time
 t0 = time.perf_counter()
@@ -239,10 +258,11 @@ def make_embeddings(model: Any, info: Any, path: Path) -> Path:
 
 
 @torch.inference_mode()
-def forward_seconds(model: Any, pixels: torch.Tensor) -> float:
+def timed_forward(model: Any, pixels: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Seconds of one bare image-tower forward pass, and its normalized features."""
     start = time.perf_counter()
-    model.encode_image(pixels)
-    return time.perf_counter() - start
+    features = model.encode_image(pixels, normalize=True)
+    return time.perf_counter() - start, features
 
 
 def real_batch(model: Any, directory: Path, count: int) -> torch.Tensor:
@@ -253,17 +273,21 @@ def real_batch(model: Any, directory: Path, count: int) -> torch.Tensor:
     return torch.stack([load_one(InputItem(str(p)), transform).pixels for p in paths])
 
 
-def figure_throughput(rep: Report, model: Any, weights: Path, embeddings: Path, jpgs: Path) -> Run:
-    """(1) `clipn detect` on 256 JPEGs, whole command, vs the bare image tower at the same batch size."""
+def figure_throughput(rep: Report, weights: Path, embeddings: Path, jpgs: Path) -> Run:
+    """(1) `clipn detect` on 256 JPEGs, whole command, vs the bare image tower at the same batch size.
+
+    The bare forward runs in fresh processes too (before and after the detect run), so that both
+    sides start from the same state: same allocator, same memory-mapped weights.
+    """
     from clipn_cli.images import InputItem, load_one, make_transform
 
-    pixels = real_batch(model, jpgs, BATCH)
-    forward_seconds(model, pixels)  # warm-up: page in weights, build kernels
-    before = [forward_seconds(model, pixels) for _ in range(2)]
+    bare_cmd = [sys.executable, "-c", BARE_THROUGHPUT, str(weights), str(jpgs), str(BATCH), "2"]
+    before = json.loads(checked(bare_cmd).lines[-1])
     load_before = load_avg()
     cli = checked([*CLI, "detect", "-w", str(weights), "-e", str(embeddings), str(jpgs), "-f", "jsonl", "-b", str(BATCH)])
-    after = [forward_seconds(model, pixels) for _ in range(2)]
-    bare_ips = BATCH * 4 / sum(before + after)
+    after = json.loads(checked(bare_cmd).lines[-1])
+    batches = before["batch_s"] + after["batch_s"]
+    bare_ips = BATCH * len(batches) / sum(batches)
     assert len(cli.lines) == N_IMAGES, f"detect wrote {len(cli.lines)} records"
     e2e_ips = N_IMAGES / cli.wall_s
     first, last = cli.line_times[BATCH - 1], cli.line_times[-1]
@@ -276,8 +300,8 @@ def figure_throughput(rep: Report, model: Any, weights: Path, embeddings: Path, 
     decode_ms = (time.perf_counter() - start) / len(paths) * 1e3
     rep.data["throughput_cpu"] = {
         "batch_size": BATCH, "images": N_IMAGES, "image_size": "500x375 JPEG",
-        "bare_forward_batch_s": [round(x, 3) for x in before + after], "bare_forward_images_per_s": bare_ips,
-        "detect_wall_s": cli.wall_s, "detect_images_per_s": e2e_ips,
+        "bare_forward_batch_s": [round(x, 3) for x in batches], "bare_warmup_batch_s": [before["warmup_s"], after["warmup_s"]],
+        "bare_forward_images_per_s": bare_ips, "detect_wall_s": cli.wall_s, "detect_images_per_s": e2e_ips,
         "detect_steady_images_per_s": steady_ips, "detect_first_batch_out_s": first,
         "decode_preprocess_ms_per_image_1_thread": decode_ms, "load_avg_during": load_before,
     }
@@ -389,12 +413,13 @@ def figure_startup(rep: Report, weights: Path, embeddings: Path, image: Path) ->
     rep.check("3. `clipn --help` imports torch, open_clip, numpy or PIL (python -X importtime)", "no" if not heavy else f"yes: {heavy[:3]}", "no", not heavy)
 
     python_start = median([checked([sys.executable, "-c", "pass"]).wall_s for _ in range(3)])
-    detect_runs, bare_import, bare_probe = [], [], []
+    detect_runs, bare_import, bare_probe, splits = [], [], [], []
     for _ in range(3):  # interleaved, so that background load hits both sides alike
         bare_import.append(checked([sys.executable, "-c", "import torch, open_clip"]))
         bare_probe.append(checked([sys.executable, "-c", BARE_FORWARD, str(weights)]))
         detect_runs.append(checked([*CLI, "detect", "-w", str(weights), "-e", str(embeddings), str(image), "-f", "jsonl"]))
-    split = json.loads(checked([sys.executable, "-c", DETECT_SPLIT, str(weights), str(embeddings), str(image)]).lines[-1])
+        splits.append(json.loads(checked([sys.executable, "-c", DETECT_SPLIT, str(weights), str(embeddings), str(image)]).lines[-1]))
+    split = {phase: median([one[phase] for one in splits]) for phase in splits[0]}
     probes = [json.loads(p.lines[-1]) for p in bare_probe]
     bare = {
         "import_torch_open_clip_s": median([r.wall_s for r in bare_import]),
@@ -425,7 +450,7 @@ def score_deviation(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[st
     return dev
 
 
-def figure_memory(rep: Report, weights: Path, detect_256: Run, detect_one: list[Run], jpgs: Path, work: Path) -> None:
+def figure_memory(rep: Report, weights: Path, embeddings: Path, detect_256: Run, detect_one: list[Run], jpgs: Path, work: Path) -> None:
     """(4) peak RSS of detect; fp16/bf16 files: half the size, scores within 1e-3 of fp32."""
     size_mb = weights.stat().st_size / MB
     limit = 1.3 * size_mb + 300
@@ -438,6 +463,8 @@ def figure_memory(rep: Report, weights: Path, detect_256: Run, detect_one: list[
     subset.mkdir(exist_ok=True)
     for p in sorted(jpgs.glob("*.jpg"))[:16]:
         shutil.copy(p, subset / p.name)
+    small_batch = checked([*CLI, "detect", "-w", str(weights), "-e", str(embeddings), str(subset), "-f", "jsonl", "-b", "16"])
+    rep.data["memory"]["detect_16_images_batch16_peak_rss_mb"] = small_batch.peak_rss_mb
     common = ["--classes", ",".join(CLASSES), "--templates", "simple", str(subset), "-f", "jsonl", "-b", "16"]
     runs = {"fp32": checked([*CLI, "detect", "-w", str(weights), *common])}
     dtypes: dict[str, Any] = {}
@@ -475,6 +502,7 @@ def tiny_dtypes(rep: Report, work: Path) -> dict[str, Any]:
 def figure_options(rep: Report, model: Any, weights: Path, embeddings: Path, jpgs: Path, work: Path) -> None:
     """(5) opt-in speed-ups: --draft on 12-megapixel JPEGs, --quantize int8; each with its deviation."""
     from clipn_cli.embeddings import ClassEmbeddings
+    from clipn_cli.images import InputItem, load_one, make_transform
     from clipn_cli.inference import quantize_image_tower
     from clipn_cli.scoring import score
     from clipn_cli.weights import load_model
@@ -483,8 +511,18 @@ def figure_options(rep: Report, model: Any, weights: Path, embeddings: Path, jpg
     base = [*CLI, "detect", "-w", str(weights), "-e", str(embeddings), str(big), "-f", "jsonl", "-b", str(BATCH)]
     exact, draft = checked(base), checked([*base, "--draft"])
     dev = score_deviation(records(exact), records(draft))
+    transform = make_transform(224)
+    decode = {"exact": 0.0, "draft": 0.0}
+    for path in sorted(big.glob("*.jpg"))[:8]:
+        for name, size in (("exact", 0), ("draft", 448)):
+            start = time.perf_counter()
+            load_one(InputItem(str(path)), transform, draft=size)
+            decode[name] += (time.perf_counter() - start) / 8
     rep.data["draft"] = {"images": BATCH, "size": "4032x3024 JPEG", "exact_wall_s": exact.wall_s, "draft_wall_s": draft.wall_s,
-                         "speedup": exact.wall_s / draft.wall_s, "deviation": dev}
+                         "speedup": exact.wall_s / draft.wall_s, "deviation": dev,
+                         "decode_preprocess_ms_exact": decode["exact"] * 1e3, "decode_preprocess_ms_draft": decode["draft"] * 1e3}
+    rep.check("5. --draft, decode + preprocess of one 12-MP JPEG", f"{decode['exact'] * 1e3:.0f} ms → {decode['draft'] * 1e3:.0f} ms = "
+              f"{decode['exact'] / decode['draft']:.1f}×", "opt-in; pays if > 1", None)
     rep.check("5. --draft, detect on 32 12-MP JPEGs (whole command)", f"{exact.wall_s:.1f} s → {draft.wall_s:.1f} s = {exact.wall_s / draft.wall_s:.2f}×",
               "opt-in; pays if > 1", None, f"max score |Δ| {dev['max_score_diff']:.1e}, {dev['verdicts_changed']} verdicts changed")
 
@@ -492,14 +530,15 @@ def figure_options(rep: Report, model: Any, weights: Path, embeddings: Path, jpg
     quantized, _ = load_model(weights)
     quantize_image_tower(quantized)
     pixels = real_batch(model, jpgs, BATCH)
-    forward_seconds(quantized, pixels)
+    timed_forward(quantized, pixels)  # warm-up
     fp32_s, int8_s = [], []
     for _ in range(2):
-        fp32_s.append(forward_seconds(model, pixels))
-        int8_s.append(forward_seconds(quantized, pixels))
-    with torch.inference_mode():
-        a = score(model.encode_image(pixels, normalize=True), heads.text_yes, heads.text_no)
-        b = score(quantized.encode_image(pixels, normalize=True), heads.text_yes, heads.text_no)
+        seconds, exact_features = timed_forward(model, pixels)
+        fp32_s.append(seconds)
+        seconds, int8_features = timed_forward(quantized, pixels)
+        int8_s.append(seconds)
+    a = score(exact_features, heads.text_yes, heads.text_no)
+    b = score(int8_features, heads.text_yes, heads.text_no)
     qdev = {name: float((getattr(a, name) - getattr(b, name)).abs().max()) for name in ("ctw", "atd", "p_ood")}
     qdev["verdicts_changed"] = int((a.is_ood("atd") != b.is_ood("atd")).sum())
     speedup = sum(fp32_s) / sum(int8_s)
@@ -589,7 +628,7 @@ def write_markdown(rep: Report, path: Path) -> None:
         "## Details",
         "",
         f"- Throughput (ViT-B-16, fp32, batch {t['batch_size']}, {t['images']} {t['image_size']}): bare forward {t['bare_forward_images_per_s']:.2f} img/s "
-        f"(batches {t['bare_forward_batch_s']} s, two before and two after the detect run); `clipn detect` {t['detect_wall_s']:.1f} s wall = "
+        f"(batches {t['bare_forward_batch_s']} s: fresh processes, two batches before and two after the detect run, each after a warm-up batch); `clipn detect` {t['detect_wall_s']:.1f} s wall = "
         f"{t['detect_images_per_s']:.2f} img/s including start-up, first batch out after {t['detect_first_batch_out_s']:.1f} s, "
         f"{t['detect_steady_images_per_s']:.2f} img/s after it. Decoding + preprocessing costs {t['decode_preprocess_ms_per_image_1_thread']:.1f} ms "
         "per image on one thread and runs in decoding threads beside the forward pass.",
@@ -601,13 +640,17 @@ def write_markdown(rep: Report, path: Path) -> None:
         f"estimated: ours {x['estimated_full_ours_s'] / 60:.1f} min (timed batches scaled by padded tokens), plain {x['estimated_full_plain77_s'] / 60:.1f} min "
         f"(scaled by prompt count), both including tokenizing all prompts ({x['tokenize_all_s']:.1f} s).",
         f"- Start-up: `clipn --help` {d['help']['median_s']:.3f} s, {d['help']['modules_imported']} modules, torch not imported. "
-        f"`clipn detect` on one image {s['detect_one_image_median_s']:.2f} s; split (same steps in one process): Python start {s['python_start_s']:.2f} s, "
+        f"`clipn detect` on one image {s['detect_one_image_median_s']:.2f} s; split (same library calls in one process, medians of 3): Python start {s['python_start_s']:.2f} s, "
         f"imports {split['imports_s']:.2f} s, weights + embeddings {split['load_weights_and_embeddings_s']:.2f} s, preprocessing {split['preprocess_s']:.3f} s, "
         f"forward {split['forward_s']:.2f} s, scoring + output {split['score_and_format_s']:.3f} s. Bare: import torch + open_clip "
         f"{s['bare']['import_torch_open_clip_s']:.2f} s, safetensors load (memory-mapped) {s['bare']['load_safetensors_mmap_s']:.3f} s, "
         f"one forward {s['bare']['one_forward_s']:.2f} s (medians of 3, interleaved with the detect runs).",
-        f"- Memory: fp32 weights {mem['weights_fp32_mb']:.0f} MB. Peak RSS: detect on 256 images {mem['detect_256_peak_rss_mb']:.0f} MB, on one image "
-        f"{mem['detect_one_peak_rss_mb']:.0f} MB; `python -c 'import torch, open_clip'` alone peaks at {s['import_torch_open_clip_peak_rss_mb']:.0f} MB. "
+        f"- Memory: fp32 weights {mem['weights_fp32_mb']:.0f} MB, of which the image tower (the only part detect with cached embeddings pages in) is "
+        "about 40%. Peak RSS of detect (cached embeddings): 256 images at batch 32 "
+        f"{mem['detect_256_peak_rss_mb']:.0f} MB, 16 images at batch 16 {mem['detect_16_images_batch16_peak_rss_mb']:.0f} MB, one image "
+        f"{mem['detect_one_peak_rss_mb']:.0f} MB; `python -c 'import torch, open_clip'` alone peaks at {s['import_torch_open_clip_peak_rss_mb']:.0f} MB, "
+        f"so the 256-image run adds {mem['detect_256_peak_rss_mb'] - s['import_torch_open_clip_peak_rss_mb']:.0f} MB "
+        f"({(mem['detect_256_peak_rss_mb'] - s['import_torch_open_clip_peak_rss_mb']) / mem['weights_fp32_mb']:.2f} × the weights) to what importing costs. "
         f"fp16 file {mem['dtypes_vitb16']['fp16']['file_mb']:.0f} MB (detect peak {mem['dtypes_vitb16']['fp16']['peak_rss_mb']:.0f} MB), bf16 "
         f"{mem['dtypes_vitb16']['bf16']['file_mb']:.0f} MB (peak {mem['dtypes_vitb16']['bf16']['peak_rss_mb']:.0f} MB); half-precision files are "
         "cast to fp32 when loaded, so they save disk, not memory.",
@@ -615,7 +658,9 @@ def write_markdown(rep: Report, path: Path) -> None:
     if "draft" in d:
         q = d["quantize_int8"]
         lines.append(
-            f"- Options: `--draft` {d['draft']['speedup']:.2f}× on 32 12-MP JPEGs (whole command), score deviation {d['draft']['deviation']['max_score_diff']:.1e}; "
+            f"- Options: `--draft` {d['draft']['speedup']:.2f}× on 32 12-MP JPEGs (whole command; decoding + preprocessing one of them "
+            f"{d['draft']['decode_preprocess_ms_exact']:.0f} → {d['draft']['decode_preprocess_ms_draft']:.0f} ms), score deviation "
+            f"{d['draft']['deviation']['max_score_diff']:.1e}; "
             f"`--quantize int8` {q['speedup']:.2f}× on the image-tower forward, score deviation "
             f"{max(q['deviation']['ctw'], q['deviation']['atd'], q['deviation']['p_ood']):.1e}. Both are off by default (exact). "
             "`torch.compile` was not added: see benchmarks/README.md."
@@ -631,6 +676,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temporary one, removed at the end)")
     args = parser.parse_args()
     began = time.perf_counter()
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # what `clipn detect` sets for itself; the bare probes get it too
     work = Path(args.workdir or tempfile.mkdtemp(prefix="clipn-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     rep = Report()
@@ -644,10 +690,10 @@ def main() -> None:
         jpgs = make_jpegs(work / "jpg", N_IMAGES, (500, 375))
         model, info = load_model(weights)
         embeddings = make_embeddings(model, info, work / "classes.safetensors")
-        detect_256 = figure_throughput(rep, model, weights, embeddings, jpgs)
+        detect_256 = figure_throughput(rep, weights, embeddings, jpgs)
         figure_text(rep, model)
         detect_one = figure_startup(rep, weights, embeddings, sorted(jpgs.glob("*.jpg"))[0])
-        figure_memory(rep, weights, detect_256, detect_one, jpgs, work)
+        figure_memory(rep, weights, embeddings, detect_256, detect_one, jpgs, work)
         figure_options(rep, model, weights, embeddings, jpgs, work)
         figure_gpu(rep, weights, embeddings, work)
     finally:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -184,3 +185,14 @@ def test_unknown_quantization_is_a_usage_error(tiny_weights: Path, images_dir: P
     result = CliRunner().invoke(app, ["detect", "-w", str(tiny_weights), "--classes", "cat", "--quantize", "int4", str(images_dir)])
     assert result.exit_code == 2
     assert "--quantize must be int8" in result.output
+
+
+def test_detect_asks_for_huge_pages_unless_the_user_chose(tiny_weights: Path, images_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ["-w", str(tiny_weights), "--classes", "cat", str(images_dir / "rocket.jpg")]
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "placeholder")  # so that monkeypatch restores the environment
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    assert len(detect_records(*args)) == 1
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    detect_records(*args)
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"

@@ -39,6 +39,7 @@ def detect(
 
     Exit codes: 0 all inputs scored, 1 some inputs failed (error records), 2 usage or setup error.
     """
+    _huge_pages_for_activations()
     with handle_errors():
         if rule not in ("atd", "ctw"):
             fail(f"--rule must be atd or ctw, not '{rule}'")
@@ -97,6 +98,17 @@ def detect(
             info(f"{failed} of {done} inputs could not be scored (see their error records)")
             raise typer.Exit(EXIT_PARTIAL)
         raise typer.Exit(EXIT_OK)
+
+
+def _huge_pages_for_activations() -> None:
+    """Let torch back large CPU tensors with transparent huge pages (Linux), unless the user chose.
+
+    A ViT-B-16 forward pass at batch 32 allocates and frees gigabytes of activations, and with
+    4 KB pages every batch faults them in afresh: huge pages make the CPU forward ~12% faster at no
+    extra peak memory (benchmarks/). torch reads the variable at its first allocation, which in
+    this process comes later: commands import torch only when they run.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def _progress():
