@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -59,6 +60,9 @@ def detect(
             from ..inference import quantize_image_tower
 
             quantize_image_tower(model)
+        # Modules, model and heads live until exit: freezing them spares the garbage collector from
+        # walking torch's millions of objects during the run and at exit (exit 1.1 s → 0.2 s).
+        gc.freeze()
 
         from ..cache import FeatureCache
         from ..detect import detect as run_detect
