@@ -368,3 +368,16 @@ def test_permission_error_maps_to_one_line(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(Image, "open", refuse)
     loaded = load_one(InputItem(str(IMAGES / "horse.png")), transform=lambda img: img)
     assert loaded.pixels is None and loaded.error == "permission denied"
+
+
+def test_concurrent_runs_share_a_feature_cache(tiny_weights: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-m", "clipn_cli", "detect", "-w", str(tiny_weights), "--classes", CLASSES, "--cache", str(cache), str(IMAGES)]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate()[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    entries = list(cache.rglob("*.feat"))
+    assert len(entries) == len(list(IMAGES.iterdir()))
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".feat"]  # no temporary leftovers
+    again = run_cli(*args[3:])
+    assert jsonl(again.stdout) == jsonl(outputs[0]) == jsonl(outputs[1])
