@@ -70,6 +70,9 @@ with open(sys.argv[1], "w") as fh:
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
+# Import time without the interpreter's exit, which with torch loaded takes ~1 s of garbage collection.
+BARE_IMPORT = "import time; t = time.perf_counter(); import torch, open_clip; print(time.perf_counter() - t)"
+
 BARE_THROUGHPUT = r"""
 import json, sys, time
 from pathlib import Path
@@ -298,24 +301,31 @@ def real_batch(model: Any, directory: Path, count: int) -> torch.Tensor:
 def figure_throughput(rep: Report, weights: Path, embeddings: Path, jpgs: Path) -> Run:
     """(1) `clipn detect` on 256 JPEGs, whole command, vs the bare image tower at the same batch size.
 
-    The bare forward runs in fresh processes too (before and after the detect run), so that both
-    sides start from the same state: same allocator, same memory-mapped weights.
+    The bare forward runs in fresh processes too, so that both sides start from the same state
+    (allocator, memory-mapped weights). Other jobs on a shared machine only ever slow a run down,
+    so runs alternate (bare, detect, bare, detect, bare) and each side is judged by its best run;
+    every run is in results.json.
     """
     from clipn_cli.images import InputItem, load_one, make_transform
 
     bare_cmd = [sys.executable, "-c", BARE_THROUGHPUT, str(weights), str(jpgs), str(BATCH), "2"]
-    before = json.loads(checked(bare_cmd).lines[-1])
+    detect_cmd = [*CLI, "detect", "-w", str(weights), "-e", str(embeddings), str(jpgs), "-f", "jsonl", "-b", str(BATCH)]
     load_before = load_avg()
-    cli = checked([*CLI, "detect", "-w", str(weights), "-e", str(embeddings), str(jpgs), "-f", "jsonl", "-b", str(BATCH)])
-    after = json.loads(checked(bare_cmd).lines[-1])
-    batches = before["batch_s"] + after["batch_s"]
-    bare_ips = BATCH * len(batches) / sum(batches)
-    assert len(cli.lines) == N_IMAGES, f"detect wrote {len(cli.lines)} records"
+    bare_runs = [json.loads(checked(bare_cmd).lines[-1])]
+    detect_runs: list[Run] = []
+    for _ in range(2):
+        detect_runs.append(checked(detect_cmd))
+        bare_runs.append(json.loads(checked(bare_cmd).lines[-1]))
+    for run_ in detect_runs:
+        assert len(run_.lines) == N_IMAGES, f"detect wrote {len(run_.lines)} records"
+    bare_ips = max(BATCH * len(b["batch_s"]) / sum(b["batch_s"]) for b in bare_runs)
+    batches = [x for b in bare_runs for x in b["batch_s"]]
+    cli = min(detect_runs, key=lambda r: r.wall_s)
     e2e_ips = N_IMAGES / cli.wall_s
     first, last = cli.line_times[BATCH - 1], cli.line_times[-1]
     steady_ips = (N_IMAGES - BATCH) / (last - first)
-    batch_ends = cli.line_times[BATCH - 1 :: BATCH]  # a batch's records are written together
-    detect_batch_s = [b - a for a, b in zip(batch_ends, batch_ends[1:])]
+    batch_ends = [r.line_times[BATCH - 1 :: BATCH] for r in detect_runs]  # a batch's records are written together
+    detect_batch_s = [[b - a for a, b in zip(ends, ends[1:])] for ends in batch_ends]
     transform = make_transform(224)
     paths = sorted(jpgs.glob("*.jpg"))[:64]
     start = time.perf_counter()
@@ -324,18 +334,20 @@ def figure_throughput(rep: Report, weights: Path, embeddings: Path, jpgs: Path) 
     decode_ms = (time.perf_counter() - start) / len(paths) * 1e3
     rep.data["throughput_cpu"] = {
         "batch_size": BATCH, "images": N_IMAGES, "image_size": "500x375 JPEG",
-        "bare_forward_batch_s": [round(x, 3) for x in batches], "bare_warmup_batch_s": [before["warmup_s"], after["warmup_s"]],
-        "bare_forward_images_per_s": bare_ips, "detect_wall_s": cli.wall_s, "detect_images_per_s": e2e_ips,
-        "detect_steady_images_per_s": steady_ips, "detect_first_batch_out_s": first, "detect_batch_s": detect_batch_s,
+        "bare_forward_batch_s": [round(x, 3) for x in batches], "bare_warmup_batch_s": [round(b["warmup_s"], 3) for b in bare_runs],
+        "bare_forward_images_per_s": bare_ips, "detect_runs_wall_s": [r.wall_s for r in detect_runs], "detect_wall_s": cli.wall_s,
+        "detect_images_per_s": e2e_ips, "detect_steady_images_per_s": steady_ips, "detect_first_batch_out_s": first,
+        "detect_batch_s": [[round(x, 3) for x in run_] for run_ in detect_batch_s],
         "decode_preprocess_ms_per_image_1_thread": decode_ms, "load_avg_during": load_before,
     }
-    rep.check("1. detect end-to-end vs bare forward (CPU, whole command incl. start-up)",
+    rep.check("1. detect end-to-end vs bare forward (CPU, whole command incl. start-up; best of 2 vs best of 3)",
               f"{e2e_ips:.2f} vs {bare_ips:.2f} img/s = {e2e_ips / bare_ips:.3f}×", "≥ 0.9×", e2e_ips / bare_ips >= 0.9)
     rep.check("1. detect steady state (after the first batch) vs bare forward",
               f"{steady_ips:.2f} vs {bare_ips:.2f} img/s = {steady_ips / bare_ips:.3f}×", "≥ 0.9×", steady_ips / bare_ips >= 0.9)
-    fastest = min(batches) / min(detect_batch_s)
-    rep.check("1. detect vs bare, fastest batch of each (robust to other jobs' load)",
-              f"{min(detect_batch_s):.2f} s vs {min(batches):.2f} s per batch of {BATCH} = {fastest:.3f}×", "≥ 0.9×", fastest >= 0.9)
+    fastest_detect = min(x for run_ in detect_batch_s for x in run_)
+    fastest = min(batches) / fastest_detect
+    rep.check("1. detect vs bare, fastest batch of each",
+              f"{fastest_detect:.2f} s vs {min(batches):.2f} s per batch of {BATCH} = {fastest:.3f}×", "≥ 0.9×", fastest >= 0.9)
     return cli
 
 
@@ -442,14 +454,14 @@ def figure_startup(rep: Report, weights: Path, embeddings: Path, image: Path) ->
     python_start = median([checked([sys.executable, "-c", "pass"]).wall_s for _ in range(3)])
     detect_runs, bare_import, bare_probe, splits = [], [], [], []
     for _ in range(3):  # interleaved, so that background load hits both sides alike
-        bare_import.append(checked([sys.executable, "-c", "import torch, open_clip"]))
+        bare_import.append(checked([sys.executable, "-c", BARE_IMPORT]))
         bare_probe.append(checked([sys.executable, "-c", BARE_FORWARD, str(weights)]))
         detect_runs.append(checked([*CLI, "detect", "-w", str(weights), "-e", str(embeddings), str(image), "-f", "jsonl"]))
         splits.append(json.loads(checked([sys.executable, "-c", DETECT_SPLIT, str(weights), str(embeddings), str(image)]).lines[-1]))
     split = {phase: median([one[phase] for one in splits]) for phase in splits[0]}
     probes = [json.loads(p.lines[-1]) for p in bare_probe]
     bare = {
-        "import_torch_open_clip_s": median([r.wall_s for r in bare_import]),
+        "import_torch_open_clip_s": python_start + median([float(r.lines[-1]) for r in bare_import]),
         "load_safetensors_mmap_s": median([p["load_mmap_s"] for p in probes]),
         "one_forward_s": median([p["forward_s"] for p in probes]),
     }
@@ -657,9 +669,9 @@ def write_markdown(rep: Report, path: Path) -> None:
         "## Details",
         "",
         f"- Throughput (ViT-B-16, fp32, batch {t['batch_size']}, {t['images']} {t['image_size']}): bare forward {t['bare_forward_images_per_s']:.2f} img/s "
-        f"(batches {t['bare_forward_batch_s']} s: fresh processes, two batches before and two after the detect run, each after a warm-up batch); `clipn detect` {t['detect_wall_s']:.1f} s wall = "
-        f"{t['detect_images_per_s']:.2f} img/s including start-up, first batch out after {t['detect_first_batch_out_s']:.1f} s, "
-        f"{t['detect_steady_images_per_s']:.2f} img/s after it (batches {[round(x, 2) for x in t['detect_batch_s']]} s). Decoding + preprocessing costs {t['decode_preprocess_ms_per_image_1_thread']:.1f} ms "
+        f"(best of 3 fresh processes, each 2 batches after a warm-up batch: {t['bare_forward_batch_s']} s); `clipn detect` runs took "
+        f"{[round(x, 1) for x in t['detect_runs_wall_s']]} s; the best = {t['detect_images_per_s']:.2f} img/s including start-up, first batch out after "
+        f"{t['detect_first_batch_out_s']:.1f} s, {t['detect_steady_images_per_s']:.2f} img/s after it (batches of both runs: {t['detect_batch_s']} s). Decoding + preprocessing costs {t['decode_preprocess_ms_per_image_1_thread']:.1f} ms "
         "per image on one thread and runs in decoding threads beside the forward pass.",
         f"- Text encoding ({x['prompts_full']:,} prompts = 1,000 ImageNet classes × 128 CLIPN templates, both towers, batch {x['batch_size']}): "
         f"prompts average {x['mean_tokens_per_prompt']:.1f} tokens (longest {x['max_tokens']}); sorted by length and cut to each batch's longest, "
@@ -671,7 +683,7 @@ def write_markdown(rep: Report, path: Path) -> None:
         f"- Start-up: `clipn --help` {d['help']['median_s']:.3f} s, {d['help']['modules_imported']} modules, torch not imported. "
         f"`clipn detect` on one image {s['detect_one_image_median_s']:.2f} s; split (same library calls in one process, medians of 3): Python start {s['python_start_s']:.2f} s, "
         f"imports {split['imports_s']:.2f} s, weights + embeddings {split['load_weights_and_embeddings_s']:.2f} s, preprocessing {split['preprocess_s']:.3f} s, "
-        f"forward {split['forward_s']:.2f} s, scoring + output {split['score_and_format_s']:.3f} s. Bare: import torch + open_clip "
+        f"forward {split['forward_s']:.2f} s, scoring + output {split['score_and_format_s']:.3f} s. Bare: Python start + import torch + open_clip "
         f"{s['bare']['import_torch_open_clip_s']:.2f} s, safetensors load (memory-mapped) {s['bare']['load_safetensors_mmap_s']:.3f} s, "
         f"one forward {s['bare']['one_forward_s']:.2f} s (medians of 3, interleaved with the detect runs).",
         f"- Memory: fp32 weights {mem['weights_fp32_mb']:.0f} MB, of which the image tower (the only part detect with cached embeddings pages in) is "
