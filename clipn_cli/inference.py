@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -43,6 +44,21 @@ def resolve_device(device: str = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{device}' requested but CUDA is not available")
     return resolved
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per forward pass when the user gives none.
+
+    On a CPU, batch 16 runs a ViT-B-16 as fast as 32 (5.6 vs 5.2 img/s measured on 2 cores) with
+    half the activation memory; a GPU wants large batches to stay busy.
+    """
+    return 128 if device.type == "cuda" else 16
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding threads when the user gives none: a few beside a CPU forward pass, all cores for a GPU."""
+    cpus = os.cpu_count() or 1
+    return cpus if device.type == "cuda" else min(4, cpus)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import IMAGES, OFFICIAL_CHECKPOINT, TINY_CONFIG, run_cli
+from conftest import IMAGES, TINY_CONFIG, run_cli
 
 CLASSES = "cat,coffee,rocket"
 

@@ -99,3 +99,12 @@ ClassesOpt = Annotated[str | None, typer.Option("--classes", "-c", help="Comma-s
 ClassesFileOpt = Annotated[
     Path | None, typer.Option("--classes-file", help="Text file: one class per line, '#' comments.", show_default=False)
 ]
+BatchSizeOpt = Annotated[
+    int | None, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass. Default: 16 on CPU, 128 on CUDA.", show_default=False)
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option("--workers", "-j", min=0, help="Decoding threads (0 = decode in the main thread). Default: min(4, CPUs); all CPUs with CUDA.", show_default=False),
+]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 (exact), fp16 or bf16 (autocast).")]
+ExifOpt = Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Rotate by EXIF orientation first (the official pipeline does not).")]

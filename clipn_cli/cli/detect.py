@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from .common import EXIT_OK, EXIT_PARTIAL, Terminated, ClassesFileOpt, ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, fail, handle_errors, info, stderr, stdout_is_terminal
-from .runtime import class_embeddings, load_classes, load_weights_for_cli
+from .common import BatchSizeOpt, ExifOpt, PrecisionOpt, WorkersOpt, EXIT_OK, EXIT_PARTIAL, Terminated, ClassesFileOpt, ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, fail, handle_errors, info, stderr, stdout_is_terminal
+from .runtime import pipeline_sizes, class_embeddings, load_classes, load_weights_for_cli
 
 
 def detect(
@@ -27,10 +27,10 @@ def detect(
     details: Annotated[bool, typer.Option("--details", help="Add p_yes, logits_yes and logits_no (per class) to each record.")] = False,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Add the K most probable classes to each record.")] = 0,
     device: DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 32,
-    workers: Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Decoding threads (0 = decode in the main thread). Default: min(4, CPUs).", show_default=False)] = None,
-    precision: Annotated[str, typer.Option("--precision", help="fp32 (exact), fp16 or bf16 (autocast).")] = "fp32",
-    exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Rotate by EXIF orientation first (the official pipeline does not).")] = False,
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
+    precision: PrecisionOpt = "fp32",
+    exif_transpose: ExifOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="With --format jsonl --output F: skip inputs already in F and append the rest.")] = False,
     cache: Annotated[Path | None, typer.Option("--cache", help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
     draft: Annotated[bool, typer.Option("--draft", help="Decode large JPEGs at reduced scale: several times faster for big photos, not exact.")] = False,
@@ -56,6 +56,7 @@ def detect(
         names = load_classes(classes, classes_file, embeddings)
         model, weights_info = load_weights_for_cli(weights, device)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
+        batch_size, workers = pipeline_sizes(model, batch_size, workers)
         if quantize:
             from ..inference import quantize_image_tower
 
@@ -77,7 +78,7 @@ def detect(
         feature_cache = FeatureCache(cache, weights_info.fingerprint) if cache is not None else None
         results = run_detect(
             model, heads, items, rule=rule, batch_size=batch_size,
-            workers=min(4, os.cpu_count() or 1) if workers is None else workers,
+            workers=workers,
             precision=precision, exif_transpose=exif_transpose, details=details, top_k=top_k,
             cache=feature_cache, draft=draft,
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,8 +12,8 @@ from typing import IO, TYPE_CHECKING, Annotated
 
 import typer
 
-from .common import EXIT_OK, EXIT_PARTIAL, ClassesFileOpt, ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, fail, handle_errors, info, stderr, stdout_is_terminal, warn
-from .runtime import class_embeddings, load_classes, load_weights_for_cli
+from .common import BatchSizeOpt, ExifOpt, PrecisionOpt, WorkersOpt, EXIT_OK, EXIT_PARTIAL, ClassesFileOpt, ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, fail, handle_errors, info, stderr, stdout_is_terminal, warn
+from .runtime import pipeline_sizes, class_embeddings, load_classes, load_weights_for_cli
 
 if TYPE_CHECKING:
     from ..evaluate import Evaluation
@@ -38,10 +37,10 @@ def evaluate(
     plots: Annotated[Path | None, typer.Option("--plots", help="Write ROC curves and score histograms per OOD set as PNG files into DIR (needs matplotlib).", show_default=False)] = None,
     cache: Annotated[Path | None, typer.Option("--cache", help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
     device: DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 32,
-    workers: Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Decoding threads (0 = decode in the main thread). Default: min(4, CPUs).", show_default=False)] = None,
-    precision: Annotated[str, typer.Option("--precision", help="fp32 (exact), fp16 or bf16 (autocast).")] = "fp32",
-    exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Rotate by EXIF orientation first (the official pipeline does not).")] = False,
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
+    precision: PrecisionOpt = "fp32",
+    exif_transpose: ExifOpt = False,
 ) -> None:
     """Measure how well CTW and ATD (and MSP, MaxLogit, Energy, MCM) separate ID from OOD images.
 
@@ -65,6 +64,7 @@ def evaluate(
         sets = collect_sets(id_paths, group_ood_specs(ood))
         model, weights_info = load_weights_for_cli(weights, device)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
+        batch_size, workers = pipeline_sizes(model, batch_size, workers)
 
         from ..cache import FeatureCache
         from ..evaluate import evaluate as run_evaluation
@@ -73,7 +73,7 @@ def evaluate(
         with _progress(sum(len(s.items) for s in sets)) as advance:
             evaluation = run_evaluation(
                 model, heads, sets, convention=fpr_convention, cache=feature_cache, batch_size=batch_size,
-                workers=min(4, os.cpu_count() or 1) if workers is None else workers,
+                workers=workers,
                 precision=precision, exif_transpose=exif_transpose, progress=advance,
             )
         for note in evaluation.notes:
