@@ -41,6 +41,7 @@ def detect(
     Exit codes: 0 all inputs scored, 1 some inputs failed (error records), 2 usage or setup error.
     """
     _huge_pages_for_activations()
+    _few_malloc_arenas()
     with handle_errors():
         if rule not in ("atd", "ctw"):
             fail(f"--rule must be atd or ctw, not '{rule}'")
@@ -114,6 +115,23 @@ def _huge_pages_for_activations() -> None:
     this process comes later: commands import torch only when they run.
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+def _few_malloc_arenas(limit: int = 2) -> None:
+    """Cap glibc's malloc arenas before the decoding threads start (Linux; no-op elsewhere).
+
+    Each thread otherwise gets its own arena that keeps freed image buffers: with 2 decoding
+    threads, a 256-image ViT-B-16 run peaked at 1418 MB, and at 1355 MB with the cap, at the
+    same speed (measured on 2 cores).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).mallopt(-8, limit)  # -8 = M_ARENA_MAX
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def _progress():
