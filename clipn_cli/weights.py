@@ -235,12 +235,6 @@ def read_info(path: str | os.PathLike[str]) -> WeightsInfo:
     return WeightsInfo(path, model_cfg, meta.get("model_name", ""), num_prompts, meta.get("fingerprint", ""), meta)
 
 
-def resolve_weights_path(weights: str | os.PathLike[str] | None) -> Path:
-    """`weights` (a file or a name in the weights home), else `$CLIPN_WEIGHTS`, else the home's
-    default: see `home.resolve_weights`, which errors with the commands that get weights."""
-    return resolve_weights(weights)
-
-
 def load_model(
     weights: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
@@ -252,7 +246,7 @@ def load_model(
     """
     from safetensors.torch import load_file
 
-    info = read_info(resolve_weights_path(weights))
+    info = read_info(resolve_weights(weights))
     try:
         tensors = load_file(str(info.path))
     except Exception as exc:

@@ -16,7 +16,7 @@ from clipn_cli import home
 from clipn_cli.cli.app import app
 from clipn_cli.cli.weights import download_progress
 from clipn_cli.errors import WeightsError
-from clipn_cli.weights import resolve_weights_path
+from clipn_cli.home import resolve_weights
 
 runner = CliRunner()
 
@@ -54,7 +54,7 @@ def test_clipn_home_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
 
 def test_no_weights_error_lists_the_commands_that_fix_it() -> None:
     with pytest.raises(WeightsError) as err:
-        resolve_weights_path(None)
+        resolve_weights(None)
     message = str(err.value)
     assert "'clipn weights fetch vitb16'" in message
     assert "'clipn weights add epoch_10.pt --name vitb16-rep2 --config ViT-B-16'" in message
@@ -66,21 +66,21 @@ def test_no_weights_error_lists_the_commands_that_fix_it() -> None:
 
 def test_resolution_order(monkeypatch: pytest.MonkeyPatch, tiny_weights: Path) -> None:
     rep1, rep3, mine = (place(tiny_weights, n) for n in ("vitb16-rep1", "vitb16-rep3", "mine"))
-    assert resolve_weights_path(None) == rep3  # best official present (repeat 2 is absent)
+    assert resolve_weights(None) == rep3  # best official present (repeat 2 is absent)
     home.set_default("mine")
-    assert resolve_weights_path(None) == mine  # the configured default beats the ranking
+    assert resolve_weights(None) == mine  # the configured default beats the ranking
     monkeypatch.setenv("CLIPN_WEIGHTS", "vitb16-rep1")
-    assert resolve_weights_path(None) == rep1  # $CLIPN_WEIGHTS, here a name, beats the default
-    assert resolve_weights_path(tiny_weights) == tiny_weights  # --weights beats everything
-    assert home.resolve_weights("mine") == mine and resolve_weights_path("vitb16-rep3") == rep3
+    assert resolve_weights(None) == rep1  # $CLIPN_WEIGHTS, here a name, beats the default
+    assert resolve_weights(tiny_weights) == tiny_weights  # --weights beats everything
+    assert home.resolve_weights("mine") == mine and resolve_weights("vitb16-rep3") == rep3
     with pytest.raises(WeightsError, match="'vitb16-rep2' are not here: run 'clipn weights fetch vitb16-rep2'"):
-        resolve_weights_path("vitb16")
+        resolve_weights("vitb16")
     monkeypatch.delenv("CLIPN_WEIGHTS")
     mine.unlink()
     with pytest.raises(WeightsError, match="default weights 'mine' are missing"):
-        resolve_weights_path(None)
+        resolve_weights(None)
     home.set_default(None)
-    assert resolve_weights_path(None) == rep3
+    assert resolve_weights(None) == rep3
 
 
 def test_bundled_digits_demo_is_listed_but_never_chosen_silently(monkeypatch: pytest.MonkeyPatch, tiny_weights: Path, tmp_path: Path) -> None:
@@ -94,9 +94,9 @@ def test_bundled_digits_demo_is_listed_but_never_chosen_silently(monkeypatch: py
     row = next(e for e in home.list_weights() if e.name == "digits")
     assert row.present and row.size == tiny_weights.stat().st_size and len(row.fingerprint) == 64
     with pytest.raises(WeightsError, match="clipn weights default digits"):
-        resolve_weights_path(None)
+        resolve_weights(None)
     assert runner.invoke(app, ["weights", "default", "digits"]).exit_code == 0
-    assert resolve_weights_path(None) == tiny_weights
+    assert resolve_weights(None) == tiny_weights
 
 
 def test_add_converts_a_checkpoint_and_makes_the_first_weights_default(tiny_weights: Path) -> None:
@@ -126,7 +126,7 @@ def test_add_converts_a_checkpoint_and_makes_the_first_weights_default(tiny_weig
 def test_official_weights_present_are_not_overridden_by_a_later_add(tiny_weights: Path) -> None:
     place(tiny_weights, "vitb16-rep2")
     assert runner.invoke(app, ["weights", "add", str(tiny_weights), "--name", "other"]).exit_code == 0
-    assert home.get_default() is None and resolve_weights_path(None).name == "vitb16-rep2.safetensors"
+    assert home.get_default() is None and resolve_weights(None).name == "vitb16-rep2.safetensors"
 
 
 def test_add_refuses_bad_files_and_names_and_places_nothing(tmp_path: Path) -> None:
