@@ -15,8 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ClipnError
+
 NUM_PROMPTS = 16  # learnable "no" prompts in the official model
 TEXT_PARTS = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection")
+TEXT_ATTRS = (*TEXT_PARTS, *(f"{name}_no" for name in TEXT_PARTS), "prompt_no")
+
+
+def is_text_key(key: str) -> bool:
+    """Whether a state-dict key belongs to one of the two text towers (prompts included)."""
+    return key.split(".", 1)[0] in TEXT_ATTRS
 
 
 def causal_mask(length: int) -> torch.Tensor:
@@ -47,12 +55,32 @@ class CLIPN(open_clip.model.CLIP):
         context, width = self.positional_embedding.shape
         self.prompt_no = nn.Parameter(torch.zeros(num_prompts, context, width))
 
+    @property
+    def has_text(self) -> bool:
+        """False for an image-only model (`drop_text_towers`), which can score but not embed classes."""
+        return self.transformer is not None
+
+    def drop_text_towers(self) -> None:
+        """Remove both text towers and the prompts: for scoring with cached class embeddings.
+
+        They are ~60% of a ViT-B-16 CLIPN; without them a half-precision file needs no fp32 copy
+        of them and a GPU run does not hold them in device memory.
+        """
+        for name in TEXT_ATTRS:
+            setattr(self, name, None)
+
+    def _require_text(self) -> None:
+        if not self.has_text:
+            raise ClipnError("this model was loaded without its text towers (text=False): it can score "
+                             "images against cached class embeddings but cannot embed class names")
+
     def no_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The parameters CLIPN trains: every one whose name contains `_no`."""
         return [(n, p) for n, p in self.named_parameters() if "_no" in n]
 
     def encode_text_yes(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Standard CLIP text features."""
+        self._require_text()
         return self._encode_text(tokens, suffix="", prompt=None, normalize=normalize)
 
     def encode_text_no(
@@ -63,6 +91,7 @@ class CLIPN(open_clip.model.CLIP):
         `prompt_index` (one per text, in 0..num_prompts, where num_prompts means the mean) fixes
         the training-mode choice, so a trainer can draw it from its own seeded generator.
         """
+        self._require_text()
         if self.training or prompt_index is not None:
             choice = prompt_index if prompt_index is not None else torch.randint(0, self.num_prompts + 1, (tokens.shape[0],), device=tokens.device)
             prompts = torch.cat([self.prompt_no, self.prompt_no.mean(0, keepdim=True)], dim=0)

@@ -20,11 +20,13 @@ import torch
 from .configs import infer_config, resolve_config, validate_config
 from .errors import ClipnError, WeightsError
 from .files import atomic_path, sha256_file
+from .fixedpoint import pack, split_scales, unpack
 from .home import FORMAT, resolve_weights
-from .model import CLIPN, build_model, causal_mask, expected_shapes
+from .model import CLIPN, build_model, causal_mask, expected_shapes, is_text_key
 
 FORMAT_VERSION = "1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STORAGE_DTYPES = (*DTYPES, "int16")  # int16: fixed point with per-row scales, see fixedpoint.py
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,13 @@ def save_weights(
     return WeightsInfo(Path(out), dict(model_cfg), model_name, num_prompts, meta["fingerprint"], meta)
 
 
+def cast_for_storage(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Tensors as a file of this storage dtype holds them; `load_model` turns any of them into fp32."""
+    if dtype == "int16":
+        return pack(tensors)
+    return {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
 def convert_checkpoint(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -192,8 +201,8 @@ def convert_checkpoint(
     The architecture comes from `config` (open_clip name or JSON file) or, without it, from
     matching the tensor shapes against open_clip's bundled configs. Optimizer state is dropped.
     """
-    if dtype not in DTYPES:
-        raise ClipnError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    if dtype not in STORAGE_DTYPES:
+        raise ClipnError(f"unknown dtype '{dtype}': choose one of {', '.join(STORAGE_DTYPES)}")
     tensors = read_checkpoint(src)
     if "prompt_no" not in tensors:
         raise WeightsError(f"{src}: no 'prompt_no' tensor: this is not a CLIPN checkpoint (plain CLIP or hand-crafted variant?)")
@@ -204,7 +213,7 @@ def convert_checkpoint(
         model_cfg = resolve_config(config)
         model_name = config if not Path(config).is_file() else Path(config).stem
     check_tensors(tensors, model_cfg, num_prompts, str(src))
-    cast = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in tensors.items()}
+    cast = cast_for_storage(tensors, dtype)
     extra = {"source_name": Path(src).name, "source_sha256": sha256_file(src), "dtype": dtype, **(extra_metadata or {})}
     return save_weights(cast, out, model_cfg, model_name, extra)
 
@@ -238,11 +247,13 @@ def read_info(path: str | os.PathLike[str]) -> WeightsInfo:
 def load_model(
     weights: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
+    text: bool = True,
 ) -> tuple[CLIPN, WeightsInfo]:
-    """Load a CLIPN in eval mode, fp32, from our safetensors format: strict, checked, memory-mapped.
+    """Load a CLIPN in eval mode, fp32, from our safetensors format (any storage dtype): strict, checked, memory-mapped.
 
     The model is built on the `meta` device and the file's tensors are assigned in place, so
-    no time is spent on a random initialisation that would be thrown away.
+    no time is spent on a random initialisation that would be thrown away. `text=False` loads
+    the image side only (see `CLIPN.drop_text_towers`); the whole file is still checked.
     """
     from safetensors.torch import load_file
 
@@ -251,12 +262,16 @@ def load_model(
         tensors = load_file(str(info.path))
     except Exception as exc:
         raise WeightsError(f"{info.path}: cannot read tensors: {_first_line(exc)}") from None
-    check_tensors(tensors, info.model_cfg, info.num_prompts, str(info.path), finite=False)
+    values, scales = split_scales(tensors, str(info.path))
+    check_tensors(values, info.model_cfg, info.num_prompts, str(info.path), finite=False)
     check_finite_file(info.path, tensors)
-    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    model = build_model(info.model_cfg, info.num_prompts, device="meta")
-    model.load_state_dict(tensors, strict=True, assign=True)
-    model.attn_mask = causal_mask(model.context_length)
     if not info.fingerprint:
         info = WeightsInfo(info.path, info.model_cfg, info.model_name, info.num_prompts, fingerprint(tensors), info.metadata)
+    model = build_model(info.model_cfg, info.num_prompts, device="meta")
+    if not text:
+        model.drop_text_towers()
+        values = {k: v for k, v in values.items() if not is_text_key(k)}
+    del tensors
+    model.load_state_dict({k: unpack(v, scales.get(k)) for k, v in values.items()}, strict=True, assign=True)
+    model.attn_mask = causal_mask(model.context_length)
     return model.to(device).eval(), info

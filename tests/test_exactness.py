@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,13 +24,17 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from conftest import OFFICIAL_CHECKPOINT, TINY_CONFIG
+
 from clipn_cli.cli.app import app
 from clipn_cli.embeddings import embed_classes, encode_texts, tokenizer_for
-from clipn_cli.errors import WeightsError
+from clipn_cli.errors import ClipnError, WeightsError
 from clipn_cli.images import InputItem, iter_inputs, load_images, make_transform, open_image
 from clipn_cli.inference import encode_images
 from clipn_cli.prompts import load_templates
-from clipn_cli.weights import check_finite_file, load_model
+from clipn_cli.fixedpoint import SCALE_SUFFIX, pack, split_scales, unpack
+from clipn_cli.model import is_text_key
+from clipn_cli.weights import check_finite_file, convert_checkpoint, load_model
 
 LONG_NAME = " ".join(["extraordinarily"] * 40)  # beyond the 77-token context: cut as the official tokenizer cuts
 CLASSES = ["cat", "great white shark", "a very long and complicated class name with many words", LONG_NAME]
@@ -157,6 +162,94 @@ def test_load_model_refuses_inf_in_the_no_tower(tiny_weights: Path, tmp_path: Pa
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(WeightsError, match="transformer_no.resblocks.1.mlp.c_proj.weight' contains NaN or Inf"):
         load_model(bad)
+
+
+def test_image_only_model_encodes_images_exactly_and_holds_no_text_tower(tiny_weights: Path, images_dir: Path, tmp_path: Path) -> None:
+    half = tmp_path / "tiny-fp16.safetensors"
+    convert_checkpoint(OFFICIAL_CHECKPOINT, half, str(TINY_CONFIG), dtype="fp16")
+    for path in (tiny_weights, half):
+        full, info = load_model(path)
+        image_only, info_image = load_model(path, text=False)
+        assert info_image.fingerprint == info.fingerprint
+        assert image_only.has_text is False and full.has_text is True
+        keys = set(image_only.state_dict())
+        assert keys == {k for k in full.state_dict() if not is_text_key(k)} and len(keys) < len(full.state_dict())
+        assert all(p.dtype == torch.float32 for p in image_only.parameters())
+        inputs = list(iter_inputs([str(images_dir)]))
+        with torch.inference_mode():
+            a = torch.stack([e.feature for e in encode_images(full, inputs)])
+            b = torch.stack([e.feature for e in encode_images(image_only, inputs)])
+        assert torch.equal(a, b)
+        tokens = tokenizer_for(full)(["a cat"])
+        with pytest.raises(ClipnError, match="without its text towers"):
+            image_only.encode_text_no(tokens)
+
+
+def test_image_only_loading_still_checks_the_text_towers(tiny_weights: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_weights), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(tiny_weights))
+    tensors["prompt_no"][0, 0, 0] = float("nan")
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(WeightsError, match="'prompt_no' contains NaN or Inf"):
+        load_model(bad, text=False)
+    del tensors["prompt_no"]
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(WeightsError, match="missing tensor 'prompt_no'"):
+        load_model(bad, text=False)
+
+
+def test_int16_fixed_point_rounds_each_value_to_its_row_scale() -> None:
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(64, 3, 5, generator=gen) * torch.logspace(-6, 2, 64)[:, None, None], "zero": torch.zeros(2, 4),
+               "bias": torch.randn(7, generator=gen), "count": torch.arange(3)}
+    packed = pack(tensors)
+    assert packed["w"].dtype == torch.int16 and packed["bias"].dtype == torch.float32 and torch.equal(packed["count"], tensors["count"])
+    with pytest.raises(WeightsError, match="mem: tensor 'count' is torch.int64 without a scale"):
+        split_scales(packed, "mem")  # a model's tensors are all floating point
+    del packed["count"], tensors["count"]
+    values, scales = split_scales(packed, "mem")
+    assert set(scales) == {"w", "zero"}
+    restored = {k: unpack(v, scales.get(k)) for k, v in values.items()}
+    row_peak = tensors["w"].abs().amax(dim=(1, 2), keepdim=True)
+    step = row_peak / 32767
+    assert ((restored["w"] - tensors["w"]).abs() <= step / 2 + row_peak * 2**-22).all()  # half a step of its row's scale, + fp32 rounding
+    assert torch.equal(restored["zero"], tensors["zero"]) and torch.equal(restored["bias"], tensors["bias"])
+
+
+def test_int16_files_load_strictly(tiny_weights: Path, images_dir: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    path = tmp_path / "tiny-int16.safetensors"
+    convert_checkpoint(OFFICIAL_CHECKPOINT, path, str(TINY_CONFIG), dtype="int16")
+    full, _ = load_model(tiny_weights)
+    for text in (True, False):
+        model, _ = load_model(path, text=text)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        inputs = list(iter_inputs([str(images_dir / "chelsea.png")]))
+        with torch.inference_mode():
+            a, b = next(encode_images(full, inputs)).feature, next(encode_images(model, inputs)).feature
+        assert (a - b).abs().max() < 1e-4
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(path))
+    key = "visual.transformer.resblocks.0.attn.in_proj_weight"
+    broken = tmp_path / "broken.safetensors"
+    for change, message in (
+        (lambda t: t.pop(key + SCALE_SUFFIX), f"tensor '{key}' is torch.int16 without a scale"),
+        (lambda t: t.update({key + SCALE_SUFFIX: t[key + SCALE_SUFFIX][:-1]}), f"scale of '{key}' is torch.float32"),
+        (lambda t: t.update({"nonsense" + SCALE_SUFFIX: torch.ones(1, 1)}), "scale 'nonsense:int16_scale' has no int16 tensor"),
+        (lambda t: t[key + SCALE_SUFFIX].__setitem__((0, 0), float("nan")), f"'{key + SCALE_SUFFIX}' contains NaN"),
+    ):
+        damaged = dict(tensors)
+        damaged[key + SCALE_SUFFIX] = tensors[key + SCALE_SUFFIX].clone()
+        change(damaged)
+        save_file(damaged, str(broken), metadata=meta)
+        with pytest.raises(WeightsError, match=re.escape(message)):
+            load_model(broken)
 
 
 def detect_records(*args: str) -> list[dict]:

@@ -17,7 +17,7 @@ def convert(
         str | None,
         typer.Option("--config", help="open_clip model name (ViT-B-16) or model-config JSON. Default: recognised from tensor shapes.", show_default=False),
     ] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Stored precision: fp32, fp16 or bf16 (always computed in fp32).")] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype", help="Stored precision: fp32, fp16, bf16 or int16 (fixed point, per-row scales); always computed in fp32.")] = "fp32",
 ) -> None:
     """Convert an official CLIPN checkpoint to clipn's safetensors format (checked strictly, optimizer dropped).
 

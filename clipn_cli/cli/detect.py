@@ -55,7 +55,7 @@ def detect(
         if quantize not in (None, "int8"):
             fail(f"--quantize must be int8, not '{quantize}'")
         names = load_classes(classes, classes_file, embeddings)
-        model, weights_info = load_weights_for_cli(weights, device)
+        model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         batch_size, workers = pipeline_sizes(model, batch_size, workers)
         if quantize:

@@ -62,7 +62,7 @@ def evaluate(
             require_matplotlib()
         names = load_classes(classes, classes_file, embeddings)
         sets = collect_sets(id_paths, group_ood_specs(ood))
-        model, weights_info = load_weights_for_cli(weights, device)
+        model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         batch_size, workers = pipeline_sizes(model, batch_size, workers)
 

@@ -31,11 +31,12 @@ def load_classes(classes: str | None, classes_file: Path | None, embeddings: Pat
     return names
 
 
-def load_weights_for_cli(weights: Path | None, device: str) -> tuple[CLIPN, WeightsInfo]:
+def load_weights_for_cli(weights: Path | None, device: str, text: bool = True) -> tuple[CLIPN, WeightsInfo]:
+    """The model on the chosen device; `text=False` (cached class embeddings) skips the text towers."""
     from ..inference import resolve_device
     from ..weights import load_model
 
-    return load_model(weights, device=resolve_device(device))
+    return load_model(weights, device=resolve_device(device), text=text)
 
 
 def pipeline_sizes(model: CLIPN, batch_size: int | None, workers: int | None) -> tuple[int, int]:
