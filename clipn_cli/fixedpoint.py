@@ -57,4 +57,4 @@ def unpack(value: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """One stored tensor → float32 (int16 times its scales, or a plain cast)."""
     if scale is None:
         return value.float()
-    return (value.reshape(value.shape[0], -1).float() * scale).reshape(value.shape)
+    return value.reshape(value.shape[0], -1).float().mul_(scale).reshape(value.shape)
