@@ -244,6 +244,16 @@ def read_info(path: str | os.PathLike[str]) -> WeightsInfo:
     return WeightsInfo(path, model_cfg, meta.get("model_name", ""), num_prompts, meta.get("fingerprint", ""), meta)
 
 
+def _fp32_state(values: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The stored tensors as fp32. An all-fp32 file's tensors stay views of its memory map (pages
+    load on use); if anything had to be converted, the rest is copied too, so that no view keeps
+    the map, and the 16-bit pages read during conversion, resident."""
+    state = {k: unpack(v, scales.get(k)) for k, v in values.items()}
+    if all(state[k] is values[k] for k in state):
+        return state
+    return {k: v.clone() if v is values[k] else v for k, v in state.items()}
+
+
 def load_model(
     weights: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
@@ -272,6 +282,6 @@ def load_model(
         model.drop_text_towers()
         values = {k: v for k, v in values.items() if not is_text_key(k)}
     del tensors
-    model.load_state_dict({k: unpack(v, scales.get(k)) for k, v in values.items()}, strict=True, assign=True)
+    model.load_state_dict(_fp32_state(values, scales), strict=True, assign=True)
     model.attn_mask = causal_mask(model.context_length)
     return model.to(device).eval(), info
