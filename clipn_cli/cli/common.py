@@ -100,7 +100,7 @@ ClassesFileOpt = Annotated[
     Path | None, typer.Option("--classes-file", help="Text file: one class per line, '#' comments.", show_default=False)
 ]
 BatchSizeOpt = Annotated[
-    int | None, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass. Default: 8 on CPU, 128 on CUDA.", show_default=False)
+    int | None, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass. Default: 12 on CPU, 128 on CUDA.", show_default=False)
 ]
 WorkersOpt = Annotated[
     int | None,
