@@ -1,6 +1,6 @@
 """Which weights' rounding moves CLIPN's scores? One tensor group at a time, per 16-bit storage dtype.
 
-    python benchmarks/rounding.py                  # tiny official fixture, 12 images, 128 templates (~10 s)
+    python benchmarks/rounding.py                  # tiny official fixture, 12 images, 128 templates (~1 min)
     python benchmarks/rounding.py --model digits   # the trained digits demo model, 20 images, classes 0-4
 
 Each row rounds only that group's tensors as `clipn convert --dtype` would (then back to fp32) and
