@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import itertools
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -88,7 +88,7 @@ def quantize_image_tower(model: CLIPN) -> CLIPN:
     """int8 dynamic quantisation of the image tower's linear layers, in place (CPU only; opt-in).
 
     Weights become int8 and activations are quantised on the fly: on a 2-core x86 CPU the image
-    tower runs about 1.7× faster, at the cost of exactness (see benchmarks/RESULTS.md).
+    tower runs about 2× faster, at the cost of exactness (see benchmarks/RESULTS.md).
     Features then differ from fp32, so feature caches key them apart (`model.image_quantization`).
     """
     import warnings
