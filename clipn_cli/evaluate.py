@@ -210,8 +210,8 @@ def score_set(
     heads: ClassEmbeddings,
     image_set: ImageSet,
     cache: FeatureCache | None = None,
-    batch_size: int = 32,
-    workers: int = 0,
+    batch_size: int | None = None,
+    workers: int | None = None,
     precision: str = "fp32",
     exif_transpose: bool = False,
     progress: Callable[[int], None] | None = None,
@@ -219,9 +219,10 @@ def score_set(
     """Encode a set (through `cache`) and score every readable image with every method."""
     import torch
 
-    from .inference import encode_images
+    from .inference import encode_images, pipeline_sizes
     from .scoring import mcm, score
 
+    batch_size, workers = pipeline_sizes(model, batch_size, workers)
     encoded = encode_images(
         model, image_set.items, batch_size=batch_size, workers=workers, precision=precision,
         exif_transpose=exif_transpose, cache=cache,
@@ -318,8 +319,8 @@ def evaluate(
     sets: Sequence[ImageSet],
     convention: str = "clipn",
     cache: FeatureCache | None = None,
-    batch_size: int = 32,
-    workers: int = 0,
+    batch_size: int | None = None,
+    workers: int | None = None,
     precision: str = "fp32",
     exif_transpose: bool = False,
     progress: Callable[[int], None] | None = None,

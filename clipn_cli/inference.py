@@ -64,6 +64,12 @@ def default_workers(device: torch.device) -> int:
     return cpus if device.type == "cuda" else min(4, cpus)
 
 
+def pipeline_sizes(model: CLIPN, batch_size: int | None = None, workers: int | None = None) -> tuple[int, int]:
+    """The given batch size and decoding threads, or the defaults for the model's device."""
+    device = next(model.parameters()).device
+    return batch_size or default_batch_size(device), default_workers(device) if workers is None else workers
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass; fp32 runs exactly as the official code."""
     if precision not in PRECISIONS:
@@ -107,8 +113,8 @@ def quantize_image_tower(model: CLIPN) -> CLIPN:
 def encode_images(
     model: CLIPN,
     items: Iterable[InputItem],
-    batch_size: int = 32,
-    workers: int = 0,
+    batch_size: int | None = None,
+    workers: int | None = None,
     precision: str = "fp32",
     exif_transpose: bool = False,
     on_loaded: Callable[[LoadedImage], None] | None = None,
@@ -118,10 +124,12 @@ def encode_images(
     """Encode images in batches, yielding one EncodedImage per input, in input order.
 
     Failed inputs are carried along in their place so that output order never changes.
+    `batch_size` and `workers` default to what suits the model's device (`pipeline_sizes`).
     With `cache`, stored features are used instead of decoding and encoding (see `_encode_cached`).
     `draft` decodes large JPEGs at reduced scale, keeping at least twice the model's input size
     on both sides: faster, not exact (see `images.open_image`).
     """
+    batch_size, workers = pipeline_sizes(model, batch_size, workers)
     if cache is not None:
         yield from _encode_cached(model, items, cache, batch_size, workers, precision, exif_transpose, on_loaded, draft)
         return

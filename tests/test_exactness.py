@@ -30,7 +30,7 @@ from clipn_cli.cli.app import app
 from clipn_cli.embeddings import embed_classes, encode_texts, tokenizer_for
 from clipn_cli.errors import ClipnError, WeightsError
 from clipn_cli.images import InputItem, iter_inputs, load_images, make_transform, open_image
-from clipn_cli.inference import encode_images
+from clipn_cli.inference import encode_images, pipeline_sizes
 from clipn_cli.prompts import load_templates
 from clipn_cli.fixedpoint import SCALE_SUFFIX, pack, split_scales, unpack
 from clipn_cli.model import is_text_key
@@ -82,6 +82,22 @@ def test_class_heads_equal_77_token_ensemble(model) -> None:
     assert (heads.text_no - F.normalize(ref_no.view(shape).sum(1), dim=-1)).abs().max() <= 1e-5
 
 
+@torch.inference_mode()
+def test_class_heads_built_in_chunks_equal_one_pass(model, monkeypatch: pytest.MonkeyPatch) -> None:
+    import clipn_cli.embeddings as embeddings
+
+    templates = load_templates("clipn")
+    whole = embed_classes(model, CLASSES, templates, "fp")
+    monkeypatch.setattr(embeddings, "CHUNK_PROMPTS", 3 * len(templates.templates) + 5)  # chunks of 3 classes, then 1
+    seen: list[int] = []
+    chunked = embed_classes(model, CLASSES, templates, "fp", batch_size=64, progress=seen.append)
+    assert chunked.classes == CLASSES
+    assert sum(seen) == len(CLASSES) * len(templates.templates)
+    assert (chunked.text_yes - whole.text_yes).abs().max() <= 1e-6
+    assert (chunked.text_no - whole.text_no).abs().max() <= 1e-6
+    assert (whole.text_yes[0] - whole.text_yes[1]).abs().max() > 1e-2  # rows are distinct, so a mix-up would show
+
+
 @pytest.fixture
 def mixed_inputs(images_dir: Path, tmp_path: Path) -> list[InputItem]:
     """Good images with every kind of failure between them."""
@@ -122,6 +138,21 @@ def test_parallel_encoding_matches_sequential(model, mixed_inputs: list[InputIte
         assert seq.error == par.error
         if seq.feature is not None:
             assert torch.equal(seq.feature, par.feature)
+
+
+def test_library_uses_the_devices_pipeline_defaults(model, images_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import clipn_cli.inference as inference
+    from clipn_cli.detect import detect
+
+    assert pipeline_sizes(model) == (12, min(4, os.cpu_count() or 1))  # what `clipn detect` uses on a CPU
+    assert pipeline_sizes(model, 5, 0) == (5, 0)  # 0 threads (decode in the caller's thread) is a choice, not "unset"
+    monkeypatch.setattr(inference, "default_batch_size", lambda device: 5)
+    sizes: list[int] = []
+    real = inference.encode_batch
+    monkeypatch.setattr(inference, "encode_batch", lambda m, pixels, *a, **k: sizes.append(len(pixels)) or real(m, pixels, *a, **k))
+    heads = embed_classes(model, ["cat", "rocket"], load_templates("simple"), "fp")
+    results = list(detect(model, heads, iter_inputs([str(images_dir)])))
+    assert len(results) == 12 and sizes == [5, 5, 2]
 
 
 def test_draft_is_off_by_default_and_only_shrinks_large_jpegs(images_dir: Path, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from .common import BatchSizeOpt, ExifOpt, PrecisionOpt, WorkersOpt, EXIT_OK, EXIT_PARTIAL, Terminated, ClassesFileOpt, ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, fail, handle_errors, info, stderr, stdout_is_terminal
-from .runtime import pipeline_sizes, class_embeddings, load_classes, load_weights_for_cli
+from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
 
 def detect(
@@ -57,7 +57,6 @@ def detect(
         names = load_classes(classes, classes_file, embeddings)
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
-        batch_size, workers = pipeline_sizes(model, batch_size, workers)
         if quantize:
             from ..inference import quantize_image_tower
 

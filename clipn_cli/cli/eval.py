@@ -13,7 +13,7 @@ from typing import IO, TYPE_CHECKING, Annotated
 import typer
 
 from .common import BatchSizeOpt, ExifOpt, PrecisionOpt, WorkersOpt, EXIT_OK, EXIT_PARTIAL, ClassesFileOpt, ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, fail, handle_errors, info, stderr, stdout_is_terminal, warn
-from .runtime import pipeline_sizes, class_embeddings, load_classes, load_weights_for_cli
+from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
 if TYPE_CHECKING:
     from ..evaluate import Evaluation
@@ -64,7 +64,6 @@ def evaluate(
         sets = collect_sets(id_paths, group_ood_specs(ood))
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
-        batch_size, workers = pipeline_sizes(model, batch_size, workers)
 
         from ..cache import FeatureCache
         from ..evaluate import evaluate as run_evaluation

@@ -39,14 +39,6 @@ def load_weights_for_cli(weights: Path | None, device: str, text: bool = True) -
     return load_model(weights, device=resolve_device(device), text=text)
 
 
-def pipeline_sizes(model: CLIPN, batch_size: int | None, workers: int | None) -> tuple[int, int]:
-    """The user's batch size and decoding threads, or the defaults for the model's device."""
-    from ..inference import default_batch_size, default_workers
-
-    device = next(model.parameters()).device
-    return batch_size or default_batch_size(device), default_workers(device) if workers is None else workers
-
-
 def class_embeddings(
     model: CLIPN,
     weights_info: WeightsInfo,
