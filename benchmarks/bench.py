@@ -41,6 +41,7 @@ HALF_DTYPES = ("fp16", "bf16", "int16")  # `clipn convert --dtype` choices that 
 N_IMAGES = 256
 TEXT_STRATA = 4  # batches of the 500 that 1,000 ImageNet classes × 128 templates make, timed to estimate the whole
 CLASSES = ["tench", "goldfish", "tabby cat", "sorrel", "space shuttle", "espresso", "reflex camera", "brick", "moon", "rocket"]
+DIGIT_CLASSES = ["zero", "one", "two", "three", "four"]  # the digits demo model's ID classes
 SCORE_KEYS = ("ctw_score", "atd_score", "p_ood")
 MB = 1e6
 
@@ -583,7 +584,7 @@ def tiny_dtypes(rep: Report, work: Path) -> dict[str, Any]:
 def digits_dtypes(rep: Report, work: Path) -> dict[str, Any]:
     """The same on a trained CLIPN: the digits demo weights and its 20 images, classes 0-4, 128 templates."""
     src = ROOT / "weights" / "clipn-digits.safetensors"
-    common = ["--classes", "zero,one,two,three,four", str(ROOT / "examples" / "digits" / "images"), "-f", "jsonl"]
+    common = ["--classes", ",".join(DIGIT_CLASSES), str(ROOT / "examples" / "digits" / "images"), "-f", "jsonl"]
     runs = {"fp32": checked([*CLI, "detect", "-w", str(src), *common])}
     for dtype in HALF_DTYPES:
         path = cast_weights(src, dtype, work / f"digits-{dtype}.safetensors")
@@ -750,8 +751,10 @@ def write_markdown(rep: Report, path: Path) -> None:
         f"so the 256-image run adds {mem['detect_256_peak_rss_mb'] - s['import_torch_open_clip_peak_rss_mb']:.0f} MB "
         f"({(mem['detect_256_peak_rss_mb'] - s['import_torch_open_clip_peak_rss_mb']) / mem['weights_fp32_mb']:.2f} × the weights) to what importing costs. "
         + ", ".join(f"{k} file {v['file_mb']:.0f} MB (detect peak {v['peak_rss_mb']:.0f} MB)" for k, v in mem["dtypes_vitb16"].items())
-        + ": 16-bit files are turned into fp32 when loaded, and `detect --embeddings` loads only the image tower, so they save disk "
-        "and cost no extra memory. int16 = 16-bit fixed point with a float32 scale per row (`clipn_cli/fixedpoint.py`).",
+        + f": 16-bit files are turned into fp32 when loaded (`detect --embeddings` converts only the image tower), so they save disk "
+        f"and add up to {max(v['peak_rss_mb'] for v in mem['dtypes_vitb16'].values()) - mem['detect_16_images_peak_rss_mb']:.0f} MB to the peak "
+        f"of the fp32 file's 16-image detect ({mem['detect_16_images_peak_rss_mb']:.0f} MB). "
+        "int16 = 16-bit fixed point with a float32 scale per row (`clipn_cli/fixedpoint.py`).",
     ]
     if "draft" in d:
         q = d["quantize_int8"]

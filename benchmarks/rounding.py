@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from bench import CLASSES, DIGIT_CLASSES
 from clipn_cli.embeddings import embed_classes
 from clipn_cli.fixedpoint import pack, split_scales, unpack
 from clipn_cli.images import iter_inputs
@@ -40,10 +41,7 @@ GROUPS = {
     "all linear weights only": LINEAR,
     "all but linear weights": r"^(?!.*" + LINEAR + ")",
 }
-MODELS = {
-    "tiny": ("photos", ["tench", "goldfish", "tabby cat", "sorrel", "space shuttle", "espresso", "reflex camera", "brick", "moon", "rocket"]),
-    "digits": ("digits", ["zero", "one", "two", "three", "four"]),
-}
+MODELS = {"tiny": CLASSES, "digits": DIGIT_CLASSES}  # the class names bench.py scores each model with
 
 
 def rounded(value: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -65,10 +63,10 @@ def main() -> None:
         images = FIXTURES / "images"
     else:
         weights, images = ROOT / "weights" / "clipn-digits.safetensors", ROOT / "examples" / "digits" / "images"
-    classes = MODELS[args.model][1]
+    classes = MODELS[args.model]
     model, _ = load_model(weights)
     reference = {k: v.clone() for k, v in model.state_dict().items()}
-    inputs = [item for item in iter_inputs([str(images)])]
+    inputs = list(iter_inputs([str(images)]))
     templates = load_templates("clipn")
 
     def features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
