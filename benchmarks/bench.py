@@ -105,7 +105,7 @@ import json, sys, time
 t0 = time.perf_counter()
 import clipn_cli.cli.app
 import torch, open_clip
-from clipn_cli.detect import detections_from_scores
+from clipn_cli.detection import detections_from_scores
 from clipn_cli.embeddings import ClassEmbeddings
 from clipn_cli.images import image_size_of, iter_inputs, load_one, make_transform
 from clipn_cli.inference import encode_batch

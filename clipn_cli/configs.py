@@ -23,10 +23,32 @@ def _is_plain_clip(cfg: Mapping[str, Any]) -> bool:
     )
 
 
+# Sizes open_clip reads from a tower config; a file could hold anything there (ResNet `layers` is a list).
+_SIZE_KEYS = ("layers", "width", "heads", "head_width", "patch_size", "image_size", "context_length", "vocab_size", "mlp_ratio")
+
+
+def _is_size(value: Any) -> bool:
+    if isinstance(value, list):
+        return bool(value) and all(_is_size(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 def validate_config(cfg: Any, source: str) -> dict[str, Any]:
-    """Check a model config has the three keys every open_clip CLIP config has."""
+    """Check a model config has the keys every open_clip CLIP config has, with sizes that are sizes.
+
+    Configs come from files (weights metadata, JSON): a bad value must be refused here with the
+    file's name, not fail later inside open_clip's constructors.
+    """
     if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= cfg.keys():
         raise ConfigError(f"{source}: a model config needs 'embed_dim', 'vision_cfg' and 'text_cfg'")
+    if not isinstance(cfg["embed_dim"], int) or not _is_size(cfg["embed_dim"]):
+        raise ConfigError(f"{source}: embed_dim must be a positive integer, not {cfg['embed_dim']!r}")
+    for tower in ("vision_cfg", "text_cfg"):
+        if not isinstance(cfg[tower], dict):
+            raise ConfigError(f"{source}: {tower} must be a mapping, not {type(cfg[tower]).__name__}")
+        for key in _SIZE_KEYS:
+            if key in cfg[tower] and cfg[tower][key] is not None and not _is_size(cfg[tower][key]):
+                raise ConfigError(f"{source}: {tower}.{key} must be a positive number, not {cfg[tower][key]!r}")
     if not _is_plain_clip(cfg):
         raise ConfigError(f"{source}: only open_clip's built-in CLIP towers are supported (no HF/timm towers)")
     return dict(cfg)

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from .errors import EmbeddingsError
 from .files import atomic_path
 from .model import CLIPN
 from .prompts import TemplateSet
+
+if TYPE_CHECKING:
+    from open_clip.tokenizer import SimpleTokenizer
 
 FORMAT = "clipn-cli.embeddings"
 FORMAT_VERSION = "1"
@@ -75,6 +79,8 @@ class ClassEmbeddings:
             yes, no = tensors["text_yes"].float(), tensors["text_no"].float()
         except (KeyError, ValueError) as exc:
             raise EmbeddingsError(f"{path}: damaged embeddings file ({exc})") from None
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise EmbeddingsError(f"{path}: damaged embeddings file (class names are not a list of strings)")
         if not (yes.ndim == 2 and yes.shape == no.shape and yes.shape[0] == len(classes) > 0):
             raise EmbeddingsError(f"{path}: tensor shapes {tuple(yes.shape)}/{tuple(no.shape)} do not fit {len(classes)} classes")
         if not (torch.isfinite(yes).all() and torch.isfinite(no).all()):
@@ -90,14 +96,14 @@ class ClassEmbeddings:
             )
 
 
-def tokenizer_for(model: CLIPN):
+def tokenizer_for(model: CLIPN) -> SimpleTokenizer:
     """The CLIP BPE tokenizer at the model's context length (what the official code uses)."""
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer(context_length=model.context_length)
 
 
-def truncated_names(classes: list[str], templates: TemplateSet, context_length: int, tokenizer) -> list[str]:
+def truncated_names(classes: list[str], templates: TemplateSet, context_length: int, tokenizer: SimpleTokenizer) -> list[str]:
     """Class names whose prompt exceeds the context and will be cut, as the official tokenizer cuts."""
     longest = max(templates.templates, key=len)
     return [c for c in dict.fromkeys(classes) if len(tokenizer.encode(longest.format(c))) + 2 > context_length]
@@ -111,6 +117,7 @@ def encode_texts(
     progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized yes/no features of token rows, batched by similar length (exact, see model)."""
+    model.require_text()
     device = next(model.parameters()).device
     order = torch.argsort(tokens.argmax(dim=-1), stable=True)
     yes = torch.empty(len(tokens), model.text_projection.shape[1])

@@ -58,6 +58,7 @@ class Installed:
     already_present: bool = False
     made_default: bool = False
     download: Download | None = None
+    bundled: bool = False  # ships with the package: nothing to download, ever
 
 
 def download(
@@ -308,13 +309,16 @@ def fetch_weights(
         path = locate(model.name)
         if path is None:
             raise FetchError(f"nothing to fetch for '{model.name}': {fix_hint(model.name)}")
-        return _describe(model.name, path, already_present=True)
+        return dataclasses.replace(_describe(model.name, path, already_present=True), bundled=True)
     plan = _plan(source, name, sha256, config)
     present = locate(plan.name)
     if present is not None and not force:
         return _describe(plan.name, present, already_present=True)
     key = hashlib.sha256(plan.url.encode()).hexdigest()[:10]
     dest = downloads_dir() / f"{plan.name}-{key}{Path(plan.checkpoint or urllib.parse.urlparse(plan.url).path).suffix}"
+    if force:  # a download kept from an earlier attempt is not trusted either
+        for stale in (dest, dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.validator")):
+            stale.unlink(missing_ok=True)
     if is_drive_url(plan.url):
         download_drive(plan.url, dest, plan.name, plan.checkpoint, progress)
         result = _verify_local(dest, plan.sha256, plan.size)

@@ -41,8 +41,12 @@ def resolve_device(device: str = "auto") -> torch.device:
         resolved = torch.device(device)
     except RuntimeError as exc:
         raise ValueError(f"unknown device '{device}': {exc}") from None
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device '{device}' (expected auto, cpu, cuda, cuda:N or mps)")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{device}' requested but CUDA is not available")
+    if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device '{device}' requested but Apple MPS is not available")
     return resolved
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ClipnError
+from .errors import ClipnError, ConfigError
 
 NUM_PROMPTS = 16  # learnable "no" prompts in the official model
 TEXT_PARTS = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection")
@@ -69,18 +69,14 @@ class CLIPN(open_clip.model.CLIP):
         for name in TEXT_ATTRS:
             setattr(self, name, None)
 
-    def _require_text(self) -> None:
+    def require_text(self) -> None:
         if not self.has_text:
             raise ClipnError("this model was loaded without its text towers (text=False): it can score "
                              "images against cached class embeddings but cannot embed class names")
 
-    def no_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """The parameters CLIPN trains: every one whose name contains `_no`."""
-        return [(n, p) for n, p in self.named_parameters() if "_no" in n]
-
     def encode_text_yes(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Standard CLIP text features."""
-        self._require_text()
+        self.require_text()
         return self._encode_text(tokens, suffix="", prompt=None, normalize=normalize)
 
     def encode_text_no(
@@ -91,7 +87,7 @@ class CLIPN(open_clip.model.CLIP):
         `prompt_index` (one per text, in 0..num_prompts, where num_prompts means the mean) fixes
         the training-mode choice, so a trainer can draw it from its own seeded generator.
         """
-        self._require_text()
+        self.require_text()
         if self.training or prompt_index is not None:
             choice = prompt_index if prompt_index is not None else torch.randint(0, self.num_prompts + 1, (tokens.shape[0],), device=tokens.device)
             prompts = torch.cat([self.prompt_no, self.prompt_no.mean(0, keepdim=True)], dim=0)
@@ -137,9 +133,11 @@ class CLIPN(open_clip.model.CLIP):
 
 def build_model(model_cfg: dict[str, Any], num_prompts: int = NUM_PROMPTS, device: str | torch.device = "cpu") -> CLIPN:
     """Build a CLIPN with freshly initialised weights; on `meta` no memory is allocated."""
-    with torch.device(device):
-        model = CLIPN(model_cfg, num_prompts=num_prompts)
-    return model
+    try:
+        with torch.device(device):
+            return CLIPN(model_cfg, num_prompts=num_prompts)
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as exc:
+        raise ConfigError(f"the model config does not build a CLIP ({type(exc).__name__}: {exc})") from None
 
 
 def expected_shapes(model_cfg: dict[str, Any], num_prompts: int = NUM_PROMPTS) -> dict[str, tuple[int, ...]]:

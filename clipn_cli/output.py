@@ -90,10 +90,10 @@ class TableWriter(Writer):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
         for r in self._rows:
             if "error" in r:
-                table.add_row(r["path"], Text("ERROR", style="bold yellow"), Text(r["error"], style="yellow"), "", "")
+                table.add_row(Text(r["path"]), Text("ERROR", style="bold yellow"), Text(r["error"], style="yellow"), "", "")
                 continue
             style = "bold red" if r["verdict"] == "OOD" else "bold green"
-            table.add_row(r["path"], Text(r["verdict"], style=style), r["class"], f"{r['ctw_score']:.3f}", f"{r['atd_score']:.3f}")
+            table.add_row(Text(r["path"]), Text(r["verdict"], style=style), Text(r["class"]), f"{r['ctw_score']:.3f}", f"{r['atd_score']:.3f}")
         width = None if self.stream.isatty() else 200  # a table saved to a file keeps full paths
         Console(file=self.stream, width=width).print(table)
 

@@ -16,14 +16,14 @@ import numpy as np
 
 from . import metrics
 from .errors import ClipnError
-from .evaluate import METHODS
+from .evaluation import METHODS
 from .files import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from .evaluate import Evaluation, MethodResult, SetScores
+    from .evaluation import Evaluation, MethodResult, SetScores
 
 ID_COLOR, OOD_COLOR = "#1f77b4", "#d62728"
 METHOD_COLORS = {"ctw": "#9467bd", "atd": "#2ca02c", "msp": "#ff7f0e", "max_logit": "#8c564b", "energy": "#e377c2", "mcm": "#17becf"}

@@ -152,12 +152,49 @@ def test_ctw_rule_and_single_class_warning(tiny_weights: Path) -> None:
         (("--rule", "bogus"), "--rule"),
         (("--format", "xml"), "--format"),
         (("--templates", "no-such-set"), "unknown template set"),
+        (("--precision", "fp64", "--format", "json"), "--precision must be fp32, fp16 or bf16, not 'fp64'"),
+        (("--precision", "fp64", "--format", "csv", "--cache", "cache-dir"), "--precision must be"),
+        (("--quantize", "int4"), "--quantize must be int8"),
+        (("--quantize", "int8", "--precision", "bf16"), "cannot be combined"),
+        (("--device", "meta"), "unsupported device 'meta'"),
+        (("--device", "mps"), "Apple MPS is not available"),
     ],
 )
 def test_bad_options_exit_2(tiny_weights: Path, args: tuple[str, ...], message: str) -> None:
     result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, *args, str(IMAGES / "chelsea.png"))
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == "" and len(result.stderr.splitlines()) == 1
+
+
+def test_markup_in_names_and_paths_is_printed_as_written(tiny_weights: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "shots[b]"
+    folder.mkdir()
+    image = folder / "cat[red].png"
+    shutil.copyfile(IMAGES / "chelsea.png", image)
+    result = run_cli("detect", "-w", str(tiny_weights), "--classes", "cat[/x],cat[/x]", "--format", "table", "--rule", "ctw", str(image))
+    assert result.returncode == 0, result.stderr
+    assert "duplicate class names kept (indices follow your list): cat[/x]" in " ".join(result.stderr.split())
+    assert "cat[red].png" in result.stdout and "cat[/x]" in result.stdout
+
+
+@pytest.mark.parametrize("classes", ["3", '{"a": 1}', "[1, 2]"])
+def test_damaged_embeddings_metadata_exit_2(tiny_weights: Path, embeddings: Path, tmp_path: Path, classes: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(embeddings), framework="pt") as fh:
+        meta = {**fh.metadata(), "classes": classes}
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(embeddings)), str(bad), metadata=meta)
+    result = run_cli("detect", "-w", str(tiny_weights), "--embeddings", str(bad), str(IMAGES / "chelsea.png"))
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"{bad}: damaged embeddings file (class names are not a list of strings)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_embed_classes_without_classes_says_so(tiny_weights: Path) -> None:
+    result = run_cli("embed-classes", "-w", str(tiny_weights))
+    assert result.returncode == 2 and "give exactly one of --classes" in result.stderr
 
 
 def test_template_file_must_have_placeholder(tiny_weights: Path, tmp_path: Path) -> None:

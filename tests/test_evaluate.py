@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from clipn_cli import metrics
 from clipn_cli.cli.app import app
 from clipn_cli.errors import EvaluationError
-from clipn_cli.evaluate import (
+from clipn_cli.evaluation import (
     METHODS, SetScores, collect, collect_sets, compute_results, group_ood_specs, id_accuracy, parse_ood_spec,
 )
 from conftest import run_cli

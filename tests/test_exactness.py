@@ -142,7 +142,7 @@ def test_parallel_encoding_matches_sequential(model, mixed_inputs: list[InputIte
 
 def test_library_uses_the_devices_pipeline_defaults(model, images_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import clipn_cli.inference as inference
-    from clipn_cli.detect import detect
+    from clipn_cli.detection import detect
 
     assert pipeline_sizes(model) == (12, min(4, os.cpu_count() or 1))  # what `clipn detect` uses on a CPU
     assert pipeline_sizes(model, 5, 0) == (5, 0)  # 0 threads (decode in the caller's thread) is a choice, not "unset"
@@ -214,6 +214,8 @@ def test_image_only_model_encodes_images_exactly_and_holds_no_text_tower(tiny_we
         tokens = tokenizer_for(full)(["a cat"])
         with pytest.raises(ClipnError, match="without its text towers"):
             image_only.encode_text_no(tokens)
+        with pytest.raises(ClipnError, match="without its text towers"):
+            embed_classes(image_only, ["cat"], load_templates("simple"), info.fingerprint)
 
 
 def test_image_only_loading_still_checks_the_text_towers(tiny_weights: Path, tmp_path: Path) -> None:
@@ -231,6 +233,29 @@ def test_image_only_loading_still_checks_the_text_towers(tiny_weights: Path, tmp
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(WeightsError, match="missing tensor 'prompt_no'"):
         load_model(bad, text=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda cfg: cfg["vision_cfg"].update(layers="three"), "vision_cfg.layers must be a positive number, not 'three'"),
+        (lambda cfg: cfg["text_cfg"].update(width=-8), "text_cfg.width must be a positive number"),
+        (lambda cfg: cfg.update(embed_dim=1.5), "embed_dim must be a positive integer"),
+        (lambda cfg: cfg.update(vision_cfg=[1, 2]), "vision_cfg must be a mapping"),
+    ],
+)
+def test_damaged_model_config_in_weights_is_refused_with_the_file(tiny_weights: Path, tmp_path: Path, change, message: str) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_weights), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    cfg = json.loads(meta["model_config"])
+    change(cfg)
+    meta["model_config"] = json.dumps(cfg)
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(tiny_weights)), str(bad), metadata=meta)
+    with pytest.raises(ClipnError, match=re.escape(f"{bad}: {message}")):
+        load_model(bad)
 
 
 def test_int16_fixed_point_rounds_each_value_to_its_row_scale() -> None:

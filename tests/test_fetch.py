@@ -182,6 +182,15 @@ def test_fetch_again_is_a_no_op_unless_forced(server: Server) -> None:
     assert forced.exit_code == 0 and server.sent == sent + len(DATA)
 
 
+def test_forced_fetch_does_not_reuse_a_kept_download(server: Server) -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["weights", "fetch", server.url]).exit_code == 2  # no --config: the download is kept
+    sent = server.sent
+    forced = runner.invoke(app, ["weights", "fetch", server.url, "--config", str(TINY_CONFIG), "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert server.sent == sent + len(DATA) and list(downloads_dir().iterdir()) == []
+
+
 def test_pick_checkpoint_from_a_drive_folder_listing() -> None:
     files = [("a", "out.log"), ("b", "checkpoints/epoch_9.pt"), ("c", "checkpoints/epoch_10.pt"), ("d", "checkpoints/epoch_2.pt")]
     assert pick_checkpoint(files, "checkpoints/epoch_10.pt", "u") == "c"

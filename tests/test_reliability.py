@@ -188,6 +188,22 @@ def test_interrupted_jsonl_keeps_complete_lines_and_resumes(tiny_weights: Path, 
     assert [r["path"] for r in final] == paths
 
 
+def test_reader_going_away_stops_quietly_with_141(tiny_weights: Path, tmp_path: Path) -> None:
+    """`clipn detect ... | head -1`: no message, no traceback, the SIGPIPE exit status a shell expects."""
+    paths = make_many(tmp_path / "many", 2000)
+    listing = tmp_path / "paths.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    cmd = [sys.executable, "-m", "clipn_cli", "detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "jsonl", "-"]
+    with open(listing) as stdin:  # a file, not a pipe we write to: the child's full stdout pipe would block us
+        proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["path"] == paths[0]
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait() == 141, stderr
+    assert stderr == ""
+
+
 def test_interrupted_json_output_leaves_no_file(tiny_weights: Path, tmp_path: Path) -> None:
     paths = make_many(tmp_path / "many", 2000)
     out = tmp_path / "out.json"

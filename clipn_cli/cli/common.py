@@ -2,7 +2,7 @@
 
 Exit codes: 0 every input scored; 1 some inputs failed (each has an error record);
 2 usage or setup error (bad option, missing or unreadable weights, classes, embeddings);
-130 / 143 interrupted by SIGINT / SIGTERM.
+130 / 143 interrupted by SIGINT / SIGTERM; 141 the reader of stdout went away (`| head`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import contextlib
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -21,13 +21,14 @@ from rich.console import Console
 from ..errors import ClipnError
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM = 130, 141, 143
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]clipn: warning:[/yellow] {message}", markup=True, highlight=False)
+    stderr.print(f"[yellow]clipn: warning:[/yellow] {_escape(message)}", markup=True, highlight=False)
 
 
 def info(message: str) -> None:
@@ -38,6 +39,13 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print one line on stderr and exit (no traceback)."""
     stderr.print(f"[red]clipn: error:[/red] {_escape(message)}", markup=True)
     raise typer.Exit(code)
+
+
+def check_choice(option: str, value: str | None, allowed: Sequence[str]) -> None:
+    """Refuse an option value outside its choices before anything is loaded or written."""
+    if value is not None and value not in allowed:
+        listed = ", ".join(allowed[:-1]) + f" or {allowed[-1]}" if len(allowed) > 1 else allowed[0]
+        fail(f"{option} must be {listed}, not '{value}'")
 
 
 def _escape(text: str) -> str:
@@ -62,10 +70,15 @@ def handle_errors() -> Iterator[None]:
     warnings.filterwarnings("ignore", module=r"PIL(\..*)?$")
     try:
         yield
+    except typer.Exit:  # click's Exit is a RuntimeError: let it through before mapping torch's
+        raise
     except ClipnError as exc:
         fail(str(exc))
-    except (ValueError, OSError) as exc:
-        fail(str(exc) or type(exc).__name__)
+    except BrokenPipeError:
+        _quiet_stdout()
+        raise typer.Exit(EXIT_SIGPIPE) from None
+    except (ValueError, OSError, RuntimeError, MemoryError) as exc:  # RuntimeError: torch (device, dtype, out of memory)
+        fail(str(exc).strip().split("\n")[0] or type(exc).__name__)
     except KeyboardInterrupt:
         stderr.print("clipn: interrupted", markup=False)
         raise typer.Exit(EXIT_SIGINT) from None
@@ -75,6 +88,16 @@ def handle_errors() -> Iterator[None]:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet_stdout() -> None:
+    """The reader of our stdout went away (`| head`): stop as `cat` would, without a message, and
+    point stdout at /dev/null so that the interpreter's final flush cannot fail again."""
+    import os
+
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def _main_thread() -> bool:

@@ -10,7 +10,10 @@ from typing import Annotated
 
 import typer
 
-from .common import BatchSizeOpt, ExifOpt, PrecisionOpt, WorkersOpt, EXIT_OK, EXIT_PARTIAL, Terminated, ClassesFileOpt, ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, fail, handle_errors, info, stderr, stdout_is_terminal
+from .common import (
+    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
+    Terminated, WeightsOpt, WorkersOpt, check_choice, fail, handle_errors, info, stderr, stdout_is_terminal,
+)
 from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
 
@@ -43,17 +46,17 @@ def detect(
     _huge_pages_for_activations()
     _few_malloc_arenas()
     with handle_errors():
-        if rule not in ("atd", "ctw"):
-            fail(f"--rule must be atd or ctw, not '{rule}'")
+        check_choice("--rule", rule, ("atd", "ctw"))
         fmt = fmt or ("table" if output is None and stdout_is_terminal() else "jsonl")
-        if fmt not in ("table", "json", "jsonl", "csv"):
-            fail(f"--format must be table, json, jsonl or csv, not '{fmt}'")
+        check_choice("--format", fmt, ("table", "json", "jsonl", "csv"))
+        check_choice("--precision", precision, PRECISIONS)
+        check_choice("--quantize", quantize, ("int8",))
         if not paths:
             fail("no inputs: give image files, directories, globs, or - for paths on stdin")
         if resume and (output is None or fmt != "jsonl"):
             fail("--resume needs --format jsonl and --output FILE (the file to continue)")
-        if quantize not in (None, "int8"):
-            fail(f"--quantize must be int8, not '{quantize}'")
+        if quantize and precision != "fp32":
+            fail("--quantize int8 computes in fp32: it cannot be combined with --precision fp16 or bf16")
         names = load_classes(classes, classes_file, embeddings)
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
@@ -66,7 +69,7 @@ def detect(
         gc.freeze()
 
         from ..cache import FeatureCache
-        from ..detect import detect as run_detect
+        from ..detection import detect as run_detect
         from ..images import iter_inputs
         from ..output import open_writer, resume_jsonl
 

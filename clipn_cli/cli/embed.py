@@ -21,11 +21,11 @@ def embed_classes(
 ) -> None:
     """Build the standard and "no" class embeddings once, for fast repeated `detect --embeddings`."""
     with handle_errors():
+        names = load_classes(classes, classes_file, None)
         if output is None:
             if classes_file is None:
                 fail("--output is required with --classes")
             output = classes_file.with_suffix(".safetensors")
-        names = load_classes(classes, classes_file, None)
         model, weights_info = load_weights_for_cli(weights, device)
         heads = class_embeddings(model, weights_info, names, None, templates)
         heads.save(output)

@@ -12,11 +12,14 @@ from typing import IO, TYPE_CHECKING, Annotated
 
 import typer
 
-from .common import BatchSizeOpt, ExifOpt, PrecisionOpt, WorkersOpt, EXIT_OK, EXIT_PARTIAL, ClassesFileOpt, ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, fail, handle_errors, info, stderr, stdout_is_terminal, warn
+from .common import (
+    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
+    WeightsOpt, WorkersOpt, check_choice, handle_errors, info, stderr, stdout_is_terminal, warn,
+)
 from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
 if TYPE_CHECKING:
-    from ..evaluate import Evaluation
+    from ..evaluation import Evaluation
 
 FORMATS = ("table", "json", "csv")
 CSV_COLUMNS = ("ood", "method", "auroc", "fpr95", "aupr_in", "aupr_out", "id_flagged", "ood_caught", "threshold_95", "fpr95_convention")
@@ -51,9 +54,9 @@ def evaluate(
     """
     with handle_errors():
         fmt = fmt or ("table" if output is None and stdout_is_terminal() else "json")
-        if fmt not in FORMATS:
-            fail(f"--format must be table, json or csv, not '{fmt}'")
-        from ..evaluate import check_convention, collect_sets, group_ood_specs
+        check_choice("--format", fmt, FORMATS)
+        check_choice("--precision", precision, PRECISIONS)
+        from ..evaluation import check_convention, collect_sets, group_ood_specs
 
         check_convention(fpr_convention)
         if plots is not None:
@@ -66,7 +69,7 @@ def evaluate(
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
 
         from ..cache import FeatureCache
-        from ..evaluate import evaluate as run_evaluation
+        from ..evaluation import evaluate as run_evaluation
 
         feature_cache = FeatureCache(cache, weights_info.fingerprint) if cache is not None else None
         with _progress(sum(len(s.items) for s in sets)) as advance:
@@ -79,7 +82,7 @@ def evaluate(
             warn(note)
         _write_report(evaluation, fmt, output)
         if save_scores is not None:
-            from ..evaluate import write_scores
+            from ..evaluation import write_scores
 
             write_scores(evaluation, save_scores)
             info(f"wrote per-image scores to {save_scores}")
@@ -122,8 +125,9 @@ def _write_report(evaluation: Evaluation, fmt: str, output: Path | None) -> None
 def _print_table(evaluation: Evaluation, stream: IO[str]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    from ..evaluate import METHODS
+    from ..evaluation import METHODS
     from ..metrics import FPR_CONVENTIONS
 
     def pct(value: float | None) -> str:
@@ -138,7 +142,7 @@ def _print_table(evaluation: Evaluation, stream: IO[str]) -> None:
             table.add_section()
         previous = r.ood
         style = "bold" if r.ood == "average" else None
-        table.add_row(r.ood, METHODS[r.method], pct(r.auroc), pct(r.fpr95), pct(r.aupr_in), pct(r.aupr_out),
+        table.add_row(Text(r.ood), METHODS[r.method], pct(r.auroc), pct(r.fpr95), pct(r.aupr_in), pct(r.aupr_out),
                       pct(r.id_flagged), pct(r.ood_caught), f"{r.threshold_95:.4g}", style=style)
     console = Console(file=stream, width=None if stream.isatty() else 160, highlight=False)
     console.print(table)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from .common import fail, handle_errors, info, stderr
+from .common import check_choice, fail, handle_errors, info, stderr
 
 if TYPE_CHECKING:
     from ..fetch import Installed
@@ -39,8 +39,7 @@ def list_cmd(
     with handle_errors():
         from ..home import get_default, list_weights, weights_home
 
-        if fmt not in ("table", "json"):
-            fail(f"--format must be table or json, not '{fmt}'")
+        check_choice("--format", fmt, ("table", "json"))
         rows = list_weights()
         if fmt == "json":
             doc = {"home": str(weights_home()), "default": get_default(), "weights": [r.as_dict() for r in rows]}
@@ -48,15 +47,16 @@ def list_cmd(
             return
         from rich import box
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=f"weights home: {weights_home()}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        table = Table(title=Text(f"weights home: {weights_home()}"), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         for column in ("name", "status", "size", "fingerprint"):
             table.add_column(column, no_wrap=True)
         table.add_column("about")
         for r in rows:
             size = f"{r.size / 1e6:.1f} MB" if r.size is not None else ""
             status = f"{r.status}, default" if r.is_default else r.status
-            table.add_row(r.name, status, size, r.fingerprint[:12], r.description)
+            table.add_row(Text(r.name), status, size, r.fingerprint[:12], Text(r.description))
         Console(highlight=False).print(table)
 
 
@@ -87,7 +87,7 @@ def fetch_cmd(
 ) -> None:
     """Download, verify and convert weights into the weights home; an interrupted download resumes.
 
-    The official checkpoints are on Google Drive (needs: pip install 'clipn-cli[drive]').
+    The official checkpoints are on Google Drive (needs: pip install 'clipn-cli\\[drive]').
     """
     with handle_errors():
         from ..fetch import fetch_weights
@@ -95,7 +95,8 @@ def fetch_cmd(
         with download_progress(stderr) as progress:
             result = fetch_weights(source, name, sha256=sha256, config=config, progress=progress, force=force)
         if result.already_present:
-            info(f"'{result.name}' is already here: {result.path} (--force downloads it again)")
+            again = "it ships with clipn-cli" if result.bundled else "--force downloads it again"
+            info(f"'{result.name}' is already here: {result.path} ({again})")
             return
         done = result.download
         if done is not None and done.resumed_from:
