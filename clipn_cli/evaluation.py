@@ -9,7 +9,6 @@ Every score is "higher = more ID".
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from . import metrics
 from .errors import EvaluationError
 from .files import atomic_open
 from .images import GLOB_CHARS, IMAGE_EXTENSIONS, InputItem, iter_inputs
+from .output import TEXT_ERRORS, json_text
 
 if TYPE_CHECKING:
     from .cache import FeatureCache
@@ -343,7 +343,7 @@ SCORE_COLUMNS = ("path", "set", "role", "label", "pred", *METHODS, "ctw_ood", "a
 def write_scores(evaluation: Evaluation, path: str | os.PathLike[str]) -> None:
     """Every image's scores as CSV (JSON Lines if `path` ends in .jsonl), written atomically."""
     jsonl = str(path).endswith(".jsonl")
-    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+    with atomic_open(path, "w", encoding="utf-8", errors=TEXT_ERRORS, newline="") as fh:
         writer = None if jsonl else csv.DictWriter(fh, fieldnames=SCORE_COLUMNS, lineterminator="\n")
         if writer:
             writer.writeheader()
@@ -351,7 +351,7 @@ def write_scores(evaluation: Evaluation, path: str | os.PathLike[str]) -> None:
             if writer:
                 writer.writerow(row)
             else:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                fh.write(json_text(row) + "\n")
 
 
 def score_rows(evaluation: Evaluation) -> Iterable[dict[str, Any]]:

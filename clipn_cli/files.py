@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,16 +17,21 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it over `target` only if the block succeeds.
 
     Readers never see a half-written file and an interrupted write leaves nothing behind,
-    because rename is atomic within one directory.
+    because rename is atomic within one directory. A symlink is written through (the file it
+    points to is replaced, the link stays); a device, pipe or directory is refused, since
+    renaming over it would replace it.
     """
-    target = Path(target)
+    target = _real_target(Path(target))
+    if _is_special(target):
+        raise IsADirectoryError(f"{target}: is a directory") if target.is_dir() else OSError(f"{target}: not a regular file")
     target.parent.mkdir(parents=True, exist_ok=True)
+    mode = target.stat().st_mode & 0o777 if target.is_file() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual mode
     try:
         yield tmp_path
+        os.chmod(tmp_path, mode)  # after the block: writers such as safetensors replace tmp with their own 0600 file
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -34,11 +40,31 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_open(target: str | os.PathLike[str], mode: str = "w", **kwargs: object) -> Iterator[IO]:
-    """Open a file for writing that appears at `target` atomically when the block succeeds."""
+    """Open a file for writing that appears at `target` atomically when the block succeeds.
+
+    A pipe or device (`>(cmd)`, /dev/stdout) cannot be replaced atomically: it is written directly.
+    """
+    if _is_special(Path(target)) and not Path(target).is_dir():
+        with open(target, mode, **kwargs) as fh:  # type: ignore[call-overload]
+            yield fh
+        return
     with atomic_path(target) as tmp, open(tmp, mode, **kwargs) as fh:  # type: ignore[call-overload]
         yield fh
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _real_target(path: Path) -> Path:
+    """Where a write to `path` lands: the end of its symlink chain, if it is a link to a plain path."""
+    return Path(os.path.realpath(path)) if path.is_symlink() and not _is_special(path) else path
+
+
+def _is_special(path: Path) -> bool:
+    """Exists (following links) and is not a regular file: a directory, pipe, socket or device."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _umask() -> int:

@@ -18,11 +18,27 @@ from typing import IO, Any
 from .files import atomic_open
 
 FORMATS = ("table", "json", "jsonl", "csv")
+TEXT_ERRORS = "surrogateescape"  # CSV and tables write a non-UTF-8 file name's bytes as they are, as `ls` does
 CSV_COLUMNS = (
     "path", "error", "verdict", "rule", "class", "class_index",
     "ctw_score", "atd_score", "p_ood", "msp", "max_logit", "energy",
 )
 DETAIL_COLUMNS = ("p_yes", "logits_yes", "logits_no", "top_k")
+
+
+def json_text(value: Any, **kwargs: Any) -> str:
+    """JSON that is valid UTF-8 whatever the paths hold.
+
+    A file name with bytes that are not UTF-8 reaches Python as lone surrogates ('\\udce9'):
+    they cannot be written as UTF-8, so such a record is written with \\u escapes, which
+    `json.loads` turns back into the same str (and `os.fsencode` into the same bytes).
+    """
+    text = json.dumps(value, ensure_ascii=False, **kwargs)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, **kwargs)
+    return text
 
 
 class Writer:
@@ -40,7 +56,7 @@ class Writer:
 
 class JsonlWriter(Writer):
     def write(self, record: dict[str, Any]) -> None:
-        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stream.write(json_text(record) + "\n")
         self.stream.flush()
 
 
@@ -51,7 +67,7 @@ class JsonWriter(Writer):
         stream.write("[")
 
     def write(self, record: dict[str, Any]) -> None:
-        self.stream.write((",\n " if self._count else "\n ") + json.dumps(record, ensure_ascii=False))
+        self.stream.write((",\n " if self._count else "\n ") + json_text(record))
         self._count += 1
 
     def finish(self) -> None:
@@ -66,7 +82,7 @@ class CsvWriter(Writer):
         self._csv.writeheader()
 
     def write(self, record: dict[str, Any]) -> None:
-        row = {k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for k, v in record.items()}
+        row = {k: json_text(v) if isinstance(v, (list, dict)) else v for k, v in record.items()}
         self._csv.writerow(row)
 
 
@@ -117,9 +133,10 @@ def open_writer(
         if output is None:
             stream: IO[str] = stdout or sys.stdout
         elif fmt == "jsonl":
-            stream = stack.enter_context(open(output, "a" if append else "w", encoding="utf-8", newline=""))
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            stream = stack.enter_context(open(output, "a" if append else "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
         else:
-            stream = stack.enter_context(atomic_open(output, "w", encoding="utf-8", newline=""))
+            stream = stack.enter_context(atomic_open(output, "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
         writer: Writer
         if fmt == "jsonl":
             writer = JsonlWriter(stream)

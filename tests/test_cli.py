@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -220,3 +221,78 @@ def test_duplicate_classes_kept_with_warning(tiny_weights: Path, tmp_path: Path)
     assert heads.classes == ["cat", "rocket", "cat"]
     assert (heads.text_yes[0] - heads.text_yes[2]).abs().max() < 1e-6
     assert (heads.text_yes[0] - heads.text_yes[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_non_utf8_file_name_is_scored_and_output_stays_valid(tiny_weights: Path, tmp_path: Path, fmt: str) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    odd = os.fsdecode(b"b\xe9.png")  # a Latin-1 name on a UTF-8 system
+    for name in ("a.png", odd, "c.png"):
+        shutil.copyfile(IMAGES / "chelsea.png", folder / name)
+    out = tmp_path / f"out.{fmt}"
+    result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", fmt, "--output", str(out), str(folder))
+    assert result.returncode == 0, result.stderr
+    if fmt == "csv":
+        rows = list(csv.DictReader(io.StringIO(out.read_bytes().decode("utf-8", "surrogateescape"))))
+        paths = [r["path"] for r in rows]
+    else:
+        text = out.read_bytes().decode("utf-8")  # strict: the file is valid UTF-8
+        records = json.loads(text) if fmt == "json" else jsonl(text)
+        paths = [r["path"] for r in records]
+    assert paths == [str(folder / n) for n in ("a.png", odd, "c.png")]
+    assert os.fsencode(paths[1]).endswith(b"b\xe9.png")
+
+
+def test_output_through_a_symlink_and_to_a_pipe(tiny_weights: Path, tmp_path: Path) -> None:
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    args = ["detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "json", str(IMAGES / "chelsea.png")]
+    assert run_cli(*args, "--output", str(link)).returncode == 0
+    assert link.is_symlink() and len(json.loads(real.read_text())) == 1
+    piped = run_cli(*args, "--output", "/dev/stdout")  # stdout is a pipe here: written directly, not renamed over
+    assert piped.returncode == 0, piped.stderr
+    assert len(json.loads(piped.stdout)) == 1 and Path("/dev/stdout").is_symlink()
+
+
+def test_safetensors_outputs_follow_the_umask_and_refuse_non_files(tiny_weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "classes.safetensors"
+    previous = os.umask(0o022)
+    try:
+        result = run_cli("embed-classes", "--classes", CLASSES, "-w", str(tiny_weights), "--templates", "simple", "-o", str(out))
+    finally:
+        os.umask(previous)
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_mode & 0o777 == 0o644
+    result = run_cli("embed-classes", "--classes", CLASSES, "-w", str(tiny_weights), "--templates", "simple", "-o", str(tmp_path))
+    assert result.returncode == 2 and f"{tmp_path}: is a directory" in result.stderr
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tiny_weights: Path, tmp_path: Path) -> None:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    checkpoint = tmp_path / "epoch_10.pt"
+    shutil.copyfile(OFFICIAL_CHECKPOINT, checkpoint)
+    image = str(IMAGES / "chelsea.png")
+    common = ["-w", str(tiny_weights), "--classes", CLASSES]
+    cases = [
+        (["detect", *common, "--output", str(tmp_path), image], f"--output {tmp_path}: is a directory"),
+        (["detect", *common, "--output", str(a_file / "out.jsonl"), image], f"{a_file} is not a directory"),
+        (["eval", *common, "--id", image, "--ood", f"x={image}", "--save-scores", str(tmp_path)], f"--save-scores {tmp_path}: is a directory"),
+        (["eval", *common, "--id", image, "--ood", f"x={image}", "--plots", str(a_file)], f"--plots {a_file}: exists and is not a directory"),
+        (["embed-classes", *common, "--output", str(tmp_path)], f"--output {tmp_path}: is a directory"),
+        (["convert", str(checkpoint), str(checkpoint)], "would overwrite the checkpoint"),
+    ]
+    for args, message in cases:
+        result = run_cli(*args)
+        assert result.returncode == 2 and result.stdout == "", args
+        assert message in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert a_file.read_text() == "x" and checkpoint.read_bytes() == OFFICIAL_CHECKPOINT.read_bytes()
+
+
+def test_jsonl_output_creates_its_folder(tiny_weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "new" / "dir" / "out.jsonl"
+    result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "jsonl", "--output", str(out), str(IMAGES / "chelsea.png"))
+    assert result.returncode == 0 and len(jsonl(out.read_text())) == 1

@@ -8,6 +8,7 @@ Exit codes: 0 every input scored; 1 some inputs failed (each has an error record
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import warnings
@@ -48,6 +49,27 @@ def check_choice(option: str, value: str | None, allowed: Sequence[str]) -> None
         fail(f"{option} must be {listed}, not '{value}'")
 
 
+def check_output(option: str, path: Path | None, directory: bool = False) -> None:
+    """Refuse an output path that cannot be written, before any work is done that it would lose."""
+    if path is None:
+        return
+    if directory:
+        if path.exists() and not path.is_dir():
+            fail(f"{option} {path}: exists and is not a directory")
+        return
+    if path.is_dir():
+        fail(f"{option} {path}: is a directory")
+    if path.exists() and not path.is_file():
+        return  # a pipe or device (/dev/stdout, >(cmd)): written directly
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        fail(f"{option} {path}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        fail(f"{option} {path}: cannot write in {ancestor}")
+
+
 def _escape(text: str) -> str:
     from rich.markup import escape
 
@@ -66,6 +88,9 @@ def handle_errors() -> Iterator[None]:
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    # a file name's non-UTF-8 bytes go to stdout as they are (as `ls` and `find` print them)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     # per-file image problems become error records; PIL's own warnings about them are noise
     warnings.filterwarnings("ignore", module=r"PIL(\..*)?$")
     try:
@@ -93,8 +118,6 @@ def handle_errors() -> Iterator[None]:
 def _quiet_stdout() -> None:
     """The reader of our stdout went away (`| head`): stop as `cat` would, without a message, and
     point stdout at /dev/null so that the interpreter's final flush cannot fail again."""
-    import os
-
     with contextlib.suppress(OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import handle_errors, info
+from .common import check_output, fail, handle_errors, info
 
 
 def convert(
@@ -26,6 +26,9 @@ def convert(
     with handle_errors():
         from ..weights import convert_checkpoint
 
+        check_output("OUTPUT", output)
+        if output.exists() and checkpoint.exists() and output.samefile(checkpoint):
+            fail(f"{output}: the output would overwrite the checkpoint being converted")
         result = convert_checkpoint(checkpoint, output, config=config, dtype=dtype)
         size_mb = output.stat().st_size / 1e6
         info(

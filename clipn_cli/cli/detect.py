@@ -12,7 +12,7 @@ import typer
 
 from .common import (
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
-    Terminated, WeightsOpt, WorkersOpt, check_choice, fail, handle_errors, info, stderr, stdout_is_terminal,
+    Terminated, WeightsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, stderr, stdout_is_terminal,
 )
 from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
@@ -53,6 +53,7 @@ def detect(
         check_choice("--quantize", quantize, ("int8",))
         if not paths:
             fail("no inputs: give image files, directories, globs, or - for paths on stdin")
+        check_output("--output", output)
         if resume and (output is None or fmt != "jsonl"):
             fail("--resume needs --format jsonl and --output FILE (the file to continue)")
         if quantize and precision != "fp32":

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, fail, handle_errors, info
+from .common import ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, check_output, fail, handle_errors, info
 from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
 
@@ -26,6 +26,7 @@ def embed_classes(
             if classes_file is None:
                 fail("--output is required with --classes")
             output = classes_file.with_suffix(".safetensors")
+        check_output("--output", output)
         model, weights_info = load_weights_for_cli(weights, device)
         heads = class_embeddings(model, weights_info, names, None, templates)
         heads.save(output)

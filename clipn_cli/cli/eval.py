@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import typer
 
 from .common import (
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
-    WeightsOpt, WorkersOpt, check_choice, handle_errors, info, stderr, stdout_is_terminal, warn,
+    WeightsOpt, WorkersOpt, check_choice, check_output, handle_errors, info, stderr, stdout_is_terminal, warn,
 )
 from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
@@ -56,6 +55,9 @@ def evaluate(
         fmt = fmt or ("table" if output is None and stdout_is_terminal() else "json")
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
+        check_output("--output", output)
+        check_output("--save-scores", save_scores)
+        check_output("--plots", plots, directory=True)
         from ..evaluation import check_convention, collect_sets, group_ood_specs
 
         check_convention(fpr_convention)
@@ -107,11 +109,12 @@ def evaluate(
 
 def _write_report(evaluation: Evaluation, fmt: str, output: Path | None) -> None:
     from ..files import atomic_open
+    from ..output import TEXT_ERRORS, json_text
 
     with contextlib.ExitStack() as stack:
-        stream: IO[str] = sys.stdout if output is None else stack.enter_context(atomic_open(output, "w", encoding="utf-8", newline=""))
+        stream: IO[str] = sys.stdout if output is None else stack.enter_context(atomic_open(output, "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
         if fmt == "json":
-            stream.write(json.dumps(evaluation.as_dict(), indent=2, ensure_ascii=False) + "\n")
+            stream.write(json_text(evaluation.as_dict(), indent=2) + "\n")
         elif fmt == "csv":
             writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, lineterminator="\n")
             writer.writeheader()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .common import DeviceOpt, fail, handle_errors, info, stderr, warn
+from .common import DeviceOpt, check_output, fail, handle_errors, info, stderr, warn
 
 if TYPE_CHECKING:
     from ..training.trainer import Silent, StepLog
@@ -58,6 +58,7 @@ def train(
 
         if output.suffix != ".safetensors":
             fail(f"--output {output}: the output must be a .safetensors file")
+        check_output("--output", output)
         main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
         source = open_data(data, image_key, caption_key, shuffle_buffer)
         if source.skipped and main_process:
