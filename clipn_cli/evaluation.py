@@ -257,9 +257,7 @@ def score_set(
         if progress:
             progress(1)
     flush()
-    if not paths:
-        raise EvaluationError(f"{image_set.name} set: none of its {len(image_set.items)} images could be read (first: {failures[0][0]}: {failures[0][1]})")
-    joined = {name: np.concatenate(parts) for name, parts in columns.items()}
+    joined = {name: np.concatenate(parts) if parts else np.empty(0) for name, parts in columns.items()}
     return SetScores(
         name=image_set.name,
         role=image_set.role,
@@ -325,16 +323,29 @@ def evaluate(
     exif_transpose: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Evaluation:
-    """Score every set and compute every metric; `sets` as `collect_sets` returns them (ID first)."""
+    """Score every set and compute every metric; `sets` as `collect_sets` returns them (ID first).
+
+    An OOD set with no readable image is left out of the metrics (with a note) rather than
+    losing the others; with no readable ID image, or none in any OOD set, nothing can be measured.
+    """
     check_convention(convention)
     scored = [
         score_set(model, heads, s, cache=cache, batch_size=batch_size, workers=workers,
                   precision=precision, exif_transpose=exif_transpose, progress=progress)
         for s in sets
     ]
-    results = compute_results(scored[0], scored[1:], convention)
+    unreadable = [s for s in scored if not s.paths]
+    if not scored[0].paths or len(unreadable) == len(scored) - 1:
+        raise EvaluationError("; ".join(_unreadable(s) for s in unreadable))
+    notes = [f"{_unreadable(s)}: left out of the metrics" for s in unreadable]
+    results = compute_results(scored[0], [s for s in scored[1:] if s.paths], convention)
     accuracy, note = id_accuracy(scored[0], heads.classes)
-    return Evaluation(convention, results, scored, list(heads.classes), accuracy, [note] if note else [])
+    return Evaluation(convention, results, scored, list(heads.classes), accuracy, notes + ([note] if note else []))
+
+
+def _unreadable(s: SetScores) -> str:
+    path, error = s.failures[0]
+    return f"{s.name} set: none of its {len(s.failures)} images could be read (first: {path}: {error})"
 
 
 SCORE_COLUMNS = ("path", "set", "role", "label", "pred", *METHODS, "ctw_ood", "atd_ood", "error")

@@ -46,7 +46,7 @@ def write_plots(evaluation: Evaluation, directory: str | os.PathLike[str]) -> li
     """Write `roc-<set>.png` and `scores-<set>.png` per OOD set; returns the paths written."""
     require_matplotlib()
     directory = Path(directory)
-    id_set, ood_sets = evaluation.sets[0], evaluation.sets[1:]
+    id_set, ood_sets = evaluation.sets[0], [s for s in evaluation.sets[1:] if s.paths]  # unreadable sets have no metrics
     written: list[Path] = []
     used: set[str] = set()
     for ood in ood_sets:

@@ -296,3 +296,19 @@ def test_jsonl_output_creates_its_folder(tiny_weights: Path, tmp_path: Path) -> 
     out = tmp_path / "new" / "dir" / "out.jsonl"
     result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "jsonl", "--output", str(out), str(IMAGES / "chelsea.png"))
     assert result.returncode == 0 and len(jsonl(out.read_text())) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("detect", "--top-k", "-1", "x.png"), "Invalid value for '--top-k'"),
+        (("detect", "--no-such-option"), "No such option: --no-such-option"),
+        (("eval", "--id", "x"), "Missing option '--ood'"),
+        (("no-such-command",), "No such command 'no-such-command'"),
+    ],
+)
+def test_option_errors_are_one_line(args: tuple[str, ...], message: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("clipn: error: ") and message in result.stderr
+    assert len(result.stderr.splitlines()) == 1

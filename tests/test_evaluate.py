@@ -281,3 +281,22 @@ def test_unreadable_images_are_left_out_with_exit_1(tiny_weights: Path, sets: tu
     report = json.loads(result.stdout)
     assert report["images"]["misc"] == 6 and report["failed"][0]["path"].endswith("broken.png")
     assert "1 images could not be read" in result.stderr
+
+
+def test_an_unreadable_ood_set_is_left_out_not_the_whole_run(tiny_weights: Path, sets: tuple[Path, Path], tmp_path: Path) -> None:
+    id_dir, ood_dir = sets
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(2):
+        (broken / f"b{i}.png").write_bytes(PNG_SIGNATURE + b"cut")
+    args = ["eval", "-w", str(tiny_weights), "--classes", CLASSES, "--id", str(id_dir), "--format", "json"]
+    result = invoke(*args, "--ood", f"misc={ood_dir}", "--ood", f"bad={broken}", "--save-scores", str(tmp_path / "s.jsonl"))
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert {r["ood"] for r in report["results"]} == {"misc", "average"}
+    assert report["images"]["bad"] == 0 and len(report["failed"]) == 2
+    assert "bad set: none of its 2 images could be read" in result.stderr and "left out of the metrics" in result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert sum(r["set"] == "bad" and r["error"] is not None for r in rows) == 2
+    alone = invoke(*args, "--ood", f"bad={broken}")
+    assert alone.exit_code == 2 and "bad set: none of its 2 images could be read" in alone.stderr

@@ -3,11 +3,14 @@ so `clipn --help` stays fast."""
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from . import convert, detect, embed, weights
 from . import eval as eval_command
 from . import train as train_command
+from .common import error
 
 app = typer.Typer(
     name="clipn",
@@ -26,4 +29,20 @@ app.add_typer(weights.app, name="weights")
 
 
 def main() -> None:
-    app()
+    """The `clipn` entry point: an option error is one line on stderr (exit 2), like every other error.
+
+    Typer would print it in a box under a usage line; its exceptions are not public, so they are
+    recognised by what every click exception has (a message and an exit code).
+    """
+    try:
+        code = app(standalone_mode=False)
+    except Exception as exc:
+        exit_code = getattr(exc, "exit_code", None)
+        if not (hasattr(exc, "format_message") and isinstance(exit_code, int)):
+            raise
+        message = exc.format_message()  # empty when help was printed instead (no arguments)
+        if message:
+            ctx = getattr(exc, "ctx", None)
+            error(f"{message} (see '{ctx.command_path} --help')" if ctx is not None else message)
+        sys.exit(exit_code)
+    sys.exit(code or 0)

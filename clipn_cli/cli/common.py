@@ -38,8 +38,12 @@ def info(message: str) -> None:
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print one line on stderr and exit (no traceback)."""
-    stderr.print(f"[red]clipn: error:[/red] {_escape(message)}", markup=True)
+    error(message)
     raise typer.Exit(code)
+
+
+def error(message: str) -> None:
+    stderr.print(f"[red]clipn: error:[/red] {_escape(message)}", markup=True)
 
 
 def check_choice(option: str, value: str | None, allowed: Sequence[str]) -> None:
