@@ -31,6 +31,10 @@ class EmbeddingsError(ClipnError):
     """A class-embeddings file is unreadable or was made with other weights."""
 
 
+class OutputError(ClipnError):
+    """An output file cannot be continued (`--resume` on a file that is not clipn's JSON Lines)."""
+
+
 class ImageError(ClipnError):
     """One image could not be read; reported per input, never fatal to a run."""
 

@@ -7,6 +7,7 @@ with the OpenAI mean/std. EXIF orientation is ignored by default, as in the offi
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import stat
@@ -84,8 +85,11 @@ def open_image(path: str, exif_transpose: bool = False, max_pixels: int = MAX_PI
     several times faster for large photos, but no longer pixel-exact (opt-in, `detect --draft`).
     """
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
             raise ImageError("not a regular file (device, socket or pipe)")
+        if st.st_size == 0 and stat.S_ISREG(st.st_mode):
+            raise ImageError("empty file (0 bytes)")
         with Image.open(path) as img:
             if img.width * img.height > max_pixels:
                 raise ImageError(f"image too large: {img.width}x{img.height} pixels (limit {max_pixels}); possible decompression bomb")
@@ -108,6 +112,8 @@ def open_image(path: str, exif_transpose: bool = False, max_pixels: int = MAX_PI
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if getattr(exc, "errno", None) == errno.ELOOP:
+            raise ImageError("symbolic link loop") from None
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ImageError(f"corrupt or truncated image ({detail[:160]})") from None
     return out

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import OutputError
 from .files import atomic_open
 
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -166,9 +167,12 @@ def resume_jsonl(path: str | Path) -> set[str]:
         if end < len(data):
             fh.truncate(end)
     done = set()
-    for line in data[:end].splitlines():
+    for number, line in enumerate(data[:end].splitlines(), 1):
         try:
-            done.add(json.loads(line)["path"])
-        except (ValueError, KeyError, TypeError):
-            continue
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not (isinstance(record, dict) and isinstance(record.get("path"), str)):
+            raise OutputError(f"{path}: line {number} is not a clipn JSON Lines record: refusing to append to this file")
+        done.add(record["path"])
     return done

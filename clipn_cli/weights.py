@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import pickle
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,12 +51,13 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        with warnings.catch_warnings():  # torch's note on the pickle protocol would add lines to a one-line refusal
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
         raise WeightsError(
-            f"{path}: refused to load: the checkpoint holds more than tensors ({first[:200]}); "
-            "only plain weights are accepted"
+            f"{path}: refused to load: not a checkpoint of plain weights ({_unpickler_reason(exc)[:200]}); "
+            "only tensors in plain containers are accepted, nothing that could run code"
         ) from None
     except FileNotFoundError:
         raise WeightsError(f"{path}: no such file") from None
@@ -78,6 +81,15 @@ def _is_zip(path: Path) -> bool:
             return fh.read(4) == b"PK\x03\x04"
     except OSError:
         return False
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The line of torch's long weights-only message that says what was refused (a global, an opcode)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch may bold parts of it for terminals
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    reasons = [line for line in lines if not line.startswith(boilerplate)]
+    return (reasons or lines or ["unsafe content"])[0]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -234,6 +246,8 @@ def read_info(path: str | os.PathLike[str]) -> WeightsInfo:
         raise WeightsError(f"{path}: not a valid safetensors file: {_first_line(exc)}{hint}") from None
     if meta.get("format") != FORMAT:
         raise WeightsError(f"{path}: not a clipn-cli weights file (no '{FORMAT}' metadata); convert it with 'clipn convert'")
+    if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise WeightsError(f"{path}: weights format version {meta['format_version']} is newer than this clipn-cli reads ({FORMAT_VERSION}); upgrade clipn-cli")
     try:
         model_cfg = validate_config(json.loads(meta["model_config"]), str(path))
         num_prompts = int(meta["num_prompts"])

@@ -312,3 +312,23 @@ def test_option_errors_are_one_line(args: tuple[str, ...], message: str) -> None
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("clipn: error: ") and message in result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_future_embeddings_format_is_refused(tiny_weights: Path, embeddings: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(embeddings), framework="pt") as fh:
+        meta = {**fh.metadata(), "format_version": "2"}
+    future = tmp_path / "future.safetensors"
+    save_file(load_file(str(embeddings)), str(future), metadata=meta)
+    result = run_cli("detect", "-w", str(tiny_weights), "--embeddings", str(future), str(IMAGES / "chelsea.png"))
+    assert result.returncode == 2 and "embeddings format version 2 is newer than this clipn-cli reads" in result.stderr
+
+
+def test_resume_refuses_a_file_that_is_not_clipn_jsonl(tiny_weights: Path, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"path": "a.png", "verdict": "ID"}\nmy shopping list\n')
+    result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "jsonl", "--output", str(notes), "--resume", str(IMAGES / "chelsea.png"))
+    assert result.returncode == 2 and f"{notes}: line 2 is not a clipn JSON Lines record" in result.stderr
+    assert notes.read_text().endswith("my shopping list\n")  # untouched

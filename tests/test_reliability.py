@@ -52,7 +52,7 @@ def build_corpus(root: Path) -> tuple[dict[str, str], list[str]]:
             path.write_bytes(data)
         bad[str(path)] = fragment
 
-    add_bad("zero.jpg", b"", "not an image")
+    add_bad("zero.jpg", b"", "empty file (0 bytes)")
     add_bad("truncated.jpg", jpeg.getvalue()[: len(jpeg.getvalue()) // 3], "truncated")
     add_bad("truncated.png", png[: len(png) // 3], "truncated")
     add_bad("random.jpg", random.Random(0).randbytes(5000), "not an image")
@@ -61,6 +61,10 @@ def build_corpus(root: Path) -> tuple[dict[str, str], list[str]]:
     add_bad("x.jpg", None, "directory")
     os.symlink(root / "nowhere.png", root / "broken-link.png")
     add_bad("broken-link.png", None, "broken symbolic link")
+    os.symlink(root / "loop-b.png", root / "loop-a.png")
+    os.symlink(root / "loop-a.png", root / "loop-b.png")
+    add_bad("loop-a.png", None, "symbolic link loop")
+    add_bad("loop-b.png", None, "symbolic link loop")
     png_bomb(root / "bomb.png")
     add_bad("bomb.png", None, "too large")
     os.mkfifo(root / "fifo.png")
@@ -261,7 +265,7 @@ def test_pickle_payload_refused_and_never_run(tmp_path: Path) -> None:
     result = run_cli("convert", str(evil), str(tmp_path / "out.safetensors"), "--config", str(TINY_CONFIG))
     assert result.returncode == 2
     assert "refused" in result.stderr and str(evil) in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "unsupported GLOBAL posix.system" in result.stderr
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
 
     result = run_cli("weights", "add", str(evil), "--name", "evil", "--config", str(TINY_CONFIG))
@@ -296,6 +300,7 @@ def corrupt_variants(tiny_weights: Path, root: Path) -> dict[str, tuple[Path, st
     nan = dict(tensors, positional_embedding=torch.full_like(tensors["positional_embedding"], float("nan")))
     save_file(nan, str(case("nan", "NaN or Inf")), metadata=meta)
     save_file(tensors, str(case("no-metadata", "not a clipn-cli weights file")))
+    save_file(tensors, str(case("future-format", "format version 2 is newer than this clipn-cli reads")), metadata={**meta, "format_version": "2"})
     return cases
 
 

@@ -30,4 +30,4 @@ def embed_classes(
         model, weights_info = load_weights_for_cli(weights, device)
         heads = class_embeddings(model, weights_info, names, None, templates)
         heads.save(output)
-        info(f"wrote {output} ({len(names)} classes, templates '{heads.templates}', weights {weights_info.fingerprint[:12]})")
+        info(f"wrote {output} ({len(names)} class{'es' if len(names) != 1 else ''}, templates '{heads.templates}', weights {weights_info.fingerprint[:12]})")
