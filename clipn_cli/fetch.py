@@ -269,7 +269,7 @@ def _plan(source: str, name: str | None, sha256: str | None, config: str | None)
     model = model or next((m for m in KNOWN if m.url == url), None)
     if name is None and model is None and is_drive_url(url):
         raise FetchError(f"{url}: give the weights a name with --name")
-    name = check_name(name or (model.name if model is not None else _stem(url)))
+    name = check_name(name if name is not None else (model.name if model is not None else _stem(url)))
     known = known_model(name)
     return _Plan(
         name=name,
@@ -349,7 +349,7 @@ def add_weights(file: str | os.PathLike[str], name: str | None = None, config: s
     file = Path(file)
     if not file.is_file():
         raise FetchError(f"{file}: no such file")
-    return _install(file, check_name(name or _stem(file.name)), config, {}, move=False)
+    return _install(file, check_name(name if name is not None else _stem(file.name)), config, {}, move=False)
 
 
 def _install(src: Path, name: str, config: str | None, metadata: dict[str, str], move: bool) -> Installed:

@@ -134,8 +134,9 @@ def test_add_refuses_bad_files_and_names_and_places_nothing(tmp_path: Path) -> N
     junk.write_bytes(b"not a checkpoint")
     out = runner.invoke(app, ["weights", "add", str(junk)])
     assert out.exit_code == 2 and "junk.pt" in out.output and "Traceback" not in out.output
-    out = runner.invoke(app, ["weights", "add", str(OFFICIAL_CHECKPOINT), "--name", "../evil"])
-    assert out.exit_code == 2 and "invalid weights name" in out.output
+    for bad in ("../evil", ""):
+        out = runner.invoke(app, ["weights", "add", str(OFFICIAL_CHECKPOINT), "--name", bad])
+        assert out.exit_code == 2 and f"invalid weights name '{bad}'" in out.output
     out = runner.invoke(app, ["weights", "add", str(OFFICIAL_CHECKPOINT), "--name", "nocfg"])
     assert out.exit_code == 2 and "--config" in out.output
     assert not home.weights_dir().exists() or list(home.weights_dir().iterdir()) == []
