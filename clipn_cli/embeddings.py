@@ -75,7 +75,7 @@ class ClassEmbeddings:
         if meta.get("format") != FORMAT:
             raise EmbeddingsError(f"{path}: not a clipn-cli embeddings file (make one with 'clipn embed-classes')")
         if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-            raise EmbeddingsError(f"{path}: embeddings format version {meta['format_version']} is newer than this clipn-cli reads ({FORMAT_VERSION}); upgrade clipn-cli")
+            raise EmbeddingsError(f"{path}: embeddings format version {meta['format_version']} is not one this clipn-cli reads ({FORMAT_VERSION}); a newer clipn-cli may read it")
         try:
             classes = json.loads(meta["classes"])
             yes, no = tensors["text_yes"].float(), tensors["text_no"].float()

@@ -329,13 +329,14 @@ def evaluate(
     losing the others; with no readable ID image, or none in any OOD set, nothing can be measured.
     """
     check_convention(convention)
-    scored = [
-        score_set(model, heads, s, cache=cache, batch_size=batch_size, workers=workers,
-                  precision=precision, exif_transpose=exif_transpose, progress=progress)
-        for s in sets
-    ]
+    scored: list[SetScores] = []
+    for image_set in sets:
+        scored.append(score_set(model, heads, image_set, cache=cache, batch_size=batch_size, workers=workers,
+                                precision=precision, exif_transpose=exif_transpose, progress=progress))
+        if not scored[0].paths:  # without ID scores nothing can be measured: stop before the OOD sets
+            raise EvaluationError(_unreadable(scored[0]))
     unreadable = [s for s in scored if not s.paths]
-    if not scored[0].paths or len(unreadable) == len(scored) - 1:
+    if len(unreadable) == len(scored) - 1:
         raise EvaluationError("; ".join(_unreadable(s) for s in unreadable))
     notes = [f"{_unreadable(s)}: left out of the metrics" for s in unreadable]
     results = compute_results(scored[0], [s for s in scored[1:] if s.paths], convention)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -22,7 +23,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     renaming over it would replace it.
     """
     target = _real_target(Path(target))
-    if _is_special(target):
+    if _is_special(target) or is_stream_alias(target):
         raise IsADirectoryError(f"{target}: is a directory") if target.is_dir() else OSError(f"{target}: not a regular file")
     target.parent.mkdir(parents=True, exist_ok=True)
     mode = target.stat().st_mode & 0o777 if target.is_file() else 0o666 & ~_umask()
@@ -42,8 +43,13 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
 def atomic_open(target: str | os.PathLike[str], mode: str = "w", **kwargs: object) -> Iterator[IO]:
     """Open a file for writing that appears at `target` atomically when the block succeeds.
 
-    A pipe or device (`>(cmd)`, /dev/stdout) cannot be replaced atomically: it is written directly.
+    A pipe or device (`>(cmd)`) cannot be replaced atomically: it is written directly. So is
+    /dev/stdout (or /dev/fd/N), in append mode: it may be a file the shell opened with `>>`.
     """
+    if is_stream_alias(Path(target)):
+        with open(target, mode.replace("w", "a"), **kwargs) as fh:  # type: ignore[call-overload]
+            yield fh
+        return
     if _is_special(Path(target)) and not Path(target).is_dir():
         with open(target, mode, **kwargs) as fh:  # type: ignore[call-overload]
             yield fh
@@ -54,9 +60,23 @@ def atomic_open(target: str | os.PathLike[str], mode: str = "w", **kwargs: objec
         os.fsync(fh.fileno())
 
 
+def is_stream_alias(path: Path) -> bool:
+    """/dev/stdout, /dev/stderr, /dev/fd/N, /proc/self/fd/N: another name for an open stream of
+    this process, whatever it is connected to (following the link would find the shell's file)."""
+    text = os.path.abspath(path)
+    return text in ("/dev/stdout", "/dev/stderr") or text.startswith(("/dev/fd/", "/proc/self/fd/"))
+
+
 def _real_target(path: Path) -> Path:
     """Where a write to `path` lands: the end of its symlink chain, if it is a link to a plain path."""
-    return Path(os.path.realpath(path)) if path.is_symlink() and not _is_special(path) else path
+    if not path.is_symlink() or _is_special(path):
+        return path
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(f"{path}: symbolic link loop") from None
+    return Path(os.path.realpath(path))
 
 
 def _is_special(path: Path) -> bool:

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import OutputError
-from .files import atomic_open
+from .files import atomic_open, is_stream_alias
 
 FORMATS = ("table", "json", "jsonl", "csv")
+RECORD_START = b'{"path": '  # every record's first key, as JsonlWriter writes it
 TEXT_ERRORS = "surrogateescape"  # CSV and tables write a non-UTF-8 file name's bytes as they are, as `ls` does
 CSV_COLUMNS = (
     "path", "error", "verdict", "rule", "class", "class_index",
@@ -135,7 +136,8 @@ def open_writer(
             stream: IO[str] = stdout or sys.stdout
         elif fmt == "jsonl":
             Path(output).parent.mkdir(parents=True, exist_ok=True)
-            stream = stack.enter_context(open(output, "a" if append else "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
+            mode = "a" if append or is_stream_alias(Path(output)) else "w"  # /dev/stdout may be the shell's `>>` file
+            stream = stack.enter_context(open(output, mode, encoding="utf-8", errors=TEXT_ERRORS, newline=""))
         else:
             stream = stack.enter_context(atomic_open(output, "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
         writer: Writer
@@ -164,15 +166,19 @@ def resume_jsonl(path: str | Path) -> set[str]:
     with open(path, "rb+") as fh:
         data = fh.read()
         end = data.rfind(b"\n") + 1
-        if end < len(data):
+        lines = data[:end].splitlines()
+        done = set()
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not (isinstance(record, dict) and isinstance(record.get("path"), str)):
+                raise OutputError(f"{path}: line {number} is not a clipn JSON Lines record: refusing to append to this file")
+            done.add(record["path"])
+        if end < len(data):  # only a record cut mid-write is dropped; anything else is not ours to cut
+            tail = data[end:]
+            if not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail)):
+                raise OutputError(f"{path}: line {len(lines) + 1} is not a clipn JSON Lines record: refusing to append to this file")
             fh.truncate(end)
-    done = set()
-    for number, line in enumerate(data[:end].splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not (isinstance(record, dict) and isinstance(record.get("path"), str)):
-            raise OutputError(f"{path}: line {number} is not a clipn JSON Lines record: refusing to append to this file")
-        done.add(record["path"])
     return done

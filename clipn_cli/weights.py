@@ -85,10 +85,12 @@ def _is_zip(path: Path) -> bool:
 
 def _unpickler_reason(exc: Exception) -> str:
     """The line of torch's long weights-only message that says what was refused (a global, an opcode)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch may bold parts of it for terminals
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch bolds parts of it for terminals
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if found:
+        return re.split(r"(?<=\.)\s", found.group(1).strip())[0]  # first sentence; the rest is advice to trust the file
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    reasons = [line for line in lines if not line.startswith(boilerplate)]
+    reasons = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation"))]
     return (reasons or lines or ["unsafe content"])[0]
 
 
@@ -247,7 +249,7 @@ def read_info(path: str | os.PathLike[str]) -> WeightsInfo:
     if meta.get("format") != FORMAT:
         raise WeightsError(f"{path}: not a clipn-cli weights file (no '{FORMAT}' metadata); convert it with 'clipn convert'")
     if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-        raise WeightsError(f"{path}: weights format version {meta['format_version']} is newer than this clipn-cli reads ({FORMAT_VERSION}); upgrade clipn-cli")
+        raise WeightsError(f"{path}: weights format version {meta['format_version']} is not one this clipn-cli reads ({FORMAT_VERSION}); a newer clipn-cli may read it")
     try:
         model_cfg = validate_config(json.loads(meta["model_config"]), str(path))
         num_prompts = int(meta["num_prompts"])

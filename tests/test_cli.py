@@ -7,6 +7,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -255,6 +257,13 @@ def test_output_through_a_symlink_and_to_a_pipe(tiny_weights: Path, tmp_path: Pa
     piped = run_cli(*args, "--output", "/dev/stdout")  # stdout is a pipe here: written directly, not renamed over
     assert piped.returncode == 0, piped.stderr
     assert len(json.loads(piped.stdout)) == 1 and Path("/dev/stdout").is_symlink()
+    log = tmp_path / "log.txt"
+    for fmt in ("json", "jsonl", "csv"):  # `>> log`: /dev/stdout is that file, and it is appended to, never replaced
+        log.write_text("earlier\n")
+        with open(log, "a") as out:
+            done = subprocess.run([sys.executable, "-m", "clipn_cli", *args[:-2], fmt, args[-1], "--output", "/dev/stdout"], stdout=out, stderr=subprocess.PIPE, text=True)
+        assert done.returncode == 0, done.stderr
+        assert log.read_text().startswith("earlier\n") and len(log.read_text().splitlines()) > 1
 
 
 def test_safetensors_outputs_follow_the_umask_and_refuse_non_files(tiny_weights: Path, tmp_path: Path) -> None:
@@ -282,6 +291,7 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_weights: Path, tmp_
         (["detect", *common, "--output", str(a_file / "out.jsonl"), image], f"{a_file} is not a directory"),
         (["eval", *common, "--id", image, "--ood", f"x={image}", "--save-scores", str(tmp_path)], f"--save-scores {tmp_path}: is a directory"),
         (["eval", *common, "--id", image, "--ood", f"x={image}", "--plots", str(a_file)], f"--plots {a_file}: exists and is not a directory"),
+        (["eval", *common, "--id", image, "--ood", f"x={image}", "--plots", str(a_file / "plots")], f"{a_file} is not a directory"),
         (["embed-classes", *common, "--output", str(tmp_path)], f"--output {tmp_path}: is a directory"),
         (["convert", str(checkpoint), str(checkpoint)], "would overwrite the checkpoint"),
     ]
@@ -323,12 +333,16 @@ def test_future_embeddings_format_is_refused(tiny_weights: Path, embeddings: Pat
     future = tmp_path / "future.safetensors"
     save_file(load_file(str(embeddings)), str(future), metadata=meta)
     result = run_cli("detect", "-w", str(tiny_weights), "--embeddings", str(future), str(IMAGES / "chelsea.png"))
-    assert result.returncode == 2 and "embeddings format version 2 is newer than this clipn-cli reads" in result.stderr
+    assert result.returncode == 2 and "embeddings format version 2 is not one this clipn-cli reads" in result.stderr
 
 
-def test_resume_refuses_a_file_that_is_not_clipn_jsonl(tiny_weights: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "content",
+    ['{"path": "a.png", "verdict": "ID"}\nmy shopping list\n', "my notes\nlast line without newline", '{"a": 1}'],
+)
+def test_resume_refuses_a_file_that_is_not_clipn_jsonl(tiny_weights: Path, tmp_path: Path, content: str) -> None:
     notes = tmp_path / "notes.jsonl"
-    notes.write_text('{"path": "a.png", "verdict": "ID"}\nmy shopping list\n')
+    notes.write_text(content)
     result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "jsonl", "--output", str(notes), "--resume", str(IMAGES / "chelsea.png"))
-    assert result.returncode == 2 and f"{notes}: line 2 is not a clipn JSON Lines record" in result.stderr
-    assert notes.read_text().endswith("my shopping list\n")  # untouched
+    assert result.returncode == 2 and "is not a clipn JSON Lines record: refusing to append" in result.stderr
+    assert notes.read_text() == content  # untouched: not cut, not appended to

@@ -274,6 +274,18 @@ def test_pickle_payload_refused_and_never_run(tmp_path: Path) -> None:
     assert "evil" not in run_cli("weights", "list", "--format", "json").stdout
 
 
+def test_checkpoint_with_a_custom_class_names_it(tmp_path: Path) -> None:
+    import argparse
+
+    import torch
+
+    path = tmp_path / "with-args.pt"
+    torch.save({"state_dict": {"prompt_no": torch.zeros(2)}, "args": argparse.Namespace(lr=1e-3)}, path)
+    result = run_cli("convert", str(path), str(tmp_path / "out.safetensors"), "--config", str(TINY_CONFIG))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "(Unsupported global: GLOBAL argparse.Namespace was not an allowed global by default.)" in result.stderr
+
+
 def corrupt_variants(tiny_weights: Path, root: Path) -> dict[str, tuple[Path, str]]:
     import torch
     from safetensors.torch import load_file, save_file
@@ -300,7 +312,7 @@ def corrupt_variants(tiny_weights: Path, root: Path) -> dict[str, tuple[Path, st
     nan = dict(tensors, positional_embedding=torch.full_like(tensors["positional_embedding"], float("nan")))
     save_file(nan, str(case("nan", "NaN or Inf")), metadata=meta)
     save_file(tensors, str(case("no-metadata", "not a clipn-cli weights file")))
-    save_file(tensors, str(case("future-format", "format version 2 is newer than this clipn-cli reads")), metadata={**meta, "format_version": "2"})
+    save_file(tensors, str(case("future-format", "format version 2 is not one this clipn-cli reads")), metadata={**meta, "format_version": "2"})
     return cases
 
 

@@ -55,17 +55,18 @@ def check_choice(option: str, value: str | None, allowed: Sequence[str]) -> None
 
 def check_output(option: str, path: Path | None, directory: bool = False) -> None:
     """Refuse an output path that cannot be written, before any work is done that it would lose."""
-    if path is None:
+    from ..files import is_stream_alias
+
+    if path is None or is_stream_alias(path):
         return
     if directory:
         if path.exists() and not path.is_dir():
             fail(f"{option} {path}: exists and is not a directory")
-        return
-    if path.is_dir():
+    elif path.is_dir():
         fail(f"{option} {path}: is a directory")
-    if path.exists() and not path.is_file():
-        return  # a pipe or device (/dev/stdout, >(cmd)): written directly
-    ancestor = path.parent
+    elif path.exists() and not path.is_file():
+        return  # a pipe or device (>(cmd)): written directly
+    ancestor = path if path.is_dir() else path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
@@ -106,6 +107,8 @@ def handle_errors() -> Iterator[None]:
     except BrokenPipeError:
         _quiet_stdout()
         raise typer.Exit(EXIT_SIGPIPE) from None
+    except (NotImplementedError, RecursionError):  # RuntimeErrors that mean a bug: keep the traceback
+        raise
     except (ValueError, OSError, RuntimeError, MemoryError) as exc:  # RuntimeError: torch (device, dtype, out of memory)
         fail(str(exc).strip().split("\n")[0] or type(exc).__name__)
     except KeyboardInterrupt:
