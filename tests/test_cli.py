@@ -37,6 +37,15 @@ def test_help_lists_commands() -> None:
         assert command in result.stdout
 
 
+def test_help_imports_no_heavy_module() -> None:
+    """`clipn --help` stays instant: torch, open_clip, numpy, PIL and safetensors load only when a command runs."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "clipn_cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "detect" in result.stdout
+    modules = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "clipn_cli.cli.app" in modules
+    assert not {m for m in modules if m.split(".")[0] in {"torch", "open_clip", "numpy", "PIL", "safetensors"}}
+
+
 def test_stdin_paths_in_input_order(tiny_weights: Path, embeddings: Path) -> None:
     paths = [str(IMAGES / "rocket.jpg"), str(IMAGES / "chelsea.png"), str(IMAGES / "coffee.png")]
     result = run_cli("detect", "-w", str(tiny_weights), "--embeddings", str(embeddings), "-", stdin="\n".join(paths) + "\n")
