@@ -329,19 +329,22 @@ def evaluate(
     losing the others; with no readable ID image, or none in any OOD set, nothing can be measured.
     """
     check_convention(convention)
-    scored: list[SetScores] = []
-    for image_set in sets:
-        scored.append(score_set(model, heads, image_set, cache=cache, batch_size=batch_size, workers=workers,
-                                precision=precision, exif_transpose=exif_transpose, progress=progress))
-        if not scored[0].paths:  # without ID scores nothing can be measured: stop before the OOD sets
-            raise EvaluationError(_unreadable(scored[0]))
-    unreadable = [s for s in scored if not s.paths]
-    if len(unreadable) == len(scored) - 1:
-        raise EvaluationError("; ".join(_unreadable(s) for s in unreadable))
-    notes = [f"{_unreadable(s)}: left out of the metrics" for s in unreadable]
-    results = compute_results(scored[0], [s for s in scored[1:] if s.paths], convention)
-    accuracy, note = id_accuracy(scored[0], heads.classes)
-    return Evaluation(convention, results, scored, list(heads.classes), accuracy, notes + ([note] if note else []))
+
+    def run(image_set: ImageSet) -> SetScores:
+        return score_set(model, heads, image_set, cache=cache, batch_size=batch_size, workers=workers,
+                         precision=precision, exif_transpose=exif_transpose, progress=progress)
+
+    id_scores = run(sets[0])
+    if not id_scores.paths:  # stop before encoding the OOD sets
+        raise EvaluationError(_unreadable(id_scores))
+    ood_scores = [run(s) for s in sets[1:]]
+    readable = [s for s in ood_scores if s.paths]
+    if not readable:
+        raise EvaluationError("; ".join(_unreadable(s) for s in ood_scores))
+    notes = [f"{_unreadable(s)}: left out of the metrics" for s in ood_scores if not s.paths]
+    accuracy, note = id_accuracy(id_scores, heads.classes)
+    results = compute_results(id_scores, readable, convention)
+    return Evaluation(convention, results, [id_scores, *ood_scores], list(heads.classes), accuracy, notes + ([note] if note else []))
 
 
 def _unreadable(s: SetScores) -> str:

@@ -83,8 +83,7 @@ def download(
             return Download(dest, dest.stat().st_size, digest, dest.stat().st_size, 0)
         dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    validator_file = dest.with_name(dest.name + ".part.validator")
+    part, validator_file = _partial_files(dest)
     validator = validator_file.read_text(encoding="utf-8").strip() if validator_file.is_file() else ""
     offset = part.stat().st_size if part.is_file() and validator else 0
 
@@ -166,6 +165,11 @@ def _finish(part: Path, dest: Path, validator_file: Path, sha256: str | None, si
     os.replace(part, dest)
     validator_file.unlink(missing_ok=True)
     return Download(dest, actual_size, digest, offset, received)
+
+
+def _partial_files(dest: Path) -> tuple[Path, Path]:
+    """Where an unfinished download of `dest` keeps its bytes and the server's validator (for If-Range)."""
+    return dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.validator")
 
 
 def _discard(*paths: Path) -> None:
@@ -317,8 +321,7 @@ def fetch_weights(
     key = hashlib.sha256(plan.url.encode()).hexdigest()[:10]
     dest = downloads_dir() / f"{plan.name}-{key}{Path(plan.checkpoint or urllib.parse.urlparse(plan.url).path).suffix}"
     if force:  # a download kept from an earlier attempt is not trusted either
-        for stale in (dest, dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.validator")):
-            stale.unlink(missing_ok=True)
+        _discard(dest, *_partial_files(dest))
     if is_drive_url(plan.url):
         download_drive(plan.url, dest, plan.name, plan.checkpoint, progress)
         result = _verify_local(dest, plan.sha256, plan.size)

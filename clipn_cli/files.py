@@ -23,7 +23,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     renaming over it would replace it.
     """
     target = _real_target(Path(target))
-    if _is_special(target) or is_stream_alias(target):
+    if _is_special(target) or _is_stream_alias(target):
         raise IsADirectoryError(f"{target}: is a directory") if target.is_dir() else OSError(f"{target}: not a regular file")
     target.parent.mkdir(parents=True, exist_ok=True)
     mode = target.stat().st_mode & 0o777 if target.is_file() else 0o666 & ~_umask()
@@ -43,15 +43,10 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
 def atomic_open(target: str | os.PathLike[str], mode: str = "w", **kwargs: object) -> Iterator[IO]:
     """Open a file for writing that appears at `target` atomically when the block succeeds.
 
-    A pipe or device (`>(cmd)`) cannot be replaced atomically: it is written directly. So is
-    /dev/stdout (or /dev/fd/N), in append mode: it may be a file the shell opened with `>>`.
+    A stream (`>(cmd)`, /dev/stdout) cannot be replaced atomically: it is written in place (`open_in_place`).
     """
-    if is_stream_alias(Path(target)):
-        with open(target, mode.replace("w", "a"), **kwargs) as fh:  # type: ignore[call-overload]
-            yield fh
-        return
-    if _is_special(Path(target)) and not Path(target).is_dir():
-        with open(target, mode, **kwargs) as fh:  # type: ignore[call-overload]
+    if is_stream(Path(target)):
+        with open_in_place(target, mode, **kwargs) as fh:
             yield fh
         return
     with atomic_path(target) as tmp, open(tmp, mode, **kwargs) as fh:  # type: ignore[call-overload]
@@ -60,7 +55,26 @@ def atomic_open(target: str | os.PathLike[str], mode: str = "w", **kwargs: objec
         os.fsync(fh.fileno())
 
 
-def is_stream_alias(path: Path) -> bool:
+def open_in_place(target: str | os.PathLike[str], mode: str = "w", **kwargs: object) -> IO:
+    """Open `target` itself for writing (no temporary file), creating its folder.
+
+    A stream is appended to, never truncated: /dev/stdout may be a file the shell opened with `>>`.
+    """
+    path = Path(target)
+    if is_stream(path):
+        mode = mode.replace("w", "a")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, mode, **kwargs)  # type: ignore[call-overload]
+
+
+def is_stream(path: Path) -> bool:
+    """A write to `path` goes to a stream, not into a file that could be replaced: a pipe or device,
+    or another name for one of this process's open streams (see `_is_stream_alias`)."""
+    return _is_stream_alias(path) or (_is_special(path) and not path.is_dir())
+
+
+def _is_stream_alias(path: Path) -> bool:
     """/dev/stdout, /dev/stderr, /dev/fd/N, /proc/self/fd/N: another name for an open stream of
     this process, whatever it is connected to (following the link would find the shell's file)."""
     text = os.path.abspath(path)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import OutputError
-from .files import atomic_open, is_stream_alias
+from .files import atomic_open, open_in_place
 
 FORMATS = ("table", "json", "jsonl", "csv")
 RECORD_START = b'{"path": '  # every record's first key, as JsonlWriter writes it
@@ -135,9 +135,7 @@ def open_writer(
         if output is None:
             stream: IO[str] = stdout or sys.stdout
         elif fmt == "jsonl":
-            Path(output).parent.mkdir(parents=True, exist_ok=True)
-            mode = "a" if append or is_stream_alias(Path(output)) else "w"  # /dev/stdout may be the shell's `>>` file
-            stream = stack.enter_context(open(output, mode, encoding="utf-8", errors=TEXT_ERRORS, newline=""))
+            stream = stack.enter_context(open_in_place(output, "a" if append else "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
         else:
             stream = stack.enter_context(atomic_open(output, "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
         writer: Writer

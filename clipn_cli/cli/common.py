@@ -55,17 +55,17 @@ def check_choice(option: str, value: str | None, allowed: Sequence[str]) -> None
 
 def check_output(option: str, path: Path | None, directory: bool = False) -> None:
     """Refuse an output path that cannot be written, before any work is done that it would lose."""
-    from ..files import is_stream_alias
+    from ..files import is_stream
 
-    if path is None or is_stream_alias(path):
+    if path is None:
         return
     if directory:
         if path.exists() and not path.is_dir():
             fail(f"{option} {path}: exists and is not a directory")
     elif path.is_dir():
         fail(f"{option} {path}: is a directory")
-    elif path.exists() and not path.is_file():
-        return  # a pipe or device (>(cmd)): written directly
+    elif is_stream(path):
+        return  # a pipe, device or /dev/stdout: written in place
     ancestor = path if path.is_dir() else path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent

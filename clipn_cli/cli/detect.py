@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from ..output import FORMATS
 from .common import (
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
     Terminated, WeightsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, stderr, stdout_is_terminal,
@@ -48,7 +49,7 @@ def detect(
     with handle_errors():
         check_choice("--rule", rule, ("atd", "ctw"))
         fmt = fmt or ("table" if output is None and stdout_is_terminal() else "jsonl")
-        check_choice("--format", fmt, ("table", "json", "jsonl", "csv"))
+        check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
         check_choice("--quantize", quantize, ("int8",))
         if not paths:
