@@ -583,7 +583,7 @@ def tiny_dtypes(rep: Report, work: Path) -> dict[str, Any]:
 
 def digits_dtypes(rep: Report, work: Path) -> dict[str, Any]:
     """The same on a trained CLIPN: the digits demo weights and its 20 images, classes 0-4, 128 templates."""
-    src = ROOT / "weights" / "clipn-digits.safetensors"
+    src = ROOT / "clipn_cli" / "data" / "clipn-digits.safetensors"
     common = ["--classes", ",".join(DIGIT_CLASSES), str(ROOT / "examples" / "digits" / "images"), "-f", "jsonl"]
     runs = {"fp32": checked([*CLI, "detect", "-w", str(src), *common])}
     for dtype in HALF_DTYPES:

@@ -62,7 +62,7 @@ def main() -> None:
         convert_checkpoint(FIXTURES / "clipn-tiny-official.pt", weights, str(FIXTURES / "clipn-tiny-config.json"))
         images = FIXTURES / "images"
     else:
-        weights, images = ROOT / "weights" / "clipn-digits.safetensors", ROOT / "examples" / "digits" / "images"
+        weights, images = ROOT / "clipn_cli" / "data" / "clipn-digits.safetensors", ROOT / "examples" / "digits" / "images"
     classes = MODELS[args.model]
     model, _ = load_model(weights)
     reference = {k: v.clone() for k, v in model.state_dict().items()}

@@ -205,14 +205,14 @@ def is_drive_url(url: str) -> bool:
 
 
 def download_drive(url: str, dest: Path, name: str, checkpoint: str | None, progress: Progress | None = None) -> Path:
-    """A Google Drive file or folder via gdown (optional extra `drive`): gdown handles Drive's
+    """A Google Drive file or folder via gdown (a dependency): gdown handles Drive's
     confirmation pages, cookies and resuming, which a plain HTTP client gets wrong. From a folder
     the file at `checkpoint` is taken, else the checkpoint with the highest epoch."""
     try:
         import gdown
     except ImportError:
         raise FetchError(
-            f"Google Drive downloads need gdown: pip install 'clipn-cli[drive]'; {_by_hand_drive(url, name, checkpoint)}"
+            f"gdown, a dependency of clipn-cli, is missing from this Python environment (reinstall clipn-cli); {_by_hand_drive(url, name, checkpoint)}"
         ) from None
     try:
         if "/folders/" in url:

@@ -68,7 +68,7 @@ KNOWN: tuple[KnownModel, ...] = (
 )
 BEST = max(KNOWN, key=lambda m: m.rank)
 ALIASES = {"vitb16": "vitb16-rep2"}
-BUNDLED = {"digits": Path(__file__).resolve().parent.parent / "weights" / "clipn-digits.safetensors"}
+BUNDLED = {"digits": Path(__file__).resolve().parent / "data" / "clipn-digits.safetensors"}  # package data: in every install
 
 
 @dataclass(frozen=True)
@@ -184,10 +184,27 @@ def fix_hint(name: str) -> str:
     """The command that makes weights `name` present."""
     model = known_model(name)
     if model is not None and model.name in BUNDLED:
-        return f"'{model.name}' is bundled with the source tree only (expected at {BUNDLED[model.name]})"
+        return f"'{model.name}' ships inside clipn-cli but its file is missing (expected at {BUNDLED[model.name]}): reinstall clipn-cli"
     if model is not None:
         return f"run 'clipn weights fetch {model.name}'"
     return f"run 'clipn weights add FILE --name {name}' or 'clipn weights fetch URL --name {name}'"
+
+
+def best_present() -> Path | None:
+    """The best official weights in the home, or None."""
+    for model in sorted((m for m in KNOWN if m.rank), key=lambda m: -m.rank):
+        path = locate(model.name)
+        if path is not None:
+            return path
+    return None
+
+
+def current_weights() -> Path | None:
+    """What `resolve_weights(None)` would load, or None when nothing would be chosen (a query's answer,
+    where loading would fail with the no-weights error)."""
+    if get_default() is None and not os.environ.get(WEIGHTS_ENV) and best_present() is None:
+        return None
+    return resolve_weights(None)
 
 
 def default_weights() -> Path:
@@ -203,15 +220,14 @@ def default_weights() -> Path:
                 "or choose others with 'clipn weights default NAME'"
             )
         return path
-    for model in sorted((m for m in KNOWN if m.rank), key=lambda m: -m.rank):
-        path = locate(model.name)
-        if path is not None:
-            return path
+    best = best_present()
+    if best is not None:
+        return best
     demo = "; or try the bundled demo: 'clipn weights default digits'" if locate("digits") else ""
     raise WeightsError(
         f"no weights: none given with --weights or $CLIPN_WEIGHTS, no default set, no official weights in "
         f"{weights_dir()}. Fix with one of: 'clipn weights fetch vitb16' (official ViT-B-16, about 1.4 GB from "
-        "Google Drive; needs pip install 'clipn-cli[drive]'); without internet, download checkpoints/epoch_10.pt "
+        "Google Drive); without internet, download checkpoints/epoch_10.pt "
         f"from {BEST.url} in a browser, then 'clipn weights add epoch_10.pt --name {BEST.name} --config {BEST.config}'; "
         f"or pass --weights FILE.safetensors{demo}"
     )

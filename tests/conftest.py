@@ -52,3 +52,31 @@ def run_cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = N
         [sys.executable, "-m", "clipn_cli", *args],
         input=stdin, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=None,
     )
+
+
+def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the command line in this process, through `main()` as the console script does (the same
+    one-line option errors and exit codes), with stdout and stderr captured apart. Returns what
+    `run_cli` returns, so a test can switch between the two; use `run_cli` only where the process is
+    the point (signals, pipes, start-up imports, the console script)."""
+    from click.testing import CliRunner
+
+    from clipn_cli.cli.app import main
+
+    previous = Path.cwd()
+    with CliRunner().isolation(input=stdin, env=env) as (out, err, _):
+        code: object = 0
+        try:
+            if cwd is not None:
+                os.chdir(cwd)
+            main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            os.chdir(previous)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        stdout = out.getvalue().decode("utf-8", "surrogateescape")
+        stderr = err.getvalue().decode("utf-8", "backslashreplace")
+    returncode = code if isinstance(code, int) else 0 if code is None else 1
+    return subprocess.CompletedProcess(["clipn", *args], returncode, stdout, stderr)

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "weights" / "clipn-digits.safetensors"
+WEIGHTS = ROOT / "clipn_cli" / "data" / "clipn-digits.safetensors"
 IMAGES = ROOT / "examples" / "digits" / "images"
 SPLITS = {"0-4 vs 5-9": (0, 1, 2, 3, 4), "even vs odd": (0, 2, 4, 6, 8)}
 

@@ -88,7 +88,7 @@ def test_bundled_digits_demo_is_listed_but_never_chosen_silently(monkeypatch: py
     row = next(e for e in home.list_weights() if e.name == "digits")
     assert row.status == "missing"
     out = runner.invoke(app, ["weights", "path", "digits"])
-    assert out.exit_code == 2 and "bundled with the source tree only" in out.output
+    assert out.exit_code == 2 and "ships inside clipn-cli but its file is missing" in out.output
 
     monkeypatch.setitem(home.BUNDLED, "digits", tiny_weights)
     row = next(e for e in home.list_weights() if e.name == "digits")

@@ -4,6 +4,7 @@ so `clipn --help` stays fast."""
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
@@ -11,6 +12,24 @@ from . import convert, detect, embed, weights
 from . import eval as eval_command
 from . import train as train_command
 from .common import error
+
+def _flags_take_no_value() -> None:
+    """Typer's help labels every option with its type, flags included (`--details <bool>`), as if a
+    flag took a value: show no type for flags."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_clipn", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: object) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._clipn = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_take_no_value()
 
 app = typer.Typer(
     name="clipn",
@@ -20,6 +39,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"clipn-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Zero-shot out-of-distribution detection with CLIPN: is an image one of your classes, or something else?"""
+
+
 app.command("convert")(convert.convert)
 app.command("embed-classes")(embed.embed_classes)
 app.command("detect")(detect.detect)
@@ -28,14 +64,15 @@ app.command("eval")(eval_command.evaluate)
 app.add_typer(weights.app, name="weights")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """The `clipn` entry point: an option error is one line on stderr (exit 2), like every other error.
 
     Typer would print it in a box under a usage line; its exceptions are not public, so they are
-    recognised by what every click exception has (a message and an exit code).
+    recognised by what every click exception has (a message and an exit code). `argv` (default
+    sys.argv[1:]) lets tests run the command line in-process through this same path.
     """
     try:
-        code = app(standalone_mode=False)
+        code = app(args=argv, prog_name="clipn", standalone_mode=False)
     except Exception as exc:
         exit_code = getattr(exc, "exit_code", None)
         if not (hasattr(exc, "format_message") and isinstance(exit_code, int)):

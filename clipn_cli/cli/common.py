@@ -142,7 +142,12 @@ def stdout_is_terminal() -> bool:
 
 WeightsOpt = Annotated[
     Path | None,
-    typer.Option("--weights", "-w", help="CLIPN weights (.safetensors from 'clipn convert'). Default: $CLIPN_WEIGHTS.", show_default=False),
+    typer.Option(
+        "--weights", "-w",
+        help="CLIPN weights: a .safetensors file or a name from 'clipn weights list' (e.g. digits). "
+        "First match wins: --weights, $CLIPN_WEIGHTS, 'clipn weights default', the best official model fetched.",
+        show_default=False,
+    ),
 ]
 TemplatesOpt = Annotated[
     str, typer.Option("--templates", "-t", help="Prompt templates: 'clipn' (the official 128), 'simple', or a file with one template per line.")

@@ -12,7 +12,7 @@ from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
 
 def embed_classes(
-    classes_file: Annotated[Path | None, typer.Argument(help="Text file, one class per line ('#' comments).", show_default=False)] = None,
+    classes_file: Annotated[Path | None, typer.Argument(metavar="CLASSES_FILE", help="Text file, one class per line ('#' comments).", show_default=False)] = None,
     classes: ClassesOpt = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output .safetensors. Default: CLASSES.safetensors.", show_default=False)] = None,
     weights: WeightsOpt = None,
@@ -21,7 +21,7 @@ def embed_classes(
 ) -> None:
     """Build the standard and "no" class embeddings once, for fast repeated `detect --embeddings`."""
     with handle_errors():
-        names = load_classes(classes, classes_file, None)
+        names = load_classes(classes, classes_file, None, sources=("--classes", "a CLASSES_FILE argument"))
         if output is None:
             if classes_file is None:
                 fail("--output is required with --classes")

@@ -16,13 +16,19 @@ if TYPE_CHECKING:
     from ..weights import WeightsInfo
 
 
-def load_classes(classes: str | None, classes_file: Path | None, embeddings: Path | None) -> list[str]:
-    """Exactly one class source; prints warnings for duplicates and single classes."""
+def load_classes(
+    classes: str | None, classes_file: Path | None, embeddings: Path | None,
+    sources: tuple[str, ...] = ("--classes", "--classes-file", "--embeddings"),
+) -> list[str]:
+    """Exactly one class source; prints warnings for duplicates and single classes.
+
+    `sources` names them as the command spells them, so the error lists only what it accepts.
+    """
     from ..classes import class_warnings, parse_class_list, read_class_file
 
     given = [x for x in (classes, classes_file, embeddings) if x is not None]
     if len(given) != 1:
-        fail("give exactly one of --classes, --classes-file/CLASSES or --embeddings")
+        fail(f"give exactly one of {', '.join(sources[:-1])} or {sources[-1]}")
     if embeddings is not None:
         return []
     names = parse_class_list(classes) if classes is not None else read_class_file(classes_file)  # type: ignore[arg-type]
@@ -32,11 +38,20 @@ def load_classes(classes: str | None, classes_file: Path | None, embeddings: Pat
 
 
 def load_weights_for_cli(weights: Path | None, device: str, text: bool = True) -> tuple[CLIPN, WeightsInfo]:
-    """The model on the chosen device; `text=False` (cached class embeddings) skips the text towers."""
+    """The model on the chosen device; `text=False` (cached class embeddings) skips the text towers.
+
+    With no weights at all, a terminal is offered the official download first (see firstrun).
+    """
+    from ..embeddings import FORMAT as EMBEDDINGS_FORMAT
+    from ..home import read_header, resolve_weights
     from ..inference import resolve_device
     from ..weights import load_model
+    from .firstrun import first_run_weights
 
-    return load_model(weights, device=resolve_device(device), text=text)
+    path = resolve_weights(first_run_weights(weights))
+    if read_header(path).get("format") == EMBEDDINGS_FORMAT:
+        fail(f"{path}: a class-embeddings file (from 'clipn embed-classes'), not weights: pass it as --embeddings, and give --weights the weights it was made with")
+    return load_model(path, device=resolve_device(device), text=text)
 
 
 def class_embeddings(

@@ -87,7 +87,7 @@ def fetch_cmd(
 ) -> None:
     """Download, verify and convert weights into the weights home; an interrupted download resumes.
 
-    The official checkpoints are on Google Drive (needs: pip install 'clipn-cli\\[drive]').
+    The official checkpoints are on Google Drive (downloaded with gdown, which handles Drive's quirks).
     """
     with handle_errors():
         from ..fetch import fetch_weights
@@ -122,9 +122,10 @@ def default_cmd(
     name: Annotated[str | None, typer.Argument(help="Weights to use when --weights and $CLIPN_WEIGHTS are absent.", show_default=False)] = None,
     unset: Annotated[bool, typer.Option("--unset", help="Forget the default: the best official weights present are used.")] = False,
 ) -> None:
-    """Set (or show, without NAME) the default weights."""
+    """Set (or show, without NAME) the default weights: without NAME, prints the file detect would
+    use now, or 'none' when there is none (exit 0: a query, not an error)."""
     with handle_errors():
-        from ..home import get_default, resolve_weights, set_default
+        from ..home import current_weights, get_default, set_default
 
         if unset or name is not None:
             if unset and name is not None:
@@ -134,7 +135,8 @@ def default_cmd(
             return
         configured = get_default()
         info(f"configured default: {configured}" if configured else "no default configured")
-        typer.echo(str(resolve_weights(None)))
+        current = current_weights()
+        typer.echo(str(current) if current is not None else "none")
 
 
 def _report(result: Installed) -> None:

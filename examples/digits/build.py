@@ -1,4 +1,4 @@
-"""Build the demo CLIPN `weights/clipn-digits.safetensors` from scikit-learn's handwritten digits.
+"""Build the demo CLIPN `clipn_cli/data/clipn-digits.safetensors` (shipped in the package as `--weights digits`) from scikit-learn's handwritten digits.
 
 1. A tiny CLIP is trained from scratch on the 8×8 digits (upscaled to 32×32), captioned with
    the official 128 CLIPN templates × the digit's English name ("'a photo of a three.'").
@@ -199,7 +199,7 @@ def export_held_out(folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=ROOT / "weights" / "clipn-digits.safetensors")
+    parser.add_argument("--output", type=Path, default=ROOT / "clipn_cli" / "data" / "clipn-digits.safetensors")
     parser.add_argument("--images", type=Path, default=ROOT / "examples" / "digits" / "images")
     parser.add_argument("--base-steps", type=int, default=900)
     parser.add_argument("--clipn-steps", type=int, default=400)
