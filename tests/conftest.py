@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -73,6 +74,7 @@ def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
         except SystemExit as exc:
             code = exc.code
         finally:
+            gc.unfreeze()  # detect freezes what it loaded for a short-lived process; this one goes on
             os.chdir(previous)
             sys.stdout.flush()
             sys.stderr.flush()

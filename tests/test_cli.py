@@ -1,4 +1,7 @@
-"""The `clipn` command line through its real entry point: inputs, outputs, errors, exit codes."""
+"""The `clipn` command line through its entry point `main()`: inputs, outputs, errors, exit codes.
+
+In-process (`cli`) unless the process is the point (start-up imports, the console script, a shell
+redirect onto /dev/stdout): those spawn one (`run_cli`)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IMAGES, OFFICIAL_CHECKPOINT, TINY_CONFIG, run_cli
+from conftest import IMAGES, OFFICIAL_CHECKPOINT, TINY_CONFIG, cli, run_cli
 
 CLASSES = "cat,coffee,rocket"
 
@@ -25,7 +28,7 @@ def jsonl(text: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def embeddings(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("emb") / "classes.safetensors"
-    result = run_cli("embed-classes", "--classes", CLASSES, "--weights", str(tiny_weights), "--output", str(out))
+    result = cli("embed-classes", "--classes", CLASSES, "--weights", str(tiny_weights), "--output", str(out))
     assert result.returncode == 0, result.stderr
     return out
 
@@ -48,7 +51,7 @@ def test_help_imports_no_heavy_module() -> None:
 
 def test_stdin_paths_in_input_order(tiny_weights: Path, embeddings: Path) -> None:
     paths = [str(IMAGES / "rocket.jpg"), str(IMAGES / "chelsea.png"), str(IMAGES / "coffee.png")]
-    result = run_cli("detect", "-w", str(tiny_weights), "--embeddings", str(embeddings), "-", stdin="\n".join(paths) + "\n")
+    result = cli("detect", "-w", str(tiny_weights), "--embeddings", str(embeddings), "-", stdin="\n".join(paths) + "\n")
     assert result.returncode == 0, result.stderr
     records = jsonl(result.stdout)  # not a terminal: jsonl by default
     assert [r["path"] for r in records] == paths
@@ -64,14 +67,14 @@ def test_directory_input_is_recursive_and_sorted(tiny_weights: Path, embeddings:
     shutil.copy(IMAGES / "rocket.jpg", tmp_path / "photos" / "b.jpg")
     shutil.copy(IMAGES / "horse.png", nested / "a.png")
     (tmp_path / "photos" / "notes.txt").write_text("not an image")
-    result = run_cli("detect", "-w", str(tiny_weights), "-e", str(embeddings), str(tmp_path / "photos"))
+    result = cli("detect", "-w", str(tiny_weights), "-e", str(embeddings), str(tmp_path / "photos"))
     assert result.returncode == 0, result.stderr
     names = [Path(r["path"]).name for r in jsonl(result.stdout)]
     assert names == ["b.jpg", "a.png"]  # files of a folder before its sub-folders; .txt skipped
 
 
 def test_glob_expanded_by_the_tool(tiny_weights: Path, embeddings: Path) -> None:
-    result = run_cli("detect", "-w", str(tiny_weights), "-e", str(embeddings), str(IMAGES / "*.jpg"))
+    result = cli("detect", "-w", str(tiny_weights), "-e", str(embeddings), str(IMAGES / "*.jpg"))
     assert result.returncode == 0, result.stderr
     assert sorted(Path(r["path"]).name for r in jsonl(result.stdout)) == ["hubble_deep_field.jpg", "retina.jpg", "rocket.jpg"]
 
@@ -80,14 +83,14 @@ def test_corrupt_file_gives_error_record_and_exit_1(tiny_weights: Path, embeddin
     bad = tmp_path / "broken.jpg"
     bad.write_bytes((IMAGES / "rocket.jpg").read_bytes()[:300])
     good = [str(IMAGES / "chelsea.png"), str(IMAGES / "rocket.jpg")]
-    result = run_cli("detect", "-w", str(tiny_weights), "-e", str(embeddings), good[0], str(bad), good[1], str(tmp_path / "missing.png"))
+    result = cli("detect", "-w", str(tiny_weights), "-e", str(embeddings), good[0], str(bad), good[1], str(tmp_path / "missing.png"))
     assert result.returncode == 1
     records = jsonl(result.stdout)
     assert [r["path"] for r in records] == [good[0], str(bad), good[1], str(tmp_path / "missing.png")]
     assert "error" in records[1] and "truncated" in records[1]["error"]
     assert records[3] == {"path": str(tmp_path / "missing.png"), "error": "no such file"}
     assert records[0]["verdict"] and records[2]["verdict"]
-    alone = jsonl(run_cli("detect", "-w", str(tiny_weights), "-e", str(embeddings), good[0]).stdout)
+    alone = jsonl(cli("detect", "-w", str(tiny_weights), "-e", str(embeddings), good[0]).stdout)
     assert alone[0].keys() == records[0].keys()  # a bad neighbour changes nothing (but batch-size rounding)
     for key, value in alone[0].items():
         assert records[0][key] == (pytest.approx(value, abs=1e-5) if isinstance(value, float) else value)
@@ -95,7 +98,7 @@ def test_corrupt_file_gives_error_record_and_exit_1(tiny_weights: Path, embeddin
 
 
 def test_missing_weights_exit_2_one_line(tmp_path: Path) -> None:
-    result = run_cli("detect", "--classes", CLASSES, str(IMAGES / "chelsea.png"))
+    result = cli("detect", "--classes", CLASSES, str(IMAGES / "chelsea.png"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no weights" in lines[0] and "CLIPN_WEIGHTS" in lines[0]
@@ -103,15 +106,15 @@ def test_missing_weights_exit_2_one_line(tmp_path: Path) -> None:
 
 
 def test_weights_from_environment(tiny_weights: Path) -> None:
-    result = run_cli("detect", "--classes", CLASSES, str(IMAGES / "chelsea.png"), env={"CLIPN_WEIGHTS": str(tiny_weights)})
+    result = cli("detect", "--classes", CLASSES, str(IMAGES / "chelsea.png"), env={"CLIPN_WEIGHTS": str(tiny_weights)})
     assert result.returncode == 0, result.stderr
     assert jsonl(result.stdout)[0]["path"].endswith("chelsea.png")
 
 
 def test_embeddings_from_other_weights_refused(tiny_weights: Path, embeddings: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.safetensors"
-    assert run_cli("convert", str(OFFICIAL_CHECKPOINT), str(other), "--config", str(TINY_CONFIG), "--dtype", "fp16").returncode == 0
-    result = run_cli("detect", "-w", str(other), "-e", str(embeddings), str(IMAGES / "chelsea.png"))
+    assert cli("convert", str(OFFICIAL_CHECKPOINT), str(other), "--config", str(TINY_CONFIG), "--dtype", "fp16").returncode == 0
+    result = cli("detect", "-w", str(other), "-e", str(embeddings), str(IMAGES / "chelsea.png"))
     assert result.returncode == 2
     assert "made with other weights" in result.stderr and str(embeddings) in result.stderr
     assert result.stdout == ""
@@ -119,14 +122,14 @@ def test_embeddings_from_other_weights_refused(tiny_weights: Path, embeddings: P
 
 def test_16_bit_weights_halve_the_file_and_score_close_to_fp32(tiny_weights: Path, tmp_path: Path) -> None:
     args = ("detect", "--classes", CLASSES, str(IMAGES))
-    full = jsonl(run_cli(*args, "-w", str(tiny_weights)).stdout)
+    full = jsonl(cli(*args, "-w", str(tiny_weights)).stdout)
     deviation = {}
     for dtype in ("fp16", "bf16", "int16"):
         small = tmp_path / f"{dtype}.safetensors"
-        assert run_cli("convert", str(OFFICIAL_CHECKPOINT), str(small), "--config", str(TINY_CONFIG), "--dtype", dtype).returncode == 0
+        assert cli("convert", str(OFFICIAL_CHECKPOINT), str(small), "--config", str(TINY_CONFIG), "--dtype", dtype).returncode == 0
         upper = 0.51 if dtype != "int16" else 0.53  # + a 4-byte scale per row: the tiny model's rows are only 32 wide
         assert 0.49 < small.stat().st_size / tiny_weights.stat().st_size < upper
-        reduced = jsonl(run_cli(*args, "-w", str(small)).stdout)
+        reduced = jsonl(cli(*args, "-w", str(small)).stdout)
         assert [r["path"] for r in reduced] == [r["path"] for r in full]
         deviation[dtype] = max(abs(a[k] - b[k]) for a, b in zip(full, reduced) if "error" not in a for k in ("ctw_score", "atd_score"))
     assert deviation["int16"] < 1e-4 and deviation["fp16"] < 1e-3 and deviation["bf16"] < 1e-2
@@ -135,23 +138,23 @@ def test_16_bit_weights_halve_the_file_and_score_close_to_fp32(tiny_weights: Pat
 
 def test_formats_json_csv_table_and_output_file(tiny_weights: Path, embeddings: Path, tmp_path: Path) -> None:
     base = ("detect", "-w", str(tiny_weights), "-e", str(embeddings), str(IMAGES / "chelsea.png"), str(IMAGES / "rocket.jpg"))
-    as_json = json.loads(run_cli(*base, "--format", "json", "--top-k", "2").stdout)
+    as_json = json.loads(cli(*base, "--format", "json", "--top-k", "2").stdout)
     assert len(as_json) == 2 and len(as_json[0]["top_k"]) == 2
     assert as_json[0]["top_k"][0]["class"] == as_json[0]["class"]
 
     out = tmp_path / "out.csv"
-    result = run_cli(*base, "--format", "csv", "--output", str(out))
+    result = cli(*base, "--format", "csv", "--output", str(out))
     assert result.returncode == 0 and result.stdout == ""
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert [Path(r["path"]).name for r in rows] == ["chelsea.png", "rocket.jpg"]
     assert float(rows[0]["atd_score"]) == pytest.approx(as_json[0]["atd_score"])
 
-    table = run_cli(*base, "--format", "table").stdout
+    table = cli(*base, "--format", "table").stdout
     assert "chelsea.png" in table and "verdict" in table
 
 
 def test_ctw_rule_and_single_class_warning(tiny_weights: Path) -> None:
-    result = run_cli("detect", "-w", str(tiny_weights), "--classes", "cat", "--rule", "ctw", str(IMAGES / "chelsea.png"))
+    result = cli("detect", "-w", str(tiny_weights), "--classes", "cat", "--rule", "ctw", str(IMAGES / "chelsea.png"))
     assert result.returncode == 0
     (record,) = jsonl(result.stdout)
     assert record["rule"] == "ctw" and record["atd_score"] == pytest.approx(record["ctw_score"], abs=1e-6)
@@ -173,7 +176,7 @@ def test_ctw_rule_and_single_class_warning(tiny_weights: Path) -> None:
     ],
 )
 def test_bad_options_exit_2(tiny_weights: Path, args: tuple[str, ...], message: str) -> None:
-    result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, *args, str(IMAGES / "chelsea.png"))
+    result = cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, *args, str(IMAGES / "chelsea.png"))
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == "" and len(result.stderr.splitlines()) == 1
@@ -184,7 +187,7 @@ def test_markup_in_names_and_paths_is_printed_as_written(tiny_weights: Path, tmp
     folder.mkdir()
     image = folder / "cat[red].png"
     shutil.copyfile(IMAGES / "chelsea.png", image)
-    result = run_cli("detect", "-w", str(tiny_weights), "--classes", "cat[/x],cat[/x]", "--format", "table", "--rule", "ctw", str(image))
+    result = cli("detect", "-w", str(tiny_weights), "--classes", "cat[/x],cat[/x]", "--format", "table", "--rule", "ctw", str(image))
     assert result.returncode == 0, result.stderr
     assert "duplicate class names kept (indices follow your list): cat[/x]" in " ".join(result.stderr.split())
     assert "cat[red].png" in result.stdout and "cat[/x]" in result.stdout
@@ -199,24 +202,24 @@ def test_damaged_embeddings_metadata_exit_2(tiny_weights: Path, embeddings: Path
         meta = {**fh.metadata(), "classes": classes}
     bad = tmp_path / "bad.safetensors"
     save_file(load_file(str(embeddings)), str(bad), metadata=meta)
-    result = run_cli("detect", "-w", str(tiny_weights), "--embeddings", str(bad), str(IMAGES / "chelsea.png"))
+    result = cli("detect", "-w", str(tiny_weights), "--embeddings", str(bad), str(IMAGES / "chelsea.png"))
     assert result.returncode == 2 and result.stdout == ""
     assert f"{bad}: damaged embeddings file (class names are not a list of strings)" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_embed_classes_without_classes_says_so(tiny_weights: Path) -> None:
-    result = run_cli("embed-classes", "-w", str(tiny_weights))
+    result = cli("embed-classes", "-w", str(tiny_weights))
     assert result.returncode == 2 and "give exactly one of --classes" in result.stderr
 
 
 def test_template_file_must_have_placeholder(tiny_weights: Path, tmp_path: Path) -> None:
     bad = tmp_path / "templates.txt"
     bad.write_text("a photo of something\n")
-    result = run_cli("embed-classes", "--classes", CLASSES, "-w", str(tiny_weights), "-o", str(tmp_path / "e.safetensors"), "--templates", str(bad))
+    result = cli("embed-classes", "--classes", CLASSES, "-w", str(tiny_weights), "-o", str(tmp_path / "e.safetensors"), "--templates", str(bad))
     assert result.returncode == 2 and "exactly one '{}'" in result.stderr
     good = tmp_path / "good.txt"
     good.write_text("a photo of a {}.\nart of the {}.\n")
-    result = run_cli("embed-classes", "--classes", CLASSES, "-w", str(tiny_weights), "-o", str(tmp_path / "e.safetensors"), "--templates", str(good))
+    result = cli("embed-classes", "--classes", CLASSES, "-w", str(tiny_weights), "-o", str(tmp_path / "e.safetensors"), "--templates", str(good))
     assert result.returncode == 0, result.stderr
 
 
@@ -224,7 +227,7 @@ def test_duplicate_classes_kept_with_warning(tiny_weights: Path, tmp_path: Path)
     classes = tmp_path / "classes.txt"
     classes.write_text("cat\n\n# a comment\n  rocket  \ncat\n", encoding="utf-8")
     out = tmp_path / "classes.safetensors"
-    result = run_cli("embed-classes", str(classes), "-w", str(tiny_weights))
+    result = cli("embed-classes", str(classes), "-w", str(tiny_weights))
     assert result.returncode == 0 and "duplicate class names" in result.stderr
     from clipn_cli.embeddings import ClassEmbeddings
 
@@ -242,7 +245,7 @@ def test_non_utf8_file_name_is_scored_and_output_stays_valid(tiny_weights: Path,
     for name in ("a.png", odd, "c.png"):
         shutil.copyfile(IMAGES / "chelsea.png", folder / name)
     out = tmp_path / f"out.{fmt}"
-    result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", fmt, "--output", str(out), str(folder))
+    result = cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", fmt, "--output", str(out), str(folder))
     assert result.returncode == 0, result.stderr
     if fmt == "csv":
         rows = list(csv.DictReader(io.StringIO(out.read_bytes().decode("utf-8", "surrogateescape"))))
@@ -261,30 +264,40 @@ def test_output_through_a_symlink_and_to_a_pipe(tiny_weights: Path, tmp_path: Pa
     link = tmp_path / "link.json"
     link.symlink_to(real)
     args = ["detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "json", str(IMAGES / "chelsea.png")]
-    assert run_cli(*args, "--output", str(link)).returncode == 0
+    assert cli(*args, "--output", str(link)).returncode == 0
     assert link.is_symlink() and len(json.loads(real.read_text())) == 1
     piped = run_cli(*args, "--output", "/dev/stdout")  # stdout is a pipe here: written directly, not renamed over
     assert piped.returncode == 0, piped.stderr
     assert len(json.loads(piped.stdout)) == 1 and Path("/dev/stdout").is_symlink()
     log = tmp_path / "log.txt"
-    for fmt in ("json", "jsonl", "csv"):  # `>> log`: /dev/stdout is that file, and it is appended to, never replaced
-        log.write_text("earlier\n")
-        with open(log, "a") as out:
-            done = subprocess.run([sys.executable, "-m", "clipn_cli", *args[:-2], fmt, args[-1], "--output", "/dev/stdout"], stdout=out, stderr=subprocess.PIPE, text=True)
-        assert done.returncode == 0, done.stderr
-        assert log.read_text().startswith("earlier\n") and len(log.read_text().splitlines()) > 1
+    # `>> log`: /dev/stdout is that file, and it is appended to, never replaced. One process runs the
+    # three formats (main() per format, each after the log is reset) to spare two start-ups.
+    runs = [[*args[:-2], fmt, args[-1], "--output", "/dev/stdout"] for fmt in ("json", "jsonl", "csv")]
+    script = (
+        "import json, pathlib, sys\nfrom clipn_cli.cli.app import main\n"
+        "for argv in json.loads(sys.argv[2]):\n"
+        "    pathlib.Path(sys.argv[1]).write_text('earlier\\n')\n"
+        "    try:\n        main(argv)\n    except SystemExit as exc:\n        assert exc.code == 0, exc.code\n"
+        "    sys.stdout.flush()\n    text = pathlib.Path(sys.argv[1]).read_text()\n"
+        "    print(argv[-4], text.startswith('earlier\\n') and len(text.splitlines()) > 1, file=sys.stderr)\n"
+    )
+    log.write_text("earlier\n")
+    with open(log, "a") as out:
+        done = subprocess.run([sys.executable, "-c", script, str(log), json.dumps(runs)], stdout=out, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [line for line in done.stderr.splitlines() if line.endswith(("True", "False"))] == ["json True", "jsonl True", "csv True"]
 
 
 def test_safetensors_outputs_follow_the_umask_and_refuse_non_files(tiny_weights: Path, tmp_path: Path) -> None:
     out = tmp_path / "classes.safetensors"
     previous = os.umask(0o022)
     try:
-        result = run_cli("embed-classes", "--classes", CLASSES, "-w", str(tiny_weights), "--templates", "simple", "-o", str(out))
+        result = cli("embed-classes", "--classes", CLASSES, "-w", str(tiny_weights), "--templates", "simple", "-o", str(out))
     finally:
         os.umask(previous)
     assert result.returncode == 0, result.stderr
     assert out.stat().st_mode & 0o777 == 0o644
-    result = run_cli("embed-classes", "--classes", CLASSES, "-w", str(tiny_weights), "--templates", "simple", "-o", str(tmp_path))
+    result = cli("embed-classes", "--classes", CLASSES, "-w", str(tiny_weights), "--templates", "simple", "-o", str(tmp_path))
     assert result.returncode == 2 and f"{tmp_path}: is a directory" in result.stderr
 
 
@@ -305,7 +318,7 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_weights: Path, tmp_
         (["convert", str(checkpoint), str(checkpoint)], "would overwrite the checkpoint"),
     ]
     for args, message in cases:
-        result = run_cli(*args)
+        result = cli(*args)
         assert result.returncode == 2 and result.stdout == "", args
         assert message in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
     assert a_file.read_text() == "x" and checkpoint.read_bytes() == OFFICIAL_CHECKPOINT.read_bytes()
@@ -313,7 +326,7 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_weights: Path, tmp_
 
 def test_jsonl_output_creates_its_folder(tiny_weights: Path, tmp_path: Path) -> None:
     out = tmp_path / "new" / "dir" / "out.jsonl"
-    result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "jsonl", "--output", str(out), str(IMAGES / "chelsea.png"))
+    result = cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "jsonl", "--output", str(out), str(IMAGES / "chelsea.png"))
     assert result.returncode == 0 and len(jsonl(out.read_text())) == 1
 
 
@@ -327,7 +340,7 @@ def test_jsonl_output_creates_its_folder(tiny_weights: Path, tmp_path: Path) -> 
     ],
 )
 def test_option_errors_are_one_line(args: tuple[str, ...], message: str) -> None:
-    result = run_cli(*args)
+    result = cli(*args)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("clipn: error: ") and message in result.stderr
     assert len(result.stderr.splitlines()) == 1
@@ -341,7 +354,7 @@ def test_future_embeddings_format_is_refused(tiny_weights: Path, embeddings: Pat
         meta = {**fh.metadata(), "format_version": "2"}
     future = tmp_path / "future.safetensors"
     save_file(load_file(str(embeddings)), str(future), metadata=meta)
-    result = run_cli("detect", "-w", str(tiny_weights), "--embeddings", str(future), str(IMAGES / "chelsea.png"))
+    result = cli("detect", "-w", str(tiny_weights), "--embeddings", str(future), str(IMAGES / "chelsea.png"))
     assert result.returncode == 2 and "embeddings format version 2 is not one this clipn-cli reads" in result.stderr
 
 
@@ -352,7 +365,7 @@ def test_future_embeddings_format_is_refused(tiny_weights: Path, embeddings: Pat
 def test_resume_refuses_a_file_that_is_not_clipn_jsonl(tiny_weights: Path, tmp_path: Path, content: str) -> None:
     notes = tmp_path / "notes.jsonl"
     notes.write_text(content)
-    result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "jsonl", "--output", str(notes), "--resume", str(IMAGES / "chelsea.png"))
+    result = cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "jsonl", "--output", str(notes), "--resume", str(IMAGES / "chelsea.png"))
     assert result.returncode == 2 and "is not a clipn JSON Lines record: refusing to append" in result.stderr
     assert notes.read_text() == content  # untouched: not cut, not appended to
 

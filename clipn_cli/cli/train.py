@@ -78,9 +78,12 @@ def train(
         new_skips = result.skipped[len(source.skipped):]
         if new_skips:
             warn(f"{len(new_skips)} image(s) could not be read and were left out, first: {new_skips[0]}")
-        losses = " ".join(f"{k} {v:.4f}" for k, v in result.losses.items())
+        last = getattr(monitor, "last", None)  # the last step logged: the summary repeats its numbers
+        shown = last.losses if last is not None else result.losses
+        losses = " ".join(f"{k} {v:.4f}" for k, v in shown.items())
         size_mb = output.stat().st_size / 1e6
-        info(f"wrote {output} ({size_mb:.1f} MB, {result.steps} steps in {result.seconds:.1f} s; last losses: {losses})")
+        label = f"losses at step {last.step}" if last is not None else "last losses"
+        info(f"wrote {output} ({size_mb:.1f} MB, {result.steps} steps in {result.seconds:.1f} s; {label}: {losses})")
 
 
 class _LogMonitor:
@@ -88,6 +91,7 @@ class _LogMonitor:
 
     def __init__(self) -> None:
         self.total = 0
+        self.last: StepLog | None = None
 
     def phase(self, name: str, total: int | None) -> None:
         self.total = total or 0
@@ -99,6 +103,7 @@ class _LogMonitor:
     def step(self, log: StepLog) -> None:
         every = max(1, log.total // 20)
         if log.step % every == 0 or log.step == log.total:
+            self.last = log
             info(f"step {log.step}/{log.total} {_losses(log)}")
 
 
@@ -107,6 +112,7 @@ class _RichMonitor:
 
     def __init__(self, progress) -> None:
         self.progress, self.task = progress, None
+        self.last: StepLog | None = None
 
     def phase(self, name: str, total: int | None) -> None:
         if self.task is not None:
@@ -117,6 +123,7 @@ class _RichMonitor:
         self.progress.advance(self.task, n)
 
     def step(self, log: StepLog) -> None:
+        self.last = log
         self.progress.update(self.task, completed=log.step, losses=_losses(log))
 
 

@@ -9,6 +9,8 @@ A fresh "no" tower is an exact copy of the standard text tower and `prompt_no` i
 from __future__ import annotations
 
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,8 +82,10 @@ def _from_open_clip(name: str, tag: str, num_prompts: int | None) -> Base:
     import open_clip
 
     model_cfg = resolve_config(name)
-    if (open_clip.get_pretrained_cfg(name, tag) or {}).get("quick_gelu"):
+    pretrained_cfg = open_clip.get_pretrained_cfg(name, tag) or {}
+    if pretrained_cfg.get("quick_gelu"):
         model_cfg["quick_gelu"] = True
+    _check_can_download(name, tag, pretrained_cfg)
     try:
         clip = open_clip.create_model(name, pretrained=tag, require_pretrained=True)
     except Exception as exc:
@@ -89,6 +93,45 @@ def _from_open_clip(name: str, tag: str, num_prompts: int | None) -> Base:
     state = {k: v for k, v in clip.state_dict().items() if k != "attn_mask"}
     model = init_clipn(model_cfg, state, num_prompts or NUM_PROMPTS, f"{name} {tag}")
     return Base(model, name, f"open_clip:{name}:{tag}")
+
+
+def _check_can_download(name: str, tag: str, pretrained_cfg: dict[str, Any]) -> None:
+    """Fail in seconds, in one line, when the weights are neither cached nor reachable: offline,
+    open_clip's hub client otherwise retries for about a minute and prints every retry."""
+    hub = str(pretrained_cfg.get("hf_hub") or "").strip("/")
+    if hub and _in_hub_cache(hub):
+        return
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # only the proxy knows whether the host is reachable
+    from huggingface_hub import constants
+
+    url = constants.ENDPOINT if hub else str(pretrained_cfg.get("url") or "")
+    offline = hub and os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    if url and (offline or not _reachable(url)):
+        where = "$HF_HUB_OFFLINE is set" if offline else f"{urllib.parse.urlparse(url).hostname} cannot be reached"
+        raise TrainError(
+            f"cannot get open_clip {name} '{tag}': not in the local cache and {where}; "
+            "run once with network access (it is cached), or pass a local CLIP checkpoint as --base"
+        )
+
+
+def _in_hub_cache(repo: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    names = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    return any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
+
+
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the URL's host opens within `timeout` seconds."""
+    parsed = urllib.parse.urlparse(url)
+    if not parsed.hostname:
+        return False
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _from_file(path: Path, config: str | None, num_prompts: int | None) -> Base:
