@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from conftest import run_cli
+from conftest import cli, torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "clipn_cli" / "data" / "clipn-digits.safetensors"
@@ -86,7 +86,7 @@ def test_committed_weights_record_their_training() -> None:
 def test_quickstart_says_id_for_zero_to_four(build) -> None:
     files = sorted(IMAGES.glob("*.png"))
     assert len(files) == 20
-    result = run_cli("detect", "--weights", str(WEIGHTS), "--classes", "zero,one,two,three,four", "--format", "jsonl", str(IMAGES))
+    result = cli("detect", "--weights", str(WEIGHTS), "--classes", "zero,one,two,three,four", "--format", "jsonl", str(IMAGES))
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == 20
@@ -108,11 +108,11 @@ def test_short_training_run_through_the_cli(build, split, tmp_path: Path) -> Non
     (tmp_path / "clip.json").write_text(json.dumps(build.MODEL_CONFIG), encoding="utf-8")
     index = build.write_clipn_data(tmp_path, train_images, train_labels, seed=0)
     out = tmp_path / "short.safetensors"
-    result = run_cli(
-        "train", "--base", str(tmp_path / "clip.safetensors"), "--config", str(tmp_path / "clip.json"),
-        "--data", str(index), "--output", str(out), "--steps", "120", "--batch-size", "128", "--device", "cpu",
-        env={"OMP_NUM_THREADS": "1"},  # small matrices: one thread is several times faster on a busy CPU
-    )
+    with torch_threads(1):  # small matrices: one thread is several times faster on a busy CPU
+        result = cli(
+            "train", "--base", str(tmp_path / "clip.safetensors"), "--config", str(tmp_path / "clip.json"),
+            "--data", str(index), "--output", str(out), "--steps", "120", "--batch-size", "128", "--device", "cpu",
+        )
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stderr and result.stdout == ""
     for name, r in _held_out_scores(out, build, held_images, held_labels).items():

@@ -22,7 +22,7 @@ from clipn_cli.errors import EvaluationError
 from clipn_cli.evaluation import (
     METHODS, SetScores, collect, collect_sets, compute_results, group_ood_specs, id_accuracy, parse_ood_spec,
 )
-from conftest import run_cli
+from conftest import cli
 
 CLASSES = "cat,horse,rocket,coffee"
 ID_LAYOUT = {"cat": ["chelsea.png"], "Horse": ["horse.png", "astronaut.png"], "rocket": ["rocket.jpg", "motorcycle_left.png"], "coffee": ["coffee.png"]}
@@ -158,11 +158,11 @@ def official_fpr95(id_scores: list[float], ood_scores: list[float]) -> float:
 def test_eval_equals_metrics_from_detect_scores(tiny_weights: Path, sets: tuple[Path, Path], tmp_path: Path) -> None:
     id_dir, ood_dir = sets
     common = ["-w", str(tiny_weights), "--classes", CLASSES, "--batch-size", "1"]
-    ev = run_cli("eval", *common, "--id", str(id_dir), "--ood", f"misc={ood_dir}", "--format", "json",
+    ev = cli("eval", *common, "--id", str(id_dir), "--ood", f"misc={ood_dir}", "--format", "json",
                  "--plots", str(tmp_path / "plots"), "--save-scores", str(tmp_path / "scores.csv"))
     assert ev.returncode == 0, ev.stderr
     report = json.loads(ev.stdout)
-    det = run_cli("detect", *common, "--rule", "atd", "--format", "jsonl", str(id_dir), str(ood_dir))
+    det = cli("detect", *common, "--rule", "atd", "--format", "jsonl", str(id_dir), str(ood_dir))
     assert det.returncode == 0, det.stderr
     records = [json.loads(line) for line in det.stdout.splitlines()]
     is_id = [r["path"].startswith(str(id_dir)) for r in records]

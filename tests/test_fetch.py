@@ -6,15 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import OFFICIAL_CHECKPOINT, TINY_CONFIG
+from conftest import OFFICIAL_CHECKPOINT, TINY_CONFIG, cli
 from typer.testing import CliRunner
 
 from clipn_cli.cli.app import app
@@ -166,7 +164,7 @@ def test_fetch_converts_and_detect_uses_it_without_weights(server: Server, tiny_
     assert row["present"] and row["default"] and row["size"] == stored.stat().st_size
 
     args = ["detect", "--classes", "cat,horse,rocket", "--format", "json", str(images_dir)]
-    plain = subprocess.run([sys.executable, "-m", "clipn_cli", *args], capture_output=True, text=True)  # env: CLIPN_HOME, no CLIPN_WEIGHTS
+    plain = cli(*args)  # env: CLIPN_HOME, no CLIPN_WEIGHTS
     explicit = runner.invoke(app, [*args, "--weights", str(tiny_weights)])
     assert plain.returncode == 0 and explicit.exit_code == 0, plain.stderr
     assert json.loads(plain.stdout) == json.loads(explicit.stdout) and len(json.loads(plain.stdout)) == 12

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import IMAGES, OFFICIAL_CHECKPOINT, TINY_CONFIG, run_cli
+from conftest import IMAGES, OFFICIAL_CHECKPOINT, TINY_CONFIG, cli
 
 import clipn_cli as clipn
 from clipn_cli.scoring import score
@@ -38,7 +38,7 @@ def check_record(record: dict, ref: dict, classes: list[str], what: str) -> None
 @pytest.fixture(scope="module")
 def cli_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "tiny.safetensors"
-    result = run_cli("convert", str(OFFICIAL_CHECKPOINT), str(out), "--config", str(TINY_CONFIG))
+    result = cli("convert", str(OFFICIAL_CHECKPOINT), str(out), "--config", str(TINY_CONFIG))
     assert result.returncode == 0, result.stderr
     assert "fingerprint" in result.stderr and result.stdout == ""
     return out
@@ -50,7 +50,7 @@ def test_cli_reproduces_official_numbers(class_set: str, golden: dict, cli_weigh
     classes_file = tmp_path / "classes.txt"
     classes_file.write_text("# reference classes\n" + "\n".join(ref["classes"]) + "\n", encoding="utf-8")
     emb = tmp_path / "classes.safetensors"
-    result = run_cli("embed-classes", str(classes_file), "--weights", str(cli_weights), "--output", str(emb))
+    result = cli("embed-classes", str(classes_file), "--weights", str(cli_weights), "--output", str(emb))
     assert result.returncode == 0, result.stderr
 
     heads = clipn.ClassEmbeddings.load(emb)
@@ -58,7 +58,7 @@ def test_cli_reproduces_official_numbers(class_set: str, golden: dict, cli_weigh
     assert_close(heads.text_yes, ref["text_yes"], PROB_TOL, "text_yes")
     assert_close(heads.text_no, ref["text_no"], PROB_TOL, "text_no")
 
-    result = run_cli("detect", "--weights", str(cli_weights), "--embeddings", str(emb), "--format", "jsonl", "--details", str(IMAGES))
+    result = cli("detect", "--weights", str(cli_weights), "--embeddings", str(emb), "--format", "jsonl", "--details", str(IMAGES))
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert sorted(Path(r["path"]).name for r in records) == sorted(ref["images"])

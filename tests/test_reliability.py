@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import IMAGES, TINY_CONFIG, run_cli
+from conftest import IMAGES, TINY_CONFIG, cli
 
 CLASSES = "cat,coffee,rocket"
 
@@ -102,7 +102,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], li
 def test_every_hostile_input_gets_exactly_one_record(tiny_weights: Path, corpus: tuple[dict[str, str], list[str]]) -> None:
     bad, good = corpus
     inputs = [p for pair in zip(good, list(bad) + [""] * len(good)) for p in pair if p]
-    result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--workers", "2", *inputs)
+    result = cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--workers", "2", *inputs)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "Warning" not in result.stderr
     records = jsonl(result.stdout)
@@ -118,10 +118,10 @@ def test_every_hostile_input_gets_exactly_one_record(tiny_weights: Path, corpus:
 def test_stdin_and_directory_walk_over_the_corpus(tiny_weights: Path, corpus: tuple[dict[str, str], list[str]]) -> None:
     bad, good = corpus
     listed = [p for p in good + list(bad) if "\n" not in p]
-    result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "-", stdin="\n".join(listed) + "\n")
+    result = cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "-", stdin="\n".join(listed) + "\n")
     assert [r["path"] for r in jsonl(result.stdout)] == listed
     root = Path(good[0]).parent
-    walked = jsonl(run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, str(root)).stdout)
+    walked = jsonl(cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, str(root)).stdout)
     assert len({r["path"] for r in walked}) == len(walked)  # one record per file, folders skipped
     assert str(root / "x.jpg") not in {r["path"] for r in walked}
 
@@ -135,9 +135,9 @@ def test_exif_orientation_ignored_by_default_and_applied_on_request(tiny_weights
     photo.save(plain)
     photo.transpose(Image.Transpose.ROTATE_270).save(rotated)
     args = ("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--details", "--workers", "0")
-    default = jsonl(run_cli(*args, str(tagged), str(plain)).stdout)
+    default = jsonl(cli(*args, str(tagged), str(plain)).stdout)
     assert default[0]["logits_yes"] == pytest.approx(default[1]["logits_yes"], abs=1e-4)
-    turned = jsonl(run_cli(*args, "--exif-transpose", str(tagged), str(rotated)).stdout)
+    turned = jsonl(cli(*args, "--exif-transpose", str(tagged), str(rotated)).stdout)
     assert turned[0]["logits_yes"] == pytest.approx(turned[1]["logits_yes"], abs=1e-4)
     assert turned[0]["logits_yes"] != pytest.approx(default[0]["logits_yes"], abs=1e-4)
 
@@ -186,7 +186,7 @@ def test_interrupted_jsonl_keeps_complete_lines_and_resumes(tiny_weights: Path, 
 
     with open(out, "ab") as fh:  # simulate a line cut by a hard kill: resume must drop it
         fh.write(b'{"path": "half a rec')
-    result = run_cli(*cmd[3:], "--resume", stdin="\n".join(paths) + "\n")
+    result = cli(*cmd[3:], "--resume", stdin="\n".join(paths) + "\n")
     assert result.returncode == 0, result.stderr
     final = jsonl(out.read_text())
     assert [r["path"] for r in final] == paths
@@ -262,16 +262,16 @@ def make_pickle_bomb(path: Path, marker: Path) -> None:
 def test_pickle_payload_refused_and_never_run(tmp_path: Path) -> None:
     evil, marker = tmp_path / "evil.pt", tmp_path / "pwned"
     make_pickle_bomb(evil, marker)
-    result = run_cli("convert", str(evil), str(tmp_path / "out.safetensors"), "--config", str(TINY_CONFIG))
+    result = cli("convert", str(evil), str(tmp_path / "out.safetensors"), "--config", str(TINY_CONFIG))
     assert result.returncode == 2
     assert "refused" in result.stderr and str(evil) in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "unsupported GLOBAL posix.system" in result.stderr
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
 
-    result = run_cli("weights", "add", str(evil), "--name", "evil", "--config", str(TINY_CONFIG))
+    result = cli("weights", "add", str(evil), "--name", "evil", "--config", str(TINY_CONFIG))
     assert result.returncode == 2 and "refused" in result.stderr
     assert not marker.exists()
-    assert "evil" not in run_cli("weights", "list", "--format", "json").stdout
+    assert "evil" not in cli("weights", "list", "--format", "json").stdout
 
 
 def test_checkpoint_with_a_custom_class_names_it(tmp_path: Path) -> None:
@@ -281,7 +281,7 @@ def test_checkpoint_with_a_custom_class_names_it(tmp_path: Path) -> None:
 
     path = tmp_path / "with-args.pt"
     torch.save({"state_dict": {"prompt_no": torch.zeros(2)}, "args": argparse.Namespace(lr=1e-3)}, path)
-    result = run_cli("convert", str(path), str(tmp_path / "out.safetensors"), "--config", str(TINY_CONFIG))
+    result = cli("convert", str(path), str(tmp_path / "out.safetensors"), "--config", str(TINY_CONFIG))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "(Unsupported global: GLOBAL argparse.Namespace was not an allowed global by default.)" in result.stderr
 
@@ -318,7 +318,7 @@ def corrupt_variants(tiny_weights: Path, root: Path) -> dict[str, tuple[Path, st
 
 def test_bad_weights_files_one_line_exit_2(tiny_weights: Path, tmp_path: Path) -> None:
     for name, (path, expect) in corrupt_variants(tiny_weights, tmp_path).items():
-        result = run_cli("detect", "-w", str(path), "--classes", CLASSES, str(IMAGES / "chelsea.png"))
+        result = cli("detect", "-w", str(path), "--classes", CLASSES, str(IMAGES / "chelsea.png"))
         assert result.returncode == 2, name
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expect in lines[0] and str(path) in lines[0], (name, result.stderr)
@@ -336,15 +336,15 @@ def test_bad_weights_files_one_line_exit_2(tiny_weights: Path, tmp_path: Path) -
 def test_bad_class_files(tiny_weights: Path, tmp_path: Path, content: bytes, message: str) -> None:
     classes = tmp_path / "classes.txt"
     classes.write_bytes(content)
-    result = run_cli("detect", "-w", str(tiny_weights), "--classes-file", str(classes), str(IMAGES / "chelsea.png"))
+    result = cli("detect", "-w", str(tiny_weights), "--classes-file", str(classes), str(IMAGES / "chelsea.png"))
     assert result.returncode == 2 and message in result.stderr and str(classes) in result.stderr
 
 
 def test_empty_class_list_and_long_names(tiny_weights: Path) -> None:
-    result = run_cli("detect", "-w", str(tiny_weights), "--classes", " , ", str(IMAGES / "chelsea.png"))
+    result = cli("detect", "-w", str(tiny_weights), "--classes", " , ", str(IMAGES / "chelsea.png"))
     assert result.returncode == 2 and "no class names" in result.stderr
     long_name = "a very long class name " * 20
-    result = run_cli("detect", "-w", str(tiny_weights), "--classes", f"cat,{long_name}", str(IMAGES / "chelsea.png"))
+    result = cli("detect", "-w", str(tiny_weights), "--classes", f"cat,{long_name}", str(IMAGES / "chelsea.png"))
     assert result.returncode == 0 and "truncated" in result.stderr
 
 
@@ -352,9 +352,9 @@ def test_ten_thousand_classes(tiny_weights: Path, tmp_path: Path) -> None:
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(f"class number {i}" for i in range(10_000)) + "\n")
     out = tmp_path / "classes.safetensors"
-    result = run_cli("embed-classes", str(classes), "-w", str(tiny_weights), "--templates", "simple")
+    result = cli("embed-classes", str(classes), "-w", str(tiny_weights), "--templates", "simple")
     assert result.returncode == 0, result.stderr
-    result = run_cli("detect", "-w", str(tiny_weights), "-e", str(out), "--top-k", "3", str(IMAGES / "chelsea.png"))
+    result = cli("detect", "-w", str(tiny_weights), "-e", str(out), "--top-k", "3", str(IMAGES / "chelsea.png"))
     (record,) = jsonl(result.stdout)
     assert 0 <= record["class_index"] < 10_000 and len(record["top_k"]) == 3
 
@@ -383,7 +383,7 @@ def test_unreadable_file_gets_error_record(tiny_weights: Path, tmp_path: Path) -
     locked = tmp_path / "locked.png"
     locked.write_bytes((IMAGES / "horse.png").read_bytes())
     locked.chmod(0)
-    result = run_cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, str(locked), str(IMAGES / "horse.png"))
+    result = cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, str(locked), str(IMAGES / "horse.png"))
     records = jsonl(result.stdout)
     assert result.returncode == 1 and records[0] == {"path": str(locked), "error": "permission denied"}
     assert records[1]["verdict"] in {"ID", "OOD"}
@@ -412,7 +412,7 @@ def test_concurrent_runs_share_a_feature_cache(tiny_weights: Path, tmp_path: Pat
     entries = list(cache.rglob("*.feat"))
     assert len(entries) == len(list(IMAGES.iterdir()))
     assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".feat"]  # no temporary leftovers
-    again = run_cli(*args[3:])
+    again = cli(*args[3:])
     assert same_results(jsonl(again.stdout), jsonl(outputs[0]))
     assert same_results(jsonl(outputs[0]), jsonl(outputs[1]))
 
@@ -434,8 +434,8 @@ def same_results(a: list[dict], b: list[dict], tol: float = 1e-5) -> bool:
 
 def test_batch_size_changes_scores_only_by_rounding(tiny_weights: Path) -> None:
     common = ["detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "jsonl", str(IMAGES)]
-    one = jsonl(run_cli(*common, "--batch-size", "1").stdout)
-    five = jsonl(run_cli(*common, "--batch-size", "5").stdout)
+    one = jsonl(cli(*common, "--batch-size", "1").stdout)
+    five = jsonl(cli(*common, "--batch-size", "5").stdout)
     assert len(one) == len(list(IMAGES.iterdir()))
     assert same_results(one, five)
     assert not same_results(one, [{**r, "ctw_score": r["ctw_score"] + 1e-4} for r in five])

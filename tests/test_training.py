@@ -18,7 +18,7 @@ from PIL import Image
 from clipn_cli.errors import DataError, TrainError
 from clipn_cli.training import TrainConfig, load_base, open_data, train
 from clipn_cli.training.data import caption_id, expand_braces
-from conftest import run_cli
+from conftest import cli
 
 # A CLIP small enough to train in well under a second per step on one CPU core.
 TINY = {
@@ -179,6 +179,7 @@ def test_open_clip_tag_base_without_network(monkeypatch: pytest.MonkeyPatch, dat
         return open_clip.model.CLIP(**TINY)
 
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    monkeypatch.setattr("clipn_cli.training.base._reachable", lambda url, timeout=5.0: True)  # no network here: the check passes, the fake loads
     monkeypatch.setattr("clipn_cli.training.base.resolve_config", lambda name: dict(TINY))
     base = load_base("ViT-B-16", pretrained="laion2b_s34b_b88k")
     assert calls == [("ViT-B-16", "laion2b_s34b_b88k")]
@@ -291,7 +292,7 @@ def test_two_processes_train_the_same_model_as_one(dataset: Path, tmp_path: Path
     """torchrun-style launch (gloo): gathered features make 2×B on two processes equal 2B on one."""
     common = ["train", "--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"),
               "--data", str(dataset / "index.jsonl"), "--steps", "3", "--device", "cpu", "--workers", "1"]
-    single = run_cli(*common, "--batch-size", "6", "--output", str(tmp_path / "one.safetensors"))
+    single = cli(*common, "--batch-size", "6", "--output", str(tmp_path / "one.safetensors"))
     assert single.returncode == 0, single.stderr
     port = str(_free_port())
     procs = []

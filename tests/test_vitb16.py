@@ -9,7 +9,7 @@ import open_clip
 import pytest
 import torch
 
-from conftest import IMAGES, run_cli
+from conftest import IMAGES, cli
 
 from clipn_cli.model import build_model
 
@@ -32,7 +32,7 @@ def official_vitb16(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_convert_recognises_vitb16_and_detect_scores(official_vitb16: Path, tmp_path: Path) -> None:
     out = tmp_path / "clipn-vitb16.safetensors"
-    result = run_cli("convert", str(official_vitb16), str(out))
+    result = cli("convert", str(official_vitb16), str(out))
     assert result.returncode == 0, result.stderr
     assert "ViT-B-16" in result.stderr
 
@@ -44,7 +44,7 @@ def test_convert_recognises_vitb16_and_detect_scores(official_vitb16: Path, tmp_
     assert info.num_prompts == 16
     assert len(info.metadata["source_sha256"]) == 64
 
-    result = run_cli("detect", "--weights", str(out), "--classes", "cat,rocket", "--templates", "simple", "--format", "json", str(IMAGES / "chelsea.png"))
+    result = cli("detect", "--weights", str(out), "--classes", "cat,rocket", "--templates", "simple", "--format", "json", str(IMAGES / "chelsea.png"))
     assert result.returncode == 0, result.stderr
     (record,) = json.loads(result.stdout)
     assert record["verdict"] in {"ID", "OOD"}
