@@ -18,7 +18,7 @@ from PIL import Image
 from clipn_cli.errors import DataError, TrainError
 from clipn_cli.training import TrainConfig, load_base, open_data, train
 from clipn_cli.training.data import caption_id, expand_braces
-from conftest import cli
+from conftest import IMAGES, cli
 
 # A CLIP small enough to train in well under a second per step on one CPU core.
 TINY = {
@@ -348,3 +348,68 @@ def test_cli_errors_are_one_line(dataset: Path, tmp_path: Path) -> None:
     result = run("--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"), "--data", str(dataset / "index.jsonl"),
                  "--output", str(tmp_path / "o.safetensors"), "--resume", str(tmp_path / "none.ckpt"))
     assert result.exit_code == 2 and "none.ckpt: no such checkpoint" in result.output
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def test_keyed_crop_follows_torchvision_and_depends_only_on_the_key() -> None:
+    from torchvision import transforms
+
+    from clipn_cli.training.augment import KeyedTransform, crop_params, sample_generator
+
+    image = Image.new("RGB", (40, 32), "red")
+    for seed in range(20):  # the same draws as torchvision's RandomResizedCrop from an equally seeded generator
+        torch.manual_seed(seed)
+        expected = transforms.RandomResizedCrop.get_params(image, [0.9, 1.0], [3 / 4, 4 / 3])
+        assert crop_params(40, 32, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(seed)) == expected
+    a = [crop_params(40, 32, (0.9, 1.0), (3 / 4, 4 / 3), sample_generator(0, 0, p)) for p in range(30)]
+    assert a == [crop_params(40, 32, (0.9, 1.0), (3 / 4, 4 / 3), sample_generator(0, 0, p)) for p in range(30)]
+    assert len(set(a)) > 5  # positions get different crops
+    assert a != [crop_params(40, 32, (0.9, 1.0), (3 / 4, 4 / 3), sample_generator(1, 0, p)) for p in range(30)]
+    import open_clip
+
+    keyed = KeyedTransform(open_clip.image_transform(32, is_train=True), seed=0)
+    photo = Image.open(IMAGES / "chelsea.png").convert("RGB").crop((0, 0, 300, 300))  # square: a wide photo always gets the central crop
+    torch.manual_seed(0)
+    first = keyed(photo, 5)
+    torch.manual_seed(123)  # the global generator plays no part
+    assert torch.equal(first, keyed(photo, 5)) and not torch.equal(first, keyed(photo, 6))
+
+
+def test_augmented_runs_do_not_depend_on_thread_count(dataset: Path, tmp_path: Path) -> None:
+    data = open_data(str(dataset / "index.jsonl"))
+    runs = {}
+    for name, workers, augment in (("one", 1, True), ("four", 4, True), ("four-again", 4, True), ("plain", 4, False)):
+        out = tmp_path / f"{name}.safetensors"
+        train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data,
+              _config(out, steps=4, augment=augment, cache_features=False, workers=workers))
+        runs[name] = _state(out)
+    for key in runs["one"]:
+        assert torch.equal(runs["one"][key], runs["four"][key]), key
+        assert torch.equal(runs["four"][key], runs["four-again"][key]), key
+    assert any(not torch.equal(runs["one"][k], runs["plain"][k]) for k in runs["one"])  # the crops do change training
+
+
+def test_augmented_resume_with_several_workers_is_exact(dataset: Path, tmp_path: Path) -> None:
+    data = open_data(str(dataset / "index.jsonl"))
+    settings = {"steps": 6, "augment": True, "cache_features": False, "workers": 3}
+    full = tmp_path / "full.safetensors"
+    train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data, _config(full, **settings))
+
+    class StopAfter4:
+        def phase(self, name, total): pass
+        def advance(self, n): pass
+        def step(self, log):
+            if log.step == 4:
+                raise KeyboardInterrupt
+
+    cut = tmp_path / "cut.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data,
+              _config(cut, checkpoint_every=3, **settings), StopAfter4())
+    train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data,
+          _config(cut, checkpoint_every=3, resume=tmp_path / "cut.safetensors.ckpt", **settings))
+    a, b = _state(full), _state(cut)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

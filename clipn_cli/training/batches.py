@@ -155,11 +155,18 @@ class StreamBatches:
         augment: bool = False,
         workers: int = 4,
         consumed: int = 0,
+        seed: int = 0,
+        rank: int = 0,
     ) -> None:
         import open_clip
 
+        from .augment import KeyedTransform
+
         self.model, self.batch_size, self.device, self.precision = model, batch_size, device, precision
         self.transform = open_clip.image_transform(image_size_of(model), is_train=augment)
+        # augmentation draws from a generator per (seed, rank, stream position), never torch's global one
+        self.augment = KeyedTransform(self.transform, seed, rank) if augment else None
+        self._position = consumed  # of the next pair taken from the stream
         self.consumed, self.failed = consumed, 0
         self.errors: deque[str] = deque(maxlen=20)
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="clipn-train-decode")
@@ -170,10 +177,12 @@ class StreamBatches:
     def _fill(self) -> None:
         while len(self._pending) < self._prefetch:
             pair = next(self._pairs)
-            self._pending.append((pair, self._pool.submit(self._decode, pair)))
+            self._pending.append((pair, self._pool.submit(self._decode, pair, self._position)))
+            self._position += 1
 
-    def _decode(self, pair: Pair) -> torch.Tensor:
-        return self.transform(open_image(pair.image) if isinstance(pair.image, str) else open_bytes(pair.image))
+    def _decode(self, pair: Pair, position: int) -> torch.Tensor:
+        image = open_image(pair.image) if isinstance(pair.image, str) else open_bytes(pair.image)
+        return self.augment(image, position) if self.augment is not None else self.transform(image)
 
     def next(self) -> Batch:
         good: list[tuple[Pair, torch.Tensor]] = []

@@ -222,7 +222,7 @@ def _train(base: Base, data: IndexedData | ShardData, config: TrainConfig, monit
     else:
         samples = len(data) if isinstance(data, IndexedData) else config.samples_per_epoch
         pairs = pair_stream(data, config.seed, world.rank, world.size)
-        batches = StreamBatches(model, pairs, config.batch_size, device, encode_precision, config.augment, config.workers, consumed)
+        batches = StreamBatches(model, pairs, config.batch_size, device, encode_precision, config.augment, config.workers, consumed, seed=config.seed, rank=world.rank)
     total = total_steps(config, samples, world.size)
     if start >= total:
         raise TrainError(f"{config.resume}: the checkpoint is at step {start}, the run has {total} steps")
