@@ -182,8 +182,12 @@ def collect_sets(id_specs: str | Sequence[str], ood_specs: Mapping[str, str | Se
         if name.lower() in (AVERAGE, ID_SET.lower()):
             raise EvaluationError(f"OOD set name '{name}' is reserved ('{AVERAGE}' and '{ID_SET}' name the average and the ID set); choose another")
     sets = [ImageSet(ID_SET, "id")]
+    # one --id folder per class (`--id d/cat --id d/dog`): each folder's name labels its images
+    per_class = len(id_specs) > 1 and all(os.path.isdir(spec) for spec in id_specs)
     for spec in id_specs:
         items, labels = collect(spec)
+        if per_class:
+            labels = [label if label is not None else Path(os.path.abspath(spec)).name for label in labels]
         sets[0].items += items
         sets[0].labels += labels
     for name, specs in ood_specs.items():

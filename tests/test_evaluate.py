@@ -300,3 +300,23 @@ def test_an_unreadable_ood_set_is_left_out_not_the_whole_run(tiny_weights: Path,
     assert sum(r["set"] == "bad" and r["error"] is not None for r in rows) == 2
     alone = invoke(*args, "--ood", f"bad={broken}")
     assert alone.exit_code == 2 and "bad set: none of its 2 images could be read" in alone.stderr
+
+
+def test_one_id_folder_per_class_is_the_labelling(tiny_weights: Path, sets: tuple[Path, Path]) -> None:
+    """The README recipe passes one --id per class folder: the folder names label the ID images,
+    and the accuracy is the one the nested layout (one --id with class sub-folders) gives."""
+    id_dir, ood_dir = sets
+    per_class = [str(id_dir / folder) for folder in ID_LAYOUT]
+    built = collect_sets(per_class, {"misc": str(ood_dir)})
+    assert built[0].labels == [folder for folder, names in ID_LAYOUT.items() for _ in names]
+    assert collect_sets([str(id_dir / "cat")], {"misc": str(ood_dir)})[0].labels == [None]  # one folder alone: no labelling
+    common = ["eval", "-w", str(tiny_weights), "--classes", CLASSES, "--ood", f"misc={ood_dir}", "--format", "json"]
+    split = invoke(*common, *[arg for path in per_class for arg in ("--id", path)])
+    nested = invoke(*common, "--id", str(id_dir))
+    assert split.exit_code == 0 and nested.exit_code == 0, split.output
+    accuracy = json.loads(split.stdout)["id_accuracy"]
+    assert accuracy is not None and accuracy == json.loads(nested.stdout)["id_accuracy"]
+    odd = id_dir.parent / "not-a-class"
+    shutil.copytree(id_dir / "cat", odd)
+    mixed = invoke(*common, *[arg for path in [*per_class, str(odd)] for arg in ("--id", path)])
+    assert json.loads(mixed.stdout)["id_accuracy"] is None and "match no class name: not-a-class" in mixed.stderr

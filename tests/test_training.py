@@ -413,3 +413,15 @@ def test_augmented_resume_with_several_workers_is_exact(dataset: Path, tmp_path:
     a, b = _state(full), _state(cut)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_cli_summary_repeats_the_last_logged_step(dataset: Path, tmp_path: Path) -> None:
+    result = cli("train", "--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"), "--data", str(dataset / "index.jsonl"),
+                 "--steps", "3", "--batch-size", "4", "--device", "cpu", "--workers", "1", "--output", str(tmp_path / "o.safetensors"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    last_step = [line for line in lines if line.startswith("clipn: step ")][-1]
+    assert last_step.startswith("clipn: step 3/3 ")
+    logged = last_step.removeprefix("clipn: step 3/3 ").split(" lr ")[0]  # "loss a yes b no c tso d"
+    summary = lines[-1]
+    assert summary.startswith(f"clipn: wrote {tmp_path / 'o.safetensors'}") and summary.endswith(f"losses at step 3: {logged})")

@@ -48,7 +48,10 @@ def digit_image(pixels: np.ndarray) -> Image.Image:
 
 def load_split() -> tuple[list[Image.Image], np.ndarray, list[Image.Image], np.ndarray, np.ndarray]:
     """(train images, train labels, held-out images, held-out labels, held-out original indices)."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SystemExit("build.py: the digits come from scikit-learn, which is not installed: pip install scikit-learn") from None
 
     digits = load_digits()
     index = np.arange(len(digits.target))
