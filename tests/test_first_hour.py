@@ -271,3 +271,12 @@ def test_digits_build_without_scikit_learn_says_what_to_install(monkeypatch: pyt
     with pytest.raises(SystemExit) as stopped:
         build.main()
     assert str(stopped.value.code) == "build.py: the digits come from scikit-learn, which is not installed: pip install scikit-learn"
+
+
+def test_a_failed_download_message_is_cut_at_a_word() -> None:
+    from clipn_cli.training.base import _shortened
+
+    long = "Failed to download file " + "word " * 60 + "\nsecond line"
+    cut = _shortened(long)
+    assert cut.endswith("word…") and len(cut) <= 201 and "second" not in cut
+    assert _shortened("short one\nmore") == "short one"

@@ -89,7 +89,7 @@ def _from_open_clip(name: str, tag: str, num_prompts: int | None) -> Base:
     try:
         clip = open_clip.create_model(name, pretrained=tag, require_pretrained=True)
     except Exception as exc:
-        raise TrainError(f"cannot get open_clip {name} '{tag}' ({type(exc).__name__}: {str(exc).strip()[:200]}); it is downloaded on first use, so this needs network access") from None
+        raise TrainError(f"cannot get open_clip {name} '{tag}' ({type(exc).__name__}: {_shortened(str(exc))}); it is downloaded on first use, so this needs network access") from None
     state = {k: v for k, v in clip.state_dict().items() if k != "attn_mask"}
     model = init_clipn(model_cfg, state, num_prompts or NUM_PROMPTS, f"{name} {tag}")
     return Base(model, name, f"open_clip:{name}:{tag}")
@@ -113,6 +113,12 @@ def _check_can_download(name: str, tag: str, pretrained_cfg: dict[str, Any]) -> 
             f"cannot get open_clip {name} '{tag}': not in the local cache and {where}; "
             "run once with network access (it is cached), or pass a local CLIP checkpoint as --base"
         )
+
+
+def _shortened(text: str, limit: int = 200) -> str:
+    """The first line of a message, cut at a word boundary (with '…') when longer than `limit`."""
+    line = (text.strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + "…"
 
 
 def _in_hub_cache(repo: str) -> bool:
