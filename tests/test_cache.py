@@ -122,7 +122,8 @@ def test_encode_images_with_cache(model, tmp_path: Path, photos: list[Path]) -> 
     assert decoded == [photos[1].name, photos[2].name]
     assert (cache.stats.hits, cache.stats.corrupt, cache.stats.written) == (1, 1, 2)
     for a, b in zip(first, third):
-        assert torch.equal(a.feature, b.feature)
+        # p1 and p2 now share a batch (p0 was a hit): batch composition changes the last float32 bits (README: Scores)
+        torch.testing.assert_close(a.feature, b.feature, rtol=1e-5, atol=1e-6)
     assert FeatureCache(root, FINGERPRINT).get(damaged_key) is not None  # rewritten, valid again
 
 
