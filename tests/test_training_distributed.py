@@ -34,7 +34,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """13 readable images (9 distinct captions) plus one broken file; a plain tiny CLIP and its config.
 
     `index.jsonl` lists all 14 (the broken one is dropped from the table: 13 samples);
-    `good.jsonl` lists the 13 readable ones (for the streamed path).
+    `good.jsonl` lists the 13 readable ones (for the streamed path); `edge.jsonl` the broken one and one more.
     """
     root = tmp_path_factory.mktemp("dist")
     rows = []
@@ -49,6 +49,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     rows.insert(5, {"image": "broken.png", "caption": "a photo of nothing"})
     (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    edge = [{"image": "broken.png", "caption": "a thing"}, {"image": "img00.png", "caption": "a thing"}]
+    (root / "edge.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edge), encoding="utf-8")
     (root / "tiny.json").write_text(json.dumps(TINY), encoding="utf-8")
     import open_clip
 
@@ -159,16 +161,16 @@ def _no_features(weights: Path, captions: list[str]) -> torch.Tensor:
 # ---------------------------------------------------------------- the frozen-feature table, sharded
 
 WORKER = textwrap.dedent("""
-    import json, sys
+    import sys
     import torch
     from clipn_cli.training import load_base, open_data
     from clipn_cli.training import distributed
     from clipn_cli.training.batches import build_feature_table
 
-    root, out = sys.argv[1], sys.argv[2]
+    root, out, indexes = sys.argv[1], sys.argv[2], sys.argv[3:]
     world = distributed.setup("cpu")
     model = load_base(root + "/clip.pt", config=root + "/tiny.json").model.eval()
-    counts = {"image_rows": 0, "caption_rows": 0, "progress": 0}
+    counts = {}
     encode_image, encode_text_yes = model.encode_image, model.encode_text_yes
     def count_image(x, **kw):
         counts["image_rows"] += len(x)
@@ -176,31 +178,40 @@ WORKER = textwrap.dedent("""
     def count_text(x, **kw):
         counts["caption_rows"] += len(x)
         return encode_text_yes(x, **kw)
-    model.encode_image, model.encode_text_yes = count_image, count_text
     def progress(n):
         counts["progress"] += n
-    table = build_feature_table(model, open_data(root + "/index.jsonl"), torch.device("cpu"), batch_size=4, workers=1,
-                                progress=progress, world=world)
-    torch.save({"table": {k: getattr(table, k) for k in ("image", "text_yes", "tokens", "caption_ids", "sample_image", "sample_caption")},
-                "skipped": table.skipped, "counts": counts}, f"{out}.{world.rank}")
+    model.encode_image, model.encode_text_yes = count_image, count_text
+    results = {}
+    for index in indexes:
+        counts.update(image_rows=0, caption_rows=0, progress=0)
+        table = build_feature_table(model, open_data(root + "/" + index), torch.device("cpu"), batch_size=4, workers=1,
+                                    progress=progress, world=world)
+        results[index] = {"table": {k: getattr(table, k) for k in ("image", "text_yes", "tokens", "caption_ids", "sample_image", "sample_caption")},
+                          "skipped": table.skipped, "counts": dict(counts)}
+    torch.save(results, f"{out}.{world.rank}")
     distributed.teardown(world)
 """)
 
 
 def test_each_process_encodes_its_share_and_gathers_the_one_process_table(dataset: Path, tmp_path: Path) -> None:
-    data = open_data(str(dataset / "index.jsonl"))
+    """index.jsonl: 14 distinct images (one broken), 10 captions. edge.jsonl: [broken, good] images and one
+    caption, so rank 0 has no feature row and no caption to contribute and must still take part in the gathers."""
     model = load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")).model.eval()
-    reference = build_feature_table(model, data, torch.device("cpu"), batch_size=4, workers=1)
-    assert len(reference) == GOOD and len(reference.image) == GOOD and len(reference.text_yes) == 10
-    assert len(reference.skipped) == 1 and "broken.png" in reference.skipped[0]
+    reference = {index: build_feature_table(model, open_data(str(dataset / index)), torch.device("cpu"), batch_size=4, workers=1)
+                 for index in ("index.jsonl", "edge.jsonl")}
+    assert len(reference["index.jsonl"]) == GOOD and len(reference["index.jsonl"].image) == GOOD
+    assert len(reference["index.jsonl"].text_yes) == 10
+    assert len(reference["index.jsonl"].skipped) == 1 and "broken.png" in reference["index.jsonl"].skipped[0]
 
-    _launch(["-c", WORKER, str(dataset), str(tmp_path / "table")])
+    _launch(["-c", WORKER, str(dataset), str(tmp_path / "table"), "index.jsonl", "edge.jsonl"])
     results = [torch.load(tmp_path / f"table.{rank}", weights_only=True) for rank in range(2)]
-    # distinct images: 14 files in index order, the broken one (6th) in rank 0's share of 7
-    assert [r["counts"]["progress"] for r in results] == [7, 7]
-    assert [r["counts"]["image_rows"] for r in results] == [6, 7]
-    assert [r["counts"]["caption_rows"] for r in results] == [5, 5]  # 10 distinct captions
-    for r in results:
-        assert r["skipped"] == reference.skipped
-        for key, value in r["table"].items():
-            torch.testing.assert_close(value, getattr(reference, key), rtol=0, atol=1e-6, msg=key)
+    counts = {index: {what: [r[index]["counts"][what] for r in results] for what in ("progress", "image_rows", "caption_rows")}
+              for index in reference}
+    # 14 distinct images in index order, the broken one (6th) in rank 0's 7; 10 distinct captions
+    assert counts["index.jsonl"] == {"progress": [7, 7], "image_rows": [6, 7], "caption_rows": [5, 5]}
+    assert counts["edge.jsonl"] == {"progress": [1, 1], "image_rows": [0, 1], "caption_rows": [0, 1]}
+    for index, table in reference.items():
+        for r in results:
+            assert r[index]["skipped"] == table.skipped
+            for key, value in r[index]["table"].items():
+                torch.testing.assert_close(value, getattr(table, key), rtol=0, atol=1e-6, msg=f"{index} {key}")
