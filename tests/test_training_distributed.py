@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -94,18 +95,13 @@ def test_every_world_size_shares_one_global_order(n: int, world_size: int) -> No
     """Interleaving the processes' streams gives the one-process stream, across epoch ends, and resumes anywhere."""
     take = 3 * n + 37  # several epochs, ending mid-epoch
     per_rank = -(-take // world_size)
-    one = list(_islice(sample_order(n, 5, 0, 1), per_rank * world_size))
-    ranks = [list(_islice(sample_order(n, 5, r, world_size), per_rank)) for r in range(world_size)]
+    one = list(islice(sample_order(n, 5, 0, 1), per_rank * world_size))
+    ranks = [list(islice(sample_order(n, 5, r, world_size), per_rank)) for r in range(world_size)]
     assert [ranks[g % world_size][g // world_size] for g in range(per_rank * world_size)] == one
-    assert sorted(one[:n]) == list(range(n))  # the first epoch is a permutation of all samples
+    epochs = [torch.randperm(n, generator=torch.Generator().manual_seed(5 * 1_000_003 + e)).tolist() for e in range(len(one) // n + 1)]
+    assert one == [i for perm in epochs for i in perm][: len(one)]  # one process: seeded permutations back to back, as before
     for r in range(world_size):
-        assert list(_islice(sample_order(n, 5, r, world_size, start=4), 5)) == ranks[r][4:9]
-
-
-def _islice(it, count: int):
-    import itertools
-
-    return itertools.islice(it, count)
+        assert list(islice(sample_order(n, 5, r, world_size, start=4), 5)) == ranks[r][4:9]
 
 
 def test_shares_are_contiguous_and_balanced() -> None:
