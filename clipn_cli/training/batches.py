@@ -140,13 +140,13 @@ def sample_order(n: int, seed: int, rank: int, world_size: int, start: int = 0) 
     """
     if n < 1:
         raise DataError("no samples to train on")
-    position, epoch, perm = start * world_size + rank, -1, []
+    position = start * world_size + rank
     while True:
-        e, index = divmod(position, n)
-        if e != epoch:
-            epoch, perm = e, torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e)).tolist()
-        yield perm[index]
-        position += world_size
+        epoch, index = divmod(position, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        mine = perm[index::world_size].tolist()
+        yield from mine
+        position += len(mine) * world_size
 
 
 class CachedBatches:
