@@ -27,6 +27,7 @@ from ..images import MAX_PIXELS, InputItem, image_size_of, open_image
 from ..inference import autocast, encode_batch, encode_images
 from ..model import CLIPN
 from .data import IndexedData, Pair, ShardData, caption_id
+from .distributed import World, all_objects, gather_rows, share
 
 TEXT_BATCH = 1024
 
@@ -84,28 +85,43 @@ def build_feature_table(
     batch_size: int = 256,
     workers: int = 4,
     progress: Callable[[int], None] | None = None,
+    world: World = World(),
 ) -> FeatureTable:
-    """Encode every distinct image and caption once; samples whose image fails are dropped (listed)."""
+    """Encode every distinct image and caption once; samples whose image fails are dropped (listed).
+
+    Under torchrun each process encodes only its `share` of the distinct images and captions and
+    the pieces are gathered: every process ends with the table one process builds.
+    """
     paths = list(dict.fromkeys(p.image for p in data.pairs if isinstance(p.image, str)))
     captions = list(dict.fromkeys(p.caption for p in data.pairs))
-    rows, features, skipped = {}, [], list(data.skipped)
-    for encoded in encode_images(model, (InputItem(p) for p in paths), batch_size=batch_size, workers=workers, precision=precision):
-        if encoded.feature is None:
-            skipped.append(f"{encoded.path}: {encoded.error}")
-        else:
-            rows[encoded.path] = len(features)
+    mine = share(len(paths), world)
+    features, errors = [], []
+    for encoded in encode_images(model, (InputItem(p) for p in paths[mine.start : mine.stop]), batch_size=batch_size, workers=workers, precision=precision):
+        errors.append(None if encoded.feature is not None else str(encoded.error))
+        if encoded.feature is not None:
             features.append(encoded.feature)
         if progress:
             progress(1)
+    width = model.text_projection.shape[1]
+    image = gather_rows(world, torch.stack(features) if features else torch.empty(0, width))
+    errors = [e for part in all_objects(world, errors) for e in part]
+    rows, skipped = {}, list(data.skipped)
+    for path, error in zip(paths, errors):
+        if error is None:
+            rows[path] = len(rows)
+        else:
+            skipped.append(f"{path}: {error}")
     kept = [p for p in data.pairs if p.image in rows]
     if not kept:
         raise DataError(f"{data.description}: no image could be read (first problem: {skipped[0] if skipped else 'none'})")
+    part = share(len(captions), world)
+    tokens = tokenize(model, captions[part.start : part.stop])
+    text_yes = gather_rows(world, encode_captions(model, tokens, device, precision))
     caption_row = {c: i for i, c in enumerate(captions)}
-    tokens = tokenize(model, captions)
     return FeatureTable(
-        image=torch.stack(features),
-        text_yes=encode_captions(model, tokens, device, precision),
-        tokens=tokens,
+        image=image,
+        text_yes=text_yes,
+        tokens=gather_rows(world, tokens),
         caption_ids=torch.tensor([caption_id(c) for c in captions], dtype=torch.int64),
         sample_image=torch.tensor([rows[p.image] for p in kept], dtype=torch.int64),
         sample_caption=torch.tensor([caption_row[p.caption] for p in kept], dtype=torch.int64),
@@ -114,18 +130,23 @@ def build_feature_table(
 
 
 def sample_order(n: int, seed: int, rank: int, world_size: int, start: int = 0) -> Iterator[int]:
-    """Endless sample indices of one process: per epoch a seeded permutation, every world_size-th entry.
+    """Endless sample indices of one process: its share of one global order, whatever the world size.
 
-    Starting at `start` costs nothing, whatever the number of samples already used.
+    The global order is epoch after epoch of a permutation of all n samples seeded by (seed,
+    epoch), without a break between epochs; a step with global batch G takes its next G
+    positions, so a batch may span two epochs and every batch is full, for any n. Process r takes
+    the positions r, r + W, r + 2W, ...: W processes with batch B see exactly the samples of one
+    process with batch W·B, step by step. `start` (samples this process already used) costs nothing.
     """
-    per_epoch = len(range(rank, n, world_size))
-    if per_epoch == 0:
-        raise DataError(f"{n} sample(s) cannot feed {world_size} processes")
-    epoch, offset = divmod(start, per_epoch)
-    for e in itertools.count(epoch):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
-        yield from perm[rank::world_size][offset:].tolist()
-        offset = 0
+    if n < 1:
+        raise DataError("no samples to train on")
+    position = start * world_size + rank
+    while True:
+        epoch, index = divmod(position, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        mine = perm[index::world_size].tolist()
+        yield from mine
+        position += len(mine) * world_size
 
 
 class CachedBatches:

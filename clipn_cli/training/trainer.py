@@ -214,8 +214,8 @@ def _train(base: Base, data: IndexedData | ShardData, config: TrainConfig, monit
 
     skipped: list[str] = list(data.skipped)
     if cached:
-        monitor.phase("caching frozen features", len({p.image for p in data.pairs}))
-        table = build_feature_table(model, data, device, encode_precision, workers=config.workers, progress=monitor.advance)
+        monitor.phase("caching frozen features", len(dist_utils.share(len({p.image for p in data.pairs}), world)))
+        table = build_feature_table(model, data, device, encode_precision, workers=config.workers, progress=monitor.advance, world=world)
         skipped = table.skipped
         samples: int | None = len(table)
         batches: CachedBatches | StreamBatches = CachedBatches(table, config.batch_size, config.seed, world.rank, world.size, consumed)
