@@ -77,9 +77,9 @@ class JsonWriter(Writer):
 
 
 class CsvWriter(Writer):
-    def __init__(self, stream: IO[str], details: bool = False) -> None:
+    def __init__(self, stream: IO[str], details: bool = False, extra: tuple[str, ...] = ()) -> None:
         super().__init__(stream)
-        columns = CSV_COLUMNS + (DETAIL_COLUMNS if details else ("top_k",))
+        columns = CSV_COLUMNS + extra + (DETAIL_COLUMNS if details else ("top_k",))
         self._csv = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         self._csv.writeheader()
 
@@ -123,8 +123,11 @@ def open_writer(
     details: bool = False,
     append: bool = False,
     stdout: IO[str] | None = None,
+    columns: tuple[str, ...] = (),
 ) -> Iterator[Writer]:
     """A writer for `fmt` to `output` (a file) or stdout, finished when the block ends normally.
+
+    `columns`: extra CSV columns after the standard ones (`p_value` of calibrated runs).
 
     If the block raises (an error, Ctrl-C), an atomic JSON/CSV/table file is discarded and a
     JSON Lines file keeps the complete lines written so far.
@@ -144,7 +147,7 @@ def open_writer(
         elif fmt == "json":
             writer = JsonWriter(stream)
         elif fmt == "csv":
-            writer = CsvWriter(stream, details)
+            writer = CsvWriter(stream, details, columns)
         else:
             writer = TableWriter(stream)
         yield writer

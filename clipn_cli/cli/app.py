@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from . import convert, detect, embed, weights
+from . import calibrate, convert, detect, embed, weights
 from . import eval as eval_command
 from . import train as train_command
 from .common import error
@@ -25,6 +25,7 @@ app.command("embed-classes")(embed.embed_classes)
 app.command("detect")(detect.detect)
 app.command("train")(train_command.train)
 app.command("eval")(eval_command.evaluate)
+app.command("calibrate")(calibrate.calibrate)
 app.add_typer(weights.app, name="weights")
 
 
