@@ -104,14 +104,16 @@ class TableWriter(Writer):
         from rich.text import Text
 
         table = Table(show_edge=False, header_style="bold")
-        for name, justify in (("image", "left"), ("verdict", "center"), ("class", "left"), ("CTW", "right"), ("ATD", "right")):
+        calibrated = [k for k in ("p_value", "q_value") if any(k in r for r in self._rows)]  # `detect --calibration`
+        for name, justify in (("image", "left"), ("verdict", "center"), ("class", "left"), ("CTW", "right"), ("ATD", "right"), *((k, "right") for k in calibrated)):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
         for r in self._rows:
             if "error" in r:
-                table.add_row(Text(r["path"]), Text("ERROR", style="bold yellow"), Text(r["error"], style="yellow"), "", "")
+                table.add_row(Text(r["path"]), Text("ERROR", style="bold yellow"), Text(r["error"], style="yellow"), "", "", *("" for _ in calibrated))
                 continue
             style = "bold red" if r["verdict"] == "OOD" else "bold green"
-            table.add_row(Text(r["path"]), Text(r["verdict"], style=style), Text(r["class"]), f"{r['ctw_score']:.3f}", f"{r['atd_score']:.3f}")
+            table.add_row(Text(r["path"]), Text(r["verdict"], style=style), Text(r["class"]), f"{r['ctw_score']:.3f}", f"{r['atd_score']:.3f}",
+                          *(f"{r[k]:.4g}" for k in calibrated))
         width = None if self.stream.isatty() else 200  # a table saved to a file keeps full paths
         Console(file=self.stream, width=width).print(table)
 
