@@ -33,9 +33,7 @@ def calibrate(
 ) -> None:
     """Score ID images with every method and store the sorted scores (no image paths) in a JSON file.
 
-    'clipn detect --calibration FILE' then calls an image OOD when its conformal p-value is <= alpha:
-    an ID image like these is flagged with probability at most alpha. Use the same weights, classes
-    and templates for detect (other ones are refused). n images allow alpha >= 1/(n+1).
+    'clipn detect --calibration FILE' then calls an image OOD when its conformal p-value is <= alpha: an ID image like these is flagged with probability at most alpha. Use the same weights, classes and templates for detect (other ones are refused). n images allow alpha >= 1/(n+1).
 
     Exit codes: 0 all images scored, 1 some could not be read (left out, file still written), 2 usage or setup error.
     """
