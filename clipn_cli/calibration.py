@@ -32,7 +32,7 @@ from .files import atomic_open
 
 FORMAT = "clipn-cli.calibration"
 FORMAT_VERSION = "1"
-MAX_FILE_BYTES = 1 << 30  # 10^7 images x 6 methods fit; anything larger is not ours
+MAX_FILE_BYTES = 256 << 20  # ~2x10^6 calibration images x 6 methods; parsing more would cost GBs of memory
 DEFAULT_ALPHA = 0.05
 # the record field holding each method's score ("higher = more ID"), for `detect --calibration`
 RECORD_FIELDS = {"ctw": "ctw_score", "atd": "atd_score", "msp": "msp", "max_logit": "max_logit", "energy": "energy"}
