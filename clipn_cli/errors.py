@@ -53,3 +53,7 @@ class DataError(ClipnError):
 
 class TrainError(ClipnError):
     """A training run cannot start or resume (bad base, options or checkpoint)."""
+
+
+class CalibrationError(ClipnError):
+    """A calibration file is unreadable, made for other weights/classes/templates, or too small for α."""

@@ -77,9 +77,9 @@ class JsonWriter(Writer):
 
 
 class CsvWriter(Writer):
-    def __init__(self, stream: IO[str], details: bool = False) -> None:
+    def __init__(self, stream: IO[str], details: bool = False, extra: tuple[str, ...] = ()) -> None:
         super().__init__(stream)
-        columns = CSV_COLUMNS + (DETAIL_COLUMNS if details else ("top_k",))
+        columns = CSV_COLUMNS + extra + (DETAIL_COLUMNS if details else ("top_k",))
         self._csv = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         self._csv.writeheader()
 
@@ -104,14 +104,16 @@ class TableWriter(Writer):
         from rich.text import Text
 
         table = Table(show_edge=False, header_style="bold")
-        for name, justify in (("image", "left"), ("verdict", "center"), ("class", "left"), ("CTW", "right"), ("ATD", "right")):
+        calibrated = [k for k in ("p_value", "q_value") if any(k in r for r in self._rows)]  # `detect --calibration`
+        for name, justify in (("image", "left"), ("verdict", "center"), ("class", "left"), ("CTW", "right"), ("ATD", "right"), *((k, "right") for k in calibrated)):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
         for r in self._rows:
             if "error" in r:
-                table.add_row(Text(r["path"]), Text("ERROR", style="bold yellow"), Text(r["error"], style="yellow"), "", "")
+                table.add_row(Text(r["path"]), Text("ERROR", style="bold yellow"), Text(r["error"], style="yellow"), "", "", *("" for _ in calibrated))
                 continue
             style = "bold red" if r["verdict"] == "OOD" else "bold green"
-            table.add_row(Text(r["path"]), Text(r["verdict"], style=style), Text(r["class"]), f"{r['ctw_score']:.3f}", f"{r['atd_score']:.3f}")
+            table.add_row(Text(r["path"]), Text(r["verdict"], style=style), Text(r["class"]), f"{r['ctw_score']:.3f}", f"{r['atd_score']:.3f}",
+                          *(f"{r[k]:.4g}" for k in calibrated))
         width = None if self.stream.isatty() else 200  # a table saved to a file keeps full paths
         Console(file=self.stream, width=width).print(table)
 
@@ -123,8 +125,11 @@ def open_writer(
     details: bool = False,
     append: bool = False,
     stdout: IO[str] | None = None,
+    columns: tuple[str, ...] = (),
 ) -> Iterator[Writer]:
     """A writer for `fmt` to `output` (a file) or stdout, finished when the block ends normally.
+
+    `columns`: extra CSV columns after the standard ones (`p_value` of calibrated runs).
 
     If the block raises (an error, Ctrl-C), an atomic JSON/CSV/table file is discarded and a
     JSON Lines file keeps the complete lines written so far.
@@ -144,7 +149,7 @@ def open_writer(
         elif fmt == "json":
             writer = JsonWriter(stream)
         elif fmt == "csv":
-            writer = CsvWriter(stream, details)
+            writer = CsvWriter(stream, details, columns)
         else:
             writer = TableWriter(stream)
         yield writer

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from . import convert, detect, embed, weights
+from . import calibrate, convert, detect, embed, weights
 from . import eval as eval_command
 from . import train as train_command
 from .common import error
@@ -61,6 +61,7 @@ app.command("embed-classes")(embed.embed_classes)
 app.command("detect")(detect.detect)
 app.command("train")(train_command.train)
 app.command("eval")(eval_command.evaluate)
+app.command("calibrate")(calibrate.calibrate)
 app.add_typer(weights.app, name="weights")
 
 

@@ -6,7 +6,7 @@ import gc
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,6 +17,10 @@ from .common import (
 )
 from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
+if TYPE_CHECKING:
+    from ..calibration import CalibratedVerdicts
+    from ..embeddings import ClassEmbeddings
+
 
 def detect(
     paths: Annotated[list[str] | None, typer.Argument(help="Image files, directories (recursive), glob patterns, or - to read paths from stdin.", show_default=False)] = None,
@@ -25,7 +29,7 @@ def detect(
     embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,
     weights: WeightsOpt = None,
     templates: TemplatesOpt = "clipn",
-    rule: Annotated[str, typer.Option("--rule", help="Verdict rule: atd (agreeing-to-differ) or ctw (competing-to-win).")] = "atd",
+    rule: Annotated[str, typer.Option("--rule", help="Verdict rule: atd (agreeing-to-differ) or ctw (competing-to-win); with --calibration also msp, max_logit or energy.")] = "atd",
     fmt: Annotated[str | None, typer.Option("--format", "-f", help="table, json, jsonl or csv. Default: table on a terminal, jsonl otherwise.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results to this file instead of stdout.", show_default=False)] = None,
     details: Annotated[bool, typer.Option("--details", help="Add p_yes, logits_yes and logits_no (per class) to each record.")] = False,
@@ -39,6 +43,10 @@ def detect(
     cache: Annotated[Path | None, typer.Option("--cache", help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
     draft: Annotated[bool, typer.Option("--draft", help="Decode large JPEGs at reduced scale: several times faster for big photos, not exact.")] = False,
     quantize: Annotated[str | None, typer.Option("--quantize", help="int8: quantise the image tower's linear layers (CPU only): faster, not exact.", show_default=False)] = None,
+    calibration: Annotated[Path | None, typer.Option("--calibration", help="A file from 'clipn calibrate': add p_value per image and call OOD when p_value <= alpha.", show_default=False)] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="With --calibration: the false-alarm rate on ID images (default: the one the file was made with).", show_default=False)] = None,
+    fdr: Annotated[float | None, typer.Option("--fdr", help="With --calibration: Benjamini-Hochberg over the whole run, expected share of ID among OOD verdicts <= Q (adds q_value). Needs the whole run before writing: --format json/csv/table or --output FILE.", show_default=False)] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Also write a self-contained HTML report (verdict counts, counts per class, gallery by p_ood).", show_default=False)] = None,
 ) -> None:
     """Say ID or OOD for each image, from class names alone.
 
@@ -47,7 +55,9 @@ def detect(
     _huge_pages_for_activations()
     _few_malloc_arenas()
     with handle_errors():
-        check_choice("--rule", rule, ("atd", "ctw"))
+        from ..calibration import RECORD_FIELDS
+
+        check_choice("--rule", rule, ("atd", "ctw") if calibration is None else tuple(RECORD_FIELDS))
         fmt = fmt or ("table" if output is None and stdout_is_terminal() else "jsonl")
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
@@ -59,9 +69,12 @@ def detect(
             fail("--resume needs --format jsonl and --output FILE (the file to continue)")
         if quantize and precision != "fp32":
             fail("--quantize int8 computes in fp32: it cannot be combined with --precision fp16 or bf16")
+        check_output("--report", report)
+        _check_calibration_options(calibration, alpha, fdr, fmt, output, resume)
         names = load_classes(classes, classes_file, embeddings)
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
+        verdicts = _calibrated_verdicts(calibration, alpha, fdr, rule, heads, weights_info.fingerprint)
         if quantize:
             from ..inference import quantize_image_tower
 
@@ -82,21 +95,43 @@ def detect(
             items = (item for item in items if item.path not in already)
         feature_cache = FeatureCache(cache, weights_info.fingerprint) if cache is not None else None
         results = run_detect(
-            model, heads, items, rule=rule, batch_size=batch_size,
+            model, heads, items, rule=rule if verdicts is None else "atd", batch_size=batch_size,
             workers=workers,
             precision=precision, exif_transpose=exif_transpose, details=details, top_k=top_k,
             cache=feature_cache, draft=draft,
         )
         done = failed = 0
         last = None
+        report_data = None
+        if report is not None:
+            from ..report import DetectReport
+
+            report_data = DetectReport(heads.classes, calibrated=verdicts is not None)
+        buffered: list[dict] = []
         try:
-            with open_writer(fmt, output, details=details, append=resume) as writer, _progress() as tick:
+            with open_writer(fmt, output, details=details, append=resume, columns=_extra_columns(verdicts)) as writer, _progress() as tick:
+
+                def emit(record: dict) -> None:
+                    writer.write(record)
+                    if report_data is not None:
+                        report_data.add(record)
+
                 for result in results:
-                    writer.write(result.as_dict(details))
+                    record = result.as_dict(details)
+                    if verdicts is not None:
+                        verdicts.apply(record)
+                    if fdr is not None:
+                        buffered.append(record)
+                    else:
+                        emit(record)
                     done += 1
                     failed += not result.ok
                     last = result.path
                     tick()
+                if fdr is not None and verdicts is not None:
+                    verdicts.apply_fdr(buffered)
+                    for record in buffered:
+                        emit(record)
         except (KeyboardInterrupt, Terminated):
             where = f"after {done} inputs (last: {last})" if last else "before any input was finished"
             kept = f"; {output} keeps every finished line, continue with --resume" if output is not None and fmt == "jsonl" else ""
@@ -104,10 +139,44 @@ def detect(
             raise
         if done == 0 and not already:
             fail("no images found in the given inputs")
+        if report_data is not None and report is not None:
+            from ..report import write_html
+
+            write_html(report, report_data.render(verdicts))
+            info(f"wrote the report to {report}")
         if failed:
             info(f"{failed} of {done} inputs could not be scored (see their error records)")
             raise typer.Exit(EXIT_PARTIAL)
         raise typer.Exit(EXIT_OK)
+
+
+def _check_calibration_options(calibration: Path | None, alpha: float | None, fdr: float | None, fmt: str, output: Path | None, resume: bool) -> None:
+    """--alpha and --fdr only mean something with a calibration; --fdr needs the whole run before writing."""
+    if calibration is None and (alpha is not None or fdr is not None):
+        fail(f"{'--alpha' if alpha is not None else '--fdr'} needs --calibration FILE (from 'clipn calibrate')")
+    if fdr is not None and alpha is not None:
+        fail("give --alpha (a false-alarm rate per image) or --fdr (a false-discovery rate over the run), not both")
+    if fdr is not None and (resume or (fmt == "jsonl" and output is None)):
+        fail("--fdr needs every p-value of the run before it writes: use --format json, csv or table, or --output FILE (not --resume)")
+
+
+def _calibrated_verdicts(
+    calibration: Path | None, alpha: float | None, fdr: float | None, rule: str, heads: ClassEmbeddings, fingerprint: str
+) -> CalibratedVerdicts | None:
+    """The calibrated verdict rule, with the file checked against the weights, classes and templates in use."""
+    if calibration is None:
+        return None
+    from ..calibration import CalibratedVerdicts, Calibration
+
+    loaded = Calibration.load(calibration)
+    loaded.check_matches(fingerprint, heads.classes, heads.templates_sha256, str(calibration))
+    return CalibratedVerdicts(loaded, rule, loaded.alpha if alpha is None else alpha, fdr)
+
+
+def _extra_columns(verdicts: CalibratedVerdicts | None) -> tuple[str, ...]:
+    if verdicts is None:
+        return ()
+    return ("p_value",) if verdicts.fdr is None else ("p_value", "q_value")
 
 
 def _huge_pages_for_activations() -> None:

@@ -18,6 +18,7 @@ from .common import (
 from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
 if TYPE_CHECKING:
+    from ..calibration import OperatingPoint
     from ..evaluation import Evaluation
 
 FORMATS = ("table", "json", "csv")
@@ -43,6 +44,9 @@ def evaluate(
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
     exif_transpose: ExifOpt = False,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="Also report calibrated verdicts: calibrate every method on a seeded random half of the ID images, report ID flagged on the other half and OOD caught per set.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random ID half for --alpha.")] = 0,
+    report: Annotated[Path | None, typer.Option("--report", help="Also write a self-contained HTML report (metrics, ROC with a log false-alarm axis, histograms, galleries).", show_default=False)] = None,
 ) -> None:
     """Measure how well CTW and ATD (and MSP, MaxLogit, Energy, MCM) separate ID from OOD images.
 
@@ -58,6 +62,11 @@ def evaluate(
         check_output("--output", output)
         check_output("--save-scores", save_scores)
         check_output("--plots", plots, directory=True)
+        check_output("--report", report)
+        if alpha is not None:
+            from ..calibration import check_alpha
+
+            check_alpha(alpha)
         from ..evaluation import check_convention, collect_sets, group_ood_specs
 
         check_convention(fpr_convention)
@@ -67,6 +76,10 @@ def evaluate(
             require_matplotlib()
         names = load_classes(classes, classes_file, embeddings)
         sets = collect_sets(id_paths, group_ood_specs(ood))
+        if alpha is not None:
+            from ..calibration import check_size
+
+            check_size(len(sets[0].items) // 2, alpha, f"--alpha {alpha:g} on a random half of {len(sets[0].items)} ID images")
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
 
@@ -82,7 +95,13 @@ def evaluate(
             )
         for note in evaluation.notes:
             warn(note)
-        _write_report(evaluation, fmt, output)
+        points = _operating_points(evaluation, alpha, seed) if alpha is not None else []
+        _write_report(evaluation, fmt, output, points, seed)
+        if report is not None:
+            from ..report import eval_report, write_html
+
+            write_html(report, eval_report(evaluation, points))
+            info(f"wrote the report to {report}")
         if save_scores is not None:
             from ..evaluation import write_scores
 
@@ -107,21 +126,43 @@ def evaluate(
         raise typer.Exit(EXIT_OK)
 
 
-def _write_report(evaluation: Evaluation, fmt: str, output: Path | None) -> None:
+def _operating_points(evaluation: Evaluation, alpha: float, seed: int) -> list[OperatingPoint]:
+    """Every method calibrated on a seeded random half of the ID set (`calibration.operating_points`)."""
+    from ..calibration import operating_points
+
+    id_set = evaluation.sets[0]
+    ood = {s.name: s.scores for s in evaluation.sets[1:] if s.paths}
+    return operating_points(id_set.scores, ood, alpha, seed)
+
+
+def _write_report(evaluation: Evaluation, fmt: str, output: Path | None, points: list[OperatingPoint] | None = None, seed: int = 0) -> None:
     from ..files import atomic_open
     from ..output import TEXT_ERRORS, json_text
 
     with contextlib.ExitStack() as stack:
         stream: IO[str] = sys.stdout if output is None else stack.enter_context(atomic_open(output, "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
+        calibrated = {p.method: p for p in points or ()}
         if fmt == "json":
-            stream.write(json_text(evaluation.as_dict(), indent=2) + "\n")
+            found = evaluation.as_dict()
+            if points:
+                found["calibrated"] = {"alpha": points[0].alpha, "seed": seed, "split": "random half of the ID images calibrates, the other half tests",
+                                       "results": [p.as_dict() for p in points]}
+            stream.write(json_text(found, indent=2) + "\n")
         elif fmt == "csv":
-            writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, lineterminator="\n")
+            columns = CSV_COLUMNS + (("calibrated_alpha", "calibrated_id_flagged", "calibrated_ood_caught") if points else ())
+            writer = csv.DictWriter(stream, fieldnames=columns, lineterminator="\n")
             writer.writeheader()
             for result in evaluation.results:
-                writer.writerow({**result.as_dict(), "fpr95_convention": evaluation.convention})
+                row = {**result.as_dict(), "fpr95_convention": evaluation.convention}
+                point = calibrated.get(result.method)
+                if point is not None:
+                    caught = point.ood_caught.get(result.ood, sum(point.ood_caught.values()) / len(point.ood_caught))
+                    row.update(calibrated_alpha=point.alpha, calibrated_id_flagged=point.id_flagged, calibrated_ood_caught=caught)
+                writer.writerow(row)
         else:
             _print_table(evaluation, stream)
+            if points:
+                _print_points(points, stream)
         stream.flush()
 
 
@@ -156,6 +197,25 @@ def _print_table(evaluation: Evaluation, stream: IO[str]) -> None:
     console.print(f"FPR95 ({evaluation.convention}): {FPR_CONVENTIONS[evaluation.convention]}", markup=False)
     console.print("ID flagged / OOD caught: images the CTW/ATD threshold-free rule calls OOD. "
                   "thr@95%ID: score threshold keeping 95% of ID images (score >= thr is ID).", markup=False)
+
+
+def _print_points(points: list[OperatingPoint], stream: IO[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..evaluation import METHODS
+
+    first = points[0]
+    table = Table(header_style="bold", title_justify="left", title=f"Calibrated verdicts at alpha {first.alpha:g} (%)", caption_justify="left",
+                  caption=f"each method calibrated on {first.calibration_size} random ID images, tested on the other {first.id_test_size}")
+    table.add_column("method")
+    table.add_column("ID flagged", justify="right")
+    for name in first.ood_caught:
+        table.add_column(Text(f"OOD caught: {name}"), justify="right")
+    for p in points:
+        table.add_row(METHODS[p.method], f"{100 * p.id_flagged:.2f}", *(f"{100 * v:.2f}" for v in p.ood_caught.values()))
+    Console(file=stream, width=None if stream.isatty() else 160, highlight=False).print(table)
 
 
 def _progress(total: int) -> contextlib.AbstractContextManager[Callable[[int], None] | None]:

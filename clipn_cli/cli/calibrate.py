@@ -1,0 +1,74 @@
+"""`clipn calibrate`: score images known to be ID and store their scores, so that `detect
+--calibration` can give verdicts with a chosen false-alarm rate."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import (
+    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
+    WeightsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, warn,
+)
+from .runtime import class_embeddings, load_classes, load_weights_for_cli
+
+
+def calibrate(
+    paths: Annotated[list[str] | None, typer.Argument(help="Images known to be ID (no labels needed): files, directories, globs, or - for paths on stdin.", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="The calibration file to write (JSON).", show_default=False)] = None,
+    classes: ClassesOpt = None,
+    classes_file: ClassesFileOpt = None,
+    embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,
+    weights: WeightsOpt = None,
+    templates: TemplatesOpt = "clipn",
+    alpha: Annotated[float, typer.Option("--alpha", help="Default false-alarm rate for 'detect --calibration' (detect --alpha overrides it).")] = 0.05,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
+    precision: PrecisionOpt = "fp32",
+    exif_transpose: ExifOpt = False,
+) -> None:
+    """Score ID images with every method and store the sorted scores (no image paths) in a JSON file.
+
+    'clipn detect --calibration FILE' then calls an image OOD when its conformal p-value is <= alpha: an ID image like these is flagged with probability at most alpha. Use the same weights, classes and templates for detect (other ones are refused). n images allow alpha >= 1/(n+1).
+
+    Exit codes: 0 all images scored, 1 some could not be read (left out, file still written), 2 usage or setup error.
+    """
+    with handle_errors():
+        from ..calibration import Calibration, check_alpha, check_size
+
+        check_alpha(alpha)
+        check_choice("--precision", precision, PRECISIONS)
+        if output is None:
+            fail("--output FILE is required: where to write the calibration")
+        if not paths:
+            fail("no inputs: give the ID images as files, directories, globs, or - for paths on stdin")
+        check_output("--output", output)
+        names = load_classes(classes, classes_file, embeddings)
+        model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
+        heads = class_embeddings(model, weights_info, names, embeddings, templates)
+
+        from ..evaluation import ImageSet, score_set
+        from ..images import iter_inputs
+
+        items = list(iter_inputs(paths, sys.stdin))
+        scored = score_set(model, heads, ImageSet("ID", "id", items, [None] * len(items)), batch_size=batch_size,
+                           workers=workers, precision=precision, exif_transpose=exif_transpose)
+        if not scored.paths:
+            fail("no readable image in the given inputs" + (f" (first: {scored.failures[0][0]}: {scored.failures[0][1]})" if scored.failures else ""))
+        check_size(len(scored.paths), alpha, "calibrate")
+        calibration = Calibration(
+            scored.scores, weights_info.fingerprint, list(heads.classes), heads.templates, heads.templates_sha256, alpha,
+            settings={"precision": precision, "exif_transpose": exif_transpose},
+        )
+        calibration.save(output)
+        info(f"wrote {output}: scores of {calibration.count} ID images for {len(calibration.scores)} methods; "
+             f"alpha {alpha:g} (ATD flags scores below {calibration.threshold('atd', alpha):.4g})")
+        if scored.failures:
+            path, why = scored.failures[0]
+            warn(f"{len(scored.failures)} images could not be read and were left out (first: {path}: {why})")
+            raise typer.Exit(EXIT_PARTIAL)
+        raise typer.Exit(EXIT_OK)

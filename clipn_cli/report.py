@@ -1,0 +1,450 @@
+"""Self-contained HTML reports for `eval` and `detect`: one file, no network, no script.
+
+Everything is inline: CSS, charts (SVG drawn here, so no plotting library is needed) and
+thumbnails (small PNG/JPEG as data: URIs). A Content-Security-Policy forbids every script and
+every non-data resource, and every string from the data (paths, class and set names) is
+HTML-escaped, so a file named `<script>...</script>.jpg` is shown as text. Galleries and tables
+are cut to a fixed size, stated on the page, so a report of 10^5 images stays a few MB.
+"""
+
+from __future__ import annotations
+
+import base64
+import heapq
+import html
+import io
+import itertools
+import math
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import metrics
+from .files import atomic_open
+
+if TYPE_CHECKING:
+    from .calibration import CalibratedVerdicts, OperatingPoint
+    from .evaluation import Evaluation
+
+GALLERY_SIZE = 48  # thumbnails per gallery
+THUMB_PIXELS = 112  # longest side of a thumbnail
+CLASS_ROWS = 50  # rows of the per-class table
+ERROR_ROWS = 20
+HIST_BINS = 40
+ROC_POINTS = 240  # points per ROC curve, log-spaced on the false-alarm axis
+METHOD_NAMES = {"ctw": "CTW", "atd": "ATD", "msp": "MSP", "max_logit": "MaxLogit", "energy": "Energy", "mcm": "MCM"}
+COLORS = {"ctw": "#7b3fb3", "atd": "#1a8a3a", "msp": "#e07b00", "max_logit": "#8c564b", "energy": "#d6338a", "mcm": "#1496a8"}
+ID_COLOR, OOD_COLOR = "#2b6cb0", "#c53030"
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#1a202c;padding:0 16px}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:19px;margin:32px 0 8px;border-bottom:1px solid #e2e8f0;padding-bottom:4px}
+h3{font-size:15px;margin:18px 0 6px}.note{color:#4a5568;font-size:13px;margin:4px 0 10px}
+table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}th,td{padding:3px 10px;border-bottom:1px solid #edf2f7;text-align:right}
+th{background:#f7fafc;font-weight:600}td.l,th.l{text-align:left}tr.avg td{font-weight:600;background:#fafafa}
+.charts{display:flex;flex-wrap:wrap;gap:14px}.chart{border:1px solid #e2e8f0;border-radius:6px;padding:6px;background:#fff}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(168px,1fr));gap:10px}
+.card{border:1px solid #e2e8f0;border-radius:6px;padding:6px;font-size:12px;background:#fff;overflow-wrap:anywhere}
+.card img{display:block;width:112px;height:112px;object-fit:contain;margin:0 auto 4px;image-rendering:pixelated;background:#f7fafc}
+.card .path{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:11px;color:#2d3748}
+.card .none{width:112px;height:112px;margin:0 auto 4px;display:flex;align-items:center;justify-content:center;background:#f7fafc;color:#a0aec0}
+.tag{display:inline-block;padding:0 6px;border-radius:8px;color:#fff;font-weight:600;font-size:11px}.OOD{background:#c53030}.ID{background:#2f855a}
+.bar{display:inline-block;height:10px;vertical-align:middle}.kpi{display:flex;gap:12px;flex-wrap:wrap}
+.kpi div{border:1px solid #e2e8f0;border-radius:6px;padding:8px 14px;background:#f7fafc}.kpi b{display:block;font-size:20px}
+"""
+
+
+def esc(value: Any) -> str:
+    """HTML-escaped text; a file name's non-UTF-8 bytes (lone surrogates) are shown as U+FFFD."""
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return html.escape(text, quote=True)
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}g}"
+
+
+def pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def thumbnail_uri(path: str, size: int = THUMB_PIXELS) -> str | None:
+    """A small PNG or JPEG (whichever is smaller) of an image file as a data: URI; None if unreadable."""
+    from PIL import Image
+
+    from .images import open_image
+
+    try:
+        img = open_image(path, draft=size)
+        img.thumbnail((size, size), Image.BICUBIC)
+        if img.mode in ("RGBA", "LA", "P", "PA"):
+            rgba = img.convert("RGBA")
+            img = Image.new("RGB", rgba.size, "white")
+            img.paste(rgba, mask=rgba.split()[-1])
+        img = img.convert("RGB")
+        encoded = []
+        for kind, options in (("png", {"optimize": True}), ("jpeg", {"quality": 82})):
+            buffer = io.BytesIO()
+            img.save(buffer, format=kind.upper(), **options)
+            encoded.append((len(buffer.getvalue()), kind, buffer.getvalue()))
+        _, kind, data = min(encoded)
+    except Exception:  # a file that changed or vanished since it was scored costs its thumbnail only
+        return None
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def page(title: str, subtitle: str, body: Iterable[str]) -> str:
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">"
+        "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
+        f"<h1>{esc(title)}</h1><p class=\"note\">{esc(subtitle)}</p>" + "".join(body) + "</body></html>\n"
+    )
+
+
+def write_html(path: str | os.PathLike[str], text: str) -> None:
+    """Write the report atomically (UTF-8)."""
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+# ---- charts -------------------------------------------------------------------------------------
+
+@dataclass
+class Curve:
+    label: str
+    color: str
+    x: np.ndarray
+    y: np.ndarray
+    width: float = 1.6
+
+
+@dataclass
+class Marker:
+    label: str
+    color: str
+    x: float
+    y: float
+
+
+def roc_svg(title: str, curves: Sequence[Curve], markers: Sequence[Marker], x_min: float, width: int = 560, height: int = 400) -> str:
+    """ROC with a log-scale false-alarm axis (x: ID flagged, from `x_min` to 1) and linear y (OOD caught)."""
+    left, right, top, bottom = 56, 190, 26, 44
+    pw, ph = width - left - right, height - top - bottom
+    lo = math.log10(x_min)
+
+    def sx(x: float) -> float:
+        return left + pw * (math.log10(min(max(x, x_min), 1.0)) - lo) / -lo
+
+    def sy(y: float) -> float:
+        return top + ph * (1 - y)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
+             f'<text x="{left}" y="16" font-size="13" font-weight="600">{esc(title)}</text>']
+    for exponent in range(int(round(lo)), 1):
+        x = sx(10.0 ** exponent)
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#e2e8f0"/>'
+                     f'<text x="{x:.1f}" y="{top + ph + 14}" font-size="11" text-anchor="middle">{_pow10(exponent)}</text>')
+    for tick in (0, 0.25, 0.5, 0.75, 1.0):
+        y = sy(tick)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#e2e8f0"/>'
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{tick:g}</text>')
+    parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#a0aec0"/>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" font-size="12" text-anchor="middle">ID images flagged OOD (false-alarm rate, log scale)</text>')
+    parts.append(f'<text x="14" y="{top + ph / 2}" font-size="12" text-anchor="middle" transform="rotate(-90 14 {top + ph / 2})">OOD images caught</text>')
+    for c in curves:
+        points = " ".join(f"{sx(float(x)):.1f},{sy(float(y)):.1f}" for x, y in zip(c.x, c.y))
+        parts.append(f'<polyline fill="none" stroke="{c.color}" stroke-width="{c.width}" points="{points}"/>')
+    for m in markers:
+        parts.append(f'<circle cx="{sx(m.x):.1f}" cy="{sy(m.y):.1f}" r="5" fill="#fff" stroke="{m.color}" stroke-width="2.2"/>')
+    legend = [(c.label, c.color, "line") for c in curves] + [(m.label, m.color, "dot") for m in markers]
+    for i, (label, color, kind) in enumerate(legend):
+        y = top + 10 + 17 * i
+        x = left + pw + 12
+        shape = (f'<line x1="{x}" y1="{y}" x2="{x + 18}" y2="{y}" stroke="{color}" stroke-width="2.5"/>' if kind == "line"
+                 else f'<circle cx="{x + 9}" cy="{y}" r="4.5" fill="#fff" stroke="{color}" stroke-width="2"/>')
+        parts.append(f'{shape}<text x="{x + 24}" y="{y + 4}" font-size="11">{esc(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _pow10(exponent: int) -> str:
+    return {0: "1", -1: "0.1", -2: "0.01"}.get(exponent, f"1e{exponent}")
+
+
+def roc_curve_log(id_scores: np.ndarray, ood_scores: np.ndarray, x_min: float) -> tuple[np.ndarray, np.ndarray]:
+    """(ID flagged, OOD caught) at `ROC_POINTS` log-spaced false-alarm rates (OOD positive, low score = OOD).
+
+    The curve is resampled, so its size does not grow with the number of images.
+    """
+    fpr, tpr, _ = metrics.roc_curve(-np.asarray(ood_scores), -np.asarray(id_scores))
+    xs = np.logspace(math.log10(x_min), 0, ROC_POINTS)
+    # a step up at one false-alarm rate: take the highest catch rate reached there
+    order = np.lexsort((tpr, fpr))
+    return xs, np.interp(xs, fpr[order], tpr[order])
+
+
+def histogram_svg(title: str, series: Sequence[tuple[str, str, np.ndarray]], lines: Sequence[tuple[str, float]] = (),
+                  bounds: tuple[float, float] | None = None, counts: Sequence[np.ndarray] | None = None,
+                  width: int = 360, height: int = 210) -> str:
+    """Overlaid density histograms (step outlines, light fill) of several score arrays, with marked values.
+
+    `counts` (pre-binned, HIST_BINS-long arrays over `bounds`) replaces the raw arrays when given.
+    """
+    left, right, top, bottom = 40, 10, 24, 44
+    pw, ph = width - left - right, height - top - bottom
+    if counts is None:
+        values = [v for _, _, v in series if v.size]
+        lo = bounds[0] if bounds else float(min(v.min() for v in values)) if values else 0.0
+        hi = bounds[1] if bounds else float(max(v.max() for v in values)) if values else 1.0
+        if hi <= lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        edges = np.linspace(lo, hi, HIST_BINS + 1)
+        counts = [np.histogram(v, bins=edges)[0] for _, _, v in series]
+    else:
+        lo, hi = bounds or (0.0, 1.0)
+    densities = [c / max(int(c.sum()), 1) for c in counts]
+    peak = max((float(d.max()) for d in densities if d.size), default=1.0) or 1.0
+
+    def sx(x: float) -> float:
+        return left + pw * (x - lo) / (hi - lo)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
+             f'<text x="{left}" y="15" font-size="12" font-weight="600">{esc(title)}</text>',
+             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#a0aec0"/>']
+    bin_width = pw / HIST_BINS
+    for (label, color, _), density in zip(series, densities):
+        d = [f"M{left},{top + ph}"]
+        for i, value in enumerate(density):
+            y = top + ph * (1 - float(value) / peak)
+            d.append(f"L{left + i * bin_width:.1f},{y:.1f}L{left + (i + 1) * bin_width:.1f},{y:.1f}")
+        d.append(f"L{left + pw},{top + ph}Z")
+        parts.append(f'<path d="{"".join(d)}" fill="{color}" fill-opacity="0.18" stroke="{color}" stroke-width="1.4"/>')
+    for label, value in lines:
+        if lo <= value <= hi:
+            x = sx(value)
+            parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#1a202c" stroke-dasharray="4 3"/>'
+                         f'<text x="{x + 3:.1f}" y="{top + 11}" font-size="10">{esc(label)}</text>')
+    for x, anchor in ((lo, "start"), ((lo + hi) / 2, "middle"), (hi, "end")):
+        parts.append(f'<text x="{sx(x):.1f}" y="{top + ph + 13}" font-size="10" text-anchor="{anchor}">{x:.3g}</text>')
+    for i, (label, color, _) in enumerate(series):
+        x = left + 4 + 120 * i
+        parts.append(f'<rect x="{x}" y="{height - 14}" width="10" height="10" fill="{color}" fill-opacity="0.5"/>'
+                     f'<text x="{x + 14}" y="{height - 5}" font-size="10">{esc(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# ---- galleries ----------------------------------------------------------------------------------
+
+@dataclass
+class Card:
+    """One gallery thumbnail and its caption."""
+
+    path: str
+    verdict: str | None
+    caption: list[tuple[str, str]]  # (label, value) lines
+
+
+def gallery(title: str, note: str, cards: Sequence[Card], total: int) -> str:
+    shown = f"showing {len(cards)} of {total}" + (f" (cut to the top {GALLERY_SIZE})" if total > len(cards) else "")
+    out = [f"<h3>{esc(title)}</h3><p class=\"note\">{esc(note)}; {esc(shown)}.</p>"]
+    if not cards:
+        return out[0] + "<p class=\"note\">none</p>"
+    out.append("<div class=\"gallery\">")
+    for card in cards:
+        uri = thumbnail_uri(card.path)
+        image = f'<img src="{uri}" alt="{esc(card.path)}">' if uri else '<div class="none">unreadable</div>'
+        tag = f'<span class="tag {esc(card.verdict)}">{esc(card.verdict)}</span> ' if card.verdict in ("ID", "OOD") else ""
+        lines = "".join(f"<div>{esc(label)}: {esc(value)}</div>" for label, value in card.caption)
+        out.append(f'<div class="card">{image}<div class="path">{tag}{esc(card.path)}</div>{lines}</div>')
+    out.append("</div>")
+    return "".join(out)
+
+
+# ---- eval ---------------------------------------------------------------------------------------
+
+def eval_report(evaluation: Evaluation, points: Sequence[OperatingPoint] = (), title: str = "clipn eval report") -> str:
+    """The HTML report of an evaluation: metrics, ROC (log false-alarm axis), histograms, galleries."""
+    from .evaluation import METHODS
+
+    id_set = evaluation.sets[0]
+    ood_sets = [s for s in evaluation.sets[1:] if s.paths]
+    counts = ", ".join(f"{s.name}: {len(s.paths)}" for s in evaluation.sets)
+    body = [f"<p class=\"note\">Images {esc(counts)}; {len(evaluation.classes)} classes. "
+            f"Every score is higher = more ID. FPR95 convention: {esc(evaluation.convention)}.</p>"]
+    if evaluation.id_accuracy is not None:
+        body.append(f"<p class=\"note\">ID top-1 accuracy: {pct(evaluation.id_accuracy)}%</p>")
+    body.append("<h2>Metrics (%)</h2>" + _metrics_table(evaluation))
+    if points:
+        body.append(_points_table(points))
+    body.append("<h2>ROC curves</h2><p class=\"note\">OOD images as positives: x = share of ID images called OOD (log scale, so "
+                "the region of few false alarms is visible), y = share of OOD images caught. Circles: the threshold-free "
+                "CTW/ATD verdicts" + (" and the calibrated ATD verdict at alpha (conformal, on the held-out ID half)" if points else "") + ".</p>")
+    charts = []
+    for ood in ood_sets:
+        x_min = 10.0 ** math.floor(math.log10(1.0 / max(len(id_set.paths), 1)))
+        curves = [Curve(METHOD_NAMES.get(m, m), COLORS.get(m, "#555"), *roc_curve_log(id_set.scores[m], ood.scores[m], x_min),
+                        width=2.4 if m in ("ctw", "atd") else 1.4) for m in METHODS]
+        markers = [Marker(f"{METHOD_NAMES[r]} rule", COLORS[r], float(id_set.flagged[r].mean()), float(ood.flagged[r].mean())) for r in ("ctw", "atd")]
+        markers += [Marker(f"ATD calibrated, alpha {p.alpha:g}", "#000", max(p.id_flagged, x_min), p.ood_caught[ood.name])
+                    for p in points if p.method == "atd"]
+        charts.append(roc_svg(f"ID ({len(id_set.paths)}) vs {ood.name} ({len(ood.paths)})", curves, markers, x_min))
+    body.append("<div class=\"charts\">" + "".join(f"<div class=\"chart\">{c}</div>" for c in charts) + "</div>")
+    body.append("<h2>Score histograms</h2><p class=\"note\">Share of images per bin; OOD = every OOD set together.</p><div class=\"charts\">")
+    pooled = {m: np.concatenate([s.scores[m] for s in ood_sets]) for m in METHODS}
+    for m in METHODS:
+        lines = [("CTW 0.5", 0.5)] if m == "ctw" else []
+        body.append("<div class=\"chart\">" + histogram_svg(f"{METHOD_NAMES.get(m, m)} score", [("ID", ID_COLOR, id_set.scores[m]), ("OOD", OOD_COLOR, pooled[m])], lines) + "</div>")
+    body.append("</div><h2>Galleries</h2><p class=\"note\">Verdicts of the ATD rule (threshold-free). Class = the predicted class.</p>")
+    body.append(_eval_galleries(evaluation))
+    return page(title, f"{sum(len(s.paths) for s in evaluation.sets)} images scored by CLIPN (CTW, ATD) and baselines", body)
+
+
+def _metrics_table(evaluation: Evaluation) -> str:
+    rows = ["<table><tr><th class=\"l\">OOD set</th><th class=\"l\">method</th><th>AUROC</th><th>FPR95</th><th>AUPR-In</th>"
+            "<th>AUPR-Out</th><th>ID flagged</th><th>OOD caught</th><th>thr@95%ID</th></tr>"]
+    for r in evaluation.results:
+        cls = ' class="avg"' if r.ood == "average" else ""
+        rows.append(f"<tr{cls}><td class=\"l\">{esc(r.ood)}</td><td class=\"l\">{esc(METHOD_NAMES.get(r.method, r.method))}</td>"
+                    f"<td>{pct(r.auroc)}</td><td>{pct(r.fpr95)}</td><td>{pct(r.aupr_in)}</td><td>{pct(r.aupr_out)}</td>"
+                    f"<td>{pct(r.id_flagged)}</td><td>{pct(r.ood_caught)}</td><td>{fmt(r.threshold_95)}</td></tr>")
+    return "".join(rows) + "</table>"
+
+
+def _points_table(points: Sequence[OperatingPoint]) -> str:
+    p0 = points[0]
+    sets = list(p0.ood_caught)
+    head = "".join(f"<th>OOD caught: {esc(s)}</th>" for s in sets)
+    rows = [f"<h3>Calibrated verdicts at alpha = {p0.alpha:g}</h3><p class=\"note\">Calibrated on a random half of the ID images "
+            f"({p0.calibration_size}), measured on the other half ({p0.id_test_size}) and on every OOD image. The guarantee: "
+            f"ID flagged &le; alpha in expectation.</p><table><tr><th class=\"l\">method</th><th>ID flagged</th>{head}</tr>"]
+    for p in points:
+        cells = "".join(f"<td>{pct(p.ood_caught[s])}</td>" for s in sets)
+        rows.append(f"<tr><td class=\"l\">{esc(METHOD_NAMES.get(p.method, p.method))}</td><td>{pct(p.id_flagged)}</td>{cells}</tr>")
+    return "".join(rows) + "</table>"
+
+
+def _eval_galleries(evaluation: Evaluation) -> str:
+    classes = evaluation.classes
+
+    def card(s: Any, i: int) -> Card:
+        label = s.labels[i]
+        caption = [("set", s.name + (f" / {label}" if label else "")), ("class", classes[int(s.pred[i])]),
+                   ("ATD", fmt(float(s.scores["atd"][i]))), ("p_ood", fmt(1 - float(s.scores["atd"][i]))), ("CTW", fmt(float(s.scores["ctw"][i])))]
+        return Card(s.paths[i], "OOD" if s.flagged["atd"][i] else "ID", caption)
+
+    def pick(entries: list[tuple[float, Any, int]], reverse: bool) -> tuple[list[Card], int]:
+        entries.sort(key=lambda e: e[0], reverse=reverse)
+        return [card(s, i) for _, s, i in entries[:GALLERY_SIZE]], len(entries)
+
+    id_set, ood_sets = evaluation.sets[0], evaluation.sets[1:]
+    false_alarms = [(float(id_set.scores["atd"][i]), id_set, i) for i in np.flatnonzero(id_set.flagged["atd"])]
+    misses = [(float(s.scores["atd"][i]), s, i) for s in ood_sets for i in np.flatnonzero(~s.flagged["atd"])]
+    certain = [(float(s.scores["atd"][i]), s, i) for s in evaluation.sets for i in np.flatnonzero(s.flagged["atd"])]
+    out = []
+    for title, note, entries, reverse in (
+        ("ID images flagged OOD (false alarms)", "lowest ATD score first", false_alarms, False),
+        ("OOD images accepted as ID (misses)", "highest ATD score first", misses, True),
+        ("Most certain OOD verdicts", "all sets, highest p_ood first", certain, False),
+    ):
+        cards, total = pick(entries, reverse)
+        out.append(gallery(title, note, cards, total))
+    return "".join(out)
+
+
+# ---- detect -------------------------------------------------------------------------------------
+
+@dataclass
+class DetectReport:
+    """What a detect run's report needs, gathered record by record in bounded memory."""
+
+    classes: list[str]
+    calibrated: bool = False
+    verdicts: Counter = field(default_factory=Counter)
+    per_class: Counter = field(default_factory=Counter)  # (class, verdict) -> count
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    error_count: int = 0
+    hist: dict[str, np.ndarray] = field(default_factory=lambda: {"ID": np.zeros(HIST_BINS, np.int64), "OOD": np.zeros(HIST_BINS, np.int64)})
+    top: list[tuple[float, int, dict[str, Any]]] = field(default_factory=list)  # min-heap of the highest p_ood
+    rule: str | None = None
+    _order: itertools.count = field(default_factory=itertools.count)
+
+    def add(self, record: dict[str, Any]) -> None:
+        if "error" in record:
+            self.error_count += 1
+            if len(self.errors) < ERROR_ROWS:
+                self.errors.append((record["path"], record["error"]))
+            return
+        verdict = record["verdict"]
+        self.rule = record.get("rule")
+        self.verdicts[verdict] += 1
+        self.per_class[(record["class"], verdict)] += 1
+        p_ood = float(record["p_ood"])
+        self.hist[verdict][min(int(p_ood * HIST_BINS), HIST_BINS - 1)] += 1
+        keep = {k: record.get(k) for k in ("path", "verdict", "class", "p_ood", "atd_score", "ctw_score", "p_value", "q_value")}
+        entry = (p_ood, -next(self._order), keep)  # equal p_ood: the earlier input wins
+        if len(self.top) < GALLERY_SIZE:
+            heapq.heappush(self.top, entry)
+        elif entry[:2] > self.top[0][:2]:
+            heapq.heapreplace(self.top, entry)
+
+    def render(self, verdicts: CalibratedVerdicts | None = None, title: str = "clipn detect report") -> str:
+        scored = sum(self.verdicts.values())
+        total = scored + self.error_count
+        if verdicts is None:
+            how = f"Verdicts: the {esc((self.rule or 'atd').upper())} rule (threshold-free)."
+        elif verdicts.fdr is None:
+            how = (f"Verdicts: calibrated {esc(METHOD_NAMES.get(verdicts.method, verdicts.method))} score, OOD when p_value &le; alpha = {verdicts.alpha:g} "
+                   f"(calibration: {verdicts.calibration.count} ID images); an ID image is flagged with probability &le; alpha.")
+        else:
+            how = (f"Verdicts: Benjamini-Hochberg at FDR {verdicts.fdr:g} over this run's p-values of the {esc(METHOD_NAMES.get(verdicts.method, verdicts.method))} score "
+                   f"(calibration: {verdicts.calibration.count} ID images); expected share of ID images among the OOD verdicts &le; {verdicts.fdr:g}.")
+        body = [f"<p class=\"note\">{how}</p><div class=\"kpi\">"]
+        for label, value in (("images", total), ("ID", self.verdicts["ID"]), ("OOD", self.verdicts["OOD"]), ("errors", self.error_count)):
+            share = f" ({100 * value / total:.1f}%)" if total and label != "images" else ""
+            body.append(f"<div>{esc(label)}<b>{value}{share}</b></div>")
+        body.append("</div>")
+        body.append(_class_table(self.per_class))
+        body.append("<h2>p_ood by verdict</h2><div class=\"charts\"><div class=\"chart\">"
+                    + histogram_svg("p_ood = 1 - ATD score", [("ID verdicts", ID_COLOR, np.empty(0)), ("OOD verdicts", OOD_COLOR, np.empty(0))],
+                                    bounds=(0.0, 1.0), counts=[self.hist["ID"], self.hist["OOD"]], width=560, height=240)
+                    + "</div></div>")
+        cards = []
+        for p_ood, _, r in sorted(self.top, key=lambda e: e[:2], reverse=True):
+            caption = [("class", r["class"]), ("p_ood", fmt(p_ood)), ("ATD", fmt(r["atd_score"])), ("CTW", fmt(r["ctw_score"]))]
+            caption += [(k, fmt(r[k])) for k in ("p_value", "q_value") if r.get(k) is not None]
+            cards.append(Card(r["path"], r["verdict"], caption))
+        body.append("<h2>Gallery</h2>" + gallery("Highest p_ood first", "every scored image, sorted by p_ood", cards, scored))
+        if self.error_count:
+            rows = "".join(f"<tr><td class=\"l\">{esc(p)}</td><td class=\"l\">{esc(e)}</td></tr>" for p, e in self.errors)
+            body.append(f"<h2>Errors</h2><p class=\"note\">showing {len(self.errors)} of {self.error_count}</p>"
+                        f"<table><tr><th class=\"l\">path</th><th class=\"l\">error</th></tr>{rows}</table>")
+        return page(title, f"{total} inputs, {len(self.classes)} classes", body)
+
+
+def _class_table(per_class: Counter) -> str:
+    totals: Counter = Counter()
+    for (name, _), count in per_class.items():
+        totals[name] += count
+    ranked = totals.most_common(CLASS_ROWS)
+    peak = max(totals.values(), default=1)
+    cut = f"; the {CLASS_ROWS} most frequent of {len(totals)} shown" if len(totals) > CLASS_ROWS else ""
+    rows = [f"<h2>Counts per predicted class</h2><p class=\"note\">Predicted class of each image and its verdict{esc(cut)}.</p>"
+            "<table><tr><th class=\"l\">class</th><th>ID</th><th>OOD</th><th class=\"l\"></th></tr>"]
+    for name, total in ranked:
+        n_id, n_ood = per_class[(name, "ID")], per_class[(name, "OOD")]
+        bars = (f'<span class="bar" style="width:{160 * n_id / peak:.0f}px;background:{ID_COLOR}"></span>'
+                f'<span class="bar" style="width:{160 * n_ood / peak:.0f}px;background:{OOD_COLOR}"></span>')
+        rows.append(f"<tr><td class=\"l\">{esc(name)}</td><td>{n_id}</td><td>{n_ood}</td><td class=\"l\">{bars}</td></tr>")
+    return "".join(rows) + "</table>"
