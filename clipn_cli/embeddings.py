@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .errors import EmbeddingsError
 from .files import atomic_path
 from .model import CLIPN
+from .negatives import NegativePool
 from .prompts import TemplateSet
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 FORMAT = "clipn-cli.embeddings"
 FORMAT_VERSION = "1"
+NEGATIVES_FORMAT_VERSION = "1.1"  # written only when negative labels are stored; clipn-cli before them refuses such files (it reads "1" only)
+READ_VERSIONS = (FORMAT_VERSION, NEGATIVES_FORMAT_VERSION)
 TEXT_BATCH = 256
 CHUNK_PROMPTS = 64 * TEXT_BATCH  # prompts tokenized and encoded at a time, so memory stays flat for any class count
 
@@ -40,6 +43,7 @@ class ClassEmbeddings:
     templates: str
     templates_sha256: str
     weights_fingerprint: str
+    negatives: dict[str, NegativePool] = field(default_factory=dict)  # mined negative labels by method ("neglabel", "csp")
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a safetensors file (float32 `text_yes`, `text_no`); it appears atomically."""
@@ -54,6 +58,12 @@ class ClassEmbeddings:
             "weights_fingerprint": self.weights_fingerprint,
         }
         tensors = {"text_yes": self.text_yes.float().cpu().contiguous(), "text_no": self.text_no.float().cpu().contiguous()}
+        if self.negatives:
+            meta["format_version"] = NEGATIVES_FORMAT_VERSION
+            meta["negatives"] = json.dumps({name: pool.words for name, pool in self.negatives.items()}, ensure_ascii=False)
+            for name, pool in self.negatives.items():
+                tensors[f"negatives.{name}"] = pool.negatives.float().cpu().contiguous()
+                tensors[f"negatives.{name}.id_heads"] = pool.id_heads.float().cpu().contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 
@@ -74,8 +84,8 @@ class ClassEmbeddings:
             raise EmbeddingsError(f"{path}: not a valid safetensors file: {str(exc).strip()[:200]}") from None
         if meta.get("format") != FORMAT:
             raise EmbeddingsError(f"{path}: not a clipn-cli embeddings file (make one with 'clipn embed-classes')")
-        if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-            raise EmbeddingsError(f"{path}: embeddings format version {meta['format_version']} is not one this clipn-cli reads ({FORMAT_VERSION}); a newer clipn-cli may read it")
+        if meta.get("format_version", FORMAT_VERSION) not in READ_VERSIONS:
+            raise EmbeddingsError(f"{path}: embeddings format version {meta['format_version']} is not one this clipn-cli reads ({', '.join(READ_VERSIONS)}); a newer clipn-cli may read it")
         try:
             classes = json.loads(meta["classes"])
             yes, no = tensors["text_yes"].float(), tensors["text_no"].float()
@@ -87,7 +97,8 @@ class ClassEmbeddings:
             raise EmbeddingsError(f"{path}: tensor shapes {tuple(yes.shape)}/{tuple(no.shape)} do not fit {len(classes)} classes")
         if not (torch.isfinite(yes).all() and torch.isfinite(no).all()):
             raise EmbeddingsError(f"{path}: embeddings contain NaN or Inf values")
-        return cls(classes, yes, no, meta.get("templates", ""), meta.get("templates_sha256", ""), meta.get("weights_fingerprint", ""))
+        pools = _load_negatives(path, meta, tensors, yes)
+        return cls(classes, yes, no, meta.get("templates", ""), meta.get("templates_sha256", ""), meta.get("weights_fingerprint", ""), pools)
 
     def check_weights(self, weights_fingerprint: str, source: str = "embeddings") -> None:
         """Refuse embeddings made with other weights: their scores would be meaningless."""
@@ -96,6 +107,23 @@ class ClassEmbeddings:
                 f"{source}: made with other weights (fingerprint {self.weights_fingerprint[:12] or 'none'}, "
                 f"loaded weights {weights_fingerprint[:12]}); rebuild it with 'clipn embed-classes'"
             )
+
+
+def _load_negatives(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor], yes: torch.Tensor) -> dict[str, NegativePool]:
+    """The negative-label pools of a format-1.1 file, checked against the class heads' shape."""
+    if "negatives" not in meta:
+        return {}
+    try:
+        words = json.loads(meta["negatives"])
+        pools = {name: NegativePool(name, list(w), tensors[f"negatives.{name}"].float(), tensors[f"negatives.{name}.id_heads"].float())
+                 for name, w in words.items()}
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise EmbeddingsError(f"{path}: damaged negative labels ({exc})") from None
+    for name, pool in pools.items():
+        if not (all(isinstance(w, str) for w in pool.words) and pool.negatives.shape == (len(pool.words), yes.shape[1])
+                and pool.id_heads.shape == yes.shape and torch.isfinite(pool.negatives).all() and torch.isfinite(pool.id_heads).all()):
+            raise EmbeddingsError(f"{path}: damaged negative labels '{name}' (shapes or values do not fit the class heads)")
+    return pools
 
 
 def tokenizer_for(model: CLIPN) -> SimpleTokenizer:

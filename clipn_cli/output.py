@@ -17,14 +17,12 @@ from typing import IO, Any
 
 from .errors import OutputError
 from .files import atomic_open, open_in_place
+from .methods import record_fields
 
 FORMATS = ("table", "json", "jsonl", "csv")
 RECORD_START = b'{"path": '  # every record's first key, as JsonlWriter writes it
 TEXT_ERRORS = "surrogateescape"  # CSV and tables write a non-UTF-8 file name's bytes as they are, as `ls` does
-CSV_COLUMNS = (
-    "path", "error", "verdict", "rule", "class", "class_index",
-    "ctw_score", "atd_score", "p_ood", "msp", "max_logit", "energy",
-)
+CSV_COLUMNS = ("path", "error", "verdict", "rule", "class", "class_index", *record_fields())  # empty where a method was not computed
 DETAIL_COLUMNS = ("p_yes", "logits_yes", "logits_no", "top_k")
 
 

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from ..methods import RULES
 from ..output import FORMATS
 from .common import (
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
@@ -25,7 +26,8 @@ def detect(
     embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,
     weights: WeightsOpt = None,
     templates: TemplatesOpt = "clipn",
-    rule: Annotated[str, typer.Option("--rule", help="Verdict rule: atd (agreeing-to-differ) or ctw (competing-to-win).")] = "atd",
+    rule: Annotated[str, typer.Option("--rule", help=f"Verdict rule: {', '.join(RULES)}. atd (agreeing-to-differ) and ctw (competing-to-win) are threshold-free; neglabel and csp need --threshold.")] = "atd",
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Call an image OOD when the rule's score is below T (needed by rules without a threshold-free verdict, e.g. thr@95%ID from 'clipn eval').", show_default=False)] = None,
     fmt: Annotated[str | None, typer.Option("--format", "-f", help="table, json, jsonl or csv. Default: table on a terminal, jsonl otherwise.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results to this file instead of stdout.", show_default=False)] = None,
     details: Annotated[bool, typer.Option("--details", help="Add p_yes, logits_yes and logits_no (per class) to each record.")] = False,
@@ -47,7 +49,7 @@ def detect(
     _huge_pages_for_activations()
     _few_malloc_arenas()
     with handle_errors():
-        check_choice("--rule", rule, ("atd", "ctw"))
+        check_choice("--rule", rule, RULES)
         fmt = fmt or ("table" if output is None and stdout_is_terminal() else "jsonl")
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
@@ -85,7 +87,7 @@ def detect(
             model, heads, items, rule=rule, batch_size=batch_size,
             workers=workers,
             precision=precision, exif_transpose=exif_transpose, details=details, top_k=top_k,
-            cache=feature_cache, draft=draft,
+            cache=feature_cache, draft=draft, threshold=threshold,
         )
         done = failed = 0
         last = None
