@@ -161,3 +161,11 @@ WorkersOpt = Annotated[
 ]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 (exact), fp16 or bf16 (autocast).")]
 ExifOpt = Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Rotate by EXIF orientation first (the official pipeline does not).")]
+NegativesOpt = Annotated[
+    str | None,
+    typer.Option("--negatives", help="Negative labels to mine and score with: neglabel, csp, or both (neglabel,csp). Adds their methods' scores.", show_default=False),
+]
+WordsOpt = Annotated[
+    Path | None,
+    typer.Option("--words", help="Candidate words for --negatives instead of the shipped WordNet 3.0 list: 'noun.FILE<TAB>word' / 'adj.FILE<TAB>word' lines.", show_default=False),
+]

@@ -10,13 +10,13 @@ from typing import Annotated
 
 import typer
 
-from ..methods import RULES
+from ..methods import RULES, VERDICT_RULES
 from ..output import FORMATS
 from .common import (
-    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
-    Terminated, WeightsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, stderr, stdout_is_terminal,
+    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
+    TemplatesOpt, Terminated, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, stderr, stdout_is_terminal,
 )
-from .runtime import class_embeddings, load_classes, load_weights_for_cli
+from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
 
 
 def detect(
@@ -28,6 +28,8 @@ def detect(
     templates: TemplatesOpt = "clipn",
     rule: Annotated[str, typer.Option("--rule", help=f"Verdict rule: {', '.join(RULES)}. atd (agreeing-to-differ) and ctw (competing-to-win) are threshold-free; neglabel and csp need --threshold.")] = "atd",
     threshold: Annotated[float | None, typer.Option("--threshold", help="Call an image OOD when the rule's score is below T (needed by rules without a threshold-free verdict, e.g. thr@95%ID from 'clipn eval').", show_default=False)] = None,
+    negatives: NegativesOpt = None,
+    words: WordsOpt = None,
     fmt: Annotated[str | None, typer.Option("--format", "-f", help="table, json, jsonl or csv. Default: table on a terminal, jsonl otherwise.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results to this file instead of stdout.", show_default=False)] = None,
     details: Annotated[bool, typer.Option("--details", help="Add p_yes, logits_yes and logits_no (per class) to each record.")] = False,
@@ -61,9 +63,13 @@ def detect(
             fail("--resume needs --format jsonl and --output FILE (the file to continue)")
         if quantize and precision != "fp32":
             fail("--quantize int8 computes in fp32: it cannot be combined with --precision fp16 or bf16")
+        pools = parse_negatives(negatives, rule)
+        if threshold is None and rule not in VERDICT_RULES:
+            fail(f"--rule {rule} has no threshold-free verdict: give --threshold T (e.g. its thr@95%ID from 'clipn eval')")
         names = load_classes(classes, classes_file, embeddings)
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
+        add_negatives(model, weights_info, heads, pools, words, source=embeddings)
         if quantize:
             from ..inference import quantize_image_tower
 
