@@ -81,7 +81,7 @@ def record_columns(scores: Scores) -> dict[str, list[float]]:
     """Detection-record field → per-image values, for every method these scores hold."""
     columns: dict[str, list[float]] = {}
     for m in methods.TABLE:
-        if m.record is None or (m.pool is not None and m.name not in scores.extra):
+        if m.record is None or (m.pool is not None and m.name not in scores.extra) or (m.needs_no and scores.p_yes is None):
             continue
         columns[m.record] = m.value(scores).tolist()
         if m.name in methods.EXTRA_RECORD_FIELDS:
@@ -109,13 +109,13 @@ def detections_from_scores(
             rule=rule,
             class_name=classes[pred[i]],
             class_index=pred[i],
-            **{name: columns[name][i] for name in SCORE_FIELDS},
+            **{name: columns[name][i] for name in SCORE_FIELDS if name in columns},  # CLIPN's are None for a plain CLIP
             extra_scores={name: columns[name][i] for name in extra},
         )
         if details:
-            det.p_yes = scores.p_yes[i].tolist()
+            det.p_yes = None if scores.p_yes is None else scores.p_yes[i].tolist()
             det.logits_yes = scores.logits_yes[i].tolist()
-            det.logits_no = scores.logits_no[i].tolist()
+            det.logits_no = None if scores.logits_no is None else scores.logits_no[i].tolist()
         if top is not None:
             det.top_k = [
                 {"class": classes[j], "class_index": j, "probability": p}
@@ -141,7 +141,7 @@ def score_encoded(
     threshold-free verdict needs `threshold` (score below it = OOD).
     """
     heads = Heads.prepare(embeddings, permutation_device)
-    check_rule(rule, tuple(heads.pools), threshold)
+    check_rule(rule, tuple(heads.pools), threshold, has_no=heads.no is not None)
     pending: list[EncodedImage] = []
 
     def flush() -> Iterator[Detection]:
@@ -161,9 +161,12 @@ def score_encoded(
     yield from flush()
 
 
-def check_rule(rule: str, pools: tuple[str, ...], threshold: float | None = None) -> None:
+def check_rule(rule: str, pools: tuple[str, ...], threshold: float | None = None, has_no: bool = True) -> None:
     """A ValueError unless `rule` can give verdicts with these negative-label pools (and `threshold`)."""
     method = methods.get(rule)
+    if method.needs_no and not has_no:
+        raise ValueError(f"rule '{rule}' needs CLIPN's \"no\" tower, which a plain CLIP does not have: "
+                         f"use --rule {' or '.join(m.name for m in methods.available(methods.POOLS, has_no=False) if m.record)} with --threshold")
     if method.record is None:
         raise ValueError(f"'{rule}' is an evaluation score, not a detection rule (choose one of {', '.join(methods.RULES)})")
     if method.pool is not None and method.pool not in pools:
@@ -195,7 +198,7 @@ def detect(
     (`inference.pipeline_sizes`). See `encode_images`.
     """
     batch_size, workers = pipeline_sizes(model, batch_size, workers)
-    check_rule(rule, tuple(embeddings.negatives), threshold)  # before any image is read
+    check_rule(rule, tuple(embeddings.negatives), threshold, has_no=embeddings.text_no is not None)  # before any image is read
     encoded = encode_images(
         model, items, batch_size=batch_size, workers=workers, precision=precision,
         exif_transpose=exif_transpose, cache=cache, draft=draft,

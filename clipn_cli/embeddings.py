@@ -39,7 +39,7 @@ class ClassEmbeddings:
 
     classes: list[str]
     text_yes: torch.Tensor
-    text_no: torch.Tensor
+    text_no: torch.Tensor | None  # None: a plain CLIP's heads (in memory only; files hold CLIPN heads)
     templates: str
     templates_sha256: str
     weights_fingerprint: str
@@ -49,6 +49,8 @@ class ClassEmbeddings:
         """Write a safetensors file (float32 `text_yes`, `text_no`); it appears atomically."""
         from safetensors.torch import save_file
 
+        if self.text_no is None:
+            raise EmbeddingsError("a plain CLIP's class heads are not stored: give the class names (--classes) each run")
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -151,12 +153,13 @@ def encode_texts(
     device = next(model.parameters()).device
     order = torch.argsort(tokens.argmax(dim=-1), stable=True)
     yes = torch.empty(len(tokens), model.text_projection.shape[1])
-    no = torch.empty_like(yes)
+    no = torch.empty_like(yes) if getattr(model, "has_no", True) else None  # a plain CLIP has no "no" tower
     for start in range(0, len(tokens), batch_size):
         idx = order[start : start + batch_size]
         batch = tokens[idx].to(device)
         yes[idx] = model.encode_text_yes(batch, normalize=True).float().cpu()
-        no[idx] = model.encode_text_no(batch, normalize=True).float().cpu()
+        if no is not None:
+            no[idx] = model.encode_text_no(batch, normalize=True).float().cpu()
         if progress:
             progress(len(idx))
     return yes, no
@@ -190,7 +193,8 @@ def embed_classes(
         yes, no = encode_texts(model, tokens, batch_size, progress)
         shape = (len(chunk), len(templates.templates), -1)
         sums_yes.append(yes.view(shape).sum(dim=1))
-        sums_no.append(no.view(shape).sum(dim=1))
+        if no is not None:
+            sums_no.append(no.view(shape).sum(dim=1))
     text_yes = F.normalize(torch.cat(sums_yes), dim=-1)
-    text_no = F.normalize(torch.cat(sums_no), dim=-1)
+    text_no = F.normalize(torch.cat(sums_no), dim=-1) if sums_no else None
     return ClassEmbeddings(list(classes), text_yes, text_no, templates.name, templates.sha256, weights_fingerprint)

@@ -243,7 +243,8 @@ def score_set(
             return
         s = score_heads(torch.stack(features), prepared)
         values = {name: s.value(name) for name in names}
-        values.update({f"flag_{r}": s.is_ood(r) for r in rules}, pred=s.pred, atd_margin=s.atd_best - s.p_ood)
+        margin = torch.full_like(s.msp, float("nan")) if s.atd_best is None else s.atd_best - s.p_ood  # NaN: no ATD (plain CLIP)
+        values.update({f"flag_{r}": s.is_ood(r) for r in rules}, pred=s.pred, atd_margin=margin)
         for name, value in values.items():
             columns[name].append(value.numpy())
         features.clear()

@@ -25,14 +25,14 @@ class Scores:
     """Every per-image quantity of CLIPN and the baselines; leading dimension = images."""
 
     logits_yes: torch.Tensor  # (N, C) scale · cos(f, yes_c)
-    logits_no: torch.Tensor  # (N, C) scale · cos(f, no_c)
-    p_yes: torch.Tensor  # (N, C) softmax over the (yes, no) pair, "yes" entry
+    logits_no: torch.Tensor | None  # (N, C) scale · cos(f, no_c); None (and so the CLIPN rules) for a plain CLIP
+    p_yes: torch.Tensor | None  # (N, C) softmax over the (yes, no) pair, "yes" entry
     probs: torch.Tensor  # (N, C) softmax over classes of logits_yes
     pred: torch.Tensor  # (N,) argmax class of the yes head
-    ctw: torch.Tensor  # (N,) p_yes at the predicted class; OOD iff < 0.5
-    atd: torch.Tensor  # (N,) Σ_c p_yes_c · p_c
-    p_ood: torch.Tensor  # (N,) 1 − atd, the (C+1)-th "unknown" probability of ATD
-    atd_best: torch.Tensor  # (N,) max_c p_yes_c · p_c; ATD says OOD iff p_ood > this
+    ctw: torch.Tensor | None  # (N,) p_yes at the predicted class; OOD iff < 0.5
+    atd: torch.Tensor | None  # (N,) Σ_c p_yes_c · p_c
+    p_ood: torch.Tensor | None  # (N,) 1 − atd, the (C+1)-th "unknown" probability of ATD
+    atd_best: torch.Tensor | None  # (N,) max_c p_yes_c · p_c; ATD says OOD iff p_ood > this
     msp: torch.Tensor  # (N,) max softmax probability
     max_logit: torch.Tensor  # (N,) max of logits_yes
     energy: torch.Tensor  # (N,) logsumexp of logits_yes (higher = more ID)
@@ -69,8 +69,13 @@ def clipn_logits(
     return scale * f @ yes.T, scale * f @ no.T
 
 
-def scores_from_logits(logits_yes: torch.Tensor, logits_no: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> Scores:
-    """All CLIPN scores and baselines from the two logit matrices."""
+def scores_from_logits(logits_yes: torch.Tensor, logits_no: torch.Tensor | None, extra: dict[str, torch.Tensor] | None = None) -> Scores:
+    """All CLIPN scores and baselines from the two logit matrices (only the baselines without `logits_no`)."""
+    if logits_no is None:
+        probs = logits_yes.softmax(dim=-1)
+        return Scores(logits_yes, None, None, probs, logits_yes.argmax(dim=-1), None, None, None, None,
+                      probs.max(dim=-1).values, logits_yes.max(dim=-1).values, torch.logsumexp(logits_yes, dim=-1),
+                      {} if extra is None else extra)
     p_yes = torch.stack([logits_yes, logits_no], dim=-1).softmax(dim=-1)[..., 0]
     probs = logits_yes.softmax(dim=-1)
     pred = logits_yes.argmax(dim=-1)
@@ -126,7 +131,7 @@ class Heads:
     """
 
     yes: torch.Tensor
-    no: torch.Tensor
+    no: torch.Tensor | None  # None for a plain CLIP
     pools: dict[str, PreparedPool]
 
     @classmethod
@@ -135,25 +140,26 @@ class Heads:
             name: PreparedPool(unit(pool.negatives), unit(pool.id_heads), negatives.group_permutation(len(pool.negatives), device=permutation_device))
             for name, pool in getattr(embeddings, "negatives", {}).items()
         }
-        return cls(unit(embeddings.text_yes), unit(embeddings.text_no), pools)
+        return cls(unit(embeddings.text_yes), None if embeddings.text_no is None else unit(embeddings.text_no), pools)
 
     @property
     def methods(self) -> tuple[methods.Method, ...]:
         """The methods these heads can compute."""
-        return methods.available(tuple(self.pools))
+        return methods.available(tuple(self.pools), has_no=self.no is not None)
 
 
 def score_heads(image_features: torch.Tensor, heads: Heads, scale: float = INFERENCE_SCALE) -> Scores:
     """Every method `heads` can compute (`Heads.methods`), for a batch of image features."""
-    logits_yes, logits_no = clipn_logits(image_features, heads.yes, heads.no, scale, heads_normalized=True)
     f = unit(image_features)
+    logits_yes = scale * f @ heads.yes.T
+    logits_no = None if heads.no is None else scale * f @ heads.no.T  # = clipn_logits(..., heads_normalized=True)
     extra = {"mcm": (f @ heads.yes.T).softmax(dim=-1).max(dim=-1).values}  # = mcm(f, yes), heads normalised once
     scores = scores_from_logits(logits_yes, logits_no, extra)
     inverse_t = 1.0 / negatives.TEMPERATURE  # 100.0: logits as the official 100.0 * f @ heads.T
     for name, pool in heads.pools.items():
         negative_logits = inverse_t * f @ pool.negatives.T
         extra[name] = negatives.grouped_id_mass(inverse_t * f @ pool.id_heads.T, negative_logits, pool.permutation)
-        if name == "neglabel":
+        if name == "neglabel" and scores.p_yes is not None:
             extra["atd_neg"], extra["atd_neg_best"] = negatives.grouped_atd(
                 logits_yes, scores.p_yes, negative_logits if scale == inverse_t else scale * f @ pool.negatives.T, pool.permutation)
     return scores
