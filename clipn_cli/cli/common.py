@@ -142,7 +142,7 @@ def stdout_is_terminal() -> bool:
 
 WeightsOpt = Annotated[
     Path | None,
-    typer.Option("--weights", "-w", help="CLIPN weights (.safetensors from 'clipn convert'). Default: $CLIPN_WEIGHTS.", show_default=False),
+    typer.Option("--weights", "-w", help="CLIPN weights (.safetensors from 'clipn convert'), or a plain open_clip CLIP as MODEL:TAG or MODEL:FILE. Default: $CLIPN_WEIGHTS.", show_default=False),
 ]
 TemplatesOpt = Annotated[
     str, typer.Option("--templates", "-t", help="Prompt templates: 'clipn' (the official 128), 'simple', or a file with one template per line.")
