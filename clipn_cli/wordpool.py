@@ -67,9 +67,13 @@ class Candidates:
 def read_words(path: str | os.PathLike[str] | None = None) -> list[tuple[str, str]]:
     """(word file, word) pairs: the shipped WordNet 3.0 list, or `path` in its format.
 
-    `path` holds `FILE<TAB>word` lines (gzip if it ends in .gz), FILE naming a word file such as
-    `noun.artifact` or `adj.all` (only its part before the dot matters: noun or adj).
+    `path` holds `FILE<TAB>word` lines (gzip or plain text), FILE naming a word file such as
+    `noun.artifact` or `adj.all` (only its part before the dot matters: noun or adj); or `path` is a
+    directory of the official repositories' `txtfiles/` layout (`noun.artifact.txt`, `adj.all.txt`,
+    ... one word per line), read in file-name order.
     """
+    if path is not None and Path(path).is_dir():
+        return _read_word_dir(Path(path))
     try:
         if path is None:
             data = resources.files("clipn_cli.data").joinpath(WORDS_FILE).read_bytes()
@@ -89,12 +93,30 @@ def read_words(path: str | os.PathLike[str] | None = None) -> list[tuple[str, st
     return pairs
 
 
+def _read_word_dir(directory: Path) -> list[tuple[str, str]]:
+    pairs = []
+    for file in sorted(directory.glob("*.txt")):
+        name = file.name[: -len(".txt")]
+        if name.split(".")[0] not in ("noun", "adj"):
+            continue
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ClipnError(f"{file}: cannot read the word list: {exc}") from None
+        pairs += [(name, line.strip()) for line in lines if line.strip()]
+    if not pairs:
+        raise ClipnError(f"{directory}: no noun.*.txt or adj.*.txt word files")
+    return pairs
+
+
 def candidates(pool: str, words: list[tuple[str, str]]) -> Candidates:
     """The candidates of `pool` ("neglabel" or "csp") from (file, word) pairs, in mining order."""
     if pool not in ("neglabel", "csp"):
         raise ValueError(f"unknown negative-label pool '{pool}' (expected neglabel or csp)")
     seen: dict[str, bool] = {}
     for name, word in sorted(words, key=lambda pair: pair[0]):  # files in name order, words in file order
+        if pool == "csp":
+            word = word.replace("_", " ")  # CSP's reader does this; NegLabel's does not
         if (pool == "csp" and name in CSP_EXCLUDED) or word in seen:
             continue
         seen[word] = name.startswith("adj")

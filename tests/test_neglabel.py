@@ -167,6 +167,18 @@ def test_candidates_prompts_dedup_and_csp_superclasses() -> None:
         wordpool.candidates("other", words)
 
 
+def test_official_txtfiles_directory_is_read_in_name_order(tmp_path: Path) -> None:
+    (tmp_path / "noun.artifact.txt").write_text("anvil\nsteam_iron\n")
+    (tmp_path / "adj.all.txt").write_text("green\n\n")
+    (tmp_path / "README.txt").write_text("not words\n")
+    assert wordpool.read_words(tmp_path) == [("adj.all", "green"), ("noun.artifact", "anvil"), ("noun.artifact", "steam_iron")]
+    assert wordpool.candidates("csp", wordpool.read_words(tmp_path)).words == ["anvil", "steam iron", "green"]
+    assert wordpool.candidates("neglabel", wordpool.read_words(tmp_path)).words == ["anvil", "steam_iron", "green"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ClipnError, match="no noun"):
+        wordpool.read_words(tmp_path / "empty")
+
+
 def test_shipped_word_list_is_wordnet_3() -> None:
     pairs = wordpool.read_words()
     files = {name for name, _ in pairs}
