@@ -62,10 +62,13 @@ def select_lowest(affinities: torch.Tensor, is_adjective: torch.Tensor, fraction
 def group_permutation(count: int, groups: int = GROUPS, device: str | torch.device = "cpu", seed: int = SEED) -> torch.Tensor:
     """The official shuffle of the `count − count mod groups` kept negatives, as CPU int64 indices.
 
-    Drawn by the generator of `device` seeded with `seed`, as `torch.manual_seed(0);
-    torch.randperm(n, device=...)` draws it: on CUDA this is the official permutation bit for bit.
+    Drawn by the generator of `device` (CUDA; anything else: the CPU's) seeded with `seed`, as
+    `torch.manual_seed(0); torch.randperm(n, device=...)` draws it: on CUDA this is the official
+    permutation.
     """
     device = torch.device(device)
+    if device.type != "cuda":  # the official code knows only CUDA; any other device draws as the CPU does
+        device = torch.device("cpu")
     kept = count - count % groups
     generator = torch.Generator(device=device).manual_seed(seed)
     return torch.randperm(kept, generator=generator, device=device).cpu()

@@ -109,9 +109,13 @@ class TableWriter(Writer):
                 table.add_row(Text(r["path"]), Text("ERROR", style="bold yellow"), Text(r["error"], style="yellow"), "", "")
                 continue
             style = "bold red" if r["verdict"] == "OOD" else "bold green"
-            table.add_row(Text(r["path"]), Text(r["verdict"], style=style), Text(r["class"]), f"{r['ctw_score']:.3f}", f"{r['atd_score']:.3f}")
+            table.add_row(Text(r["path"]), Text(r["verdict"], style=style), Text(r["class"]), _score(r["ctw_score"]), _score(r["atd_score"]))
         width = None if self.stream.isatty() else 200  # a table saved to a file keeps full paths
         Console(file=self.stream, width=width).print(table)
+
+
+def _score(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"  # None: a plain CLIP has no CTW/ATD
 
 
 @contextlib.contextmanager

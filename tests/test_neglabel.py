@@ -179,6 +179,15 @@ def test_official_txtfiles_directory_is_read_in_name_order(tmp_path: Path) -> No
         wordpool.read_words(tmp_path / "empty")
 
 
+@pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").is_file(), reason="needs Debian's wordnet-base")
+def test_shipped_word_list_rebuilds_byte_for_byte(tmp_path: Path) -> None:
+    from clipn_cli.data import build_words
+
+    out = tmp_path / "words.txt.gz"
+    assert build_words.build(Path("/usr/share/wordnet"), out) == 80389
+    assert out.read_bytes() == (Path(wordpool.__file__).parent / "data" / wordpool.WORDS_FILE).read_bytes()
+
+
 def test_shipped_word_list_is_wordnet_3() -> None:
     pairs = wordpool.read_words()
     files = {name for name, _ in pairs}

@@ -74,6 +74,8 @@ def test_detect_and_eval_with_a_plain_clip(plain_checkpoint: Path, tmp_path: Pat
         assert record["ctw_score"] is None and record["atd_score"] is None and record["msp"] > 0
         if rule != "msp":
             assert 0 < record[f"{rule}_score"] < 1 and "atd_neg_score" not in record
+    table = invoke("detect", "-w", w, "--classes", CLASSES, "-t", "simple", "--rule", "msp", "--threshold", "0.5", "--format", "table", image)
+    assert table.exit_code == 0 and "chelsea.png" in table.stdout and "–" in table.stdout
     id_dir, ood_dir = tmp_path / "id", tmp_path / "ood"
     for folder, names in ((id_dir, ("chelsea.png", "coffee.png")), (ood_dir, ("retina.jpg", "brick.png"))):
         folder.mkdir()
