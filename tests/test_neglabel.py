@@ -8,7 +8,6 @@ import math
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
