@@ -1,8 +1,8 @@
 """Candidate negative labels of NegLabel and CSP: the shipped WordNet words, their prompts, their
 embeddings (cached per weights, since they do not depend on the ID classes) and the mining.
 
-NegLabel (`XueJiang16/NegLabel`): every word of the 27 word files once (first file wins, files
-in sorted name order), one prompt each: "the nice {}" for nouns, "This is a {} photo" for
+NegLabel (`XueJiang16/NegLabel`): every word of the 27 word files once (the first file that lists
+it wins: the shipped list is in file-name order), one prompt each: "the nice {}" for nouns, "This is a {} photo" for
 adjectives; ID classes as "the nice {}".
 CSP (`MengyuanChen21/NeurIPS2024-CSP`): noun.person, noun.quantity, noun.group and adj.pert left
 out; nouns and ID classes averaged over 8 templates; each adjective joined to one of 14 superclass
@@ -70,7 +70,8 @@ def read_words(path: str | os.PathLike[str] | None = None) -> list[tuple[str, st
     `path` holds `FILE<TAB>word` lines (gzip or plain text), FILE naming a word file such as
     `noun.artifact` or `adj.all` (only its part before the dot matters: noun or adj); or `path` is a
     directory of the official repositories' `txtfiles/` layout (`noun.artifact.txt`, `adj.all.txt`,
-    ... one word per line), read in file-name order.
+    ... one word per line), read in `os.listdir` order as the official code reads it, so that on the
+    same file system a word listed as both noun and adjective gets the same kind.
     """
     if path is not None and Path(path).is_dir():
         return _read_word_dir(Path(path))
@@ -95,8 +96,11 @@ def read_words(path: str | os.PathLike[str] | None = None) -> list[tuple[str, st
 
 def _read_word_dir(directory: Path) -> list[tuple[str, str]]:
     pairs = []
-    for file in sorted(directory.glob("*.txt")):
-        name = file.name[: -len(".txt")]
+    for entry in os.listdir(directory):
+        file = directory / entry
+        if not entry.endswith(".txt") or not file.is_file():
+            continue
+        name = entry[: -len(".txt")]
         if name.split(".")[0] not in ("noun", "adj"):
             continue
         try:
@@ -110,11 +114,11 @@ def _read_word_dir(directory: Path) -> list[tuple[str, str]]:
 
 
 def candidates(pool: str, words: list[tuple[str, str]]) -> Candidates:
-    """The candidates of `pool` ("neglabel" or "csp") from (file, word) pairs, in mining order."""
+    """The candidates of `pool` ("neglabel" or "csp") from (file, word) pairs grouped by file, in mining order."""
     if pool not in ("neglabel", "csp"):
         raise ValueError(f"unknown negative-label pool '{pool}' (expected neglabel or csp)")
     seen: dict[str, bool] = {}
-    for name, word in sorted(words, key=lambda pair: pair[0]):  # files in name order, words in file order
+    for name, word in words:  # in the reader's order: the first file that lists a word decides its kind
         if pool == "csp":
             word = word.replace("_", " ")  # CSP's reader does this; NegLabel's does not
         if (pool == "csp" and name in CSP_EXCLUDED) or word in seen:

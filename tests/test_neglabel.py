@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -147,10 +148,10 @@ def test_grouped_atd_reduces_to_atd_when_negatives_are_far() -> None:
 
 
 def test_candidates_prompts_dedup_and_csp_superclasses() -> None:
-    words = [("noun.artifact", "jack"), ("adj.all", "jack"), ("noun.person", "tailor"), ("adj.pert", "lunar"),
-             ("noun.artifact", "anvil"), ("adj.all", "green"), ("adj.ppl", "sought"), ("noun.Tops", "anvil")]
+    words = [("adj.all", "jack"), ("adj.all", "green"), ("adj.pert", "lunar"), ("adj.ppl", "sought"), ("noun.Tops", "anvil"),
+             ("noun.artifact", "jack"), ("noun.artifact", "anvil"), ("noun.person", "tailor")]
     neg = wordpool.candidates("neglabel", words)
-    # files in name order (adj.all, adj.pert, adj.ppl, noun.Tops, noun.artifact, ...), the first one wins: 'jack' is adj.all's
+    # the first file that lists a word wins: 'jack' is adj.all's, 'anvil' noun.Tops'
     assert neg.words == ["anvil", "tailor", "jack", "green", "lunar", "sought"]
     assert neg.is_adjective.tolist() == [False, False, True, True, True, True]
     assert neg.prompts[1] == ["the nice tailor"] and neg.prompts[2] == ["This is a jack photo"]
@@ -166,12 +167,14 @@ def test_candidates_prompts_dedup_and_csp_superclasses() -> None:
         wordpool.candidates("other", words)
 
 
-def test_official_txtfiles_directory_is_read_in_name_order(tmp_path: Path) -> None:
+def test_official_txtfiles_directory_is_read_in_listdir_order(tmp_path: Path) -> None:
     (tmp_path / "noun.artifact.txt").write_text("anvil\nsteam_iron\n")
     (tmp_path / "adj.all.txt").write_text("green\n\n")
     (tmp_path / "README.txt").write_text("not words\n")
-    assert wordpool.read_words(tmp_path) == [("adj.all", "green"), ("noun.artifact", "anvil"), ("noun.artifact", "steam_iron")]
-    assert wordpool.candidates("csp", wordpool.read_words(tmp_path)).words == ["anvil", "steam iron", "green"]
+    listed = [name for name in os.listdir(tmp_path) if name != "README.txt"]  # the official reader's order
+    expected = {"adj.all.txt": [("adj.all", "green")], "noun.artifact.txt": [("noun.artifact", "anvil"), ("noun.artifact", "steam_iron")]}
+    assert wordpool.read_words(tmp_path) == [pair for name in listed for pair in expected[name]]
+    assert wordpool.candidates("csp", wordpool.read_words(tmp_path)).words == ["anvil", "steam iron", "green"]  # nouns first
     assert wordpool.candidates("neglabel", wordpool.read_words(tmp_path)).words == ["anvil", "steam_iron", "green"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ClipnError, match="no noun"):
