@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from . import methods
 from .errors import CalibrationError
 from .files import atomic_open
 
@@ -34,8 +35,9 @@ FORMAT = "clipn-cli.calibration"
 FORMAT_VERSION = "1"
 MAX_FILE_BYTES = 256 << 20  # ~2x10^6 calibration images x 6 methods; parsing more would cost GBs of memory
 DEFAULT_ALPHA = 0.05
-# the record field holding each method's score ("higher = more ID"), for `detect --calibration`
-RECORD_FIELDS = {"ctw": "ctw_score", "atd": "atd_score", "msp": "msp", "max_logit": "max_logit", "energy": "energy"}
+# the record field holding each method's score ("higher = more ID"), for `detect --calibration`:
+# the methods of the table that need no negative labels and are written to records
+RECORD_FIELDS = {m.name: m.record for m in methods.TABLE if m.record is not None and m.pool is None}
 
 
 def p_values(calibration_scores: np.ndarray, scores: np.ndarray | Sequence[float] | float) -> np.ndarray:

@@ -11,13 +11,14 @@ import torch
 from .embeddings import ClassEmbeddings
 from .images import InputItem
 from .inference import EncodedImage, encode_images, pipeline_sizes
+from . import methods
 from .model import CLIPN
-from .scoring import RULES, Scores, score
+from .scoring import Heads, Scores, score_heads
 
 if TYPE_CHECKING:
     from .cache import FeatureCache
 
-SCORE_FIELDS = ("ctw_score", "atd_score", "p_ood", "msp", "max_logit", "energy")
+SCORE_FIELDS = methods.record_fields(methods.available())  # always present; negative-label methods add theirs
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Detection:
     logits_yes: list[float] | None = None
     logits_no: list[float] | None = None
     top_k: list[dict[str, Any]] = field(default_factory=list)
+    extra_scores: dict[str, float] = field(default_factory=dict)  # fields of methods with negative labels
 
     @property
     def ok(self) -> bool:
@@ -57,6 +59,7 @@ class Detection:
             "class_index": self.class_index,
         }
         record.update({name: getattr(self, name) for name in SCORE_FIELDS})
+        record.update(self.extra_scores)
         if details:
             record.update(p_yes=self.p_yes, logits_yes=self.logits_yes, logits_no=self.logits_no)
         if self.top_k:
@@ -64,20 +67,38 @@ class Detection:
         return record
 
 
+def verdicts(scores: Scores, rule: str, threshold: float | None = None) -> torch.Tensor:
+    """(N,) True = OOD: the rule's own verdict, or `score < threshold` for a rule without one."""
+    method = methods.get(rule)
+    if threshold is not None:
+        return method.value(scores) < threshold
+    if method.verdict is None:
+        raise ValueError(f"rule '{rule}' has no threshold-free verdict: give a threshold (e.g. thr@95%ID from 'clipn eval')")
+    return method.verdict(scores)
+
+
+def record_columns(scores: Scores) -> dict[str, list[float]]:
+    """Detection-record field → per-image values, for every method these scores hold."""
+    columns: dict[str, list[float]] = {}
+    for m in methods.TABLE:
+        if m.record is None or (m.pool is not None and m.name not in scores.extra) or (m.needs_no and scores.p_yes is None):
+            continue
+        columns[m.record] = m.value(scores).tolist()
+        if m.name in methods.EXTRA_RECORD_FIELDS:
+            name, value = methods.EXTRA_RECORD_FIELDS[m.name]
+            columns[name] = value(scores).tolist()
+    return columns
+
+
 def detections_from_scores(
-    paths: list[str], scores: Scores, classes: list[str], rule: str, details: bool = False, top_k: int = 0
+    paths: list[str], scores: Scores, classes: list[str], rule: str, details: bool = False, top_k: int = 0,
+    threshold: float | None = None,
 ) -> list[Detection]:
     """Turn a batch of Scores into Detection records (pure: no model, no files)."""
-    ood = scores.is_ood(rule).tolist()
+    ood = verdicts(scores, rule, threshold).tolist()
     pred = scores.pred.tolist()
-    columns = {
-        "ctw_score": scores.ctw.tolist(),
-        "atd_score": scores.atd.tolist(),
-        "p_ood": scores.p_ood.tolist(),
-        "msp": scores.msp.tolist(),
-        "max_logit": scores.max_logit.tolist(),
-        "energy": scores.energy.tolist(),
-    }
+    columns = record_columns(scores)
+    extra = [name for name in columns if name not in SCORE_FIELDS]
     k = min(top_k, len(classes))
     top = torch.topk(scores.probs, k, dim=-1) if k else None
     out = []
@@ -88,12 +109,13 @@ def detections_from_scores(
             rule=rule,
             class_name=classes[pred[i]],
             class_index=pred[i],
-            **{name: values[i] for name, values in columns.items()},
+            **{name: columns[name][i] for name in SCORE_FIELDS if name in columns},  # CLIPN's are None for a plain CLIP
+            extra_scores={name: columns[name][i] for name in extra},
         )
         if details:
-            det.p_yes = scores.p_yes[i].tolist()
+            det.p_yes = None if scores.p_yes is None else scores.p_yes[i].tolist()
             det.logits_yes = scores.logits_yes[i].tolist()
-            det.logits_no = scores.logits_no[i].tolist()
+            det.logits_no = None if scores.logits_no is None else scores.logits_no[i].tolist()
         if top is not None:
             det.top_k = [
                 {"class": classes[j], "class_index": j, "probability": p}
@@ -110,18 +132,24 @@ def score_encoded(
     details: bool = False,
     top_k: int = 0,
     chunk: int = 256,
+    threshold: float | None = None,
+    permutation_device: str | torch.device = "cpu",
 ) -> Iterator[Detection]:
-    """Score a stream of encoded images in chunks, keeping input order and error records."""
-    if rule not in RULES:
-        raise ValueError(f"unknown rule '{rule}' (expected one of {', '.join(RULES)})")
+    """Score a stream of encoded images in chunks, keeping input order and error records.
+
+    `rule` is any method of `methods.TABLE` these embeddings can compute; one without a
+    threshold-free verdict needs `threshold` (score below it = OOD).
+    """
+    heads = Heads.prepare(embeddings, permutation_device)
+    check_rule(rule, tuple(heads.pools), threshold, has_no=heads.no is not None)
     pending: list[EncodedImage] = []
 
     def flush() -> Iterator[Detection]:
         good = [e for e in pending if e.feature is not None]
         results = iter(())
         if good:
-            scores = score(torch.stack([e.feature for e in good]), embeddings.text_yes, embeddings.text_no)
-            results = iter(detections_from_scores([e.path for e in good], scores, embeddings.classes, rule, details, top_k))
+            scores = score_heads(torch.stack([e.feature for e in good]), heads)
+            results = iter(detections_from_scores([e.path for e in good], scores, embeddings.classes, rule, details, top_k, threshold))
         for e in pending:
             yield next(results) if e.feature is not None else Detection(path=e.path, error=e.error)
         pending.clear()
@@ -131,6 +159,21 @@ def score_encoded(
         if len(pending) >= chunk:
             yield from flush()
     yield from flush()
+
+
+def check_rule(rule: str, pools: tuple[str, ...], threshold: float | None = None, has_no: bool = True) -> None:
+    """A ValueError unless `rule` can give verdicts with these negative-label pools (and `threshold`)."""
+    method = methods.get(rule)
+    if method.needs_no and not has_no:
+        raise ValueError(f"rule '{rule}' needs CLIPN's \"no\" tower, which a plain CLIP does not have: "
+                         f"use --rule {' or '.join(m.name for m in methods.available(methods.POOLS, has_no=False) if m.record)} with --threshold")
+    if method.record is None:
+        raise ValueError(f"'{rule}' is an evaluation score, not a detection rule (choose one of {', '.join(methods.RULES)})")
+    if method.pool is not None and method.pool not in pools:
+        raise ValueError(f"rule '{rule}' needs the '{method.pool}' negative labels: build them with --negatives {method.pool} "
+                         "(or 'clipn embed-classes --negatives')")
+    if method.verdict is None and threshold is None:
+        raise ValueError(f"rule '{rule}' has no threshold-free verdict: give --threshold T (e.g. thr@95%ID from 'clipn eval')")
 
 
 def detect(
@@ -146,6 +189,7 @@ def detect(
     top_k: int = 0,
     cache: FeatureCache | None = None,
     draft: bool = False,
+    threshold: float | None = None,
 ) -> Iterator[Detection]:
     """Verdicts for a stream of inputs: decode, encode, score; one Detection per input, in order.
 
@@ -154,8 +198,11 @@ def detect(
     (`inference.pipeline_sizes`). See `encode_images`.
     """
     batch_size, workers = pipeline_sizes(model, batch_size, workers)
+    check_rule(rule, tuple(embeddings.negatives), threshold, has_no=embeddings.text_no is not None)  # before any image is read
     encoded = encode_images(
         model, items, batch_size=batch_size, workers=workers, precision=precision,
         exif_transpose=exif_transpose, cache=cache, draft=draft,
     )
-    return score_encoded(encoded, embeddings, rule=rule, details=details, top_k=top_k, chunk=batch_size)
+    device = next(model.parameters()).device
+    return score_encoded(encoded, embeddings, rule=rule, details=details, top_k=top_k, chunk=batch_size,
+                         threshold=threshold, permutation_device=device)

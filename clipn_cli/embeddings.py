@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .errors import EmbeddingsError
 from .files import atomic_path
 from .model import CLIPN
+from .negatives import NegativePool
 from .prompts import TemplateSet
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 FORMAT = "clipn-cli.embeddings"
 FORMAT_VERSION = "1"
+NEGATIVES_FORMAT_VERSION = "1.1"  # written only when negative labels are stored; clipn-cli before them refuses such files (it reads "1" only)
+READ_VERSIONS = (FORMAT_VERSION, NEGATIVES_FORMAT_VERSION)
 TEXT_BATCH = 256
 CHUNK_PROMPTS = 64 * TEXT_BATCH  # prompts tokenized and encoded at a time, so memory stays flat for any class count
 
@@ -36,15 +39,18 @@ class ClassEmbeddings:
 
     classes: list[str]
     text_yes: torch.Tensor
-    text_no: torch.Tensor
+    text_no: torch.Tensor | None  # None: a plain CLIP's heads (in memory only; files hold CLIPN heads)
     templates: str
     templates_sha256: str
     weights_fingerprint: str
+    negatives: dict[str, NegativePool] = field(default_factory=dict)  # mined negative labels by method ("neglabel", "csp")
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a safetensors file (float32 `text_yes`, `text_no`); it appears atomically."""
         from safetensors.torch import save_file
 
+        if self.text_no is None:
+            raise EmbeddingsError("a plain CLIP's class heads are not stored: give the class names (--classes) each run")
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -54,6 +60,12 @@ class ClassEmbeddings:
             "weights_fingerprint": self.weights_fingerprint,
         }
         tensors = {"text_yes": self.text_yes.float().cpu().contiguous(), "text_no": self.text_no.float().cpu().contiguous()}
+        if self.negatives:
+            meta["format_version"] = NEGATIVES_FORMAT_VERSION
+            meta["negatives"] = json.dumps({name: pool.words for name, pool in self.negatives.items()}, ensure_ascii=False)
+            for name, pool in self.negatives.items():
+                tensors[f"negatives.{name}"] = pool.negatives.float().cpu().contiguous()
+                tensors[f"negatives.{name}.id_heads"] = pool.id_heads.float().cpu().contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 
@@ -74,8 +86,8 @@ class ClassEmbeddings:
             raise EmbeddingsError(f"{path}: not a valid safetensors file: {str(exc).strip()[:200]}") from None
         if meta.get("format") != FORMAT:
             raise EmbeddingsError(f"{path}: not a clipn-cli embeddings file (make one with 'clipn embed-classes')")
-        if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-            raise EmbeddingsError(f"{path}: embeddings format version {meta['format_version']} is not one this clipn-cli reads ({FORMAT_VERSION}); a newer clipn-cli may read it")
+        if meta.get("format_version", FORMAT_VERSION) not in READ_VERSIONS:
+            raise EmbeddingsError(f"{path}: embeddings format version {meta['format_version']} is not one this clipn-cli reads ({', '.join(READ_VERSIONS)}); a newer clipn-cli may read it")
         try:
             classes = json.loads(meta["classes"])
             yes, no = tensors["text_yes"].float(), tensors["text_no"].float()
@@ -87,7 +99,8 @@ class ClassEmbeddings:
             raise EmbeddingsError(f"{path}: tensor shapes {tuple(yes.shape)}/{tuple(no.shape)} do not fit {len(classes)} classes")
         if not (torch.isfinite(yes).all() and torch.isfinite(no).all()):
             raise EmbeddingsError(f"{path}: embeddings contain NaN or Inf values")
-        return cls(classes, yes, no, meta.get("templates", ""), meta.get("templates_sha256", ""), meta.get("weights_fingerprint", ""))
+        pools = _load_negatives(path, meta, tensors, yes)
+        return cls(classes, yes, no, meta.get("templates", ""), meta.get("templates_sha256", ""), meta.get("weights_fingerprint", ""), pools)
 
     def check_weights(self, weights_fingerprint: str, source: str = "embeddings") -> None:
         """Refuse embeddings made with other weights: their scores would be meaningless."""
@@ -96,6 +109,23 @@ class ClassEmbeddings:
                 f"{source}: made with other weights (fingerprint {self.weights_fingerprint[:12] or 'none'}, "
                 f"loaded weights {weights_fingerprint[:12]}); rebuild it with 'clipn embed-classes'"
             )
+
+
+def _load_negatives(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor], yes: torch.Tensor) -> dict[str, NegativePool]:
+    """The negative-label pools of a format-1.1 file, checked against the class heads' shape."""
+    if "negatives" not in meta:
+        return {}
+    try:
+        words = json.loads(meta["negatives"])
+        pools = {name: NegativePool(name, list(w), tensors[f"negatives.{name}"].float(), tensors[f"negatives.{name}.id_heads"].float())
+                 for name, w in words.items()}
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise EmbeddingsError(f"{path}: damaged negative labels ({exc})") from None
+    for name, pool in pools.items():
+        if not (all(isinstance(w, str) for w in pool.words) and pool.negatives.shape == (len(pool.words), yes.shape[1])
+                and pool.id_heads.shape == yes.shape and torch.isfinite(pool.negatives).all() and torch.isfinite(pool.id_heads).all()):
+            raise EmbeddingsError(f"{path}: damaged negative labels '{name}' (shapes or values do not fit the class heads)")
+    return pools
 
 
 def tokenizer_for(model: CLIPN) -> SimpleTokenizer:
@@ -123,12 +153,13 @@ def encode_texts(
     device = next(model.parameters()).device
     order = torch.argsort(tokens.argmax(dim=-1), stable=True)
     yes = torch.empty(len(tokens), model.text_projection.shape[1])
-    no = torch.empty_like(yes)
+    no = torch.empty_like(yes) if getattr(model, "has_no", True) else None  # a plain CLIP has no "no" tower
     for start in range(0, len(tokens), batch_size):
         idx = order[start : start + batch_size]
         batch = tokens[idx].to(device)
         yes[idx] = model.encode_text_yes(batch, normalize=True).float().cpu()
-        no[idx] = model.encode_text_no(batch, normalize=True).float().cpu()
+        if no is not None:
+            no[idx] = model.encode_text_no(batch, normalize=True).float().cpu()
         if progress:
             progress(len(idx))
     return yes, no
@@ -162,7 +193,8 @@ def embed_classes(
         yes, no = encode_texts(model, tokens, batch_size, progress)
         shape = (len(chunk), len(templates.templates), -1)
         sums_yes.append(yes.view(shape).sum(dim=1))
-        sums_no.append(no.view(shape).sum(dim=1))
+        if no is not None:
+            sums_no.append(no.view(shape).sum(dim=1))
     text_yes = F.normalize(torch.cat(sums_yes), dim=-1)
-    text_no = F.normalize(torch.cat(sums_no), dim=-1)
+    text_no = F.normalize(torch.cat(sums_no), dim=-1) if sums_no else None
     return ClassEmbeddings(list(classes), text_yes, text_no, templates.name, templates.sha256, weights_fingerprint)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import methods as method_table
 from . import metrics
 from .errors import EvaluationError
 from .files import atomic_open
@@ -28,8 +29,9 @@ if TYPE_CHECKING:
     from .embeddings import ClassEmbeddings
     from .model import CLIPN
 
-METHODS = {"ctw": "CTW", "atd": "ATD", "msp": "MSP", "max_logit": "MaxLogit", "energy": "Energy", "mcm": "MCM"}
-RULE_METHODS = ("ctw", "atd")  # the ones with a threshold-free verdict
+METHODS = {m.name: m.label for m in method_table.TABLE if m.name in method_table.CLASSIC}  # every evaluation has these
+LABELS = {m.name: m.label for m in method_table.TABLE}
+RULE_METHODS = method_table.VERDICT_RULES  # the ones with a threshold-free verdict
 ID_SET = "ID"
 AVERAGE = "average"
 RECALL = 0.95
@@ -55,7 +57,7 @@ class SetScores:
     labels: list[str | None]
     pred: np.ndarray  # predicted class index (yes head)
     scores: dict[str, np.ndarray]  # method -> (N,) float64
-    flagged: dict[str, np.ndarray]  # CTW/ATD rule -> (N,) bool, True = OOD
+    flagged: dict[str, np.ndarray]  # threshold-free rule -> (N,) bool, True = OOD
     atd_margin: np.ndarray  # max_c p_yes_c·p_c − p_ood: ATD says OOD where this is < 0
     failures: list[tuple[str, str]]  # (path, error)
 
@@ -75,7 +77,7 @@ class MethodResult:
     ood_caught: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        record = {
+        record: dict[str, Any] = {
             "ood": self.ood, "method": self.method, "auroc": self.auroc, "fpr95": self.fpr95,
             "aupr_in": self.aupr_in, "aupr_out": self.aupr_out, "threshold_95": self.threshold_95,
         }
@@ -224,9 +226,12 @@ def score_set(
     import torch
 
     from .inference import encode_images, pipeline_sizes
-    from .scoring import mcm, score
+    from .scoring import Heads, score_heads
 
     batch_size, workers = pipeline_sizes(model, batch_size, workers)
+    prepared = Heads.prepare(heads, next(model.parameters()).device)
+    names = [m.name for m in prepared.methods]
+    rules = [m.name for m in prepared.methods if m.threshold_free]
     encoded = encode_images(
         model, image_set.items, batch_size=batch_size, workers=workers, precision=precision,
         exif_transpose=exif_transpose, cache=cache,
@@ -235,16 +240,15 @@ def score_set(
     labels: list[str | None] = []
     features: list[torch.Tensor] = []
     failures: list[tuple[str, str]] = []
-    columns: dict[str, list[np.ndarray]] = {m: [] for m in (*METHODS, "pred", "flag_ctw", "flag_atd", "atd_margin")}
+    columns: dict[str, list[np.ndarray]] = {m: [] for m in (*names, "pred", *(f"flag_{r}" for r in rules), "atd_margin")}
 
     def flush() -> None:
         if not features:
             return
-        f = torch.stack(features)
-        s = score(f, heads.text_yes, heads.text_no)
-        values = {"ctw": s.ctw, "atd": s.atd, "msp": s.msp, "max_logit": s.max_logit, "energy": s.energy,
-                  "mcm": mcm(f, heads.text_yes), "pred": s.pred, "flag_ctw": s.is_ood("ctw"), "flag_atd": s.is_ood("atd"),
-                  "atd_margin": s.atd_best - s.p_ood}
+        s = score_heads(torch.stack(features), prepared)
+        values = {name: s.value(name) for name in names}
+        margin = torch.full_like(s.msp, float("nan")) if s.atd_best is None else s.atd_best - s.p_ood  # NaN: no ATD (plain CLIP)
+        values.update({f"flag_{r}": s.is_ood(r) for r in rules}, pred=s.pred, atd_margin=margin)
         for name, value in values.items():
             columns[name].append(value.numpy())
         features.clear()
@@ -268,8 +272,8 @@ def score_set(
         paths=paths,
         labels=labels,
         pred=joined["pred"].astype(np.int64),
-        scores={m: joined[m].astype(np.float64) for m in METHODS},
-        flagged={rule: joined[f"flag_{rule}"].astype(bool) for rule in RULE_METHODS},
+        scores={m: joined[m].astype(np.float64) for m in names},
+        flagged={rule: joined[f"flag_{rule}"].astype(bool) for rule in rules},
         atd_margin=joined["atd_margin"].astype(np.float64),
         failures=failures,
     )
@@ -279,20 +283,21 @@ def compute_results(id_scores: SetScores, ood_sets: Sequence[SetScores], convent
     """Metrics of every method on every OOD set, then one `average` entry per method."""
     check_convention(convention)
     results: list[MethodResult] = []
+    names = list(id_scores.scores)  # table order, the methods these heads computed
     for ood in ood_sets:
-        for method in METHODS:
+        for method in names:
             found = metrics.ood_metrics(id_scores.scores[method], ood.scores[method], convention)
-            rule = method in RULE_METHODS
+            rule = method in id_scores.flagged
             results.append(MethodResult(
                 ood=ood.name, method=method, **found,
                 threshold_95=metrics.threshold_at_recall(id_scores.scores[method], RECALL),
                 id_flagged=float(id_scores.flagged[method].mean()) if rule else None,
                 ood_caught=float(ood.flagged[method].mean()) if rule else None,
             ))
-    for method in METHODS:
+    for method in names:
         rows = [r for r in results if r.method == method]
         mean = {k: float(np.mean([getattr(r, k) for r in rows])) for k in ("auroc", "fpr95", "aupr_in", "aupr_out")}
-        caught = float(np.mean([r.ood_caught for r in rows])) if method in RULE_METHODS else None
+        caught = float(np.mean([r.ood_caught for r in rows])) if method in id_scores.flagged else None
         results.append(MethodResult(AVERAGE, method, **mean, threshold_95=rows[0].threshold_95, id_flagged=rows[0].id_flagged, ood_caught=caught))
     return results
 
@@ -356,14 +361,20 @@ def _unreadable(s: SetScores) -> str:
     return f"{s.name} set: none of its {len(s.failures)} images could be read (first: {path}: {error})"
 
 
-SCORE_COLUMNS = ("path", "set", "role", "label", "pred", *METHODS, "ctw_ood", "atd_ood", "error")
+SCORE_COLUMNS = ("path", "set", "role", "label", "pred", *METHODS, "ctw_ood", "atd_ood", "error")  # with the classic methods
+
+
+def score_columns(evaluation: Evaluation) -> tuple[str, ...]:
+    """The per-image columns of this evaluation: its methods' scores, then its rules' verdicts."""
+    first = evaluation.sets[0]
+    return ("path", "set", "role", "label", "pred", *first.scores, *(f"{r}_ood" for r in first.flagged), "error")
 
 
 def write_scores(evaluation: Evaluation, path: str | os.PathLike[str]) -> None:
     """Every image's scores as CSV (JSON Lines if `path` ends in .jsonl), written atomically."""
     jsonl = str(path).endswith(".jsonl")
     with atomic_open(path, "w", encoding="utf-8", errors=TEXT_ERRORS, newline="") as fh:
-        writer = None if jsonl else csv.DictWriter(fh, fieldnames=SCORE_COLUMNS, lineterminator="\n")
+        writer = None if jsonl else csv.DictWriter(fh, fieldnames=score_columns(evaluation), lineterminator="\n")
         if writer:
             writer.writeheader()
         for row in score_rows(evaluation):
@@ -379,8 +390,8 @@ def score_rows(evaluation: Evaluation) -> Iterable[dict[str, Any]]:
         for i, path in enumerate(s.paths):
             row: dict[str, Any] = {"path": path, "set": s.name, "role": s.role, "label": s.labels[i],
                                    "pred": evaluation.classes[int(s.pred[i])]}
-            row.update({m: float(s.scores[m][i]) for m in METHODS})
-            row.update(ctw_ood=bool(s.flagged["ctw"][i]), atd_ood=bool(s.flagged["atd"][i]), error=None)
+            row.update({m: float(values[i]) for m, values in s.scores.items()})
+            row.update({f"{r}_ood": bool(flags[i]) for r, flags in s.flagged.items()}, error=None)
             yield row
         for path, error in s.failures:
             yield {"path": path, "set": s.name, "role": s.role, "error": error}

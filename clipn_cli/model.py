@@ -40,6 +40,8 @@ class CLIPN(open_clip.model.CLIP):
     gets one of the 16 or their mean, uniformly at random, as the official code does.
     """
 
+    has_no = True  # a plain CLIP (`plainclip`) has no "no" tower
+
     def __init__(self, model_cfg: dict[str, Any], num_prompts: int = NUM_PROMPTS) -> None:
         cfg = dict(model_cfg)
         super().__init__(

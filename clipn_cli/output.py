@@ -17,14 +17,12 @@ from typing import IO, Any
 
 from .errors import OutputError
 from .files import atomic_open, open_in_place
+from .methods import record_fields
 
 FORMATS = ("table", "json", "jsonl", "csv")
 RECORD_START = b'{"path": '  # every record's first key, as JsonlWriter writes it
 TEXT_ERRORS = "surrogateescape"  # CSV and tables write a non-UTF-8 file name's bytes as they are, as `ls` does
-CSV_COLUMNS = (
-    "path", "error", "verdict", "rule", "class", "class_index",
-    "ctw_score", "atd_score", "p_ood", "msp", "max_logit", "energy",
-)
+CSV_COLUMNS = ("path", "error", "verdict", "rule", "class", "class_index", *record_fields())  # empty where a method was not computed
 DETAIL_COLUMNS = ("p_yes", "logits_yes", "logits_no", "top_k")
 
 
@@ -112,10 +110,14 @@ class TableWriter(Writer):
                 table.add_row(Text(r["path"]), Text("ERROR", style="bold yellow"), Text(r["error"], style="yellow"), "", "", *("" for _ in calibrated))
                 continue
             style = "bold red" if r["verdict"] == "OOD" else "bold green"
-            table.add_row(Text(r["path"]), Text(r["verdict"], style=style), Text(r["class"]), f"{r['ctw_score']:.3f}", f"{r['atd_score']:.3f}",
+            table.add_row(Text(r["path"]), Text(r["verdict"], style=style), Text(r["class"]), _score(r["ctw_score"]), _score(r["atd_score"]),
                           *(f"{r[k]:.4g}" for k in calibrated))
         width = None if self.stream.isatty() else 200  # a table saved to a file keeps full paths
         Console(file=self.stream, width=width).print(table)
+
+
+def _score(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"  # None: a plain CLIP has no CTW/ATD
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ functions, and only its object API is used (no pyplot: no GUI backend, no global
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -14,9 +15,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import methods as method_table
 from . import metrics
 from .errors import ClipnError
-from .evaluation import METHODS
+from .evaluation import LABELS as METHODS
 from .files import atomic_path
 
 if TYPE_CHECKING:
@@ -26,7 +28,9 @@ if TYPE_CHECKING:
     from .evaluation import Evaluation, MethodResult, SetScores
 
 ID_COLOR, OOD_COLOR = "#1f77b4", "#d62728"
-METHOD_COLORS = {"ctw": "#9467bd", "atd": "#2ca02c", "msp": "#ff7f0e", "max_logit": "#8c564b", "energy": "#e377c2", "mcm": "#17becf"}
+METHOD_COLORS = {m.name: m.color for m in method_table.TABLE}
+RULE_MARKERS = "soD^vP"  # ROC markers of the threshold-free rules, in table order
+COLUMNS = 4  # histogram panels per row
 
 
 def require_matplotlib() -> None:
@@ -55,9 +59,10 @@ def write_plots(evaluation: Evaluation, directory: str | os.PathLike[str]) -> li
         if stem in used:
             stem = f"{stem}-{len(used) + 1}"
         used.add(stem)
+        names = list(id_set.scores)  # the methods this evaluation computed, in table order
         for kind, figure in (
-            ("roc", roc_figure(id_set, ood, results, list(METHODS))),
-            ("scores", histogram_figure(id_set, ood, results, list(METHODS))),
+            ("roc", roc_figure(id_set, ood, results, names)),
+            ("scores", histogram_figure(id_set, ood, results, names)),
         ):
             target = directory / f"{kind}-{stem}.png"
             with atomic_path(target) as tmp:
@@ -75,9 +80,10 @@ def roc_figure(id_set: SetScores, ood: SetScores, results: dict[str, MethodResul
     for method in methods:
         fpr, tpr, _ = metrics.roc_curve(id_set.scores[method], ood.scores[method])
         r = results[method]
-        ax.plot(fpr, tpr, color=METHOD_COLORS[method], lw=2 if method in ("ctw", "atd") else 1.3,
+        ax.plot(fpr, tpr, color=METHOD_COLORS[method], lw=2 if method_table.get(method).threshold_free else 1.3,
                 label=f"{METHODS[method]}  AUROC {100 * r.auroc:.1f}%  FPR95 {100 * r.fpr95:.1f}%")
-    for method, marker in (("ctw", "s"), ("atd", "o")):
+    rules = [m for m in methods if method_table.get(m).threshold_free]
+    for method, marker in zip(rules, RULE_MARKERS):
         r = results[method]
         ax.plot([1 - r.ood_caught], [1 - r.id_flagged], marker=marker, ms=9, ls="none", mfc="white", mew=2,
                 color=METHOD_COLORS[method], label=f"{METHODS[method]} rule (threshold-free)")
@@ -97,13 +103,14 @@ def histogram_figure(id_set: SetScores, ood: SetScores, results: dict[str, Metho
     """One panel per method (ID vs OOD score densities), one for ATD's decision margin, one summary."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(17, 8), layout="constrained")
-    axes = fig.subplots(2, 4).ravel()
     panels: list[tuple[str, np.ndarray, np.ndarray, str]] = []
     for method in methods:
         panels.append((method, id_set.scores[method], ood.scores[method], f"{METHODS[method]} score (higher = more ID)"))
         if method == "atd":
             panels.append(("atd_margin", id_set.atd_margin, ood.atd_margin, "max_c p_yes·p − p_ood (ATD: OOD below 0)"))
+    rows = math.ceil((len(panels) + 1) / COLUMNS)  # + the summary panel
+    fig = Figure(figsize=(17, 4 * rows), layout="constrained")
+    axes = fig.subplots(rows, COLUMNS).ravel()
     for ax, (method, id_scores, ood_scores, xlabel) in zip(axes, panels):
         _histogram(ax, id_scores, ood_scores, ood.name)
         ax.set_xlabel(xlabel)
@@ -139,9 +146,9 @@ def _histogram(ax: Axes, id_scores: np.ndarray, ood_scores: np.ndarray, ood_name
 
 def _summary(id_set: SetScores, ood: SetScores, results: dict[str, MethodResult]) -> str:
     lines = ["Threshold-free rules", ""]
-    for rule in ("ctw", "atd"):
+    for rule in id_set.flagged:
         r = results[rule]
-        lines.append(f"{rule.upper()}: flags {100 * r.id_flagged:5.1f}% of ID")
+        lines.append(f"{METHODS[rule]}: flags {100 * r.id_flagged:5.1f}% of ID")
         lines.append(f"     catches {100 * r.ood_caught:5.1f}% of OOD")
     lines += ["", f"ID images:  {len(id_set.paths)}", f"OOD images: {len(ood.paths)}"]
     return "\n".join(lines)

@@ -283,6 +283,10 @@ def load_model(
     """
     from safetensors.torch import load_file
 
+    from .plainclip import load_plain_clip, parse_spec
+
+    if (plain := parse_spec(weights)) is not None:  # `MODEL:TAG` / `MODEL:FILE`: a plain open_clip CLIP
+        return load_plain_clip(plain, device)
     info = read_info(resolve_weights(weights))
     try:
         tensors = load_file(str(info.path))

@@ -144,8 +144,8 @@ WeightsOpt = Annotated[
     Path | None,
     typer.Option(
         "--weights", "-w",
-        help="CLIPN weights: a .safetensors file or a name from 'clipn weights list' (e.g. digits). "
-        "First match wins: --weights, $CLIPN_WEIGHTS, 'clipn weights default', the best official model fetched.",
+        help="CLIPN weights: a .safetensors file or a name from 'clipn weights list' (e.g. digits), or a plain open_clip CLIP "
+        "as MODEL:TAG or MODEL:FILE. First match wins: --weights, $CLIPN_WEIGHTS, 'clipn weights default', the best official model fetched.",
         show_default=False,
     ),
 ]
@@ -166,3 +166,11 @@ WorkersOpt = Annotated[
 ]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 (exact), fp16 or bf16 (autocast).")]
 ExifOpt = Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Rotate by EXIF orientation first (the official pipeline does not).")]
+NegativesOpt = Annotated[
+    str | None,
+    typer.Option("--negatives", help="Negative labels to mine and score with: neglabel, csp, or both (neglabel,csp). Adds their methods' scores.", show_default=False),
+]
+WordsOpt = Annotated[
+    Path | None,
+    typer.Option("--words", help="Candidate words for --negatives instead of the shipped WordNet 3.0 list: 'noun.FILE<TAB>word' / 'adj.FILE<TAB>word' lines.", show_default=False),
+]

@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..methods import RULES, VERDICT_RULES
 from ..output import FORMATS
 from .common import (
-    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
-    Terminated, WeightsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, stderr, stdout_is_terminal,
+    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
+    TemplatesOpt, Terminated, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, stderr, stdout_is_terminal,
 )
-from .runtime import class_embeddings, load_classes, load_weights_for_cli
+from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
 
 if TYPE_CHECKING:
     from ..calibration import CalibratedVerdicts
@@ -29,7 +30,10 @@ def detect(
     embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,
     weights: WeightsOpt = None,
     templates: TemplatesOpt = "clipn",
-    rule: Annotated[str, typer.Option("--rule", help="Verdict rule: atd (agreeing-to-differ) or ctw (competing-to-win); with --calibration also msp, max_logit or energy.")] = "atd",
+    rule: Annotated[str, typer.Option("--rule", help=f"Verdict rule: {', '.join(RULES)}. atd (agreeing-to-differ) and ctw (competing-to-win) are threshold-free; the others need --threshold, or --calibration.")] = "atd",
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Call an image OOD when the rule's score is below T (needed by rules without a threshold-free verdict, e.g. thr@95%ID from 'clipn eval').", show_default=False)] = None,
+    negatives: NegativesOpt = None,
+    words: WordsOpt = None,
     fmt: Annotated[str | None, typer.Option("--format", "-f", help="table, json, jsonl or csv. Default: table on a terminal, jsonl otherwise.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results to this file instead of stdout.", show_default=False)] = None,
     details: Annotated[bool, typer.Option("--details", help="Add p_yes, logits_yes and logits_no (per class) to each record.")] = False,
@@ -55,9 +59,7 @@ def detect(
     _huge_pages_for_activations()
     _few_malloc_arenas()
     with handle_errors():
-        from ..calibration import RECORD_FIELDS
-
-        check_choice("--rule", rule, ("atd", "ctw") if calibration is None else tuple(RECORD_FIELDS))
+        check_choice("--rule", rule, RULES)
         fmt = fmt or ("table" if output is None and stdout_is_terminal() else "jsonl")
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
@@ -71,9 +73,15 @@ def detect(
             fail("--quantize int8 computes in fp32: it cannot be combined with --precision fp16 or bf16")
         check_output("--report", report)
         _check_calibration_options(calibration, alpha, fdr, fmt, output, resume)
+        if calibration is not None and threshold is not None:
+            fail("give --threshold (a fixed score cut) or --calibration (a false-alarm rate), not both")
+        pools = parse_negatives(negatives, rule)
+        if threshold is None and calibration is None and rule not in VERDICT_RULES:
+            fail(f"--rule {rule} has no threshold-free verdict: give --threshold T (e.g. its thr@95%ID from 'clipn eval') or --calibration FILE")
         names = load_classes(classes, classes_file, embeddings)
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
+        add_negatives(model, weights_info, heads, pools, words, source=embeddings)
         verdicts = _calibrated_verdicts(calibration, alpha, fdr, rule, heads, weights_info.fingerprint)
         if quantize:
             from ..inference import quantize_image_tower
@@ -95,10 +103,12 @@ def detect(
             items = (item for item in items if item.path not in already)
         feature_cache = FeatureCache(cache, weights_info.fingerprint) if cache is not None else None
         results = run_detect(
-            model, heads, items, rule=rule if verdicts is None else "atd", batch_size=batch_size,
+            model, heads, items, rule=rule, batch_size=batch_size,
             workers=workers,
             precision=precision, exif_transpose=exif_transpose, details=details, top_k=top_k,
             cache=feature_cache, draft=draft,
+            # calibrated verdicts replace the engine's: a cut no score is below keeps it from needing a threshold
+            threshold=threshold if verdicts is None else float("-inf"),
         )
         done = failed = 0
         last = None

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from .common import ClassesOpt, DeviceOpt, TemplatesOpt, WeightsOpt, check_output, fail, handle_errors, info
-from .runtime import class_embeddings, load_classes, load_weights_for_cli
+from .common import ClassesOpt, DeviceOpt, NegativesOpt, TemplatesOpt, WeightsOpt, WordsOpt, check_output, fail, handle_errors, info
+from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
 
 
 def embed_classes(
@@ -17,10 +17,13 @@ def embed_classes(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output .safetensors. Default: CLASSES.safetensors.", show_default=False)] = None,
     weights: WeightsOpt = None,
     templates: TemplatesOpt = "clipn",
+    negatives: NegativesOpt = None,
+    words: WordsOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Build the standard and "no" class embeddings once, for fast repeated `detect --embeddings`."""
     with handle_errors():
+        pools = parse_negatives(negatives)
         names = load_classes(classes, classes_file, None, sources=("--classes", "a CLASSES_FILE argument"))
         if output is None:
             if classes_file is None:
@@ -29,5 +32,6 @@ def embed_classes(
         check_output("--output", output)
         model, weights_info = load_weights_for_cli(weights, device)
         heads = class_embeddings(model, weights_info, names, None, templates)
+        add_negatives(model, weights_info, heads, pools, words)
         heads.save(output)
-        info(f"wrote {output} ({len(names)} class{'es' if len(names) != 1 else ''}, templates '{heads.templates}', weights {weights_info.fingerprint[:12]})")
+        info(f"wrote {output} ({len(names)} class{'es' if len(names) != 1 else ''}, templates '{heads.templates}'{''.join(f', {len(p.words)} {n} negatives' for n, p in heads.negatives.items())}, weights {weights_info.fingerprint[:12]})")

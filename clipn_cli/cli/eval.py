@@ -12,10 +12,10 @@ from typing import IO, TYPE_CHECKING, Annotated
 import typer
 
 from .common import (
-    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
-    WeightsOpt, WorkersOpt, check_choice, check_output, handle_errors, info, stderr, stdout_is_terminal, warn,
+    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
+    TemplatesOpt, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, handle_errors, info, stderr, stdout_is_terminal, warn,
 )
-from .runtime import class_embeddings, load_classes, load_weights_for_cli
+from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
 
 if TYPE_CHECKING:
     from ..calibration import OperatingPoint
@@ -33,6 +33,8 @@ def evaluate(
     embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,
     weights: WeightsOpt = None,
     templates: TemplatesOpt = "clipn",
+    negatives: NegativesOpt = None,
+    words: WordsOpt = None,
     fmt: Annotated[str | None, typer.Option("--format", "-f", help="table (percentages), json or csv (fractions). Default: table on a terminal, json otherwise.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file instead of stdout.", show_default=False)] = None,
     fpr_convention: Annotated[str, typer.Option("--fpr-convention", help="clipn: ID positive, OOD accepted at 95% ID recall, interpolated (CLIPN/MCM papers). openood: OOD positive, ID rejected at the first point with 95% OOD caught.")] = "clipn",
@@ -74,6 +76,7 @@ def evaluate(
             from ..plots import require_matplotlib
 
             require_matplotlib()
+        pools = parse_negatives(negatives)
         names = load_classes(classes, classes_file, embeddings)
         sets = collect_sets(id_paths, group_ood_specs(ood))
         if alpha is not None:
@@ -82,6 +85,7 @@ def evaluate(
             check_size(len(sets[0].items) // 2, alpha, f"--alpha {alpha:g} on a random half of {len(sets[0].items)} ID images")
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
+        add_negatives(model, weights_info, heads, pools, words, source=embeddings)
 
         from ..cache import FeatureCache
         from ..evaluation import evaluate as run_evaluation
@@ -171,7 +175,7 @@ def _print_table(evaluation: Evaluation, stream: IO[str]) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from ..evaluation import METHODS
+    from ..evaluation import LABELS as METHODS
     from ..metrics import FPR_CONVENTIONS
 
     def pct(value: float | None) -> str:
@@ -195,7 +199,7 @@ def _print_table(evaluation: Evaluation, stream: IO[str]) -> None:
     if evaluation.id_accuracy is not None:
         console.print(f"ID top-1 accuracy: {100 * evaluation.id_accuracy:.2f}%", markup=False)
     console.print(f"FPR95 ({evaluation.convention}): {FPR_CONVENTIONS[evaluation.convention]}", markup=False)
-    console.print("ID flagged / OOD caught: images the CTW/ATD threshold-free rule calls OOD. "
+    console.print("ID flagged / OOD caught: images a threshold-free rule (CTW, ATD, ATD+NegLabel) calls OOD. "
                   "thr@95%ID: score threshold keeping 95% of ID images (score >= thr is ID).", markup=False)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import fail, stderr, warn
+from .common import fail, info, stderr, warn
 
 if TYPE_CHECKING:
     from ..embeddings import ClassEmbeddings
@@ -78,6 +78,34 @@ def class_embeddings(
         warn(f"{len(cut)} class name(s) longer than the {model.context_length}-token context are truncated, as the official tokenizer does: {cut[0][:40]!r}…")
     with text_progress(len(names) * len(template_set.templates)) as advance:
         return embed_classes(model, names, template_set, weights_info.fingerprint, progress=advance)
+
+
+def parse_negatives(option: str | None, rule: str | None = None) -> tuple[str, ...]:
+    """The negative-label pools asked for by `--negatives` and needed by `--rule`."""
+    from ..methods import BY_NAME, POOLS
+
+    pools = [p.strip() for p in (option or "").split(",") if p.strip()]
+    for pool in pools:
+        if pool not in POOLS:
+            fail(f"--negatives must be {' or '.join(POOLS)} (comma-separated), not '{pool}'")
+    needed = BY_NAME[rule].pool if rule in BY_NAME else None
+    return tuple(dict.fromkeys([*pools, *([needed] if needed else [])]))
+
+
+def add_negatives(model: CLIPN, weights_info: WeightsInfo, heads: ClassEmbeddings, pools: tuple[str, ...], words: Path | None, source: Path | None = None) -> None:
+    """Mine the pools `heads` lacks (their candidate embeddings cached per weights in the clipn home)."""
+    missing = [p for p in pools if p not in heads.negatives]
+    if not missing:
+        return
+    if source is not None:
+        fail(f"{source} holds no '{missing[0]}' negative labels: rebuild it with 'clipn embed-classes --negatives {','.join(pools)}'")
+    from ..wordpool import mine, read_words
+
+    pairs = read_words(words)
+    for pool in missing:
+        with text_progress(len(pairs)) as advance:
+            heads.negatives[pool] = mine(model, heads.classes, pool, weights_info.fingerprint, pairs, progress=advance)
+        info(f"{pool}: {len(heads.negatives[pool].words)} negative labels mined")
 
 
 @contextlib.contextmanager

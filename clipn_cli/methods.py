@@ -1,0 +1,90 @@
+"""The one table of score methods: scoring, detection records, output columns, evaluation, plots and
+the CLI's `--rule` choices all read it, so a new method is one entry here plus its formula.
+
+Every score is "higher = more ID". A method with a `verdict` says ID/OOD by itself (threshold-free);
+the others need a threshold (`clipn detect --threshold`, e.g. `thr@95%ID` from `clipn eval`).
+`needs_no` methods use CLIPN's "no" tower; `pool` names the negative-label pool a method uses.
+No torch here: the table is read by `--help` and option checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .scoring import Scores
+
+
+@dataclass(frozen=True)
+class Method:
+    """One score method and what it needs."""
+
+    name: str  # key in evaluation reports, `--rule` value
+    label: str  # what tables and plots call it
+    color: str  # its colour in plots
+    value: Callable[[Scores], Any]  # (N,) score tensor, higher = more ID
+    record: str | None = None  # field of detection records (None: evaluation only)
+    verdict: Callable[[Scores], Any] | None = None  # (N,) bool, True = OOD; None: needs a threshold
+    needs_no: bool = False  # uses the "no" tower (CLIPN weights only)
+    pool: str | None = None  # negative-label pool it scores against
+    experimental: bool = False
+    description: str = ""
+
+    @property
+    def threshold_free(self) -> bool:
+        return self.verdict is not None
+
+
+def _extra(name: str) -> Callable[[Scores], Any]:
+    return lambda s: s.extra[name]
+
+
+TABLE: tuple[Method, ...] = (
+    Method("ctw", "CTW", "#9467bd", lambda s: s.ctw, "ctw_score", lambda s: s.ctw < 0.5, needs_no=True,
+           description="competing-to-win: p_yes at the predicted class; OOD iff < 0.5"),
+    Method("atd", "ATD", "#2ca02c", lambda s: s.atd, "atd_score", lambda s: s.p_ood > s.atd_best, needs_no=True,
+           description="agreeing-to-differ: Σ_c p_yes_c·p_c; OOD iff 1 − that > max_c p_yes_c·p_c"),
+    Method("msp", "MSP", "#ff7f0e", lambda s: s.msp, "msp", description="max softmax probability (logits 100·cos)"),
+    Method("max_logit", "MaxLogit", "#8c564b", lambda s: s.max_logit, "max_logit", description="max logit"),
+    Method("energy", "Energy", "#e377c2", lambda s: s.energy, "energy", description="logsumexp of the logits"),
+    Method("mcm", "MCM", "#17becf", _extra("mcm"), description="max softmax of cosines (temperature 1)"),
+    Method("neglabel", "NegLabel", "#bcbd22", _extra("neglabel"), "neglabel_score", pool="neglabel",
+           description="grouped ID probability mass against ~10k WordNet negative labels (ICLR 2024)"),
+    Method("csp", "CSP", "#7f7f7f", _extra("csp"), "csp_score", pool="csp",
+           description="NegLabel's score with the conjugated semantic pool (NeurIPS 2024)"),
+    Method("atd_neg", "ATD+NegLabel", "#1a9850", _extra("atd_neg"), "atd_neg_score",
+           lambda s: 1.0 - s.extra["atd_neg"] > s.extra["atd_neg_best"], needs_no=True, pool="neglabel", experimental=True,
+           description="experimental: ATD with NegLabel's negatives as extra known classes; threshold-free"),
+)
+BY_NAME = {m.name: m for m in TABLE}
+RULES = tuple(m.name for m in TABLE if m.record is not None)  # what `detect --rule` accepts
+VERDICT_RULES = tuple(m.name for m in TABLE if m.threshold_free)
+POOLS = tuple(dict.fromkeys(m.pool for m in TABLE if m.pool))
+EXTRA_RECORD_FIELDS = {"atd": ("p_ood", lambda s: s.p_ood)}  # companion fields written after a method's own
+CLASSIC = tuple(m.name for m in TABLE if m.pool is None)  # need no negative labels
+
+
+def get(name: str) -> Method:
+    """The method called `name`, or a ValueError naming the choices."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown method '{name}' (expected one of {', '.join(BY_NAME)})") from None
+
+
+def available(pools: tuple[str, ...] | list[str] = (), has_no: bool = True) -> tuple[Method, ...]:
+    """The methods that can be computed with these negative-label pools and model."""
+    return tuple(m for m in TABLE if (m.pool is None or m.pool in pools) and (has_no or not m.needs_no))
+
+
+def record_fields(methods: tuple[Method, ...] | None = None) -> tuple[str, ...]:
+    """Detection-record score fields of `methods` (all by default), in table order."""
+    fields: list[str] = []
+    for m in TABLE if methods is None else methods:
+        if m.record:
+            fields.append(m.record)
+            if m.name in EXTRA_RECORD_FIELDS:
+                fields.append(EXTRA_RECORD_FIELDS[m.name][0])
+    return tuple(fields)

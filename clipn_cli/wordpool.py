@@ -1,0 +1,224 @@
+"""Candidate negative labels of NegLabel and CSP: the shipped WordNet words, their prompts, their
+embeddings (cached per weights, since they do not depend on the ID classes) and the mining.
+
+NegLabel (`XueJiang16/NegLabel`): every word of the 27 word files once (the first file that lists
+it wins: the shipped list is in file-name order), one prompt each: "the nice {}" for nouns, "This is a {} photo" for
+adjectives; ID classes as "the nice {}".
+CSP (`MengyuanChen21/NeurIPS2024-CSP`): noun.person, noun.quantity, noun.group and adj.pert left
+out; nouns and ID classes averaged over 8 templates; each adjective joined to one of 14 superclass
+words drawn by Python's `random.choice` after `random.seed(0)` (in candidate order), then averaged
+over 4 templates. Prompt features are averaged unnormalised and then normalised, as both codes do.
+Mining itself is `negatives.affinity` + `negatives.select_lowest`: a matrix product and a sort.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import negatives
+from .errors import ClipnError
+
+if TYPE_CHECKING:
+    from .model import CLIPN
+
+WORDS_FILE = "wordnet-words.txt.gz"
+NEGLABEL_NOUN = "the nice {}"
+NEGLABEL_ADJ = "This is a {} photo"
+CSP_NOUN_TEMPLATES = (
+    "a close-up photo of the nice {}.", "a photo with the nice {}.", "a good photo with the nice {}.",
+    "a photo of the nice {}.", "{}", "the {}", "the good {}", "the nice {}",
+)
+CSP_SUPERCLASSES = (
+    "{} environment", "{} space", "{} object", "{} scene", "{} place", "{} item", "{} area", "{} view",
+    "{} thing", "{} pattern", "{} structure", "{} landscape", "{} vista", "{} creature",
+)
+CSP_ADJ_TEMPLATES = ("{}", "a nice photo of {}", "a good photo of {}", "a close-up photo of {}")
+CSP_EXCLUDED = ("noun.person", "noun.quantity", "noun.group", "adj.pert")
+CSP_SEED = 0
+TEXT_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """A pool's candidate words, which are adjectives, and each one's prompts (averaged)."""
+
+    pool: str
+    words: list[str]
+    is_adjective: torch.Tensor  # (M,) bool
+    prompts: list[list[str]]
+
+    @property
+    def key(self) -> str:
+        """Identity of the candidate texts, for the embedding cache."""
+        return hashlib.sha256(json.dumps([self.pool, self.prompts]).encode()).hexdigest()
+
+
+def read_words(path: str | os.PathLike[str] | None = None) -> list[tuple[str, str]]:
+    """(word file, word) pairs: the shipped WordNet 3.0 list, or `path` in its format.
+
+    `path` holds `FILE<TAB>word` lines (gzip or plain text), FILE naming a word file such as
+    `noun.artifact` or `adj.all` (only its part before the dot matters: noun or adj); or `path` is a
+    directory of the official repositories' `txtfiles/` layout (`noun.artifact.txt`, `adj.all.txt`,
+    ... one word per line), read in `os.listdir` order as the official code reads it, so that on the
+    same file system a word listed as both noun and adjective gets the same kind.
+    """
+    if path is not None and Path(path).is_dir():
+        return _read_word_dir(Path(path))
+    try:
+        if path is None:
+            data = resources.files("clipn_cli.data").joinpath(WORDS_FILE).read_bytes()
+        else:
+            data = Path(path).read_bytes()
+        text = (gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode("utf-8")
+    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as exc:
+        raise ClipnError(f"{path or WORDS_FILE}: cannot read the word list: {exc}") from None
+    pairs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        name, sep, word = line.partition("\t")
+        if not sep or name.split(".")[0] not in ("noun", "adj"):
+            raise ClipnError(f"{path or WORDS_FILE}: line {number} is not 'noun.FILE<TAB>word' or 'adj.FILE<TAB>word'")
+        pairs.append((name, word.strip()))
+    return pairs
+
+
+def _read_word_dir(directory: Path) -> list[tuple[str, str]]:
+    pairs = []
+    for entry in os.listdir(directory):
+        file = directory / entry
+        if not entry.endswith(".txt") or not file.is_file():
+            continue
+        name = entry[: -len(".txt")]
+        if name.split(".")[0] not in ("noun", "adj"):
+            continue
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ClipnError(f"{file}: cannot read the word list: {exc}") from None
+        pairs += [(name, line.strip()) for line in lines if line.strip()]
+    if not pairs:
+        raise ClipnError(f"{directory}: no noun.*.txt or adj.*.txt word files")
+    return pairs
+
+
+def candidates(pool: str, words: list[tuple[str, str]]) -> Candidates:
+    """The candidates of `pool` ("neglabel" or "csp") from (file, word) pairs grouped by file, in mining order."""
+    if pool not in ("neglabel", "csp"):
+        raise ValueError(f"unknown negative-label pool '{pool}' (expected neglabel or csp)")
+    seen: dict[str, bool] = {}
+    for name, word in words:  # in the reader's order: the first file that lists a word decides its kind
+        if pool == "csp":
+            word = word.replace("_", " ")  # CSP's reader does this; NegLabel's does not
+        if (pool == "csp" and name in CSP_EXCLUDED) or word in seen:
+            continue
+        seen[word] = name.startswith("adj")
+    nouns = [w for w, adj in seen.items() if not adj]
+    adjectives = [w for w, adj in seen.items() if adj]
+    if pool == "neglabel":
+        prompts = [[NEGLABEL_NOUN.format(w)] for w in nouns] + [[NEGLABEL_ADJ.format(w)] for w in adjectives]
+    else:
+        draw = random.Random(CSP_SEED)
+        phrases = [draw.choice(CSP_SUPERCLASSES).format(w) for w in adjectives]
+        prompts = [[t.format(w) for t in CSP_NOUN_TEMPLATES] for w in nouns] + [[t.format(p) for t in CSP_ADJ_TEMPLATES] for p in phrases]
+    is_adjective = torch.tensor([False] * len(nouns) + [True] * len(adjectives), dtype=torch.bool)
+    return Candidates(pool, nouns + adjectives, is_adjective, prompts)
+
+
+def id_prompts(pool: str, classes: list[str]) -> list[list[str]]:
+    """Each ID class's prompts in `pool`'s own form (its ID heads are not CLIPN's template ensemble)."""
+    if pool == "neglabel":
+        return [[NEGLABEL_NOUN.format(c)] for c in classes]
+    return [[t.format(c) for t in CSP_NOUN_TEMPLATES] for c in classes]
+
+
+@torch.inference_mode()
+def embed_prompts(model: CLIPN, prompts: list[list[str]], progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """(len(prompts), D) unit rows: per entry the mean of its prompts' raw yes-tower features, normalised."""
+    from .embeddings import tokenizer_for
+
+    model.require_text()
+    tokenizer = tokenizer_for(model)
+    device = next(model.parameters()).device
+    flat = [text for group in prompts for text in group]
+    owner = torch.tensor([i for i, group in enumerate(prompts) for _ in group], dtype=torch.long)
+    sums = torch.zeros(len(prompts), model.text_projection.shape[1])
+    for start in range(0, len(flat), 64 * TEXT_BATCH):  # tokenise in chunks: memory stays flat
+        tokens = tokenizer(flat[start : start + 64 * TEXT_BATCH])
+        order = torch.argsort(tokens.argmax(dim=-1), stable=True)  # similar lengths together (exact, see model)
+        for at in range(0, len(tokens), TEXT_BATCH):
+            idx = order[at : at + TEXT_BATCH]
+            features = model.encode_text_yes(tokens[idx].to(device)).float().cpu()
+            sums.index_add_(0, owner[start + idx], features)
+            if progress:
+                progress(len(idx))
+    counts = torch.tensor([len(group) for group in prompts], dtype=torch.float32)[:, None]
+    return torch.nn.functional.normalize(sums / counts, dim=-1)
+
+
+def cache_path(weights_fingerprint: str, found: Candidates, root: Path | None = None) -> Path:
+    """Where the candidates' embeddings for these weights live: `<home>/negatives/<fp[:16]>/<pool>-<key[:16]>.safetensors`."""
+    from .home import weights_home
+
+    return (root or weights_home() / "negatives") / weights_fingerprint[:16] / f"{found.pool}-{found.key[:16]}.safetensors"
+
+
+def candidate_embeddings(
+    model: CLIPN, found: Candidates, weights_fingerprint: str, cache: bool = True, progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """The candidates' unit embeddings, from the cache when these weights made them before."""
+    from safetensors.torch import load_file, save_file
+
+    from .files import atomic_path
+
+    path = cache_path(weights_fingerprint, found)
+    if cache and path.is_file():
+        try:
+            stored = load_file(str(path))["candidates"]
+            if stored.shape[0] == len(found.words) and torch.isfinite(stored).all():
+                return stored
+        except Exception:  # a damaged cache entry is rebuilt, never trusted
+            pass
+    embedded = embed_prompts(model, found.prompts, progress)
+    if cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_file({"candidates": embedded.contiguous()}, str(tmp), metadata={"pool": found.pool, "key": found.key})
+        except OSError:
+            pass  # a read-only home only costs the re-encoding next time
+    return embedded
+
+
+def mine(
+    model: CLIPN,
+    classes: list[str],
+    pool: str,
+    weights_fingerprint: str,
+    words: list[tuple[str, str]] | None = None,
+    cache: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> negatives.NegativePool:
+    """The negative labels of `pool` for these ID classes (NegLabel or CSP mining, see `negatives`)."""
+    found = candidates(pool, read_words() if words is None else words)
+    if not found.words:
+        raise ClipnError(f"no candidate words for the '{pool}' negative labels")
+    embedded = candidate_embeddings(model, found, weights_fingerprint, cache, progress)
+    id_heads = embed_prompts(model, id_prompts(pool, classes))
+    score = negatives.affinity(embedded, id_heads, max_cosine=negatives.CSP_MAX_COSINE if pool == "csp" else None)
+    kept = negatives.select_lowest(score, found.is_adjective)
+    if len(kept) < negatives.GROUPS:
+        raise ClipnError(f"only {len(kept)} '{pool}' negative labels were kept: {negatives.GROUPS} groups need at least {negatives.GROUPS} "
+                         f"(give a longer word list)")
+    return negatives.NegativePool(pool, [found.words[i] for i in kept.tolist()], embedded[kept], id_heads)
