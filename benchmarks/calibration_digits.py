@@ -50,7 +50,7 @@ def digits_build():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--splits", type=int, default=1000)
-    parser.add_argument("--weights", type=Path, default=ROOT / "weights" / "clipn-digits.safetensors")
+    parser.add_argument("--weights", type=Path, default=ROOT / "clipn_cli" / "data" / "clipn-digits.safetensors")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "calibration_digits.json")
     args = parser.parse_args()
 

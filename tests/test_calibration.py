@@ -20,7 +20,7 @@ from clipn_cli.cli.app import app
 from clipn_cli.errors import CalibrationError
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "weights" / "clipn-digits.safetensors"
+WEIGHTS = ROOT / "clipn_cli" / "data" / "clipn-digits.safetensors"
 ID_NAMES = ("zero", "one", "two", "three", "four")
 CLASSES = ",".join(ID_NAMES)
 

@@ -28,7 +28,7 @@ from clipn_cli.evaluation import METHODS, Evaluation, SetScores, compute_results
 from clipn_cli.report import GALLERY_SIZE, DetectReport, eval_report, thumbnail_uri
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "weights" / "clipn-digits.safetensors"
+WEIGHTS = ROOT / "clipn_cli" / "data" / "clipn-digits.safetensors"
 DIGITS = ROOT / "examples" / "digits" / "images"
 CLASSES = "zero,one,two,three,four"
 SCRIPT_NAME = "<script>alert(1)</script>.png"  # a directory '<script>alert(1)<' holding 'script>.png'
