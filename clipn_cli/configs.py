@@ -41,17 +41,28 @@ def _is_int(value: Any, limit: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= limit
 
 
+def _is_positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _check_size(source: str, name: str, value: Any) -> None:
     key = name.rsplit(".", 1)[-1]
     if key in _FLOAT_LIMITS:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= _FLOAT_LIMITS[key]
         if not ok:
-            raise ConfigError(f"{source}: {name} must be a positive number up to {_FLOAT_LIMITS[key]:g}, not {str(value)[:40]}")
+            raise ConfigError(f"{source}: {name} must be a positive number up to {_FLOAT_LIMITS[key]:g}, not {_shown(value)}")
         return
     limit = _INT_LIMITS[key]
     items = value if isinstance(value, list) and key in ("layers", "image_size") else [value]
-    if not items or len(items) > 8 or not all(_is_int(v, limit) for v in items):
-        raise ConfigError(f"{source}: {name} must be a whole number from 1 to {limit}, not {str(value)[:40]}")
+    if not items or len(items) > 8 or not all(_is_positive(v) for v in items):
+        raise ConfigError(f"{source}: {name} must be a positive number, not {_shown(value)}")
+    if not all(_is_int(v, limit) for v in items):
+        raise ConfigError(f"{source}: {name} must be a whole number from 1 to {limit}, not {_shown(value)}")
 
 
 def validate_config(cfg: Any, source: str) -> dict[str, Any]:
@@ -63,7 +74,7 @@ def validate_config(cfg: Any, source: str) -> dict[str, Any]:
     if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= cfg.keys():
         raise ConfigError(f"{source}: a model config needs 'embed_dim', 'vision_cfg' and 'text_cfg'")
     if not _is_int(cfg["embed_dim"], _INT_LIMITS["width"]):
-        raise ConfigError(f"{source}: embed_dim must be a whole number from 1 to {_INT_LIMITS['width']}, not {str(cfg['embed_dim'])[:40]}")
+        raise ConfigError(f"{source}: embed_dim must be a positive integer up to {_INT_LIMITS['width']}, not {_shown(cfg['embed_dim'])}")
     for tower in ("vision_cfg", "text_cfg"):
         if not isinstance(cfg[tower], dict):
             raise ConfigError(f"{source}: {tower} must be a mapping, not {type(cfg[tower]).__name__}")
