@@ -245,7 +245,7 @@ def read_header(path: Path) -> dict[str, str]:
             if not 2 <= length <= 100_000_000:
                 return {}
             meta = json.loads(fh.read(length)).get("__metadata__") or {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested 100,000 deep
         return {}
     return {str(k): str(v) for k, v in meta.items()}
 

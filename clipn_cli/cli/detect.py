@@ -13,7 +13,7 @@ import typer
 from ..output import FORMATS
 from .common import (
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
-    Terminated, WeightsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, stderr, stdout_is_terminal,
+    Terminated, WeightsOpt, WorkersOpt, check_choice, check_output, check_stdout, fail, handle_errors, info, stderr, stdout_is_terminal,
 )
 from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
@@ -55,6 +55,7 @@ def detect(
         if not paths:
             fail("no inputs: give image files, directories, globs, or - for paths on stdin")
         check_output("--output", output)
+        check_stdout(output)
         if resume and (output is None or fmt != "jsonl"):
             fail("--resume needs --format jsonl and --output FILE (the file to continue)")
         if quantize and precision != "fp32":

@@ -13,7 +13,7 @@ import typer
 
 from .common import (
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
-    WeightsOpt, WorkersOpt, check_choice, check_output, handle_errors, info, stderr, stdout_is_terminal, warn,
+    WeightsOpt, WorkersOpt, check_choice, check_output, check_stdout, handle_errors, info, stderr, stdout_is_terminal, warn,
 )
 from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
@@ -56,6 +56,7 @@ def evaluate(
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
         check_output("--output", output)
+        check_stdout(output)
         check_output("--save-scores", save_scores)
         check_output("--plots", plots, directory=True)
         from ..evaluation import check_convention, collect_sets, group_ood_specs
