@@ -12,7 +12,6 @@ import io
 import json
 import os
 import signal
-import stat
 import struct
 import subprocess
 import sys
@@ -230,6 +229,7 @@ def test_signal_ends_a_run_with_a_stuck_decoder_and_keeps_finished_records(
     proc.stdin.flush()
     if not stdin_open:
         proc.stdin.close()
+        proc.stdin = None
     first = proc.stdout.readline()  # a record is out: the run is in its stuck state now
     time.sleep(0.5)
     sent = time.monotonic()
