@@ -93,13 +93,15 @@ def photo() -> Image.Image:
 
 
 def progressive_jpeg(image: Image.Image, extra_scans: int = 0) -> bytes:
-    """A progressive JPEG; `extra_scans` repeats its last scan that many times (a CPU bomb's shape)."""
+    """A progressive JPEG; `extra_scans` repeats its smallest scan that many times (a CPU bomb's shape:
+    each scan is a pass over the whole image, however few bytes it takes)."""
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", progressive=True, quality=90)
     data = buffer.getvalue()
-    last = data.rfind(b"\xff\xda")
-    scan = data[last:-2]  # SOS header and entropy-coded data, without EOI
-    return data[:-2] + scan * extra_scans + b"\xff\xd9"
+    starts = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xda"]
+    ends = [data.find(b"\xff\xc4", s) % (len(data) + 1) for s in starts]  # up to the next table or EOI
+    scans = [data[s : min(e, len(data) - 2)] for s, e in zip(starts, ends)]
+    return data[:-2] + min(scans, key=len) * extra_scans + b"\xff\xd9"
 
 
 # 1. formats that start programs ---------------------------------------------------------------
@@ -301,8 +303,15 @@ def bomb_folder(root: Path) -> list[str]:
     return sorted(str(root / name) for name in files)
 
 
-def test_frame_that_is_decoded_is_checked_before_decoding(tmp_path: Path) -> None:
-    paths = bomb_folder(tmp_path / "bombs")
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("hostile") / "bombs"
+    bomb_folder(root)
+    return root
+
+
+def test_frame_that_is_decoded_is_checked_before_decoding(bombs: Path) -> None:
+    paths = sorted(str(p) for p in bombs.iterdir())
     results = {Path(p).name: load_one(InputItem(p), lambda i: i.size) for p in paths if "full-" not in p}
     assert results["pages.tiff"].pixels == (32, 32)
     for name, result in results.items():
@@ -324,7 +333,7 @@ def test_memory_budget_is_shared_by_decoding_threads(tmp_path: Path, monkeypatch
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
-        time.sleep(0.05)
+        time.sleep(0.2)  # long enough that, were two decodes allowed at once, they would overlap
         try:
             return real_load(self)
         finally:
@@ -342,14 +351,13 @@ def test_memory_budget_is_shared_by_decoding_threads(tmp_path: Path, monkeypatch
     assert peak[0] > 1  # the test can tell: with room for several, they overlap
 
 
-def test_bomb_folder_peak_memory_stays_near_an_ordinary_run(tiny_weights: Path, tmp_path: Path) -> None:
-    bombs = bomb_folder(tmp_path / "bombs")
+def test_bomb_folder_peak_memory_stays_near_an_ordinary_run(tiny_weights: Path, tmp_path: Path, bombs: Path) -> None:
     ordinary = tmp_path / "ordinary"
     ordinary.mkdir()
-    for i, name in enumerate(sorted(os.listdir(IMAGES))[: len(bombs)]):
+    for i, name in enumerate(sorted(os.listdir(IMAGES))[: len(os.listdir(bombs))]):
         (ordinary / f"{i:02d}-{name}").write_bytes((IMAGES / name).read_bytes())
     peaks = {}
-    for label, folder in (("ordinary", ordinary), ("bombs", tmp_path / "bombs")):
+    for label, folder in (("ordinary", ordinary), ("bombs", bombs)):
         proc = clipn_process("detect", "-w", str(tiny_weights), "--classes", CLASSES, "-j", "4", str(folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         code, out, err, peaks[label] = wait_with_rusage(proc)
         records = jsonl(out)
