@@ -34,6 +34,8 @@ _API = {
     "score": "scoring",
     "Scores": "scoring",
     "iter_inputs": "images",
+    "load_one": "images",
+    "DecodeLimits": "images",
     "encode_images": "inference",
     "detect": "detection",
     "Detection": "detection",

@@ -7,6 +7,7 @@ with the OpenAI mean/std. EXIF orientation is ignored by default, as in the offi
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import glob
@@ -19,6 +20,7 @@ import stat
 import struct
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
@@ -525,11 +527,15 @@ class _DecodePool:
     """Daemon decoding threads: one stuck inside a C decoder can never keep the process from exiting
     (ThreadPoolExecutor joins its threads at exit), and a replacement thread keeps the pool's size."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, stop: threading.Event) -> None:
+        self.stop = stop
         self._jobs: queue.SimpleQueue[tuple[Future[LoadedImage], Callable[[], LoadedImage]] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._busy = 0
+        self._idle = threading.Condition()
         for _ in range(workers):
             self.add_thread()
+        _POOLS.add(self)
 
     def add_thread(self) -> None:
         thread = threading.Thread(target=self._run, name=f"clipn-decode-{len(self._threads)}", daemon=True)
@@ -540,10 +546,22 @@ class _DecodePool:
         while (job := self._jobs.get()) is not None:
             future, work = job
             if future.set_running_or_notify_cancel():
+                with self._idle:
+                    self._busy += 1
                 try:
                     future.set_result(work())
                 except BaseException as exc:  # load_one does not raise; this keeps a bug visible
                     future.set_exception(exc)
+                finally:
+                    with self._idle:
+                        self._busy -= 1
+                        self._idle.notify_all()
+
+    def wait_idle(self, until: float) -> None:
+        """Wait until no decode is running, or until the monotonic time `until`."""
+        with self._idle:
+            while self._busy and (left := until - time.monotonic()) > 0:
+                self._idle.wait(left)
 
     def submit(self, work: Callable[[], LoadedImage]) -> Future[LoadedImage]:
         future: Future[LoadedImage] = Future()
@@ -556,6 +574,25 @@ class _DecodePool:
             future.cancel()
         for _ in self._threads:
             self._jobs.put(None)
+
+
+_POOLS: weakref.WeakSet[_DecodePool] = weakref.WeakSet()
+
+
+@atexit.register
+def _settle_decoding_threads(grace: float = 0.5) -> None:
+    """At exit, stop running decodes (at their next read) and give them `grace` seconds to return.
+
+    The interpreter ends daemon threads when they next take the GIL; one ended inside torch's C++
+    (the transform) would abort the process ("terminate called without an active exception").
+    A thread stuck for good is not waited for beyond `grace`.
+    """
+    until = time.monotonic() + grace
+    pools = list(_POOLS)
+    for pool in pools:
+        pool.stop.set()
+    for pool in pools:
+        pool.wait_idle(until)
 
 
 def load_images(
@@ -581,7 +618,7 @@ def load_images(
         for item in items:
             yield load_one(item, transform, exif_transpose, draft, limits, stop)
         return
-    pool = _DecodePool(workers)
+    pool = _DecodePool(workers, stop)
     pending: deque[tuple[InputItem, _Guard, Future[LoadedImage]]] = deque()
 
     def submit(item: InputItem) -> None:

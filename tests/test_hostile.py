@@ -225,10 +225,9 @@ def test_signal_ends_a_run_with_a_stuck_decoder_and_keeps_finished_records(
     env = {k: v for k, v in os.environ.items() if k != "CLIPN_WEIGHTS"}
     proc = subprocess.Popen(
         [sys.executable, "-c", STUCK, "detect", "-w", str(tiny_weights), "--classes", CLASSES, "-b", "1", "-j", "2", "-"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0,  # unbuffered: readline takes one line only
     )
     proc.stdin.write(("\n".join([*good, "/tmp/stuck.png"]) + "\n").encode())
-    proc.stdin.flush()
     if not stdin_open:
         proc.stdin.close()
         proc.stdin = None
