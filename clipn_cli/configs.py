@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,9 @@ from typing import Any
 import open_clip
 
 from .errors import ConfigError
+from .files import read_bounded
+
+MAX_CONFIG_FILE_BYTES = 1 << 20  # open_clip's configs are under 1 KB
 
 
 def _is_plain_clip(cfg: Mapping[str, Any]) -> bool:
@@ -128,9 +130,11 @@ def resolve_config(name_or_file: str) -> dict[str, Any]:
     """An open_clip model name (`ViT-B-16`) or a path to an open_clip model-config JSON file."""
     path = Path(name_or_file)
     if path.suffix == ".json" or path.is_file():
+        from .safetensors_file import loads_json
+
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = loads_json(read_bounded(path, MAX_CONFIG_FILE_BYTES), "the model config")
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, nested too deeply, not a regular file, too large
             raise ConfigError(f"{path}: cannot read model config: {exc}") from None
         cfg = data.get("model_cfg", data) if isinstance(data, dict) else data
         return validate_config(cfg, str(path))

@@ -154,8 +154,8 @@ def read_config() -> dict[str, str]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{path}: unreadable clipn config ({exc}); fix or delete it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise WeightsError(f"{path}: unreadable clipn config ({str(exc)[:200]}); fix or delete it") from None
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: unreadable clipn config (not a JSON object); fix or delete it")
     return data

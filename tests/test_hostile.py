@@ -648,3 +648,23 @@ def test_unlistable_sub_folder_gets_an_error_record_in_its_place(tiny_weights: P
     ]
     code, records, stderr = invoke("detect", "-w", str(tiny_weights), "--classes", CLASSES, str(root))
     assert code == 1 and [r["path"] for r in records] == [i.path for i in items] and "error" in records[1]
+
+
+def test_hostile_json_files_given_by_name(tmp_path: Path) -> None:
+    """The same family in other JSON a user names: a --config file and a training index."""
+    from clipn_cli.configs import resolve_config
+    from clipn_cli.errors import ConfigError, DataError
+    from clipn_cli.training.data import read_index
+
+    config = tmp_path / "deep.json"
+    config.write_text(DEEP)
+    with pytest.raises(ConfigError, match=f"^{config}: cannot read model config: the model config is nested too deeply"):
+        resolve_config(str(config))
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # no writer: reading it by name would block for ever
+    with pytest.raises(ConfigError, match=f"^{fifo}: cannot read model config: not a regular file"):
+        resolve_config(str(fifo))
+    index = tmp_path / "train.jsonl"
+    index.write_text('{"image": "a.png", "caption": "a cat"}\n' + DEEP + "\n")
+    with pytest.raises(DataError, match=f"^{index}:2: JSON nested too deeply"):
+        read_index(index)
