@@ -37,6 +37,8 @@ _API = {
     "Scores": "scoring",
     "mine": "wordpool",
     "iter_inputs": "images",
+    "load_one": "images",
+    "DecodeLimits": "images",
     "encode_images": "inference",
     "detect": "detection",
     "Detection": "detection",

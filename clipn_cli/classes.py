@@ -6,6 +6,9 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import ClassesError
+from .files import read_bounded
+
+MAX_CLASS_FILE_BYTES = 16 << 20  # 16 MiB: a million class names; a class file is a regular file of at most this size
 
 
 def parse_class_list(text: str) -> list[str]:
@@ -18,12 +21,17 @@ def parse_class_list(text: str) -> list[str]:
 
 
 def read_class_file(path: str | Path) -> list[str]:
-    """One class per line (UTF-8); blank lines and `#` comments ignored, whitespace stripped."""
+    """One class per line (UTF-8); blank lines and `#` comments ignored, whitespace stripped.
+
+    The file must be a regular file of at most `MAX_CLASS_FILE_BYTES` (not a device or a pipe).
+    """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_bounded(path, MAX_CLASS_FILE_BYTES)
     except OSError as exc:
         raise ClassesError(f"{path}: cannot read class file: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ClassesError(f"{path}: cannot read class file: {exc}") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,9 @@ from typing import Any
 import open_clip
 
 from .errors import ConfigError
+from .files import read_bounded
+
+MAX_CONFIG_FILE_BYTES = 1 << 20  # open_clip's configs are under 1 KB
 
 
 def _is_plain_clip(cfg: Mapping[str, Any]) -> bool:
@@ -23,44 +25,116 @@ def _is_plain_clip(cfg: Mapping[str, Any]) -> bool:
     )
 
 
-# Sizes open_clip reads from a tower config; a file could hold anything there (ResNet `layers` is a list).
-_SIZE_KEYS = ("layers", "width", "heads", "head_width", "patch_size", "image_size", "context_length", "vocab_size", "mlp_ratio")
+# Sizes open_clip reads from a tower config, with the largest value accepted: a file could hold
+# anything there, and building a model declaring 10,000,000 layers takes minutes and gigabytes even
+# on the meta device. The bounds are far above every open_clip model (ViT-bigG: 48 layers, width 1664).
+_INT_LIMITS = {
+    "layers": 256, "width": 16384, "heads": 1024, "head_width": 4096, "patch_size": 4096,
+    "image_size": 4096, "context_length": 8192, "vocab_size": 10_000_000,
+}
+_FLOAT_LIMITS = {"mlp_ratio": 64.0}
+_DEFAULTS = {
+    "vision_cfg": {"layers": 12, "width": 768},
+    "text_cfg": {"layers": 12, "width": 512, "context_length": 77},
+}
 
 
-def _is_size(value: Any) -> bool:
-    if isinstance(value, list):
-        return bool(value) and all(_is_size(v) for v in value)
+def _is_int(value: Any, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= limit
+
+
+def _is_positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_size(source: str, name: str, value: Any) -> None:
+    key = name.rsplit(".", 1)[-1]
+    if key in _FLOAT_LIMITS:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= _FLOAT_LIMITS[key]
+        if not ok:
+            raise ConfigError(f"{source}: {name} must be a positive number up to {_FLOAT_LIMITS[key]:g}, not {_shown(value)}")
+        return
+    limit = _INT_LIMITS[key]
+    items = value if isinstance(value, list) and key in ("layers", "image_size") else [value]
+    if not items or len(items) > 8 or not all(_is_positive(v) for v in items):
+        raise ConfigError(f"{source}: {name} must be a positive number, not {_shown(value)}")
+    if not all(_is_int(v, limit) for v in items):
+        raise ConfigError(f"{source}: {name} must be a whole number from 1 to {limit}, not {_shown(value)}")
 
 
 def validate_config(cfg: Any, source: str) -> dict[str, Any]:
     """Check a model config has the keys every open_clip CLIP config has, with sizes that are sizes.
 
     Configs come from files (weights metadata, JSON): a bad value must be refused here with the
-    file's name, not fail later inside open_clip's constructors.
+    file's name, not fail later inside open_clip's constructors (or build for minutes).
     """
     if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= cfg.keys():
         raise ConfigError(f"{source}: a model config needs 'embed_dim', 'vision_cfg' and 'text_cfg'")
-    if not isinstance(cfg["embed_dim"], int) or not _is_size(cfg["embed_dim"]):
-        raise ConfigError(f"{source}: embed_dim must be a positive integer, not {cfg['embed_dim']!r}")
+    if not _is_int(cfg["embed_dim"], _INT_LIMITS["width"]):
+        raise ConfigError(f"{source}: embed_dim must be a positive integer up to {_INT_LIMITS['width']}, not {_shown(cfg['embed_dim'])}")
     for tower in ("vision_cfg", "text_cfg"):
         if not isinstance(cfg[tower], dict):
             raise ConfigError(f"{source}: {tower} must be a mapping, not {type(cfg[tower]).__name__}")
-        for key in _SIZE_KEYS:
-            if key in cfg[tower] and cfg[tower][key] is not None and not _is_size(cfg[tower][key]):
-                raise ConfigError(f"{source}: {tower}.{key} must be a positive number, not {cfg[tower][key]!r}")
+        for key in (*_INT_LIMITS, *_FLOAT_LIMITS):
+            if cfg[tower].get(key) is not None:
+                _check_size(source, f"{tower}.{key}", cfg[tower][key])
     if not _is_plain_clip(cfg):
         raise ConfigError(f"{source}: only open_clip's built-in CLIP towers are supported (no HF/timm towers)")
     return dict(cfg)
+
+
+def _blocks(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
+    """How many numbered blocks (`prefix0.`, `prefix1.`, ...) the tensor names hold."""
+    return len({k[len(prefix):].split(".", 1)[0] for k in shapes if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()})
+
+
+def check_config_fits(cfg: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """Before anything is built: the config's depths and widths must be those of the tensors at hand.
+
+    Building a model costs time in proportion to its declared size, so a config must not declare
+    more than the file holds: the exact name-by-name comparison (`expected_shapes`) comes after.
+    """
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    problems = []
+    layers = vision.get("layers", _DEFAULTS["vision_cfg"]["layers"])
+    if isinstance(layers, list):  # ResNet: blocks per stage
+        found = [_blocks(shapes, f"visual.layer{stage}.") for stage in range(1, len(layers) + 1)]
+        if found != list(layers) or _blocks(shapes, f"visual.layer{len(layers) + 1}."):
+            problems.append(f"vision_cfg.layers {layers} (the tensors hold {found})")
+    else:
+        found_v = _blocks(shapes, "visual.transformer.resblocks.")
+        if found_v != layers:
+            problems.append(f"vision_cfg.layers {layers} (the tensors hold {found_v})")
+        conv = shapes.get("visual.conv1.weight")
+        width = vision.get("width", _DEFAULTS["vision_cfg"]["width"])
+        if conv is not None and conv[0] != width:
+            problems.append(f"vision_cfg.width {width} (the tensors hold {conv[0]})")
+    found_t = _blocks(shapes, "transformer.resblocks.")
+    t_layers = text.get("layers", _DEFAULTS["text_cfg"]["layers"])
+    if found_t != t_layers:
+        problems.append(f"text_cfg.layers {t_layers} (the tensors hold {found_t})")
+    positional = shapes.get("positional_embedding")
+    declared = (text.get("context_length", _DEFAULTS["text_cfg"]["context_length"]), text.get("width", _DEFAULTS["text_cfg"]["width"]))
+    if positional is not None and tuple(positional) != declared:
+        problems.append(f"text_cfg context_length x width {declared[0]}x{declared[1]} (the tensors hold {'x'.join(map(str, positional))})")
+    if problems:
+        raise ConfigError(f"{source}: the model config does not fit the tensors: " + "; ".join(problems))
 
 
 def resolve_config(name_or_file: str) -> dict[str, Any]:
     """An open_clip model name (`ViT-B-16`) or a path to an open_clip model-config JSON file."""
     path = Path(name_or_file)
     if path.suffix == ".json" or path.is_file():
+        from .safetensors_file import loads_json
+
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = loads_json(read_bounded(path, MAX_CONFIG_FILE_BYTES), "the model config")
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, nested too deeply, not a regular file, too large
             raise ConfigError(f"{path}: cannot read model config: {exc}") from None
         cfg = data.get("model_cfg", data) if isinstance(data, dict) else data
         return validate_config(cfg, str(path))

@@ -21,6 +21,7 @@ from .files import atomic_path
 from .model import CLIPN
 from .negatives import NegativePool
 from .prompts import TemplateSet
+from .safetensors_file import SafetensorsError, SafetensorsFile, loads_json
 
 if TYPE_CHECKING:
     from open_clip.tokenizer import SimpleTokenizer
@@ -71,43 +72,51 @@ class ClassEmbeddings:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ClassEmbeddings:
-        """Read and check an embeddings file written by `save`."""
-        from safetensors.torch import load_file
-        from safetensors import safe_open
-
+        """Read and check an embeddings file written by `save`, metadata and tensors through one descriptor."""
         path = Path(path)
-        if not path.is_file():
-            raise EmbeddingsError(f"{path}: no such embeddings file")
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as exc:
-            raise EmbeddingsError(f"{path}: not a valid safetensors file: {str(exc).strip()[:200]}") from None
+            with SafetensorsFile(path) as sf:
+                meta = sf.metadata
+                names = [n for n in sf.entries if n in ("text_yes", "text_no") or n.startswith("negatives.")]
+                tensors = {k: v.float().clone() for k, v in sf.tensors(names).items()}
+        except FileNotFoundError:
+            raise EmbeddingsError(f"{path}: no such embeddings file") from None
+        except IsADirectoryError:
+            raise EmbeddingsError(f"{path}: is a directory, not an embeddings file") from None
+        except (SafetensorsError, OSError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()[:200]
+            raise EmbeddingsError(f"{path}: not a valid safetensors file: {detail}") from None
         if meta.get("format") != FORMAT:
             raise EmbeddingsError(f"{path}: not a clipn-cli embeddings file (make one with 'clipn embed-classes')")
         if meta.get("format_version", FORMAT_VERSION) not in READ_VERSIONS:
-            raise EmbeddingsError(f"{path}: embeddings format version {meta['format_version']} is not one this clipn-cli reads ({', '.join(READ_VERSIONS)}); a newer clipn-cli may read it")
+            raise EmbeddingsError(f"{path}: embeddings format version {meta['format_version'][:20]} is not one this clipn-cli reads ({', '.join(READ_VERSIONS)}); a newer clipn-cli may read it")
         try:
-            classes = json.loads(meta["classes"])
-            yes, no = tensors["text_yes"].float(), tensors["text_no"].float()
-        except (KeyError, ValueError) as exc:
+            classes = loads_json(meta["classes"], "class list", max_depth=1)
+            yes, no = tensors["text_yes"], tensors["text_no"]
+        except KeyError as exc:
+            raise EmbeddingsError(f"{path}: damaged embeddings file (no {exc})") from None
+        except SafetensorsError as exc:
             raise EmbeddingsError(f"{path}: damaged embeddings file ({exc})") from None
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
             raise EmbeddingsError(f"{path}: damaged embeddings file (class names are not a list of strings)")
-        if not (yes.ndim == 2 and yes.shape == no.shape and yes.shape[0] == len(classes) > 0):
+        if not (yes.ndim == 2 and yes.shape == no.shape and yes.shape[0] == len(classes) > 0 and yes.shape[1] > 0):
             raise EmbeddingsError(f"{path}: tensor shapes {tuple(yes.shape)}/{tuple(no.shape)} do not fit {len(classes)} classes")
         if not (torch.isfinite(yes).all() and torch.isfinite(no).all()):
             raise EmbeddingsError(f"{path}: embeddings contain NaN or Inf values")
         pools = _load_negatives(path, meta, tensors, yes)
         return cls(classes, yes, no, meta.get("templates", ""), meta.get("templates_sha256", ""), meta.get("weights_fingerprint", ""), pools)
 
-    def check_weights(self, weights_fingerprint: str, source: str = "embeddings") -> None:
-        """Refuse embeddings made with other weights: their scores would be meaningless."""
+    def check_weights(self, weights_fingerprint: str, source: str = "embeddings", embed_dim: int | None = None) -> None:
+        """Refuse embeddings made with other weights (or of another width): their scores would be meaningless."""
         if self.weights_fingerprint != weights_fingerprint:
             raise EmbeddingsError(
                 f"{source}: made with other weights (fingerprint {self.weights_fingerprint[:12] or 'none'}, "
                 f"loaded weights {weights_fingerprint[:12]}); rebuild it with 'clipn embed-classes'"
+            )
+        if embed_dim is not None and self.text_yes.shape[1] != embed_dim:
+            raise EmbeddingsError(
+                f"{source}: embeddings are {self.text_yes.shape[1]}-dimensional but the weights' features are {embed_dim}-dimensional; "
+                "rebuild it with 'clipn embed-classes'"
             )
 
 
@@ -116,10 +125,10 @@ def _load_negatives(path: Path, meta: dict[str, str], tensors: dict[str, torch.T
     if "negatives" not in meta:
         return {}
     try:
-        words = json.loads(meta["negatives"])
+        words = loads_json(meta["negatives"], "negative labels", max_depth=2)
         pools = {name: NegativePool(name, list(w), tensors[f"negatives.{name}"].float(), tensors[f"negatives.{name}.id_heads"].float())
                  for name, w in words.items()}
-    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:  # SafetensorsError is a ValueError
         raise EmbeddingsError(f"{path}: damaged negative labels ({exc})") from None
     for name, pool in pools.items():
         if not (all(isinstance(w, str) for w in pool.words) and pool.negatives.shape == (len(pool.words), yes.shape[1])

@@ -138,7 +138,8 @@ def normalize_class(name: str) -> str:
 def collect(spec: str) -> tuple[list[InputItem], list[str | None]]:
     """The images a PATH spec names, with their class folder when `spec` is a directory."""
     if os.path.isdir(spec):
-        items = [item for item in iter_inputs([spec]) if item.error is None]
+        # keep an unlistable sub-folder's error item (it is reported as unreadable), not "no image files"
+        items = [item for item in iter_inputs([spec]) if not (item.error and item.path == spec)]
         labels = [_class_folder(spec, item.path) for item in items]
     elif os.path.isfile(spec) and Path(spec).suffix.lower() not in IMAGE_EXTENSIONS:
         items = _read_list(spec)

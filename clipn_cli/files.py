@@ -107,6 +107,29 @@ def _umask() -> int:
     return mask
 
 
+def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes, read through one non-blocking descriptor.
+
+    For small inputs a user names (class lists, templates): /dev/zero would fill memory and a FIFO
+    with no writer would block forever. Raises OSError (file problems) or ValueError (what it is
+    not), each with a message fit to follow the file's name.
+    """
+    st = os.stat(path)  # devices are refused before they are opened
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError("not a regular file (device, socket or pipe)")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+    with open(fd, "rb", closefd=True) as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file (device, socket or pipe)")
+        data = fh.read(limit + 1) if st.st_size <= limit else None  # read one byte more: the file may grow
+    if data is None or len(data) > limit:
+        raise ValueError(f"larger than {limit >> 20} MiB (the limit for this kind of file)")
+    return data
+
+
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks so that GB checkpoints do not fill memory."""
     digest = hashlib.sha256()

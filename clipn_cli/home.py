@@ -154,8 +154,8 @@ def read_config() -> dict[str, str]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{path}: unreadable clipn config ({exc}); fix or delete it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise WeightsError(f"{path}: unreadable clipn config ({str(exc)[:200]}); fix or delete it") from None
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: unreadable clipn config (not a JSON object); fix or delete it")
     return data
@@ -261,7 +261,7 @@ def read_header(path: Path) -> dict[str, str]:
             if not 2 <= length <= 100_000_000:
                 return {}
             meta = json.loads(fh.read(length)).get("__metadata__") or {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested 100,000 deep
         return {}
     return {str(k): str(v) for k, v in meta.items()}
 

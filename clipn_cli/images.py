@@ -7,28 +7,93 @@ with the OpenAI mean/std. EXIF orientation is ignored by default, as in the offi
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import errno
 import glob
+import io
+import mmap
 import os
+import queue
+import re
 import stat
+import struct
+import threading
+import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ClipnError, ImageError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
+# Formats Pillow decodes in-process with its own or a linked library; nothing that hands the file
+# to an external program (EPS/PostScript/PDF go to Ghostscript) and no icon containers. MPO (the
+# multi-picture JPEG of many cameras) is what Pillow's JPEG reader reports for such files.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
+_OPENED_FORMATS = frozenset({*ALLOWED_FORMATS, "MPO"})
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own decompression-bomb limit
 MAX_ASPECT = 100  # longer side / shorter side beyond which the long side is centre-cropped first
 GLOB_CHARS = frozenset("*?[")
+GIVE_UP_AFTER = 5.0  # seconds past a decode's time limit after which it is abandoned inside a C call
+# What other formats look like, so that a refusal can name the format it refuses.
+_SIGNATURES = (
+    (b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"), (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x00\x00\x02\x00", "CUR"), (b"icns", "ICNS"), (b"8BPS", "PSD"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"gimp xcf", "XCF"), (b"SIMPLE  =", "FITS"), (b"DDS ", "DDS"),
+    (b"\xd7\xcd\xc6\x9a", "WMF"), (b"\x01\x00\x00\x00", "EMF"), (b"qoif", "QOI"), (b"#?RADIANCE", "HDR"),
+)
+
+
+def _env_number(name: str, default: float, kind: type = int) -> Any:
+    """A positive number from the environment, or the default (a bad value is an error naming the variable)."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ClipnError(f"${name} must be a positive number, not {raw[:40]!r}") from None
+    if value <= 0:
+        raise ClipnError(f"${name} must be a positive number, not {raw[:40]!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on the work one untrusted image may cost; defaults can be changed by environment variables.
+
+    - `max_pixels` (CLIPN_MAX_PIXELS): width × height of the frame that is decoded.
+    - `memory_mb` (CLIPN_DECODE_MEMORY_MB): the estimated memory one decode may take, and the total that
+      all decoding threads together may hold at once (larger images wait their turn).
+    - `max_jpeg_scans` (CLIPN_MAX_JPEG_SCANS): scans of a progressive JPEG; each one is a pass over the
+      whole image, so thousands of tiny scans take minutes to decode.
+    - `timeout` (CLIPN_DECODE_TIMEOUT, seconds): decoding time per image, waits for memory not counted.
+    """
+
+    max_pixels: int = MAX_PIXELS
+    memory_mb: int = 512
+    max_jpeg_scans: int = 100
+    timeout: float = 10.0
+
+    @classmethod
+    def from_env(cls) -> DecodeLimits:
+        return cls(
+            max_pixels=_env_number("CLIPN_MAX_PIXELS", MAX_PIXELS),
+            memory_mb=_env_number("CLIPN_DECODE_MEMORY_MB", 512),
+            max_jpeg_scans=_env_number("CLIPN_MAX_JPEG_SCANS", 100),
+            timeout=_env_number("CLIPN_DECODE_TIMEOUT", 10.0, float),
+        )
 
 
 @dataclass(frozen=True)
@@ -39,17 +104,18 @@ class InputItem:
     error: str | None = None
 
 
-def iter_inputs(args: Iterable[str], stdin: IO[str] | None = None) -> Iterator[InputItem]:
+def iter_inputs(args: Iterable[str], stdin: IO[str] | IO[bytes] | None = None) -> Iterator[InputItem]:
     """Expand files, directories (recursive, image extensions), globs and `-` (paths on stdin).
 
     Lazy: paths from stdin are yielded as they are read, so millions of them stream through.
+    Path lines are read as bytes and decoded as the file system does (`os.fsdecode`), so a file
+    name that is not valid in the locale's encoding is one input like any other, in every locale.
     """
     for arg in args:
         if arg == "-":
             if stdin is None:
                 continue
-            for line in stdin:
-                line = line.rstrip("\r\n")
+            for line in _path_lines(stdin):
                 if line:
                     yield InputItem(line)
         elif os.path.isdir(arg):
@@ -69,54 +135,328 @@ def iter_inputs(args: Iterable[str], stdin: IO[str] | None = None) -> Iterator[I
                 yield from _walk(match) if os.path.isdir(match) else (InputItem(match),)
 
 
+def _path_lines(stdin: IO[str] | IO[bytes]) -> Iterator[str]:
+    raw = getattr(stdin, "buffer", stdin)
+    for line in raw:
+        if isinstance(line, bytes):
+            yield os.fsdecode(line.rstrip(b"\r\n"))
+        else:
+            yield line.rstrip("\r\n")
+
+
 def _walk(directory: str) -> Iterator[InputItem]:
-    """Image files under `directory`, recursively, in a stable (sorted) order."""
-    for root, dirs, files in os.walk(directory):
+    """Image files under `directory`, recursively, in a stable (sorted) order.
+
+    A sub-folder that cannot be listed becomes an error record in its place, so that its images
+    are not silently missing from the results.
+    """
+    failed: list[OSError] = []
+    for root, dirs, files in os.walk(directory, onerror=failed.append):
+        while failed:
+            yield _unreadable_dir(failed.pop(0))
         dirs.sort()
         for name in sorted(files):
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 yield InputItem(os.path.join(root, name))
+    while failed:
+        yield _unreadable_dir(failed.pop(0))
 
 
-def open_image(path: str, exif_transpose: bool = False, max_pixels: int = MAX_PIXELS, draft: int = 0) -> Image.Image:
+def _unreadable_dir(exc: OSError) -> InputItem:
+    path = exc.filename if isinstance(exc.filename, str) else str(exc.filename)
+    return InputItem(path, error=f"cannot list this folder ({_os_reason(exc)}): its images are not scored")
+
+
+def _os_reason(exc: OSError) -> str:
+    """What an OSError means for an input, in a few words."""
+    reasons = {
+        errno.ENOENT: "no such file", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+        errno.ELOOP: "symbolic link loop", errno.ENAMETOOLONG: "file name too long",
+        errno.ENOTDIR: "a part of the path is not a folder", errno.EISDIR: "is a directory, not an image",
+        errno.EIO: "input/output error reading the file", errno.ENXIO: "no such device",
+    }
+    return reasons.get(exc.errno or 0) or (exc.strerror or type(exc).__name__).lower()
+
+
+class _Stopped(Exception):
+    """Raised from a read inside the decoder: the run is stopping or the image ran out of time."""
+
+
+class _Guard:
+    """Checked on every read Pillow makes: a decode stops at its next read when time is up or the run ends."""
+
+    def __init__(self, timeout: float, stop: threading.Event | None) -> None:
+        self.timeout = timeout
+        self.stop = stop
+        self.deadline = float("inf")  # set when the decode starts, not while it waits in a queue
+
+    def start(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
+
+    def extend(self, seconds: float) -> None:
+        self.deadline += seconds
+
+    def check(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise _Stopped("the run is stopping")
+        if time.monotonic() > self.deadline:
+            raise _Stopped(f"decoding took longer than {self.timeout:g} s (limit CLIPN_DECODE_TIMEOUT); a decoding-time bomb?")
+
+
+class _GuardedReader(io.BufferedReader):
+    def __init__(self, raw: io.RawIOBase, guard: _Guard) -> None:
+        super().__init__(raw, buffer_size=1 << 16)
+        self._guard = guard
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._guard.check()
+        return super().read(size)
+
+
+class _MemoryBudget:
+    """Estimated bytes of images being decoded, shared by every decoding thread of the process."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._used = 0
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int, capacity: int, guard: _Guard) -> Iterator[None]:
+        waited_from = time.monotonic()
+        with self._cond:
+            while self._used and self._used + nbytes > capacity:
+                guard.check()
+                self._cond.wait(0.05)
+                guard.extend(time.monotonic() - waited_from)
+                waited_from = time.monotonic()
+            self._used += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= nbytes
+                self._cond.notify_all()
+
+
+_BUDGET = _MemoryBudget()
+# Pillow allocates pixels in blocks (16 MB by default) that glibc serves from its heap arenas, which
+# keep freed memory: with several decoding threads, each arena kept a large image's worth. Blocks
+# above glibc's largest mmap threshold (32 MB) are always mapped and unmapped, so a decoded image's
+# memory goes back to the system when it is freed (a bomb folder: +480 MB of peak memory → +170 MB).
+if "PILLOW_BLOCK_SIZE" not in os.environ:
+    Image.core.set_block_size(64 << 20)
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_MAX_JPEG_SEGMENTS = 10_000
+
+
+def jpeg_scans(data: bytes | mmap.mmap, limit: int) -> int:
+    """Count the scans (SOS markers) of a JPEG from its markers, stopping past `limit`; decodes nothing.
+
+    Segments are skipped by their lengths and entropy-coded data by searching for the next marker,
+    so a thumbnail inside EXIF is not counted. Too many segments of any kind also count as over the limit.
+    """
+    pos, scans, segments, size = 2, 0, 0, len(data)
+    while pos + 4 <= size and scans <= limit:
+        segments += 1
+        if segments > _MAX_JPEG_SEGMENTS:
+            return limit + 1
+        if data[pos] != 0xFF:
+            found = _JPEG_MARKER.search(data, pos)
+            if not found:
+                break
+            pos = found.start()
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+        elif marker == 0xD9:
+            break
+        elif 0xD0 <= marker <= 0xD7 or marker in (0x01, 0xD8):
+            pos += 2
+        else:
+            end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+            if marker != 0xDA:
+                pos = end
+                continue
+            scans += 1
+            found = _JPEG_MARKER.search(data, end)
+            if not found:
+                break
+            pos = found.start()
+    return scans
+
+
+def jpeg_scans_of(fp: IO[bytes], limit: int) -> int:
+    """`jpeg_scans` of an open file (through a read-only map of its descriptor) or an in-memory one."""
+    try:
+        fd = fp.fileno()
+    except (OSError, io.UnsupportedOperation):
+        raw = getattr(fp, "raw", fp)
+        return jpeg_scans(raw.getvalue(), limit)
+    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as data:
+        return jpeg_scans(data, limit)
+
+
+def _refused_format(head: bytes) -> str:
+    for signature, name in _SIGNATURES:
+        if head.startswith(signature):
+            return name
+    if head.lstrip()[:5].lower() in (b"<?xml", b"<svg "):
+        return "SVG/XML"
+    if head[4:8] == b"ftyp":
+        return f"ISO media ({head[8:12].decode('latin-1').strip()})"
+    return ""
+
+
+def _open_descriptor(path: str) -> io.RawIOBase:
+    """Open `path` for reading without blocking, then check the type of what was opened.
+
+    Checking first and opening by name after would let a file swapped for a FIFO in between block
+    `open()` forever; a non-blocking open of a FIFO returns at once and `fstat` shows what it is.
+    """
+    if "\x00" in path:
+        raise ImageError("path contains a NUL byte (not a valid file name)")
+    st = os.stat(path)  # devices are refused before they are opened (opening some has side effects)
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError("is a directory, not an image")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("not a regular file (device, socket or pipe)")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageError("is a directory, not an image")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("not a regular file (device, socket or pipe)")
+        if st.st_size == 0:
+            raise ImageError("empty file (0 bytes)")
+        return io.FileIO(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _decode_estimate(img: Image.Image, exif_transpose: bool) -> int:
+    """Bytes a decode of `img` holds at its peak: Pillow's pixel buffer (4 bytes a pixel for RGB), a
+    second full-size copy where one is made, and a progressive JPEG's coefficients (2 bytes per sample)."""
+    pixels = img.width * img.height
+    per_pixel = 1 if img.mode in ("1", "L", "P") else 2 if img.mode.startswith("I;16") else 4
+    short, long = sorted(img.size)
+    copies = 2 if img.mode in ("RGBA", "LA", "PA") or exif_transpose or long > short * MAX_ASPECT else 1
+    coefficients = 2 * pixels * len(img.getbands()) if img.info.get("progressive") else 0
+    return pixels * per_pixel * copies + coefficients
+
+
+def _decode(
+    fp: IO[bytes],
+    exif_transpose: bool,
+    draft: int,
+    limits: DecodeLimits,
+    guard: _Guard,
+    transform: Callable[[Image.Image], Any] | None,
+) -> Any:
+    """Identify (allowed formats only), check the frame to be decoded, decode within the budget, transform."""
+    head = fp.read(64)
+    fp.seek(0)
+    try:
+        img = Image.open(fp, formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        refused = _refused_format(head)
+        if refused:
+            raise ImageError(f"format {refused} is not decoded by clipn (allowed: {', '.join(ALLOWED_FORMATS)})") from None
+        raise ImageError("not an image (unknown or unsupported format)") from None
+    with img:
+        if img.format not in _OPENED_FORMATS:  # a plugin registered by something else
+            raise ImageError(f"format {img.format} is not decoded by clipn (allowed: {', '.join(ALLOWED_FORMATS)})")
+        img.seek(0)  # the frame that is decoded; its size is the one checked
+        if img.width * img.height > limits.max_pixels:
+            raise ImageError(f"image too large: {img.width}x{img.height} pixels (limit {limits.max_pixels}, CLIPN_MAX_PIXELS); possible decompression bomb")
+        if img.format in ("JPEG", "MPO") and img.info.get("progressive"):
+            if jpeg_scans_of(fp, limits.max_jpeg_scans) > limits.max_jpeg_scans:
+                raise ImageError(f"progressive JPEG with more than {limits.max_jpeg_scans} scans (limit CLIPN_MAX_JPEG_SCANS); a decoding-time bomb?")
+        if draft and img.format == "JPEG":
+            img.draft(img.mode, (draft, draft))
+        need = _decode_estimate(img, exif_transpose)
+        capacity = limits.memory_mb << 20
+        if need > capacity:
+            raise ImageError(
+                f"image needs about {need >> 20} MB to decode (limit {limits.memory_mb} MB, CLIPN_DECODE_MEMORY_MB): "
+                f"{img.width}x{img.height} {img.mode}; possible decompression bomb"
+            )
+        with _BUDGET.hold(need, capacity, guard):
+            img.load()
+            out = limit_aspect(ImageOps.exif_transpose(img) if exif_transpose else img)
+            return transform(out) if transform is not None else out
+
+
+def _read_image(
+    path: str,
+    exif_transpose: bool,
+    draft: int,
+    limits: DecodeLimits | None,
+    stop: threading.Event | None,
+    transform: Callable[[Image.Image], Any] | None,
+    guard: _Guard | None = None,
+) -> Any:
+    """Open, check and decode one image file (then `transform` it); every failure is an ImageError."""
+    limits = limits or DecodeLimits.from_env()
+    guard = guard or _Guard(limits.timeout, stop)
+    guard.start()
+    try:
+        with _GuardedReader(_open_descriptor(path), guard) as fp:
+            return _decode(fp, exif_transpose, draft, limits, guard, transform)
+    except ImageError:
+        raise
+    except _Stopped as exc:
+        raise ImageError(str(exc)) from None
+    except ValueError as exc:
+        if "null byte" in str(exc):
+            raise ImageError("path contains a NUL byte (not a valid file name)") from None
+        raise ImageError(f"corrupt or truncated image ({_detail(exc)})") from None
+    except FileNotFoundError:
+        raise ImageError("broken symbolic link" if os.path.islink(path) else "no such file") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large: {exc}") from None
+    except OSError as exc:
+        if exc.errno is not None:
+            raise ImageError(_os_reason(exc)) from None
+        raise ImageError(f"corrupt or truncated image ({_detail(exc)})") from None
+    except (SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError, ZeroDivisionError) as exc:
+        raise ImageError(f"corrupt or truncated image ({_detail(exc)})") from None
+
+
+def _detail(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
+
+
+def open_image(
+    path: str, exif_transpose: bool = False, max_pixels: int | None = None, draft: int = 0, limits: DecodeLimits | None = None
+) -> Image.Image:
     """Decode the first frame of an image file; any failure becomes an ImageError naming the problem.
 
+    Only `ALLOWED_FORMATS` are decoded, within `limits` (see DecodeLimits).
     `draft` > 0 lets a JPEG decode at 1/2, 1/4 or 1/8 scale while both sides stay ≥ `draft` pixels:
     several times faster for large photos, but no longer pixel-exact (opt-in, `detect --draft`).
     """
+    limits = limits or DecodeLimits.from_env()
+    if max_pixels is not None:
+        limits = DecodeLimits(max_pixels, limits.memory_mb, limits.max_jpeg_scans, limits.timeout)
+    return _read_image(path, exif_transpose, draft, limits, None, None)
+
+
+def decode_bytes(data: bytes, limits: DecodeLimits | None = None) -> Image.Image:
+    """Decode an encoded image held in memory (a shard member), first frame, with the checks files get."""
+    limits = limits or DecodeLimits.from_env()
+    guard = _Guard(limits.timeout, None)
+    guard.start()
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
-            raise ImageError("not a regular file (device, socket or pipe)")
-        if st.st_size == 0 and stat.S_ISREG(st.st_mode):
-            raise ImageError("empty file (0 bytes)")
-        with Image.open(path) as img:
-            if img.width * img.height > max_pixels:
-                raise ImageError(f"image too large: {img.width}x{img.height} pixels (limit {max_pixels}); possible decompression bomb")
-            img.seek(0)
-            if draft and img.format == "JPEG":
-                img.draft(img.mode, (draft, draft))
-            img.load()
-            out = ImageOps.exif_transpose(img) if exif_transpose else img.copy()
-            out = limit_aspect(out)
+        with _GuardedReader(io.BytesIO(data), guard) as fp:  # type: ignore[arg-type]
+            return _decode(fp, False, 0, limits, guard, None)
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError("broken symbolic link" if os.path.islink(path) else "no such file") from None
-    except IsADirectoryError:
-        raise ImageError("is a directory, not an image") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
-    except UnidentifiedImageError:
-        raise ImageError("not an image (unknown or unsupported format)") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"image too large: {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        if getattr(exc, "errno", None) == errno.ELOOP:
-            raise ImageError("symbolic link loop") from None
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ImageError(f"corrupt or truncated image ({detail[:160]})") from None
-    return out
+    except Exception as exc:  # PIL raises many types for bad data; each is one unusable sample
+        raise ImageError(f"cannot decode image ({type(exc).__name__}: {_detail(exc)})") from None
 
 
 def limit_aspect(img: Image.Image, max_aspect: int = MAX_ASPECT) -> Image.Image:
@@ -159,17 +499,100 @@ class LoadedImage:
 
 
 def load_one(
-    item: InputItem, transform: Callable[[Image.Image], torch.Tensor], exif_transpose: bool = False, draft: int = 0
+    item: InputItem,
+    transform: Callable[[Image.Image], torch.Tensor],
+    exif_transpose: bool = False,
+    draft: int = 0,
+    limits: DecodeLimits | None = None,
+    stop: threading.Event | None = None,
+    _guard: _Guard | None = None,
 ) -> LoadedImage:
-    """Decode and preprocess one input; never raises for a bad file."""
+    """Open, check, decode and preprocess one input; never raises for a bad file.
+
+    The one entry point for every engine (threads here, remote workers elsewhere): the format
+    allow-list, the descriptor checks and every limit of `limits` apply. `stop` set by another
+    thread ends a decode at its next read.
+    """
     if item.error:
         return LoadedImage(item.path, None, item.error)
     try:
-        return LoadedImage(item.path, transform(open_image(item.path, exif_transpose, draft=draft)), None)
+        return LoadedImage(item.path, _read_image(item.path, exif_transpose, draft, limits, stop, transform, _guard), None)
     except ImageError as exc:
         return LoadedImage(item.path, None, str(exc))
     except Exception as exc:  # a decoder bug must cost one record, not the run
         return LoadedImage(item.path, None, f"cannot decode image ({type(exc).__name__}: {str(exc)[:160]})")
+
+
+class _DecodePool:
+    """Daemon decoding threads: one stuck inside a C decoder can never keep the process from exiting
+    (ThreadPoolExecutor joins its threads at exit), and a replacement thread keeps the pool's size."""
+
+    def __init__(self, workers: int, stop: threading.Event) -> None:
+        self.stop = stop
+        self._jobs: queue.SimpleQueue[tuple[Future[LoadedImage], Callable[[], LoadedImage]] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._busy = 0
+        self._idle = threading.Condition()
+        for _ in range(workers):
+            self.add_thread()
+        _POOLS.add(self)
+
+    def add_thread(self) -> None:
+        thread = threading.Thread(target=self._run, name=f"clipn-decode-{len(self._threads)}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, work = job
+            if future.set_running_or_notify_cancel():
+                with self._idle:
+                    self._busy += 1
+                try:
+                    future.set_result(work())
+                except BaseException as exc:  # load_one does not raise; this keeps a bug visible
+                    future.set_exception(exc)
+                finally:
+                    with self._idle:
+                        self._busy -= 1
+                        self._idle.notify_all()
+
+    def wait_idle(self, until: float) -> None:
+        """Wait until no decode is running, or until the monotonic time `until`."""
+        with self._idle:
+            while self._busy and (left := until - time.monotonic()) > 0:
+                self._idle.wait(left)
+
+    def submit(self, work: Callable[[], LoadedImage]) -> Future[LoadedImage]:
+        future: Future[LoadedImage] = Future()
+        self._jobs.put((future, work))
+        return future
+
+    def shutdown(self, pending: Iterable[Future[LoadedImage]]) -> None:
+        """Cancel queued work and let the threads end; never waits for a running decode."""
+        for future in pending:
+            future.cancel()
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
+_POOLS: weakref.WeakSet[_DecodePool] = weakref.WeakSet()
+
+
+@atexit.register
+def _settle_decoding_threads(grace: float = 0.5) -> None:
+    """At exit, stop running decodes (at their next read) and give them `grace` seconds to return.
+
+    The interpreter ends daemon threads when they next take the GIL; one ended inside torch's C++
+    (the transform) would abort the process ("terminate called without an active exception").
+    A thread stuck for good is not waited for beyond `grace`.
+    """
+    until = time.monotonic() + grace
+    pools = list(_POOLS)
+    for pool in pools:
+        pool.stop.set()
+    for pool in pools:
+        pool.wait_idle(until)
 
 
 def load_images(
@@ -179,26 +602,48 @@ def load_images(
     exif_transpose: bool = False,
     prefetch: int = 64,
     draft: int = 0,
+    limits: DecodeLimits | None = None,
 ) -> Iterator[LoadedImage]:
-    """Decode inputs in input order; with `workers` > 0, in a thread pool `prefetch` items ahead.
+    """Decode inputs in input order; with `workers` > 0, in daemon threads `prefetch` items ahead.
 
     Pillow releases the GIL while decoding and resizing, so threads overlap decoding with the
     model's forward pass without the start-up cost of processes. At most `prefetch` decoded
-    images are held at once, whatever the number of inputs.
+    images are held at once, whatever the number of inputs. A decode that outlives its time limit
+    inside one C call (where no read can stop it) is given up: its input gets an error record, its
+    thread is left to finish on its own and a new one takes its place.
     """
+    limits = limits or DecodeLimits.from_env()
+    stop = threading.Event()
     if workers <= 0:
         for item in items:
-            yield load_one(item, transform, exif_transpose, draft)
+            yield load_one(item, transform, exif_transpose, draft, limits, stop)
         return
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipn-decode")
-    pending: deque[Future[LoadedImage]] = deque()
+    pool = _DecodePool(workers, stop)
+    pending: deque[tuple[InputItem, _Guard, Future[LoadedImage]]] = deque()
+
+    def submit(item: InputItem) -> None:
+        guard = _Guard(limits.timeout, stop)
+        pending.append((item, guard, pool.submit(lambda: load_one(item, transform, exif_transpose, draft, limits, stop, guard))))
+
+    def next_result() -> LoadedImage:
+        item, guard, future = pending.popleft()
+        while True:
+            try:
+                return future.result(timeout=0.25)
+            except FutureTimeout:
+                if time.monotonic() > guard.deadline + GIVE_UP_AFTER:
+                    pool.add_thread()
+                    return LoadedImage(item.path, None, f"decoding took longer than {limits.timeout:g} s (limit CLIPN_DECODE_TIMEOUT); a decoding-time bomb?")
+
     try:
         for item in items:
-            pending.append(pool.submit(load_one, item, transform, exif_transpose, draft))
+            submit(item)
             if len(pending) >= max(prefetch, workers):
-                yield pending.popleft().result()
+                yield next_result()
         while pending:
-            yield pending.popleft().result()
+            yield next_result()
     finally:
-        # on Ctrl-C or an abandoned generator, drop queued work instead of decoding it all
-        pool.shutdown(wait=True, cancel_futures=True)
+        # on Ctrl-C, SIGTERM or an abandoned generator: drop queued work and stop running decodes at
+        # their next read, without waiting for them
+        stop.set()
+        pool.shutdown(f for _, _, f in pending)

@@ -141,6 +141,8 @@ def open_writer(
     with contextlib.ExitStack() as stack:
         if output is None:
             stream: IO[str] = stdout or sys.stdout
+            if stream is None:  # started with stdout closed (`>&-`)
+                raise OutputError("stdout is closed: results would be lost; write them to a file instead")
         elif fmt == "jsonl":
             stream = stack.enter_context(open_in_place(output, "a" if append else "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
         else:

@@ -86,11 +86,12 @@ def load_plain_clip(spec: tuple[str, str], device: str | torch.device = "cpu") -
     PlainCLIP = _clip_class()
     if Path(source).is_file() or Path(source).suffix in (".pt", ".pth", ".bin", ".safetensors"):
         if Path(source).suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from .safetensors_file import SafetensorsError, SafetensorsFile
 
             try:
-                tensors = load_file(source)
-            except Exception as exc:
+                with SafetensorsFile(source) as sf:  # bounded, depth-limited header, one descriptor
+                    tensors = {k: v.clone() for k, v in sf.tensors().items()}
+            except (SafetensorsError, OSError) as exc:
                 raise WeightsError(f"{source}: not a readable safetensors file: {str(exc)[:200]}") from None
         else:
             tensors = read_checkpoint(source)

@@ -13,8 +13,10 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import TemplatesError
+from .files import read_bounded
 
 SIMPLE = ("a photo of a {}.",)
+MAX_TEMPLATE_FILE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,8 @@ def load_templates(spec: str = "clipn") -> TemplateSet:
     if not path.is_file():
         raise TemplatesError(f"unknown template set '{spec}': use 'clipn', 'simple' or a file with one template per line")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        lines = read_bounded(path, MAX_TEMPLATE_FILE_BYTES).decode("utf-8").splitlines()
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise TemplatesError(f"{path}: cannot read templates: {exc}") from None
     templates = [line.rstrip("\r") for line in lines if line.strip()]
     if not templates:

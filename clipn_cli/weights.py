@@ -19,14 +19,19 @@ from typing import Any
 
 import torch
 
-from .configs import infer_config, resolve_config, validate_config
+from .configs import check_config_fits, infer_config, resolve_config, validate_config
 from .errors import ClipnError, WeightsError
 from .files import atomic_path, sha256_file
 from .fixedpoint import pack, split_scales, unpack
 from .home import FORMAT, resolve_weights
 from .model import CLIPN, build_model, causal_mask, expected_shapes, is_text_key
+from .safetensors_file import SafetensorsError, SafetensorsFile, loads_json
 
 FORMAT_VERSION = "1"
+MAX_PROMPTS = 4096
+# A `.pt` is a zip archive that torch writes uncompressed: declared sizes far above the archive's
+# own size mean compressed members, which torch would inflate in memory (a 1 MB zip bomb: 1 GiB).
+ZIP_INFLATION_LIMIT = 2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STORAGE_DTYPES = (*DTYPES, "int16")  # int16: fixed point with per-row scales, see fixedpoint.py
 
@@ -51,9 +56,20 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():  # torch's note on the pickle protocol would add lines to a one-line refusal
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        with fh, warnings.catch_warnings():  # torch's note on the pickle protocol would add lines to a one-line refusal
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+            zipped = _check_archive(fh, path)
+            # one descriptor: torch memory-maps by name, and /proc/self/fd/N names this open file, not the path
+            same_file = f"/proc/self/fd/{fh.fileno()}" if os.path.exists(f"/proc/self/fd/{fh.fileno()}") else None
+            obj = torch.load(same_file if zipped and same_file else fh, map_location="cpu", weights_only=True, mmap=bool(zipped and same_file))
+    except WeightsError:
+        raise
     except pickle.UnpicklingError as exc:
         raise WeightsError(
             f"{path}: refused to load: not a checkpoint of plain weights ({_unpickler_reason(exc)[:200]}); "
@@ -74,13 +90,34 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _is_zip(path: Path) -> bool:
-    """torch.load can memory-map only the zip format (all checkpoints since torch 1.6)."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) == b"PK\x03\x04"
-    except OSError:
+def _check_archive(fh: Any, path: Path) -> bool:
+    """Whether `fh` is torch's zip format (all checkpoints since torch 1.6), refusing a zip bomb.
+
+    Members' declared sizes come from the central directory, read without inflating anything;
+    the whole archive may declare at most `ZIP_INFLATION_LIMIT` times its own size (plus 1 MiB).
+    """
+    import stat
+    import zipfile
+
+    if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+        raise WeightsError(f"{path}: not a regular file (device, socket or pipe)")
+    zipped = fh.read(4) == b"PK\x03\x04"
+    fh.seek(0)
+    if not zipped:
         return False
+    size = os.fstat(fh.fileno()).st_size
+    try:
+        with zipfile.ZipFile(fh) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint (damaged zip archive: {_first_line(exc)})") from None
+    fh.seek(0)
+    if declared > ZIP_INFLATION_LIMIT * size + (1 << 20):
+        raise WeightsError(
+            f"{path}: refused to load: its zip archive declares {declared / 2**20:.0f} MiB of contents in a "
+            f"{size / 2**20:.1f} MiB file (a zip bomb? torch writes checkpoints uncompressed)"
+        )
+    return True
 
 
 def _unpickler_reason(exc: Exception) -> str:
@@ -106,6 +143,7 @@ def check_tensors(
 
     `finite=False` checks only names and shapes (for memory-mapped tensors, see `check_finite_file`).
     """
+    check_config_fits(model_cfg, {k: tuple(v.shape) for k, v in tensors.items()}, source)
     expected = expected_shapes(model_cfg, num_prompts)
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
@@ -131,33 +169,21 @@ def _all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
 
 
-_FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def check_finite_file(path: Path, tensors: dict[str, torch.Tensor], chunk_bytes: int = 1 << 24) -> None:
-    """NaN/Inf check of a safetensors file read in chunks instead of through its memory map.
+def check_finite_file(sf: SafetensorsFile, chunk_bytes: int = 1 << 24) -> None:
+    """NaN/Inf check of an open safetensors file read in chunks instead of through its memory map.
 
     Reading leaves the map untouched, so a run pages in only the tensors it uses: `detect` with
     cached class embeddings never faults in the two text towers (60% of ViT-B-16's weights).
     """
     buffer = bytearray(chunk_bytes)
-    with open(path, "rb") as fh:
-        header_size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(header_size))
-        header.pop("__metadata__", None)
-        for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            dtype = _FILE_DTYPES.get(entry["dtype"])
-            if dtype is None:
-                if tensors[key].is_floating_point() and not _all_finite(tensors[key]):
-                    raise WeightsError(f"{path}: tensor '{key}' contains NaN or Inf values")
-                continue
-            start, end = entry["data_offsets"]
-            fh.seek(8 + header_size + start)
-            step = chunk_bytes - chunk_bytes % dtype.itemsize
-            for offset in range(start, end, step):
-                got = fh.readinto(memoryview(buffer)[: min(step, end - offset)])
-                if not _all_finite(torch.frombuffer(buffer, dtype=dtype, count=got // dtype.itemsize)):
-                    raise WeightsError(f"{path}: tensor '{key}' contains NaN or Inf values")
+    for key, entry in sorted(sf.entries.items(), key=lambda item: item[1].start):
+        if not entry.dtype.is_floating_point:
+            continue
+        step = chunk_bytes - chunk_bytes % entry.dtype.itemsize
+        for offset in range(entry.start, entry.end, step):
+            got = sf.readinto(memoryview(buffer)[: min(step, entry.end - offset)], offset)
+            if not _all_finite(torch.frombuffer(buffer, dtype=entry.dtype, count=got // entry.dtype.itemsize)):
+                raise WeightsError(f"{sf.path}: tensor '{key}' contains NaN or Inf values")
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
@@ -232,30 +258,44 @@ def convert_checkpoint(
     return save_weights(cast, out, model_cfg, model_name, extra)
 
 
+def open_weights(path: str | os.PathLike[str]) -> SafetensorsFile:
+    """Open a weights file once (header checked); refuse what is not a safetensors file, naming it."""
+    path = Path(path)
+    try:
+        return SafetensorsFile(path)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such weights file") from None
+    except IsADirectoryError:
+        raise WeightsError(f"{path}: is a directory, not a weights file") from None
+    except (SafetensorsError, OSError) as exc:
+        hint = " (an official .pt checkpoint? run 'clipn convert' first)" if path.suffix in {".pt", ".pth", ".bin"} else ""
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        raise WeightsError(f"{path}: not a valid safetensors file: {detail}{hint}") from None
+
+
 def read_info(path: str | os.PathLike[str]) -> WeightsInfo:
     """Read a weights file's metadata (no tensors loaded); refuse anything that is not our format."""
-    from safetensors import safe_open
+    with open_weights(path) as sf:
+        return info_of(sf)
 
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            keys = list(fh.keys())
-    except Exception as exc:
-        hint = " (an official .pt checkpoint? run 'clipn convert' first)" if path.suffix in {".pt", ".pth", ".bin"} else ""
-        raise WeightsError(f"{path}: not a valid safetensors file: {_first_line(exc)}{hint}") from None
+
+def info_of(sf: SafetensorsFile) -> WeightsInfo:
+    """The WeightsInfo of an open weights file, its metadata validated before anything is built."""
+    path, meta = sf.path, sf.metadata
     if meta.get("format") != FORMAT:
         raise WeightsError(f"{path}: not a clipn-cli weights file (no '{FORMAT}' metadata); convert it with 'clipn convert'")
     if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-        raise WeightsError(f"{path}: weights format version {meta['format_version']} is not one this clipn-cli reads ({FORMAT_VERSION}); a newer clipn-cli may read it")
+        raise WeightsError(f"{path}: weights format version {meta['format_version'][:20]} is not one this clipn-cli reads ({FORMAT_VERSION}); a newer clipn-cli may read it")
     try:
-        model_cfg = validate_config(json.loads(meta["model_config"]), str(path))
+        model_cfg = validate_config(loads_json(meta["model_config"], "model_config metadata"), str(path))
         num_prompts = int(meta["num_prompts"])
-    except (KeyError, ValueError, TypeError) as exc:
+    except KeyError as exc:
+        raise WeightsError(f"{path}: damaged metadata (no {exc})") from None
+    except (ValueError, TypeError) as exc:
         raise WeightsError(f"{path}: damaged metadata ({_first_line(exc)})") from None
-    if "prompt_no" not in keys:
+    if not 1 <= num_prompts <= MAX_PROMPTS:
+        raise WeightsError(f"{path}: damaged metadata (num_prompts {num_prompts} is not from 1 to {MAX_PROMPTS})")
+    if "prompt_no" not in sf.entries:
         raise WeightsError(f"{path}: missing tensor 'prompt_no'")
     return WeightsInfo(path, model_cfg, meta.get("model_name", ""), num_prompts, meta.get("fingerprint", ""), meta)
 
@@ -281,20 +321,24 @@ def load_model(
     no time is spent on a random initialisation that would be thrown away. `text=False` loads
     the image side only (see `CLIPN.drop_text_towers`); the whole file is still checked.
     """
-    from safetensors.torch import load_file
-
     from .plainclip import load_plain_clip, parse_spec
 
     if (plain := parse_spec(weights)) is not None:  # `MODEL:TAG` / `MODEL:FILE`: a plain open_clip CLIP
         return load_plain_clip(plain, device)
-    info = read_info(resolve_weights(weights))
+    with open_weights(resolve_weights(weights)) as sf:
+        return model_from_file(sf, device, text)
+
+
+def model_from_file(sf: SafetensorsFile, device: str | torch.device = "cpu", text: bool = True) -> tuple[CLIPN, WeightsInfo]:
+    """`load_model` for a weights file already open: metadata and tensors come from this one descriptor."""
+    info = info_of(sf)
     try:
-        tensors = load_file(str(info.path))
-    except Exception as exc:
+        tensors = sf.tensors()
+    except (OSError, ValueError) as exc:
         raise WeightsError(f"{info.path}: cannot read tensors: {_first_line(exc)}") from None
     values, scales = split_scales(tensors, str(info.path))
     check_tensors(values, info.model_cfg, info.num_prompts, str(info.path), finite=False)
-    check_finite_file(info.path, tensors)
+    check_finite_file(sf)
     if not info.fingerprint:
         info = WeightsInfo(info.path, info.model_cfg, info.model_name, info.num_prompts, fingerprint(tensors), info.metadata)
     model = build_model(info.model_cfg, info.num_prompts, device="meta")

@@ -34,6 +34,7 @@ from clipn_cli.inference import encode_images, pipeline_sizes
 from clipn_cli.prompts import load_templates
 from clipn_cli.fixedpoint import SCALE_SUFFIX, pack, split_scales, unpack
 from clipn_cli.model import is_text_key
+from clipn_cli.safetensors_file import SafetensorsFile
 from clipn_cli.weights import check_finite_file, convert_checkpoint, load_model
 
 LONG_NAME = " ".join(["extraordinarily"] * 40)  # beyond the 77-token context: cut as the official tokenizer cuts
@@ -175,11 +176,11 @@ def test_finite_check_reads_the_file_in_chunks(tmp_path: Path) -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         tensors = {"a": torch.randn(100_000).to(dtype), "b": torch.arange(10), "c": torch.full((1000,), 60000.0).to(dtype)}
         save_file(tensors, str(path))
-        check_finite_file(path, load_file(str(path)), chunk_bytes=4096)  # finite, though c's fp16 sum overflows
+        check_finite_file(SafetensorsFile(path), chunk_bytes=4096)  # finite, though c's fp16 sum overflows
         tensors["a"][-1] = float("nan")
         save_file(tensors, str(path))
         with pytest.raises(WeightsError, match=r"w\.safetensors: tensor 'a' contains NaN or Inf"):
-            check_finite_file(path, load_file(str(path)), chunk_bytes=4096)
+            check_finite_file(SafetensorsFile(path), chunk_bytes=4096)
 
 
 def test_load_model_refuses_inf_in_the_no_tower(tiny_weights: Path, tmp_path: Path) -> None:

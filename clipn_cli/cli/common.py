@@ -137,7 +137,13 @@ def _main_thread() -> bool:
 
 
 def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()
+    return sys.stdout is not None and sys.stdout.isatty()
+
+
+def check_stdout(output: Path | None) -> None:
+    """Refuse to start when results would go to a closed stdout (`>&-`), before any work is done."""
+    if output is None and sys.stdout is None:
+        fail("stdout is closed: results would be lost; give --output FILE or redirect stdout")
 
 
 WeightsOpt = Annotated[

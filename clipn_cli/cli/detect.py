@@ -14,7 +14,8 @@ from ..methods import RULES, VERDICT_RULES
 from ..output import FORMATS
 from .common import (
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
-    TemplatesOpt, Terminated, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, stderr, stdout_is_terminal,
+    TemplatesOpt, Terminated, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, check_stdout, fail, handle_errors, info, stderr,
+    stdout_is_terminal,
 )
 from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
 
@@ -67,6 +68,7 @@ def detect(
         if not paths:
             fail("no inputs: give image files, directories, globs, or - for paths on stdin")
         check_output("--output", output)
+        check_stdout(output)
         if resume and (output is None or fmt != "jsonl"):
             fail("--resume needs --format jsonl and --output FILE (the file to continue)")
         if quantize and precision != "fp32":

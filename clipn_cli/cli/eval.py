@@ -13,7 +13,8 @@ import typer
 
 from .common import (
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
-    TemplatesOpt, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, handle_errors, info, stderr, stdout_is_terminal, warn,
+    TemplatesOpt, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, check_stdout, handle_errors, info, stderr, stdout_is_terminal,
+    warn,
 )
 from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
 
@@ -62,6 +63,7 @@ def evaluate(
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
         check_output("--output", output)
+        check_stdout(output)
         check_output("--save-scores", save_scores)
         check_output("--plots", plots, directory=True)
         check_output("--report", report)

@@ -68,7 +68,7 @@ def class_embeddings(
 
     if embeddings is not None:
         loaded = ClassEmbeddings.load(embeddings)
-        loaded.check_weights(weights_info.fingerprint, str(embeddings))
+        loaded.check_weights(weights_info.fingerprint, str(embeddings), embed_dim=int(weights_info.model_cfg["embed_dim"]))
         for message in class_warnings(loaded.classes):
             warn(message)
         return loaded

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..configs import infer_config, resolve_config
+from ..configs import check_config_fits, infer_config, resolve_config
 from ..errors import ClipnError, TrainError
 from ..model import CLIPN, NUM_PROMPTS, TEXT_PARTS, build_model, causal_mask
 
@@ -54,6 +54,10 @@ def freeze(model: CLIPN) -> None:
 
 def init_clipn(model_cfg: dict[str, Any], clip_state: dict[str, torch.Tensor], num_prompts: int, source: str) -> CLIPN:
     """A CLIPN whose CLIP part is `clip_state` (strict) and whose "no" tower copies the text tower."""
+    try:
+        check_config_fits(model_cfg, {k: tuple(v.shape) for k, v in clip_state.items()}, source)
+    except ClipnError as exc:
+        raise TrainError(str(exc)) from None
     model = build_model(model_cfg, num_prompts, device="meta")
     expected = {k for k in model.state_dict() if "_no" not in k}
     missing = sorted(expected - clip_state.keys())
@@ -141,20 +145,15 @@ def _reachable(url: str, timeout: float = 5.0) -> bool:
 
 
 def _from_file(path: Path, config: str | None, num_prompts: int | None) -> Base:
-    from ..weights import FORMAT, load_model, read_checkpoint
+    from ..weights import FORMAT, model_from_file, open_weights, read_checkpoint
 
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            ours = (fh.metadata() or {}).get("format") == FORMAT
-        if ours:
-            model, info = load_model(path)
-            _check_prompts(path, info.num_prompts, num_prompts)
-            return Base(model, info.model_name, f"clipn:{path.name}:{info.fingerprint[:16]}")
-        from safetensors.torch import load_file
-
-        tensors = {k.removeprefix("module."): v for k, v in load_file(str(path)).items()}
+        with open_weights(path) as sf:  # one descriptor for the format test and the tensors
+            if sf.metadata.get("format") == FORMAT:
+                model, info = model_from_file(sf)
+                _check_prompts(path, info.num_prompts, num_prompts)
+                return Base(model, info.model_name, f"clipn:{path.name}:{info.fingerprint[:16]}")
+            tensors = {k.removeprefix("module."): v for k, v in sf.tensors().items()}
     else:
         tensors = read_checkpoint(path)
     if "prompt_no" in tensors:

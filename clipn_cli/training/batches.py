@@ -12,7 +12,6 @@ run continues exactly where the interrupted one stopped.
 
 from __future__ import annotations
 
-import io
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError, ImageError
-from ..images import MAX_PIXELS, InputItem, image_size_of, open_image
+from ..images import InputItem, decode_bytes, image_size_of, open_image
 from ..inference import autocast, encode_batch, encode_images
 from ..model import CLIPN
 from .data import IndexedData, Pair, ShardData, caption_id
@@ -231,18 +230,8 @@ class StreamBatches:
 
 
 def open_bytes(data: bytes) -> Image.Image:
-    """Decode an encoded image held in memory (a shard member), first frame, size-limited like files."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"image too large: {img.width}x{img.height} pixels")
-            img.seek(0)
-            img.load()
-            return img.copy()
-    except ImageError:
-        raise
-    except Exception as exc:  # PIL raises many types for bad data; each is one unusable sample
-        raise ImageError(f"cannot decode image ({type(exc).__name__}: {str(exc)[:160]})") from None
+    """Decode an encoded image held in memory (a shard member), first frame, with the checks files get."""
+    return decode_bytes(data)
 
 
 def pair_stream(data: IndexedData | ShardData, seed: int, rank: int, world_size: int) -> Iterator[Pair]:

@@ -202,6 +202,8 @@ def _jsonl_rows(path: Path, text: str, image_key: str | None, caption_key: str |
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{number}: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{number}: expected a JSON object")
         columns = list(obj)
