@@ -1,0 +1,253 @@
+"""Running clipn on a Ray cluster: shards dispatched to a pool of actors, each loading the weights once.
+
+Why Ray core actors for `detect --engine ray` rather than one Ray Data pipeline: the inputs arrive
+as a stream (a directory walk, stdin, a table) that is planned into shards while earlier shards
+already run, every shard is written and committed on its own (that is what makes `--resume` exact)
+and the driver keeps at most `2 × actors` shards in flight, so its memory stays flat. Ray gives
+the actors, their placement on GPUs and CPUs, and their restart when a worker is lost (the shard
+it held is retried on another actor). People composing their own Ray Data pipelines use
+`score_dataset`, which runs the same worker code inside `Dataset.map_batches`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from ..errors import ClipnError
+from .manifest import Manifest, ManifestWriter, ResumeError, check_resumable, load_manifest
+from .planner import DEFAULT_SHARD_SIZE, plan_shards
+from .worker import ScoreOptions, Worker, WorkerConfig
+
+if TYPE_CHECKING:
+    from ..embeddings import ClassEmbeddings
+    from ..images import InputItem
+    from ..inference import EncodedImage
+    from .store import OutputStore
+
+INSTALL_HINT = "pip install 'clipn-cli[ray]'"
+IN_FLIGHT_PER_ACTOR = 2  # one shard running, one queued on the actor so that it never waits for the driver
+RESTARTS = 3  # a lost worker's actor is restarted (elsewhere) this often, and its shard retried
+
+
+class RayMissing(ClipnError):
+    """Ray (or pyarrow) is not installed."""
+
+
+class EngineError(ClipnError):
+    """The cluster could not run the job (a worker failed, the cluster is unreachable)."""
+
+
+def require_ray():
+    """The `ray` module, or a one-line error saying how to install it."""
+    try:
+        import pyarrow  # noqa: F401
+        import ray
+    except ImportError:
+        raise RayMissing(f"--engine ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where to run and with what: `address` None starts a local cluster, "auto" joins the one running here."""
+
+    address: str | None = None
+    actors: int | None = None  # default: as many as the cluster has GPUs (GPU actors) or CPUs / cpus_per_actor
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+
+class Cluster:
+    """A connection to Ray and a pool of clipn actors on it; a context manager that cleans both up."""
+
+    def __init__(self, spec: ClusterSpec, config: WorkerConfig, heads: ClassEmbeddings | None, options: ScoreOptions) -> None:
+        self.ray = require_ray()
+        self.spec = spec
+        self.started = False
+        if not self.ray.is_initialized():
+            try:
+                self.ray.init(address=spec.address, include_dashboard=False, logging_level=logging.WARNING,
+                              log_to_driver=True, configure_logging=True)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = spec.address or "a new local cluster"
+                raise EngineError(f"cannot start or join Ray ({where}): {str(exc).splitlines()[0][:200]}") from None
+            self.started = True
+        count = spec.actors or self._default_actors()
+        threads = max(1, int(spec.cpus_per_actor)) if spec.gpus_per_actor == 0 else None
+        config = WorkerConfig(config.weights, config.device, config.batch_size, config.workers, config.threads or threads)
+        remote = self.ray.remote(Worker).options(
+            num_cpus=spec.cpus_per_actor, num_gpus=spec.gpus_per_actor,
+            max_restarts=RESTARTS, max_task_retries=RESTARTS,
+        )
+        self.actors = [remote.remote(config, heads, options) for _ in range(count)]
+        self._check_ready()
+
+    def _default_actors(self) -> int:
+        resources = self.ray.cluster_resources()
+        if self.spec.gpus_per_actor > 0:
+            return max(1, int(resources.get("GPU", 0) / self.spec.gpus_per_actor))
+        return max(1, int(resources.get("CPU", 1) / max(self.spec.cpus_per_actor, 1e-9)))
+
+    def _check_ready(self) -> None:
+        """Wait for every actor to load the weights; a failure (missing file, wrong version) is one line."""
+        try:
+            versions = self.ray.get([a.version.remote() for a in self.actors])
+        except Exception as exc:
+            raise EngineError(f"a clipn worker could not start: {_cause(exc)}") from None
+        if any(v != __version__ for v in versions):
+            raise EngineError(f"the cluster's workers run clipn-cli {sorted(set(versions))}, this driver {__version__}: install the same version everywhere")
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for actor in getattr(self, "actors", []):
+            try:
+                self.ray.kill(actor)
+            except Exception:
+                pass
+        self.actors = []
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
+
+    def map_ordered(self, submit: Callable[[Any, Any], Any], tasks: Iterable[Any], in_flight: int) -> Iterator[tuple[Any, Any]]:
+        """(task, result) for each task in order, at most `in_flight` outstanding, round-robin over actors."""
+        pending: deque[tuple[Any, Any]] = deque()
+        for n, task in enumerate(tasks):
+            pending.append((task, submit(self.actors[n % len(self.actors)], task)))
+            if len(pending) >= in_flight:
+                yield self._result(*pending.popleft())
+        while pending:
+            yield self._result(*pending.popleft())
+
+    def map_unordered(self, submit: Callable[[Any, Any], Any], tasks: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        """(task, result) as tasks finish; a new task goes to whichever actor has room (bounded in flight)."""
+        load = {i: 0 for i in range(len(self.actors))}
+        pending: dict[Any, tuple[Any, int]] = {}
+        for task in tasks:
+            while min(load.values()) >= IN_FLIGHT_PER_ACTOR:
+                yield self._finish_one(pending, load)
+            slot = min(load, key=load.__getitem__)
+            pending[submit(self.actors[slot], task)] = (task, slot)
+            load[slot] += 1
+        while pending:
+            yield self._finish_one(pending, load)
+
+    def _finish_one(self, pending: dict[Any, tuple[Any, int]], load: dict[int, int]) -> tuple[Any, Any]:
+        [ref], _ = self.ray.wait(list(pending), num_returns=1)
+        task, slot = pending.pop(ref)
+        load[slot] -= 1
+        return self._result(task, ref)
+
+    def _result(self, task: Any, ref: Any) -> tuple[Any, Any]:
+        try:
+            return task, self.ray.get(ref)
+        except Exception as exc:
+            raise EngineError(f"{_task_name(task)} failed on the cluster: {_cause(exc)}") from None
+
+
+def _task_name(task: Any) -> str:
+    index = getattr(task, "index", None)
+    return f"shard {index}" if index is not None else "a batch"
+
+
+def _cause(exc: BaseException) -> str:
+    """The worker's own error, not Ray's wrapping of it."""
+    inner = getattr(exc, "cause", None) or exc
+    text = str(inner).strip().splitlines()
+    line = next((t for t in reversed(text) if t.strip() and not t.startswith(" ")), type(inner).__name__)
+    return line[:300]
+
+
+def detect_job(weights_fingerprint: str, heads: ClassEmbeddings, options: ScoreOptions, fmt: str, shard_size: int) -> dict[str, Any]:
+    """What a run's shards mean: two runs can share an output folder only if this is equal."""
+    return {
+        "clipn_version": __version__,
+        "command": "detect",
+        "weights_fingerprint": weights_fingerprint,
+        "classes": list(heads.classes),
+        "templates": heads.templates,
+        "format": fmt,
+        "shard_size": shard_size,
+        **options.as_dict(),
+    }
+
+
+def open_manifest(store: OutputStore, job: dict[str, Any], resume: bool) -> Manifest:
+    """The manifest to continue (`resume`) or a new one; refuses to overwrite another run."""
+    old = load_manifest(store)
+    if old is None:
+        if store.has_shard_files():
+            raise ResumeError(f"--output {store.uri}: holds shard files but no clipn manifest: choose an empty or new folder")
+        return Manifest(job)
+    if not resume:
+        state = "a finished" if old.complete else "an unfinished"
+        raise ResumeError(f"--output {store.uri}: holds {state} clipn run ({len(old.shards)} shards): add --resume to continue it, or choose a new folder")
+    check_resumable(old, job, store.uri)
+    old.job["clipn_version"] = job["clipn_version"]
+    old.complete = False
+    return old
+
+
+def run_detect(
+    items: Iterable[InputItem],
+    store: OutputStore,
+    job: dict[str, Any],
+    cluster: Cluster,
+    resume: bool = False,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    manifest_interval: float = 2.0,
+) -> Manifest:
+    """Plan `items` into shards, score the unfinished ones on the cluster, commit each in the manifest.
+
+    Returns the final manifest (complete). Shards already listed in a resumed manifest are not
+    scored again; their digests must match the inputs as planned now, or the inputs changed and
+    the run cannot be continued exactly.
+    """
+    store.prepare()
+    manifest = open_manifest(store, job, resume)
+    if resume:
+        store.remove_temporaries()
+    writer = ManifestWriter(store, manifest, manifest_interval)
+    writer.flush()
+    planned = inputs = 0
+
+    def todo() -> Iterator[Any]:
+        nonlocal planned, inputs
+        for shard in plan_shards(items, shard_size):
+            planned = shard.index + 1
+            inputs += len(shard.items)
+            done = manifest.shards.get(shard.index)
+            if done is None:
+                yield shard
+            elif done["digest"] != shard.digest:
+                raise ResumeError(f"--resume {store.uri}: the inputs of shard {shard.index} differ from the first run's "
+                                  "(files added, removed or reordered): continue with the same inputs, or use a new --output")
+
+    fmt = job["format"]
+    try:
+        for shard, summary in cluster.map_unordered(lambda actor, s: actor.write_shard.remote(s.index, s.items, store, fmt), todo()):
+            writer.finished(shard.index, summary)
+            if progress:
+                progress(summary)
+    finally:
+        writer.flush()
+    stale = [i for i in manifest.shards if i >= planned]
+    if stale:
+        raise ResumeError(f"--resume {store.uri}: the first run had {max(stale) + 1} or more shards, these inputs make {planned}: "
+                          "continue with the same inputs, or use a new --output")
+    manifest.inputs = inputs
+    manifest.complete = True
+    writer.flush(force=True)
+    return manifest
