@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import errno
 import glob
+import io
 import os
 import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -33,10 +34,15 @@ GLOB_CHARS = frozenset("*?[")
 
 @dataclass(frozen=True)
 class InputItem:
-    """One input as the user named it; `error` is set when it could not even be found."""
+    """One input as the user named it; `error` is set when it could not even be found.
+
+    `data` holds the file's bytes when they were read elsewhere (a Ray Dataset's `bytes` column):
+    they are then decoded instead of opening `path`.
+    """
 
     path: str
     error: str | None = None
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
 
 def iter_inputs(args: Iterable[str], stdin: IO[str] | None = None) -> Iterator[InputItem]:
@@ -78,19 +84,23 @@ def _walk(directory: str) -> Iterator[InputItem]:
                 yield InputItem(os.path.join(root, name))
 
 
-def open_image(path: str, exif_transpose: bool = False, max_pixels: int = MAX_PIXELS, draft: int = 0) -> Image.Image:
+def open_image(path: str, exif_transpose: bool = False, max_pixels: int = MAX_PIXELS, draft: int = 0, data: bytes | None = None) -> Image.Image:
     """Decode the first frame of an image file; any failure becomes an ImageError naming the problem.
 
     `draft` > 0 lets a JPEG decode at 1/2, 1/4 or 1/8 scale while both sides stay ≥ `draft` pixels:
     several times faster for large photos, but no longer pixel-exact (opt-in, `detect --draft`).
+    `data`: the file's bytes, already read; `path` then only names the input.
     """
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
-            raise ImageError("not a regular file (device, socket or pipe)")
-        if st.st_size == 0 and stat.S_ISREG(st.st_mode):
+        if data is None:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+                raise ImageError("not a regular file (device, socket or pipe)")
+            if st.st_size == 0 and stat.S_ISREG(st.st_mode):
+                raise ImageError("empty file (0 bytes)")
+        elif not data:
             raise ImageError("empty file (0 bytes)")
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             if img.width * img.height > max_pixels:
                 raise ImageError(f"image too large: {img.width}x{img.height} pixels (limit {max_pixels}); possible decompression bomb")
             img.seek(0)
@@ -165,7 +175,7 @@ def load_one(
     if item.error:
         return LoadedImage(item.path, None, item.error)
     try:
-        return LoadedImage(item.path, transform(open_image(item.path, exif_transpose, draft=draft)), None)
+        return LoadedImage(item.path, transform(open_image(item.path, exif_transpose, draft=draft, data=item.data)), None)
     except ImageError as exc:
         return LoadedImage(item.path, None, str(exc))
     except Exception as exc:  # a decoder bug must cost one record, not the run

@@ -15,6 +15,7 @@ from .common import (
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
     WeightsOpt, WorkersOpt, check_choice, check_output, handle_errors, info, stderr, stdout_is_terminal, warn,
 )
+from .ray import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt
 from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
 if TYPE_CHECKING:
@@ -43,6 +44,11 @@ def evaluate(
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
     exif_transpose: ExifOpt = False,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    actors: ActorsOpt = None,
+    gpus_per_actor: GpusPerActorOpt = 0.0,
+    cpus_per_actor: CpusPerActorOpt = 1.0,
 ) -> None:
     """Measure how well CTW and ATD (and MSP, MaxLogit, Energy, MCM) separate ID from OOD images.
 
@@ -55,6 +61,7 @@ def evaluate(
         fmt = fmt or ("table" if output is None and stdout_is_terminal() else "json")
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
+        check_choice("--engine", engine, ENGINES)
         check_output("--output", output)
         check_output("--save-scores", save_scores)
         check_output("--plots", plots, directory=True)
@@ -74,11 +81,13 @@ def evaluate(
         from ..evaluation import evaluate as run_evaluation
 
         feature_cache = FeatureCache(cache, weights_info.fingerprint) if cache is not None else None
-        with _progress(sum(len(s.items) for s in sets)) as advance:
+        with _engine(engine, weights_info.path, device, batch_size, workers, precision, exif_transpose,
+                     ray_address, actors, cpus_per_actor, gpus_per_actor) as encoder, \
+                _progress(sum(len(s.items) for s in sets)) as advance:
             evaluation = run_evaluation(
                 model, heads, sets, convention=fpr_convention, cache=feature_cache, batch_size=batch_size,
                 workers=workers,
-                precision=precision, exif_transpose=exif_transpose, progress=advance,
+                precision=precision, exif_transpose=exif_transpose, progress=advance, encoder=encoder,
             )
         for note in evaluation.notes:
             warn(note)
@@ -105,6 +114,24 @@ def evaluate(
             warn(f"{len(failures)} images could not be read and were left out (first: {first_path}: {first_error})")
             raise typer.Exit(EXIT_PARTIAL)
         raise typer.Exit(EXIT_OK)
+
+
+@contextlib.contextmanager
+def _engine(engine: str, weights: Path, device: str, batch_size: int | None, workers: int | None, precision: str,
+            exif_transpose: bool, ray_address: str | None, actors: int | None, cpus_per_actor: float,
+            gpus_per_actor: float) -> Iterator[Callable | None]:
+    """None (encode here) or, with --engine ray, an encoder that runs on a cluster for the block."""
+    if engine == "local":
+        yield None
+        return
+    from ..scale.ray_engine import Cluster, ClusterEncoder, ClusterSpec
+    from ..scale.worker import ScoreOptions, WorkerConfig
+
+    options = ScoreOptions(precision=precision, exif_transpose=exif_transpose)
+    spec = ClusterSpec(ray_address, actors, cpus_per_actor, gpus_per_actor)
+    with Cluster(spec, WorkerConfig(str(weights), device, batch_size, workers), None, options) as cluster:
+        info(f"encoding images on Ray with {len(cluster.actors)} actors")
+        yield ClusterEncoder(cluster, options)
 
 
 def _write_report(evaluation: Evaluation, fmt: str, output: Path | None) -> None:

@@ -1,8 +1,11 @@
 """The manifest of a scale-out run: what was asked, what is finished, and the totals.
 
 It is the commit record. A shard is finished when the manifest lists it (with its digest, record
-and error counts); the driver rewrites the manifest (atomically) as shards finish, at most every
-`interval` seconds and always at the end. `--resume` trusts only what the manifest lists and
+and error counts). As each shard finishes, the driver writes a small commit marker
+(`committed/part-NNNNNN.json`, after the shard file); it rewrites manifest.json itself at most
+every `interval` seconds and at the end, then removes the markers it has folded in. A reader takes
+manifest.json plus any markers, so a shard is never lost between two rewrites, and rewriting a
+large manifest does not happen per shard. `--resume` trusts only what the manifest lists and
 refuses to continue a run that was asked differently (other weights, classes, rule, format, shard
 size or options that change the numbers), since its shards could not be mixed.
 """
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ClipnError
-from .store import MANIFEST, OutputStore
+from .store import COMMITTED, MANIFEST, OutputStore
 
 SCHEMA = "clipn-scale-manifest/1"
 
@@ -61,13 +64,18 @@ class Manifest:
 
 
 def load_manifest(store: OutputStore) -> Manifest | None:
+    """manifest.json with the commit markers written since its last rewrite; None if there is none."""
     if not store.exists(MANIFEST):
         return None
     try:
         data = json.loads(store.read(MANIFEST))
         if data.get("schema") != SCHEMA:
             raise ValueError(f"schema {data.get('schema')!r}")
-        return Manifest.from_dict(data)
+        manifest = Manifest.from_dict(data)
+        for name in store.list(COMMITTED):
+            marker = json.loads(store.read(COMMITTED, name))
+            manifest.shards.setdefault(int(marker.pop("index")), marker)
+        return manifest
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ResumeError(f"{store.uri}/{MANIFEST}: not a clipn manifest ({exc})") from None
 
@@ -91,14 +99,20 @@ class ManifestWriter:
         self._dirty = True
 
     def finished(self, index: int, summary: dict[str, Any]) -> None:
+        """Commit a shard whose file is written: its marker now, the manifest when `interval` has passed."""
+        self.store.write(json.dumps({"index": index, **summary}).encode("utf-8"), COMMITTED, f"{summary['file'].rsplit('/', 1)[-1]}.json")
         self.manifest.shards[index] = summary
         self._dirty = True
         if time.monotonic() - self._last >= self.interval:
             self.flush()
 
     def flush(self, force: bool = False) -> None:
+        """Rewrite manifest.json (atomically), then drop the markers it now holds."""
         if not (self._dirty or force):
             return
+        folded = set(self.store.list(COMMITTED))
         self.store.write(json.dumps(self.manifest.as_dict(), indent=1).encode("utf-8"), MANIFEST)
+        for name in folded:
+            self.store.delete(COMMITTED, name)
         self._last = time.monotonic()
         self._dirty = False

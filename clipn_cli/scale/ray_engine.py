@@ -12,6 +12,7 @@ it held is retried on another actor). People composing their own Ray Data pipeli
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -55,7 +56,8 @@ def require_ray():
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """Where to run and with what: `address` None starts a local cluster, "auto" joins the one running here."""
+    """Where to run and with what: `address` "auto" joins the cluster running here, HOST:PORT or
+    ray://HOST:PORT another; None means $RAY_ADDRESS (set by `ray job submit`), else a new local cluster."""
 
     address: str | None = None
     actors: int | None = None  # default: as many as the cluster has GPUs (GPU actors) or CPUs / cpus_per_actor
@@ -72,7 +74,7 @@ class Cluster:
         self.started = False
         if not self.ray.is_initialized():
             try:
-                self.ray.init(address=spec.address, include_dashboard=False, logging_level=logging.WARNING,
+                self.ray.init(address=spec.address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, logging_level=logging.WARNING,
                               log_to_driver=True, configure_logging=True)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = spec.address or "a new local cluster"
@@ -251,3 +253,97 @@ def run_detect(
     manifest.complete = True
     writer.flush(force=True)
     return manifest
+
+
+class ClusterEncoder:
+    """`inference.encode_images` on the cluster, for `evaluate(..., encoder=...)`: image features come
+    back in input order (the driver's feature cache, if any, is consulted first by `encode_images`)."""
+
+    def __init__(self, cluster: Cluster, options: ScoreOptions, chunk: int = 256) -> None:
+        self.cluster = cluster
+        self.options = options
+        self.chunk = chunk
+
+    def __call__(self, model: Any, items: Iterable[InputItem], batch_size: int | None = None, workers: int | None = None,
+                 precision: str = "fp32", exif_transpose: bool = False, on_loaded: Any = None, draft: bool = False) -> Iterator[EncodedImage]:
+        from ..inference import EncodedImage
+
+        asked = (precision, exif_transpose, draft)
+        if asked != (self.options.precision, self.options.exif_transpose, self.options.draft):
+            raise ValueError(f"the cluster's workers encode with {self.options}, not precision={precision}, exif_transpose={exif_transpose}, draft={draft}")
+        chunks = _chunks(items, self.chunk)
+        in_flight = IN_FLIGHT_PER_ACTOR * len(self.cluster.actors)
+        for _, encoded in self.cluster.map_ordered(lambda actor, c: actor.encode.remote(c), chunks, in_flight):
+            for path, feature, error in encoded:
+                yield EncodedImage(path, feature, error)
+
+
+def encode_on_cluster(cluster: Cluster, items: Iterable[InputItem], options: ScoreOptions) -> Iterator[EncodedImage]:
+    """Image features of `items` computed by the cluster's actors, in input order."""
+    return ClusterEncoder(cluster, options)(None, items, precision=options.precision,
+                                            exif_transpose=options.exif_transpose, draft=options.draft)
+
+
+def _chunks(items: Iterable[InputItem], size: int) -> Iterator[list[InputItem]]:
+    chunk: list[InputItem] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class DatasetScorer:
+    """The callable class `score_dataset` gives `Dataset.map_batches`: one `Worker` per actor."""
+
+    def __init__(self, config: WorkerConfig, heads: ClassEmbeddings, options: ScoreOptions, path_column: str, bytes_column: str | None) -> None:
+        self.worker = Worker(config, heads, options)
+        self.path_column = path_column
+        self.bytes_column = bytes_column
+
+    def __call__(self, batch: dict[str, Any]) -> Any:
+        from ..images import InputItem
+        from .records import to_table
+
+        paths = [str(p) for p in batch[self.path_column]]
+        if self.bytes_column is not None:
+            items = [InputItem(p, data=bytes(b) if b is not None else b"") for p, b in zip(paths, batch[self.bytes_column])]
+        else:
+            items = [InputItem(p) for p in paths]
+        return to_table(self.worker.detect(items), self.worker.options.details)
+
+
+def score_dataset(
+    ds: Any,
+    weights: str,
+    heads: ClassEmbeddings,
+    options: ScoreOptions | None = None,
+    *,
+    path_column: str = "path",
+    bytes_column: str | None = None,
+    actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+    batch_size: int = 256,
+    device: str = "auto",
+) -> Any:
+    """Map a Ray Dataset of image paths (or of paths and file bytes) to a Dataset of clipn records.
+
+    Each row of the result is one `clipn detect` record (`path`, `error`, `verdict`, `rule`, `class`,
+    `class_index`, the scores; null where a record lacks a field), decoded and scored by clipn's own
+    pipeline in `actors` actors that load the image tower of `weights` once each. With
+    `bytes_column` (e.g. "bytes" from `ray.data.read_binary_files(..., include_paths=True)`) the
+    images are decoded from those bytes, `path_column` only names them.
+    """
+    ray = require_ray()
+    options = options or ScoreOptions()
+    threads = max(1, int(cpus_per_actor)) if gpus_per_actor == 0 else None
+    config = WorkerConfig(str(weights), device, None, None, threads)
+    return ds.map_batches(
+        DatasetScorer,
+        fn_constructor_kwargs=dict(config=config, heads=heads, options=options, path_column=path_column, bytes_column=bytes_column),
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
+    )

@@ -4,6 +4,7 @@ Layout::
 
     DIR/manifest.json              what was asked and which shards are finished (the commit record)
     DIR/shards/part-000000.parquet one file per finished shard, in input order by name
+    DIR/committed/part-000000.parquet.json  commit markers not yet folded into manifest.json
 
 A shard file appears atomically: on a filesystem with rename (local, NFS, HDFS) it is written to
 a hidden temporary name and renamed; on an object store (S3, GCS, Azure) a PUT is atomic by
@@ -21,6 +22,7 @@ from ..errors import ClipnError
 
 OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
 SHARDS = "shards"
+COMMITTED = "committed"
 MANIFEST = "manifest.json"
 
 
@@ -63,6 +65,7 @@ class OutputStore:
             raise OutputStoreError(f"--output {self.uri}: exists and is not a directory")
         try:
             self.filesystem.create_dir(self.path(SHARDS), recursive=True)
+            self.filesystem.create_dir(self.path(COMMITTED), recursive=True)
         except OSError as exc:
             raise OutputStoreError(f"--output {self.uri}: cannot create it: {str(exc).splitlines()[0]}") from None
 
@@ -95,6 +98,16 @@ class OutputStore:
                 pass
             raise
 
+    def list(self, folder: str) -> list[str]:
+        """Names of the finished (not hidden) files in `folder`, sorted."""
+        import pyarrow.fs as pafs
+
+        infos = self.filesystem.get_file_info(pafs.FileSelector(self.path(folder), allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith("."))
+
+    def delete(self, *parts: str) -> None:
+        self.filesystem.delete_file(self.path(*parts))
+
     def remove_temporaries(self) -> int:
         """Delete hidden temporary files a killed writer left in the shards folder."""
         import pyarrow.fs as pafs
@@ -102,14 +115,13 @@ class OutputStore:
         if not self.atomic_rename:
             return 0
         removed = 0
-        for info in self.filesystem.get_file_info(pafs.FileSelector(self.path(SHARDS), allow_not_found=True)):
-            if info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
-                self.filesystem.delete_file(info.path)
-                removed += 1
+        for folder in (SHARDS, COMMITTED, ""):
+            selector = pafs.FileSelector(self.path(folder) if folder else self.root, allow_not_found=True)
+            for info in self.filesystem.get_file_info(selector):
+                if info.type == pafs.FileType.File and info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
+                    self.filesystem.delete_file(info.path)
+                    removed += 1
         return removed
 
     def has_shard_files(self) -> bool:
-        import pyarrow.fs as pafs
-
-        infos = self.filesystem.get_file_info(pafs.FileSelector(self.path(SHARDS), allow_not_found=True))
-        return any(not i.base_name.startswith(".") for i in infos)
+        return bool(self.list(SHARDS))
