@@ -62,6 +62,10 @@ def evaluate(
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
         check_choice("--engine", engine, ENGINES)
+        if engine == "ray":
+            from ..scale.ray_engine import require_ray
+
+            require_ray()
         check_output("--output", output)
         check_output("--save-scores", save_scores)
         check_output("--plots", plots, directory=True)
