@@ -133,20 +133,32 @@ class Cluster:
             yield self._result(*pending.popleft())
 
     def map_unordered(self, submit: Callable[[Any, Any], Any], tasks: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
-        """(task, result) as tasks finish; a new task goes to whichever actor has room (bounded in flight)."""
+        """(task, result) as tasks finish; a new task goes to whichever actor has room (bounded in flight).
+
+        `tasks` is drawn in a thread of its own, at most one batch of slots ahead, so that a slow
+        input stream (paths trickling in on stdin) never keeps finished shards from being committed.
+        """
         load = {i: 0 for i in range(len(self.actors))}
         pending: dict[Any, tuple[Any, int]] = {}
-        for task in tasks:
-            while min(load.values()) >= IN_FLIGHT_PER_ACTOR:
-                yield self._finish_one(pending, load)
-            slot = min(load, key=load.__getitem__)
-            pending[submit(self.actors[slot], task)] = (task, slot)
-            load[slot] += 1
-        while pending:
-            yield self._finish_one(pending, load)
+        feed = _Prefetch(tasks, IN_FLIGHT_PER_ACTOR * len(self.actors))
+        exhausted = False
+        while not exhausted or pending:
+            while not exhausted and min(load.values()) < IN_FLIGHT_PER_ACTOR:
+                got, task = feed.get(timeout=0.0 if pending else 0.5)
+                if got is _END:
+                    exhausted = True
+                elif got is not _EMPTY:
+                    slot = min(load, key=load.__getitem__)
+                    pending[submit(self.actors[slot], task)] = (task, slot)
+                    load[slot] += 1
+                if got is not None:
+                    break
+            if pending:
+                ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=0.5)
+                if ready:
+                    yield self._finish(ready[0], pending, load)
 
-    def _finish_one(self, pending: dict[Any, tuple[Any, int]], load: dict[int, int]) -> tuple[Any, Any]:
-        [ref], _ = self.ray.wait(list(pending), num_returns=1)
+    def _finish(self, ref: Any, pending: dict[Any, tuple[Any, int]], load: dict[int, int]) -> tuple[Any, Any]:
         task, slot = pending.pop(ref)
         load[slot] -= 1
         return self._result(task, ref)
@@ -156,6 +168,39 @@ class Cluster:
             return task, self.ray.get(ref)
         except Exception as exc:
             raise EngineError(f"{_task_name(task)} failed on the cluster: {_cause(exc)}") from None
+
+
+_END, _EMPTY = object(), object()
+
+
+class _Prefetch:
+    """Draws an iterator in a daemon thread into a bounded queue; its exceptions re-raise in `get`."""
+
+    def __init__(self, items: Iterable[Any], ahead: int) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+        self._empty = queue.Empty
+        threading.Thread(target=self._run, args=(iter(items),), daemon=True, name="clipn-plan").start()
+
+    def _run(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                self._queue.put((None, item))
+            self._queue.put((_END, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._queue.put((exc, None))
+
+    def get(self, timeout: float) -> tuple[Any, Any]:
+        """(None, item), (_END, None) at the end, or (_EMPTY, None) when nothing came within `timeout`."""
+        try:
+            marker, item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except self._empty:
+            return _EMPTY, None
+        if isinstance(marker, BaseException):
+            raise marker
+        return marker, item
 
 
 def _task_name(task: Any) -> str:
