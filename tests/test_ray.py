@@ -326,3 +326,72 @@ def test_without_ray_the_engine_is_one_line_saying_how_to_install(monkeypatch: p
 def test_ray_options_need_the_ray_engine() -> None:
     result = invoke("detect", "--actors", "2", "--classes", CLASSES, str(IMAGES))
     assert result.exit_code == 2 and "need --engine ray" in result.output
+
+
+def test_plan_shards_is_lazy_and_deterministic() -> None:
+    import itertools
+
+    from clipn_cli.images import InputItem
+    from clipn_cli.scale.planner import plan_shards
+
+    endless = (InputItem(f"img/{i}.jpg") for i in itertools.count())  # a listing that never ends still plans
+    first, second = itertools.islice(plan_shards(endless, 1000), 2)
+    assert (first.index, len(first.items), first.items[0].path, second.items[0].path) == (0, 1000, "img/0.jpg", "img/1000.jpg")
+    again = next(plan_shards((InputItem(f"img/{i}.jpg") for i in range(1500)), 1000))
+    assert again.digest == first.digest
+    moved = next(plan_shards([InputItem("img/x.jpg"), *first.items[1:]], 1000))
+    assert moved.digest != first.digest
+    tail = list(plan_shards((InputItem(str(i)) for i in range(2500)), 1000))
+    assert [len(s.items) for s in tail] == [1000, 1000, 500] and [s.name for s in tail] == ["part-000000", "part-000001", "part-000002"]
+
+
+@needs_ray
+def test_tables_of_paths_are_inputs(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipn_cli.errors import ClipnError
+    from clipn_cli.scale.planner import iter_sources
+
+    names = ["rocket.jpg", "coffee.png", "nope.png"]
+    pq.write_table(pa.table({"path": [str(IMAGES / n) for n in names], "label": [1, 2, 3]}), tmp_path / "t.parquet")
+    (tmp_path / "t.csv").write_text("label,path\n1,imgs/a.png\n2,/abs/b.png\n", encoding="utf-8")
+    (tmp_path / "bad.csv").write_text("file\nx.png\n", encoding="utf-8")
+    assert [i.path for i in iter_sources([str(tmp_path / "t.parquet")])] == [str(IMAGES / n) for n in names]
+    assert [i.path for i in iter_sources([str(tmp_path / "t.csv")])] == [str(tmp_path / "imgs" / "a.png"), "/abs/b.png"]
+    with pytest.raises(ClipnError, match="no 'path' column"):
+        list(iter_sources([str(tmp_path / "bad.csv")]))
+
+
+@needs_ray
+def test_object_store_mode_writes_in_place_and_commits_through_the_manifest(tmp_path: Path) -> None:
+    """On S3-like stores a PUT is atomic: no temporary + rename; a shard counts once the manifest has it."""
+    from clipn_cli.scale.manifest import Manifest, ManifestWriter, load_manifest
+    from clipn_cli.scale.output import read_output
+    from clipn_cli.scale.records import encode_shard
+    from clipn_cli.scale.store import OutputStore
+
+    store = OutputStore.open(str(tmp_path / "run"))
+    store.atomic_rename = False
+    store.prepare()
+    writer = ManifestWriter(store, Manifest({"command": "detect", "format": "jsonl"}), interval=3600)
+    writer.flush()
+    store.write(encode_shard([{"path": "a.png", "error": "no such file"}], "jsonl"), "shards", "part-000000.jsonl")
+    store.write(encode_shard([{"path": "b.png", "error": "no such file"}], "jsonl"), "shards", "part-000001.jsonl")
+    writer.finished(0, {"file": "shards/part-000000.jsonl", "records": 1, "errors": 1, "digest": "x"})
+    assert sorted(load_manifest(store).shards) == [0]  # shard 1's file exists but was never committed
+    assert [r["path"] for r in read_output(str(tmp_path / "run"), require_complete=False)] == ["a.png"]
+    with pytest.raises(Exception, match="not finished"):
+        list(read_output(str(tmp_path / "run")))
+
+
+@needs_ray
+def test_ray_detect_reads_a_csv_table(cluster, tiny_weights: Path, local_records: list[dict], tmp_path: Path) -> None:
+    from clipn_cli.scale import read_output
+
+    chosen = local_records[:3] + [r for r in local_records if "error" in r][:2]
+    (tmp_path / "index.csv").write_text("path\n" + "".join(r["path"] + "\n" for r in chosen), encoding="utf-8")
+    result = invoke("detect", "--engine", "ray", "--actors", "1", "--format", "jsonl", "-w", str(tiny_weights), "--classes", CLASSES,
+                    "--top-k", "2", "--output", str(tmp_path / "run"), str(tmp_path / "index.csv"))
+    assert result.exit_code == 1, result.output
+    assert_same_records(list(read_output(str(tmp_path / "run"))), chosen)
