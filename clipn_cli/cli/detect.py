@@ -15,7 +15,7 @@ from .common import (
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
     Terminated, WeightsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, stderr, stdout_is_terminal,
 )
-from .ray import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ShardSizeOpt, ray_options_given
+from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ShardSizeOpt, ray_options_given
 from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
 
@@ -36,7 +36,7 @@ def detect(
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
     exif_transpose: ExifOpt = False,
-    resume: Annotated[bool, typer.Option("--resume", help="With --format jsonl --output F: skip inputs already in F and append the rest.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="With --format jsonl --output F: skip inputs already in F and append the rest (with --engine ray: score only unfinished shards).")] = False,
     cache: Annotated[Path | None, typer.Option("--cache", help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
     draft: Annotated[bool, typer.Option("--draft", help="Decode large JPEGs at reduced scale: several times faster for big photos, not exact.")] = False,
     quantize: Annotated[str | None, typer.Option("--quantize", help="int8: quantise the image tower's linear layers (CPU only): faster, not exact.", show_default=False)] = None,
@@ -126,7 +126,7 @@ def detect(
 def _detect_on_ray(args: dict) -> None:
     """`--engine ray`: the same checks and class heads as here, the scoring on the cluster."""
     from ..scale.worker import ScoreOptions
-    from .ray import detect_on_ray
+    from .scaleout import detect_on_ray
 
     check_choice("--precision", args["precision"], PRECISIONS)
     check_choice("--quantize", args["quantize"], ("int8",))

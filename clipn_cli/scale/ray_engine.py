@@ -81,8 +81,7 @@ class Cluster:
                 raise EngineError(f"cannot start or join Ray ({where}): {str(exc).splitlines()[0][:200]}") from None
             self.started = True
         count = spec.actors or self._default_actors()
-        threads = max(1, int(spec.cpus_per_actor)) if spec.gpus_per_actor == 0 else None
-        config = WorkerConfig(config.weights, config.device, config.batch_size, config.workers, config.threads or threads)
+        config = _actor_config(config, spec.cpus_per_actor, spec.gpus_per_actor)
         remote = self.ray.remote(Worker).options(
             num_cpus=spec.cpus_per_actor, num_gpus=spec.gpus_per_actor,
             max_restarts=RESTARTS, max_task_retries=RESTARTS,
@@ -168,6 +167,15 @@ class Cluster:
             return task, self.ray.get(ref)
         except Exception as exc:
             raise EngineError(f"{_task_name(task)} failed on the cluster: {_cause(exc)}") from None
+
+
+def _actor_config(config: WorkerConfig, cpus: float, gpus: float) -> WorkerConfig:
+    """An actor uses the CPUs it reserved, not its node's: decoding threads (unless --workers says)
+    and, on CPU, torch threads; a GPU actor on a 64-core node must not start 64 decoders."""
+    share = max(1, int(cpus))
+    workers = config.workers if config.workers is not None else share
+    threads = config.threads or (share if gpus == 0 else None)
+    return WorkerConfig(config.weights, config.device, config.batch_size, workers, threads)
 
 
 _END, _EMPTY = object(), object()
@@ -384,8 +392,7 @@ def score_dataset(
     """
     ray = require_ray()
     options = options or ScoreOptions()
-    threads = max(1, int(cpus_per_actor)) if gpus_per_actor == 0 else None
-    config = WorkerConfig(str(weights), device, None, None, threads)
+    config = _actor_config(WorkerConfig(str(weights), device), cpus_per_actor, gpus_per_actor)
     return ds.map_batches(
         DatasetScorer,
         fn_constructor_kwargs=dict(config=config, heads=heads, options=options, path_column=path_column, bytes_column=bytes_column),
