@@ -395,3 +395,14 @@ def test_ray_detect_reads_a_csv_table(cluster, tiny_weights: Path, local_records
                     "--top-k", "2", "--output", str(tmp_path / "run"), str(tmp_path / "index.csv"))
     assert result.exit_code == 1, result.output
     assert_same_records(list(read_output(str(tmp_path / "run"))), chosen)
+
+
+@needs_ray
+def test_shards_keep_non_utf8_file_names() -> None:
+    """A file name whose bytes are not UTF-8 (lone surrogates in Python) must not cost its shard."""
+    from clipn_cli.scale.records import decode_shard, encode_shard
+
+    records = [{"path": "/x/caf\udce9.jpg", "error": "no such file"}, {"path": "/x/ok.jpg", "error": "no such file"}]
+    assert list(decode_shard(encode_shard(records, "jsonl"), "jsonl")) == records  # exact, as local JSON Lines
+    back = list(decode_shard(encode_shard(records, "parquet"), "parquet"))
+    assert back == [{"path": "/x/caf\\xe9.jpg", "error": "no such file"}, records[1]]

@@ -13,9 +13,9 @@ import typer
 
 from .common import (
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
-    WeightsOpt, WorkersOpt, check_choice, check_output, handle_errors, info, stderr, stdout_is_terminal, warn,
+    WeightsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, stderr, stdout_is_terminal, warn,
 )
-from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt
+from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ray_options_given
 from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
 if TYPE_CHECKING:
@@ -66,6 +66,8 @@ def evaluate(
             from ..scale.ray_engine import require_ray
 
             require_ray()
+        elif ray_options_given(ray_address, actors, gpus_per_actor, cpus_per_actor, None):
+            fail("--ray-address, --actors, --gpus-per-actor and --cpus-per-actor need --engine ray")
         check_output("--output", output)
         check_output("--save-scores", save_scores)
         check_output("--plots", plots, directory=True)

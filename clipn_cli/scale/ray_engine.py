@@ -86,8 +86,12 @@ class Cluster:
             num_cpus=spec.cpus_per_actor, num_gpus=spec.gpus_per_actor,
             max_restarts=RESTARTS, max_task_retries=RESTARTS,
         )
-        self.actors = [remote.remote(config, heads, options) for _ in range(count)]
-        self._check_ready()
+        try:
+            self.actors = [remote.remote(config, heads, options) for _ in range(count)]
+            self._check_ready()
+        except BaseException:
+            self.close()
+            raise
 
     def _default_actors(self) -> int:
         resources = self.ray.cluster_resources()
@@ -166,7 +170,11 @@ class Cluster:
         try:
             return task, self.ray.get(ref)
         except Exception as exc:
-            raise EngineError(f"{_task_name(task)} failed on the cluster: {_cause(exc)}") from None
+            index = getattr(task, "index", None)
+            if index is None:
+                raise EngineError(f"a batch failed on the cluster: {_cause(exc)}") from None
+            raise EngineError(f"shard {index} failed on the cluster: {_cause(exc)}; "
+                              "finished shards are kept: continue with --resume") from None
 
 
 def _actor_config(config: WorkerConfig, cpus: float, gpus: float) -> WorkerConfig:
@@ -209,11 +217,6 @@ class _Prefetch:
         if isinstance(marker, BaseException):
             raise marker
         return marker, item
-
-
-def _task_name(task: Any) -> str:
-    index = getattr(task, "index", None)
-    return f"shard {index}" if index is not None else "a batch"
 
 
 def _cause(exc: BaseException) -> str:

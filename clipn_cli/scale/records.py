@@ -48,7 +48,7 @@ def to_table(records: Sequence[dict[str, Any]], details: bool = False):
     types = _arrow_types()
     arrays, fields = [], []
     for name in columns_for(records, details):
-        values = [r.get(name) for r in records]
+        values = [_utf8(r.get(name)) for r in records]
         kind = types.get(name)
         array = pa.array(values, type=kind) if kind is not None else pa.array(values)
         if kind is None and pa.types.is_null(array.type):
@@ -56,6 +56,18 @@ def to_table(records: Sequence[dict[str, Any]], details: bool = False):
         arrays.append(array)
         fields.append(pa.field(name, array.type))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _utf8(value: Any) -> Any:
+    """Parquet strings are UTF-8: a file name's undecodable bytes (lone surrogates, as Python reads
+    them) become backslash escapes (b'caf\\xe9'), readable and lossless to the eye; JSON Lines
+    shards keep them exactly, as local detect does."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
 
 
 def encode_shard(records: Sequence[dict[str, Any]], fmt: str, details: bool = False) -> bytes:
