@@ -222,8 +222,12 @@ def score_set(
     precision: str = "fp32",
     exif_transpose: bool = False,
     progress: Callable[[int], None] | None = None,
+    encoder: Callable[..., Iterable[Any]] | None = None,
 ) -> SetScores:
-    """Encode a set (through `cache`) and score every readable image with every method."""
+    """Encode a set (through `cache`) and score every readable image with every method.
+
+    `encoder` replaces this process's image tower (see `inference.encode_images`): a Ray cluster's.
+    """
     import torch
 
     from .inference import encode_images, pipeline_sizes
@@ -235,7 +239,7 @@ def score_set(
     rules = [m.name for m in prepared.methods if m.threshold_free]
     encoded = encode_images(
         model, image_set.items, batch_size=batch_size, workers=workers, precision=precision,
-        exif_transpose=exif_transpose, cache=cache,
+        exif_transpose=exif_transpose, cache=cache, encoder=encoder,
     )
     paths: list[str] = []
     labels: list[str | None] = []
@@ -332,6 +336,7 @@ def evaluate(
     precision: str = "fp32",
     exif_transpose: bool = False,
     progress: Callable[[int], None] | None = None,
+    encoder: Callable[..., Iterable[Any]] | None = None,
 ) -> Evaluation:
     """Score every set and compute every metric; `sets` as `collect_sets` returns them (ID first).
 
@@ -342,7 +347,7 @@ def evaluate(
 
     def run(image_set: ImageSet) -> SetScores:
         return score_set(model, heads, image_set, cache=cache, batch_size=batch_size, workers=workers,
-                         precision=precision, exif_transpose=exif_transpose, progress=progress)
+                         precision=precision, exif_transpose=exif_transpose, progress=progress, encoder=encoder)
 
     id_scores = run(sets[0])
     if not id_scores.paths:  # stop before encoding the OOD sets

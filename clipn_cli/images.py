@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -98,10 +98,15 @@ class DecodeLimits:
 
 @dataclass(frozen=True)
 class InputItem:
-    """One input as the user named it; `error` is set when it could not even be found."""
+    """One input as the user named it; `error` is set when it could not even be found.
+
+    `data` holds the file's bytes when they were read elsewhere (a Ray Dataset's `bytes` column):
+    they are then decoded instead of opening `path`.
+    """
 
     path: str
     error: str | None = None
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
 
 def iter_inputs(args: Iterable[str], stdin: IO[str] | IO[bytes] | None = None) -> Iterator[InputItem]:
@@ -397,13 +402,20 @@ def _read_image(
     stop: threading.Event | None,
     transform: Callable[[Image.Image], Any] | None,
     guard: _Guard | None = None,
+    data: bytes | None = None,
 ) -> Any:
-    """Open, check and decode one image file (then `transform` it); every failure is an ImageError."""
+    """Open, check and decode one image file (then `transform` it); every failure is an ImageError.
+
+    `data`: the file's bytes, already read (a remote engine's input); `path` then only names it.
+    """
     limits = limits or DecodeLimits.from_env()
     guard = guard or _Guard(limits.timeout, stop)
     guard.start()
     try:
-        with _GuardedReader(_open_descriptor(path), guard) as fp:
+        if data is not None and not data:
+            raise ImageError("empty file (0 bytes)")
+        raw = _open_descriptor(path) if data is None else io.BytesIO(data)
+        with _GuardedReader(raw, guard) as fp:  # type: ignore[arg-type]
             return _decode(fp, exif_transpose, draft, limits, guard, transform)
     except ImageError:
         raise
@@ -431,18 +443,20 @@ def _detail(exc: BaseException) -> str:
 
 
 def open_image(
-    path: str, exif_transpose: bool = False, max_pixels: int | None = None, draft: int = 0, limits: DecodeLimits | None = None
+    path: str, exif_transpose: bool = False, max_pixels: int | None = None, draft: int = 0, limits: DecodeLimits | None = None,
+    data: bytes | None = None,
 ) -> Image.Image:
     """Decode the first frame of an image file; any failure becomes an ImageError naming the problem.
 
     Only `ALLOWED_FORMATS` are decoded, within `limits` (see DecodeLimits).
     `draft` > 0 lets a JPEG decode at 1/2, 1/4 or 1/8 scale while both sides stay ≥ `draft` pixels:
     several times faster for large photos, but no longer pixel-exact (opt-in, `detect --draft`).
+    `data`: the file's bytes, already read; `path` then only names the input.
     """
     limits = limits or DecodeLimits.from_env()
     if max_pixels is not None:
         limits = DecodeLimits(max_pixels, limits.memory_mb, limits.max_jpeg_scans, limits.timeout)
-    return _read_image(path, exif_transpose, draft, limits, None, None)
+    return _read_image(path, exif_transpose, draft, limits, None, None, data=data)
 
 
 def decode_bytes(data: bytes, limits: DecodeLimits | None = None) -> Image.Image:
@@ -516,7 +530,7 @@ def load_one(
     if item.error:
         return LoadedImage(item.path, None, item.error)
     try:
-        return LoadedImage(item.path, _read_image(item.path, exif_transpose, draft, limits, stop, transform, _guard), None)
+        return LoadedImage(item.path, _read_image(item.path, exif_transpose, draft, limits, stop, transform, _guard, item.data), None)
     except ImageError as exc:
         return LoadedImage(item.path, None, str(exc))
     except Exception as exc:  # a decoder bug must cost one record, not the run

@@ -124,6 +124,7 @@ def encode_images(
     on_loaded: Callable[[LoadedImage], None] | None = None,
     cache: FeatureCache | None = None,
     draft: bool = False,
+    encoder: Callable[..., Iterator[EncodedImage]] | None = None,
 ) -> Iterator[EncodedImage]:
     """Encode images in batches, yielding one EncodedImage per input, in input order.
 
@@ -131,11 +132,15 @@ def encode_images(
     `batch_size` and `workers` default to what suits the model's device (`pipeline_sizes`).
     With `cache`, stored features are used instead of decoding and encoding (see `_encode_cached`).
     `draft` decodes large JPEGs at reduced scale, keeping at least twice the model's input size
-    on both sides: faster, not exact (see `images.open_image`).
+    on both sides: faster, not exact (see `images.open_image`). `encoder` (same arguments as this
+    function) encodes instead of `model` what the cache does not hold: a remote engine's workers.
     """
     batch_size, workers = pipeline_sizes(model, batch_size, workers)
     if cache is not None:
-        yield from _encode_cached(model, items, cache, batch_size, workers, precision, exif_transpose, on_loaded, draft)
+        yield from _encode_cached(model, items, cache, batch_size, workers, precision, exif_transpose, on_loaded, draft, encoder)
+        return
+    if encoder is not None:
+        yield from encoder(model, items, batch_size, workers, precision, exif_transpose, on_loaded, draft=draft)
         return
     device = next(model.parameters()).device
     size = image_size_of(model)
@@ -172,6 +177,7 @@ def _encode_cached(
     exif_transpose: bool,
     on_loaded: Callable[[LoadedImage], None] | None,
     draft: bool = False,
+    encoder: Callable[..., Iterator[EncodedImage]] | None = None,
 ) -> Iterator[EncodedImage]:
     """Cache-aware encoding, in chunks of 8 batches: look every input up, encode only the misses.
 
@@ -189,7 +195,7 @@ def _encode_cached(
         keys = [cache.key(item.path, variant) if item.error is None else None for item in block]
         found = [cache.get(key) if key else None for key in keys]
         misses = [item for item, hit in zip(block, found) if hit is None]
-        fresh = encode_images(model, misses, batch_size, workers, precision, exif_transpose, on_loaded, draft=draft)
+        fresh = encode_images(model, misses, batch_size, workers, precision, exif_transpose, on_loaded, draft=draft, encoder=encoder)
         try:
             for item, key, hit in zip(block, keys, found):
                 if hit is not None:

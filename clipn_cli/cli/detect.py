@@ -17,6 +17,7 @@ from .common import (
     TemplatesOpt, Terminated, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, check_stdout, fail, handle_errors, info, stderr,
     stdout_is_terminal,
 )
+from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ShardSizeOpt, ray_options_given
 from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ def detect(
     negatives: NegativesOpt = None,
     words: WordsOpt = None,
     fmt: Annotated[str | None, typer.Option("--format", "-f", help="table, json, jsonl or csv. Default: table on a terminal, jsonl otherwise.", show_default=False)] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results to this file instead of stdout.", show_default=False)] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Write results to this file instead of stdout (with --engine ray: a folder or URI for shards and manifest).", show_default=False)] = None,
     details: Annotated[bool, typer.Option("--details", help="Add p_yes, logits_yes and logits_no (per class) to each record.")] = False,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Add the K most probable classes to each record.")] = 0,
     device: DeviceOpt = "auto",
@@ -44,7 +45,7 @@ def detect(
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
     exif_transpose: ExifOpt = False,
-    resume: Annotated[bool, typer.Option("--resume", help="With --format jsonl --output F: skip inputs already in F and append the rest.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="With --format jsonl --output F: skip inputs already in F and append the rest (with --engine ray: score only unfinished shards).")] = False,
     cache: Annotated[Path | None, typer.Option("--cache", help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
     draft: Annotated[bool, typer.Option("--draft", help="Decode large JPEGs at reduced scale: several times faster for big photos, not exact.")] = False,
     quantize: Annotated[str | None, typer.Option("--quantize", help="int8: quantise the image tower's linear layers (CPU only): faster, not exact.", show_default=False)] = None,
@@ -52,6 +53,12 @@ def detect(
     alpha: Annotated[float | None, typer.Option("--alpha", help="With --calibration: the false-alarm rate on ID images (default: the one the file was made with).", show_default=False)] = None,
     fdr: Annotated[float | None, typer.Option("--fdr", help="With --calibration: Benjamini-Hochberg over the whole run, expected share of ID among OOD verdicts <= Q (adds q_value). Needs the whole run before writing: --format json/csv/table or --output FILE.", show_default=False)] = None,
     report: Annotated[Path | None, typer.Option("--report", help="Also write a self-contained HTML report (verdict counts, counts per class, gallery by p_ood).", show_default=False)] = None,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    actors: ActorsOpt = None,
+    gpus_per_actor: GpusPerActorOpt = 0.0,
+    cpus_per_actor: CpusPerActorOpt = 1.0,
+    shard_size: ShardSizeOpt = 10_000,
 ) -> None:
     """Say ID or OOD for each image, from class names alone.
 
@@ -61,6 +68,12 @@ def detect(
     _few_malloc_arenas()
     with handle_errors():
         check_choice("--rule", rule, RULES)
+        check_choice("--engine", engine, ENGINES)
+        if engine == "ray":
+            return _detect_on_ray(locals())
+        if ray_options_given(ray_address, actors, gpus_per_actor, cpus_per_actor, shard_size):
+            fail("--ray-address, --actors, --gpus-per-actor, --cpus-per-actor and --shard-size need --engine ray")
+        output = Path(output) if output is not None else None
         fmt = fmt or ("table" if output is None and stdout_is_terminal() else "jsonl")
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
@@ -189,6 +202,31 @@ def _extra_columns(verdicts: CalibratedVerdicts | None) -> tuple[str, ...]:
     if verdicts is None:
         return ()
     return ("p_value",) if verdicts.fdr is None else ("p_value", "q_value")
+
+
+def _detect_on_ray(args: dict) -> None:
+    """`--engine ray`: the same checks and class heads as here, the scoring on the cluster."""
+    from ..scale.worker import ScoreOptions
+    from .scaleout import detect_on_ray
+
+    unsupported = [opt for opt, key in (("--calibration", "calibration"), ("--report", "report"), ("--threshold", "threshold"),
+                                        ("--negatives", "negatives")) if args[key] is not None]
+    if unsupported or args["rule"] not in ("atd", "ctw"):
+        fail(f"{', '.join(unsupported) or '--rule ' + args['rule']} cannot be used with --engine ray yet (local engine only); Ray runs give atd or ctw verdicts")
+    check_choice("--precision", args["precision"], PRECISIONS)
+    check_choice("--quantize", args["quantize"], ("int8",))
+    if not args["paths"]:
+        fail("no inputs: give image files, directories, globs, tables, or - for paths on stdin")
+    names = load_classes(args["classes"], args["classes_file"], args["embeddings"])
+    options = ScoreOptions(rule=args["rule"], precision=args["precision"], exif_transpose=args["exif_transpose"],
+                           details=args["details"], top_k=args["top_k"], draft=args["draft"], quantize=args["quantize"])
+    detect_on_ray(
+        paths=args["paths"], output=args["output"], fmt=args["fmt"], resume=args["resume"], cache=args["cache"], names=names,
+        embeddings=args["embeddings"], weights=args["weights"], templates=args["templates"], device=args["device"],
+        batch_size=args["batch_size"], workers=args["workers"], options=options, ray_address=args["ray_address"],
+        actors=args["actors"], cpus_per_actor=args["cpus_per_actor"], gpus_per_actor=args["gpus_per_actor"],
+        shard_size=args["shard_size"],
+    )
 
 
 def _huge_pages_for_activations() -> None:

@@ -13,9 +13,10 @@ import typer
 
 from .common import (
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
-    TemplatesOpt, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, check_stdout, handle_errors, info, stderr, stdout_is_terminal,
+    TemplatesOpt, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, check_stdout, fail, handle_errors, info, stderr, stdout_is_terminal,
     warn,
 )
+from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ray_options_given
 from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
 
 if TYPE_CHECKING:
@@ -50,6 +51,11 @@ def evaluate(
     alpha: Annotated[float | None, typer.Option("--alpha", help="Also report calibrated verdicts: calibrate every method on a seeded random half of the ID images, report ID flagged on the other half and OOD caught per set.", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random ID half for --alpha.")] = 0,
     report: Annotated[Path | None, typer.Option("--report", help="Also write a self-contained HTML report (metrics, ROC with a log false-alarm axis, histograms, galleries).", show_default=False)] = None,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    actors: ActorsOpt = None,
+    gpus_per_actor: GpusPerActorOpt = 0.0,
+    cpus_per_actor: CpusPerActorOpt = 1.0,
 ) -> None:
     """Measure how well CTW and ATD (and MSP, MaxLogit, Energy, MCM) separate ID from OOD images.
 
@@ -62,6 +68,13 @@ def evaluate(
         fmt = fmt or ("table" if output is None and stdout_is_terminal() else "json")
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
+        check_choice("--engine", engine, ENGINES)
+        if engine == "ray":
+            from ..scale.ray_engine import require_ray
+
+            require_ray()
+        elif ray_options_given(ray_address, actors, gpus_per_actor, cpus_per_actor, None):
+            fail("--ray-address, --actors, --gpus-per-actor and --cpus-per-actor need --engine ray")
         check_output("--output", output)
         check_stdout(output)
         check_output("--save-scores", save_scores)
@@ -93,11 +106,13 @@ def evaluate(
         from ..evaluation import evaluate as run_evaluation
 
         feature_cache = FeatureCache(cache, weights_info.fingerprint) if cache is not None else None
-        with _progress(sum(len(s.items) for s in sets)) as advance:
+        with _engine(engine, weights_info.path, device, batch_size, workers, precision, exif_transpose,
+                     ray_address, actors, cpus_per_actor, gpus_per_actor) as encoder, \
+                _progress(sum(len(s.items) for s in sets)) as advance:
             evaluation = run_evaluation(
                 model, heads, sets, convention=fpr_convention, cache=feature_cache, batch_size=batch_size,
                 workers=workers,
-                precision=precision, exif_transpose=exif_transpose, progress=advance,
+                precision=precision, exif_transpose=exif_transpose, progress=advance, encoder=encoder,
             )
         for note in evaluation.notes:
             warn(note)
@@ -139,6 +154,24 @@ def _operating_points(evaluation: Evaluation, alpha: float, seed: int) -> list[O
     id_set = evaluation.sets[0]
     ood = {s.name: s.scores for s in evaluation.sets[1:] if s.paths}
     return operating_points(id_set.scores, ood, alpha, seed)
+
+
+@contextlib.contextmanager
+def _engine(engine: str, weights: Path, device: str, batch_size: int | None, workers: int | None, precision: str,
+            exif_transpose: bool, ray_address: str | None, actors: int | None, cpus_per_actor: float,
+            gpus_per_actor: float) -> Iterator[Callable | None]:
+    """None (encode here) or, with --engine ray, an encoder that runs on a cluster for the block."""
+    if engine == "local":
+        yield None
+        return
+    from ..scale.ray_engine import Cluster, ClusterEncoder, ClusterSpec
+    from ..scale.worker import ScoreOptions, WorkerConfig
+
+    options = ScoreOptions(precision=precision, exif_transpose=exif_transpose)
+    spec = ClusterSpec(ray_address, actors, cpus_per_actor, gpus_per_actor)
+    with Cluster(spec, WorkerConfig(str(weights), device, batch_size, workers), None, options) as cluster:
+        info(f"encoding images on Ray with {len(cluster.actors)} actors")
+        yield ClusterEncoder(cluster, options)
 
 
 def _write_report(evaluation: Evaluation, fmt: str, output: Path | None, points: list[OperatingPoint] | None = None, seed: int = 0) -> None:

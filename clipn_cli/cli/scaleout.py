@@ -1,0 +1,99 @@
+"""`--engine ray` for `clipn detect` and `clipn eval`: option checks and the summary lines; the work
+is in `clipn_cli.scale`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import EXIT_OK, EXIT_PARTIAL, fail, info
+
+ENGINES = ("local", "ray")
+EngineOpt = Annotated[str, typer.Option("--engine", help="local (this process) or ray (a Ray cluster: see --ray-address, --actors).")]
+RayAddressOpt = Annotated[str | None, typer.Option("--ray-address", help="With --engine ray: 'auto' joins the cluster running here, ray://HOST:PORT or HOST:PORT another; default: start a local cluster.", show_default=False)]
+ActorsOpt = Annotated[int | None, typer.Option("--actors", min=1, help="With --engine ray: scoring actors (each loads the weights once). Default: cluster GPUs / --gpus-per-actor, or CPUs / --cpus-per-actor.", show_default=False)]
+GpusPerActorOpt = Annotated[float, typer.Option("--gpus-per-actor", min=0.0, help="With --engine ray: GPUs per actor (0 = CPU actors).")]
+CpusPerActorOpt = Annotated[float, typer.Option("--cpus-per-actor", min=0.01, help="With --engine ray: CPUs per actor (its decoding threads and, on CPU, torch threads).")]
+ShardSizeOpt = Annotated[int, typer.Option("--shard-size", min=1, help="With --engine ray: inputs per output shard (the unit of work and of --resume).")]
+
+
+def ray_options_given(ray_address: str | None, actors: int | None, gpus_per_actor: float, cpus_per_actor: float, shard_size: int | None) -> bool:
+    from ..scale.planner import DEFAULT_SHARD_SIZE
+
+    return ray_address is not None or actors is not None or gpus_per_actor != 0.0 or cpus_per_actor != 1.0 or shard_size not in (None, DEFAULT_SHARD_SIZE)
+
+
+def detect_on_ray(
+    *, paths: list[str], output: str | None, fmt: str | None, resume: bool, cache: Path | None,
+    names: list[str], embeddings: Path | None, weights: Path | None, templates: str, device: str,
+    batch_size: int | None, workers: int | None, options, ray_address: str | None, actors: int | None,
+    cpus_per_actor: float, gpus_per_actor: float, shard_size: int,
+) -> None:
+    """Score `paths` on Ray into the folder `output`; exits like local detect (0, 1 or 2)."""
+    from ..scale.ray_engine import Cluster, ClusterSpec, detect_job, require_ray, run_detect
+    from ..scale.records import SHARD_FORMATS
+    from ..scale.store import OutputStore
+    from ..scale.worker import WorkerConfig
+
+    fmt = fmt or "parquet"
+    if fmt not in SHARD_FORMATS:
+        fail(f"--engine ray writes shards as parquet or jsonl, not '{fmt}' (--format parquet|jsonl)")
+    if output is None:
+        fail("--engine ray needs --output DIR (a folder or a URI such as s3://bucket/run) for its shards and manifest")
+    if cache is not None:
+        fail("--cache is not supported with --engine ray for detect (the workers may not share this machine's disk)")
+    require_ray()
+    store = OutputStore.open(output)
+    from ..scale.planner import iter_sources
+
+    weights_path, heads, fingerprint = _heads_on_driver(weights, device, names, embeddings, templates)
+    job = detect_job(fingerprint, heads, options, fmt, shard_size)
+    spec = ClusterSpec(ray_address, actors, cpus_per_actor, gpus_per_actor)
+    config = WorkerConfig(str(weights_path), device, batch_size, workers)
+    progress = _Progress()
+    with Cluster(spec, config, heads, options) as cluster:
+        info(f"scoring on Ray with {len(cluster.actors)} actors; shards of {shard_size} inputs into {output}")
+        manifest = run_detect(iter_sources(paths, sys.stdin), store, job, cluster, resume=resume, shard_size=shard_size, progress=progress)
+    if manifest.inputs == 0:
+        fail("no images found in the given inputs")
+    info(f"{manifest.records} records ({manifest.errors} errors) in {len(manifest.shards)} shards in {output}"
+         + (f"; {progress.shards} shards scored now" if resume else ""))
+    if manifest.errors:
+        info(f"{manifest.errors} of {manifest.records} inputs could not be scored (see their error records)")
+        raise typer.Exit(EXIT_PARTIAL)
+    raise typer.Exit(EXIT_OK)
+
+
+def _heads_on_driver(weights: Path | None, device: str, names: list[str], embeddings: Path | None, templates: str):
+    """Class heads made once on the driver (the workers get them, and need only the image tower).
+
+    With --embeddings the driver reads only the weights' header (for the fingerprint check), unless
+    the file predates stored fingerprints.
+    """
+    from ..embeddings import ClassEmbeddings
+    from ..home import resolve_weights
+    from ..weights import read_info
+    from .runtime import class_embeddings, load_weights_for_cli
+
+    if embeddings is not None and (weights_info := read_info(resolve_weights(weights))).fingerprint:
+        heads = ClassEmbeddings.load(embeddings)
+        heads.check_weights(weights_info.fingerprint, str(embeddings))
+        return weights_info.path, heads, weights_info.fingerprint
+    model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
+    heads = class_embeddings(model, weights_info, names, embeddings, templates)
+    return weights_info.path, heads, weights_info.fingerprint
+
+
+class _Progress:
+    """Counts shards scored in this run (and shows them on a terminal's stderr)."""
+
+    def __init__(self) -> None:
+        self.shards = 0
+
+    def __call__(self, summary: dict) -> None:
+        self.shards += 1
+        if sys.stderr.isatty():
+            info(f"shard {summary['file']}: {summary['records']} records")

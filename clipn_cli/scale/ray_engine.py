@@ -1,0 +1,403 @@
+"""Running clipn on a Ray cluster: shards dispatched to a pool of actors, each loading the weights once.
+
+Why Ray core actors for `detect --engine ray` rather than one Ray Data pipeline: the inputs arrive
+as a stream (a directory walk, stdin, a table) that is planned into shards while earlier shards
+already run, every shard is written and committed on its own (that is what makes `--resume` exact)
+and the driver keeps at most `2 × actors` shards in flight, so its memory stays flat. Ray gives
+the actors, their placement on GPUs and CPUs, and their restart when a worker is lost (the shard
+it held is retried on another actor). People composing their own Ray Data pipelines use
+`score_dataset`, which runs the same worker code inside `Dataset.map_batches`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from ..errors import ClipnError
+from .manifest import Manifest, ManifestWriter, ResumeError, check_resumable, load_manifest
+from .planner import DEFAULT_SHARD_SIZE, plan_shards
+from .worker import ScoreOptions, Worker, WorkerConfig
+
+if TYPE_CHECKING:
+    from ..embeddings import ClassEmbeddings
+    from ..images import InputItem
+    from ..inference import EncodedImage
+    from .store import OutputStore
+
+INSTALL_HINT = "pip install 'clipn-cli[ray]'"
+IN_FLIGHT_PER_ACTOR = 2  # one shard running, one queued on the actor so that it never waits for the driver
+RESTARTS = 3  # a lost worker's actor is restarted (elsewhere) this often, and its shard retried
+
+
+class RayMissing(ClipnError):
+    """Ray (or pyarrow) is not installed."""
+
+
+class EngineError(ClipnError):
+    """The cluster could not run the job (a worker failed, the cluster is unreachable)."""
+
+
+def require_ray():
+    """The `ray` module, or a one-line error saying how to install it."""
+    try:
+        import pyarrow  # noqa: F401
+        import ray
+    except ImportError:
+        raise RayMissing(f"--engine ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where to run and with what: `address` "auto" joins the cluster running here, HOST:PORT or
+    ray://HOST:PORT another; None means $RAY_ADDRESS (set by `ray job submit`), else a new local cluster."""
+
+    address: str | None = None
+    actors: int | None = None  # default: as many as the cluster has GPUs (GPU actors) or CPUs / cpus_per_actor
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+
+class Cluster:
+    """A connection to Ray and a pool of clipn actors on it; a context manager that cleans both up."""
+
+    def __init__(self, spec: ClusterSpec, config: WorkerConfig, heads: ClassEmbeddings | None, options: ScoreOptions) -> None:
+        self.ray = require_ray()
+        self.spec = spec
+        self.started = False
+        if not self.ray.is_initialized():
+            try:
+                self.ray.init(address=spec.address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, logging_level=logging.WARNING,
+                              log_to_driver=True, configure_logging=True)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = spec.address or "a new local cluster"
+                raise EngineError(f"cannot start or join Ray ({where}): {str(exc).splitlines()[0][:200]}") from None
+            self.started = True
+        count = spec.actors or self._default_actors()
+        config = _actor_config(config, spec.cpus_per_actor, spec.gpus_per_actor)
+        remote = self.ray.remote(Worker).options(
+            num_cpus=spec.cpus_per_actor, num_gpus=spec.gpus_per_actor,
+            max_restarts=RESTARTS, max_task_retries=RESTARTS,
+        )
+        try:
+            self.actors = [remote.remote(config, heads, options) for _ in range(count)]
+            self._check_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def _default_actors(self) -> int:
+        resources = self.ray.cluster_resources()
+        if self.spec.gpus_per_actor > 0:
+            return max(1, int(resources.get("GPU", 0) / self.spec.gpus_per_actor))
+        return max(1, int(resources.get("CPU", 1) / max(self.spec.cpus_per_actor, 1e-9)))
+
+    def _check_ready(self) -> None:
+        """Wait for every actor to load the weights; a failure (missing file, wrong version) is one line."""
+        try:
+            versions = self.ray.get([a.version.remote() for a in self.actors])
+        except Exception as exc:
+            raise EngineError(f"a clipn worker could not start: {_cause(exc)}") from None
+        if any(v != __version__ for v in versions):
+            raise EngineError(f"the cluster's workers run clipn-cli {sorted(set(versions))}, this driver {__version__}: install the same version everywhere")
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for actor in getattr(self, "actors", []):
+            try:
+                self.ray.kill(actor)
+            except Exception:
+                pass
+        self.actors = []
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
+
+    def map_ordered(self, submit: Callable[[Any, Any], Any], tasks: Iterable[Any], in_flight: int) -> Iterator[tuple[Any, Any]]:
+        """(task, result) for each task in order, at most `in_flight` outstanding, round-robin over actors."""
+        pending: deque[tuple[Any, Any]] = deque()
+        for n, task in enumerate(tasks):
+            pending.append((task, submit(self.actors[n % len(self.actors)], task)))
+            if len(pending) >= in_flight:
+                yield self._result(*pending.popleft())
+        while pending:
+            yield self._result(*pending.popleft())
+
+    def map_unordered(self, submit: Callable[[Any, Any], Any], tasks: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        """(task, result) as tasks finish; a new task goes to whichever actor has room (bounded in flight).
+
+        `tasks` is drawn in a thread of its own, at most one batch of slots ahead, so that a slow
+        input stream (paths trickling in on stdin) never keeps finished shards from being committed.
+        """
+        load = {i: 0 for i in range(len(self.actors))}
+        pending: dict[Any, tuple[Any, int]] = {}
+        feed = _Prefetch(tasks, IN_FLIGHT_PER_ACTOR * len(self.actors))
+        exhausted = False
+        while not exhausted or pending:
+            while not exhausted and min(load.values()) < IN_FLIGHT_PER_ACTOR:
+                got, task = feed.get(timeout=0.0 if pending else 0.5)
+                if got is _END:
+                    exhausted = True
+                elif got is not _EMPTY:
+                    slot = min(load, key=load.__getitem__)
+                    pending[submit(self.actors[slot], task)] = (task, slot)
+                    load[slot] += 1
+                if got is not None:
+                    break
+            if pending:
+                ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=0.5)
+                if ready:
+                    yield self._finish(ready[0], pending, load)
+
+    def _finish(self, ref: Any, pending: dict[Any, tuple[Any, int]], load: dict[int, int]) -> tuple[Any, Any]:
+        task, slot = pending.pop(ref)
+        load[slot] -= 1
+        return self._result(task, ref)
+
+    def _result(self, task: Any, ref: Any) -> tuple[Any, Any]:
+        try:
+            return task, self.ray.get(ref)
+        except Exception as exc:
+            index = getattr(task, "index", None)
+            if index is None:
+                raise EngineError(f"a batch failed on the cluster: {_cause(exc)}") from None
+            raise EngineError(f"shard {index} failed on the cluster: {_cause(exc)}; "
+                              "finished shards are kept: continue with --resume") from None
+
+
+def _actor_config(config: WorkerConfig, cpus: float, gpus: float) -> WorkerConfig:
+    """An actor uses the CPUs it reserved, not its node's: decoding threads (unless --workers says)
+    and, on CPU, torch threads; a GPU actor on a 64-core node must not start 64 decoders."""
+    share = max(1, int(cpus))
+    workers = config.workers if config.workers is not None else share
+    threads = config.threads or (share if gpus == 0 else None)
+    return WorkerConfig(config.weights, config.device, config.batch_size, workers, threads)
+
+
+_END, _EMPTY = object(), object()
+
+
+class _Prefetch:
+    """Draws an iterator in a daemon thread into a bounded queue; its exceptions re-raise in `get`."""
+
+    def __init__(self, items: Iterable[Any], ahead: int) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+        self._empty = queue.Empty
+        threading.Thread(target=self._run, args=(iter(items),), daemon=True, name="clipn-plan").start()
+
+    def _run(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                self._queue.put((None, item))
+            self._queue.put((_END, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._queue.put((exc, None))
+
+    def get(self, timeout: float) -> tuple[Any, Any]:
+        """(None, item), (_END, None) at the end, or (_EMPTY, None) when nothing came within `timeout`."""
+        try:
+            marker, item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except self._empty:
+            return _EMPTY, None
+        if isinstance(marker, BaseException):
+            raise marker
+        return marker, item
+
+
+def _cause(exc: BaseException) -> str:
+    """The worker's own error, not Ray's wrapping of it."""
+    inner = getattr(exc, "cause", None) or exc
+    text = str(inner).strip().splitlines()
+    line = next((t for t in reversed(text) if t.strip() and not t.startswith(" ")), type(inner).__name__)
+    return line[:300]
+
+
+def detect_job(weights_fingerprint: str, heads: ClassEmbeddings, options: ScoreOptions, fmt: str, shard_size: int) -> dict[str, Any]:
+    """What a run's shards mean: two runs can share an output folder only if this is equal."""
+    return {
+        "clipn_version": __version__,
+        "command": "detect",
+        "weights_fingerprint": weights_fingerprint,
+        "classes": list(heads.classes),
+        "templates": heads.templates,
+        "format": fmt,
+        "shard_size": shard_size,
+        **options.as_dict(),
+    }
+
+
+def open_manifest(store: OutputStore, job: dict[str, Any], resume: bool) -> Manifest:
+    """The manifest to continue (`resume`) or a new one; refuses to overwrite another run."""
+    old = load_manifest(store)
+    if old is None:
+        if store.has_shard_files():
+            raise ResumeError(f"--output {store.uri}: holds shard files but no clipn manifest: choose an empty or new folder")
+        return Manifest(job)
+    if not resume:
+        state = "a finished" if old.complete else "an unfinished"
+        raise ResumeError(f"--output {store.uri}: holds {state} clipn run ({len(old.shards)} shards): add --resume to continue it, or choose a new folder")
+    check_resumable(old, job, store.uri)
+    old.job["clipn_version"] = job["clipn_version"]
+    old.complete = False
+    return old
+
+
+def run_detect(
+    items: Iterable[InputItem],
+    store: OutputStore,
+    job: dict[str, Any],
+    cluster: Cluster,
+    resume: bool = False,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    manifest_interval: float = 2.0,
+) -> Manifest:
+    """Plan `items` into shards, score the unfinished ones on the cluster, commit each in the manifest.
+
+    Returns the final manifest (complete). Shards already listed in a resumed manifest are not
+    scored again; their digests must match the inputs as planned now, or the inputs changed and
+    the run cannot be continued exactly.
+    """
+    store.prepare()
+    manifest = open_manifest(store, job, resume)
+    if resume:
+        store.remove_temporaries()
+    writer = ManifestWriter(store, manifest, manifest_interval)
+    writer.flush()
+    planned = inputs = 0
+
+    def todo() -> Iterator[Any]:
+        nonlocal planned, inputs
+        for shard in plan_shards(items, shard_size):
+            planned = shard.index + 1
+            inputs += len(shard.items)
+            done = manifest.shards.get(shard.index)
+            if done is None:
+                yield shard
+            elif done["digest"] != shard.digest:
+                raise ResumeError(f"--resume {store.uri}: the inputs of shard {shard.index} differ from the first run's "
+                                  "(files added, removed or reordered): continue with the same inputs, or use a new --output")
+
+    fmt = job["format"]
+    try:
+        for shard, summary in cluster.map_unordered(lambda actor, s: actor.write_shard.remote(s.index, s.items, store, fmt), todo()):
+            writer.finished(shard.index, summary)
+            if progress:
+                progress(summary)
+    finally:
+        writer.flush()
+    stale = [i for i in manifest.shards if i >= planned]
+    if stale:
+        raise ResumeError(f"--resume {store.uri}: the first run had {max(stale) + 1} or more shards, these inputs make {planned}: "
+                          "continue with the same inputs, or use a new --output")
+    manifest.inputs = inputs
+    manifest.complete = True
+    writer.flush(force=True)
+    return manifest
+
+
+class ClusterEncoder:
+    """`inference.encode_images` on the cluster, for `evaluate(..., encoder=...)`: image features come
+    back in input order (the driver's feature cache, if any, is consulted first by `encode_images`)."""
+
+    def __init__(self, cluster: Cluster, options: ScoreOptions, chunk: int = 256) -> None:
+        self.cluster = cluster
+        self.options = options
+        self.chunk = chunk
+
+    def __call__(self, model: Any, items: Iterable[InputItem], batch_size: int | None = None, workers: int | None = None,
+                 precision: str = "fp32", exif_transpose: bool = False, on_loaded: Any = None, draft: bool = False) -> Iterator[EncodedImage]:
+        from ..inference import EncodedImage
+
+        asked = (precision, exif_transpose, draft)
+        if asked != (self.options.precision, self.options.exif_transpose, self.options.draft):
+            raise ValueError(f"the cluster's workers encode with {self.options}, not precision={precision}, exif_transpose={exif_transpose}, draft={draft}")
+        chunks = _chunks(items, self.chunk)
+        in_flight = IN_FLIGHT_PER_ACTOR * len(self.cluster.actors)
+        for _, encoded in self.cluster.map_ordered(lambda actor, c: actor.encode.remote(c), chunks, in_flight):
+            for path, feature, error in encoded:
+                yield EncodedImage(path, feature, error)
+
+
+def encode_on_cluster(cluster: Cluster, items: Iterable[InputItem], options: ScoreOptions) -> Iterator[EncodedImage]:
+    """Image features of `items` computed by the cluster's actors, in input order."""
+    return ClusterEncoder(cluster, options)(None, items, precision=options.precision,
+                                            exif_transpose=options.exif_transpose, draft=options.draft)
+
+
+def _chunks(items: Iterable[InputItem], size: int) -> Iterator[list[InputItem]]:
+    chunk: list[InputItem] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class DatasetScorer:
+    """The callable class `score_dataset` gives `Dataset.map_batches`: one `Worker` per actor."""
+
+    def __init__(self, config: WorkerConfig, heads: ClassEmbeddings, options: ScoreOptions, path_column: str, bytes_column: str | None) -> None:
+        self.worker = Worker(config, heads, options)
+        self.path_column = path_column
+        self.bytes_column = bytes_column
+
+    def __call__(self, batch: dict[str, Any]) -> Any:
+        from ..images import InputItem
+        from .records import to_table
+
+        paths = [str(p) for p in batch[self.path_column]]
+        if self.bytes_column is not None:
+            items = [InputItem(p, data=bytes(b) if b is not None else b"") for p, b in zip(paths, batch[self.bytes_column])]
+        else:
+            items = [InputItem(p) for p in paths]
+        return to_table(self.worker.detect(items), self.worker.options.details)
+
+
+def score_dataset(
+    ds: Any,
+    weights: str,
+    heads: ClassEmbeddings,
+    options: ScoreOptions | None = None,
+    *,
+    path_column: str = "path",
+    bytes_column: str | None = None,
+    actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+    batch_size: int = 256,
+    device: str = "auto",
+) -> Any:
+    """Map a Ray Dataset of image paths (or of paths and file bytes) to a Dataset of clipn records.
+
+    Each row of the result is one `clipn detect` record (`path`, `error`, `verdict`, `rule`, `class`,
+    `class_index`, the scores; null where a record lacks a field), decoded and scored by clipn's own
+    pipeline in `actors` actors that load the image tower of `weights` once each. With
+    `bytes_column` (e.g. "bytes" from `ray.data.read_binary_files(..., include_paths=True)`) the
+    images are decoded from those bytes, `path_column` only names them.
+    """
+    ray = require_ray()
+    options = options or ScoreOptions()
+    config = _actor_config(WorkerConfig(str(weights), device), cpus_per_actor, gpus_per_actor)
+    return ds.map_batches(
+        DatasetScorer,
+        fn_constructor_kwargs=dict(config=config, heads=heads, options=options, path_column=path_column, bytes_column=bytes_column),
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
+    )

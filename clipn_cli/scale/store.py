@@ -1,0 +1,127 @@
+"""The output folder of a scale-out run, on any filesystem pyarrow knows (local, s3://, gs://, hdfs://).
+
+Layout::
+
+    DIR/manifest.json              what was asked and which shards are finished (the commit record)
+    DIR/shards/part-000000.parquet one file per finished shard, in input order by name
+    DIR/committed/part-000000.parquet.json  commit markers not yet folded into manifest.json
+
+A shard file appears atomically: on a filesystem with rename (local, NFS, HDFS) it is written to
+a hidden temporary name and renamed; on an object store (S3, GCS, Azure) a PUT is atomic by
+itself. Either way a shard counts as finished only once the manifest lists it, so a shard file
+written just before a crash is simply written again on `--resume`.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+from ..errors import ClipnError
+
+OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
+SHARDS = "shards"
+COMMITTED = "committed"
+MANIFEST = "manifest.json"
+
+
+class OutputStoreError(ClipnError):
+    """The output location cannot be opened or written."""
+
+
+@dataclass
+class OutputStore:
+    """A folder on a pyarrow filesystem; `atomic_rename` False for object stores (PUT is atomic)."""
+
+    uri: str
+    filesystem: object
+    root: str
+    atomic_rename: bool
+
+    @classmethod
+    def open(cls, uri: str) -> OutputStore:
+        """Resolve a local folder or a filesystem URI; local folders are made absolute."""
+        import pyarrow.fs as pafs
+
+        try:
+            if "://" in uri:
+                fs, root = pafs.FileSystem.from_uri(uri)
+            else:
+                fs, root = pafs.LocalFileSystem(), os.path.abspath(uri)
+        except Exception as exc:  # ArrowInvalid for an unknown scheme, OSError for bad credentials
+            raise OutputStoreError(f"--output {uri}: {str(exc).splitlines()[0][:200]}") from None
+        return cls(uri, fs, root.rstrip("/"), fs.type_name not in OBJECT_STORES)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def prepare(self) -> None:
+        """Create the folder and its shards folder (a no-op on object stores)."""
+        import pyarrow.fs as pafs
+
+        info = self.filesystem.get_file_info(self.root)
+        if info.type == pafs.FileType.File:
+            raise OutputStoreError(f"--output {self.uri}: exists and is not a directory")
+        try:
+            self.filesystem.create_dir(self.path(SHARDS), recursive=True)
+            self.filesystem.create_dir(self.path(COMMITTED), recursive=True)
+        except OSError as exc:
+            raise OutputStoreError(f"--output {self.uri}: cannot create it: {str(exc).splitlines()[0]}") from None
+
+    def exists(self, *parts: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.filesystem.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def read(self, *parts: str) -> bytes:
+        with self.filesystem.open_input_stream(self.path(*parts)) as fh:
+            return fh.read()
+
+    def write(self, data: bytes, *parts: str) -> None:
+        """Write a whole file so that readers see it complete or not at all."""
+        target = self.path(*parts)
+        if not self.atomic_rename:
+            with self.filesystem.open_output_stream(target) as fh:
+                fh.write(data)
+            return
+        folder, _, name = target.rpartition("/")
+        tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            with self.filesystem.open_output_stream(tmp) as fh:
+                fh.write(data)
+            self.filesystem.move(tmp, target)
+        except BaseException:
+            try:
+                self.filesystem.delete_file(tmp)
+            except OSError:
+                pass
+            raise
+
+    def list(self, folder: str) -> list[str]:
+        """Names of the finished (not hidden) files in `folder`, sorted."""
+        import pyarrow.fs as pafs
+
+        infos = self.filesystem.get_file_info(pafs.FileSelector(self.path(folder), allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith("."))
+
+    def delete(self, *parts: str) -> None:
+        self.filesystem.delete_file(self.path(*parts))
+
+    def remove_temporaries(self) -> int:
+        """Delete hidden temporary files a killed writer left in the shards folder."""
+        import pyarrow.fs as pafs
+
+        if not self.atomic_rename:
+            return 0
+        removed = 0
+        for folder in (SHARDS, COMMITTED, ""):
+            selector = pafs.FileSelector(self.path(folder) if folder else self.root, allow_not_found=True)
+            for info in self.filesystem.get_file_info(selector):
+                if info.type == pafs.FileType.File and info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
+                    self.filesystem.delete_file(info.path)
+                    removed += 1
+        return removed
+
+    def has_shard_files(self) -> bool:
+        return bool(self.list(SHARDS))

@@ -1,0 +1,108 @@
+"""What one worker (a Ray actor, or this process) does: load the image tower once, then score or
+encode lists of inputs with clipn's own pipeline (`images` decoding, `inference`, `detection`).
+
+Nothing here imports Ray, so the exact same code runs in a test, in a local process and in an
+actor; only `ray_engine` knows about the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..embeddings import ClassEmbeddings
+    from ..images import InputItem
+    from .store import OutputStore
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """Everything that decides the numbers and the records, fixed for a whole run."""
+
+    rule: str = "atd"
+    precision: str = "fp32"
+    exif_transpose: bool = False
+    details: bool = False
+    top_k: int = 0
+    draft: bool = False
+    quantize: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Where and how a worker runs: weights file, device, batch size and decoding threads."""
+
+    weights: str
+    device: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    threads: int | None = None  # torch intra-op threads (a CPU actor gets its share of the node)
+
+
+class Worker:
+    """The image tower of one set of weights, loaded once, scoring inputs against class heads."""
+
+    def __init__(self, config: WorkerConfig, heads: ClassEmbeddings | None, options: ScoreOptions) -> None:
+        import torch
+
+        from ..inference import quantize_image_tower, resolve_device
+        from ..weights import load_model
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.model, self.info = load_model(config.weights, device=resolve_device(config.device), text=False)
+        if options.quantize:
+            quantize_image_tower(self.model)
+        self.heads = heads
+        self.options = options
+        self.config = config
+        self.pid = os.getpid()
+
+    def version(self) -> str:
+        """The clipn-cli version this worker runs (the driver refuses a mixed cluster)."""
+        from .. import __version__
+
+        return __version__
+
+    def detect(self, items: Sequence[InputItem]) -> list[dict[str, Any]]:
+        """detect's records for `items`, in order (error records for unreadable inputs)."""
+        from ..detection import detect
+
+        o = self.options
+        if self.heads is None:
+            raise ValueError("this worker encodes only: it was given no class heads")
+        results = detect(
+            self.model, self.heads, items, rule=o.rule, batch_size=self.config.batch_size, workers=self.config.workers,
+            precision=o.precision, exif_transpose=o.exif_transpose, details=o.details, top_k=o.top_k, draft=o.draft,
+        )
+        return [r.as_dict(o.details) for r in results]
+
+    def encode(self, items: Sequence[InputItem]) -> list[tuple[str, torch.Tensor | None, str | None]]:
+        """(path, normalized feature or None, error) per input, in order: `inference.encode_images`."""
+        from ..inference import encode_images
+
+        o = self.options
+        encoded = encode_images(
+            self.model, items, batch_size=self.config.batch_size, workers=self.config.workers,
+            precision=o.precision, exif_transpose=o.exif_transpose, draft=o.draft,
+        )
+        return [(e.path, e.feature, e.error) for e in encoded]
+
+    def write_shard(self, index: int, items: Sequence[InputItem], store: OutputStore, fmt: str) -> dict[str, Any]:
+        """Score one shard and write its file; returns the summary the manifest records."""
+        from .planner import shard_digest, shard_name
+        from .records import encode_shard
+
+        records = self.detect(items)
+        name = f"{shard_name(index)}.{fmt}"
+        store.write(encode_shard(records, fmt, self.options.details), "shards", name)
+        return {"file": f"shards/{name}", "records": len(records), "errors": sum("error" in r for r in records),
+                "digest": shard_digest(items)}

@@ -1,0 +1,408 @@
+"""Scale-out (`--engine ray`, issue 14) on a real Ray cluster that this module starts: two nodes
+simulated on this machine with `ray.cluster_utils.Cluster` (1 CPU each), the tiny official
+checkpoint. Ray output must equal local detect record for record (broken inputs included), a
+SIGKILLed driver must resume to every input exactly once, a lost worker must cost nothing, and
+eval must give local eval's numbers. Without Ray, `--engine ray` is one line saying how to install it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from clipn_cli.cli.app import app
+from conftest import IMAGES
+
+HAVE_RAY = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("pyarrow") is not None
+needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="ray[data] is not installed (pip install 'clipn-cli[ray]')")
+CLASSES = "cat,coffee,rocket"
+DIGITS = Path(__file__).parent.parent / "examples" / "digits" / "images"
+HANG_GUARD = 600  # seconds: only against a hung cluster, never a speed limit
+
+
+def invoke(*args: str, input: str | None = None):
+    return CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def assert_close(got, want, where) -> None:
+    """Equal, except floats (at any depth) within 1e-6."""
+    if isinstance(want, float):
+        assert isinstance(got, float) and abs(got - want) <= 1e-6, where
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), where
+        for key in want:
+            assert_close(got[key], want[key], (*where, key))
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, (*where, i))
+    else:
+        assert got == want, where
+
+
+def assert_same_records(ray_records: list[dict], local_records: list[dict]) -> None:
+    """Same inputs in the same order, identical fields, verdicts, classes and errors, scores within 1e-6."""
+    assert [r["path"] for r in ray_records] == [r["path"] for r in local_records]
+    for got, want in zip(ray_records, local_records):
+        assert_close(got, want, (want["path"],))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Real images (PNG, JPEG, GIF, digits) and broken ones: empty, text, truncated JPEG, missing, no glob match."""
+    root = tmp_path_factory.mktemp("inputs")
+    good = root / "good"
+    shutil.copytree(IMAGES, good)
+    for name in sorted(os.listdir(DIGITS))[:4]:
+        shutil.copy(DIGITS / name, good / name)
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "text.jpg").write_text("not an image")
+    (bad / "truncated.jpg").write_bytes((IMAGES / "rocket.jpg").read_bytes()[:300])
+    return [str(good), str(bad), str(root / "missing.png"), str(root / "nothing-*.jpg")]
+
+
+@pytest.fixture(scope="module")
+def local_records(tiny_weights: Path, inputs: list[str], tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out = tmp_path_factory.mktemp("local") / "local.jsonl"
+    result = invoke("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--top-k", "2", "--format", "jsonl", "--output", str(out), *inputs)
+    assert result.exit_code == 1, result.output  # some inputs are broken
+    records = jsonl(out)
+    assert sum("error" in r for r in records) == 5
+    return records
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One two-node Ray cluster for the whole module (start-up is slow on a shared 2-core machine)."""
+    if not HAVE_RAY:
+        pytest.skip("ray[data] is not installed (pip install 'clipn-cli[ray]')")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    sim = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    sim.add_node(num_cpus=1)
+    ray.init(address=sim.address, logging_level="WARNING")
+    try:
+        yield sim
+    finally:
+        ray.shutdown()
+        sim.shutdown()
+
+
+@needs_ray
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_ray_detect_equals_local_detect(cluster, tiny_weights: Path, inputs: list[str], local_records: list[dict], tmp_path: Path, fmt: str) -> None:
+    import ray
+
+    from clipn_cli.scale import read_output
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    out = tmp_path / "run"
+    result = invoke("detect", "--engine", "ray", "--actors", "2", "--shard-size", "5", "--format", fmt,
+                    "-w", str(tiny_weights), "--classes", CLASSES, "--top-k", "2", "--output", str(out), *inputs)
+    assert result.exit_code == 1, result.output  # as locally: some inputs have error records
+    assert_same_records(list(read_output(str(out))), local_records)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["inputs"] == manifest["records"] == len(local_records)
+    assert manifest["errors"] == 5 and manifest["classes"] == CLASSES.split(",") and manifest["clipn_version"]
+    assert len(manifest["finished_shards"]) == len(list((out / "shards").iterdir())) == -(-len(local_records) // 5)
+    assert not list((out / "committed").iterdir())  # every marker folded into the manifest
+    if fmt == "jsonl":  # the very lines local detect writes
+        assert [json.loads(line) for f in sorted((out / "shards").iterdir()) for line in f.read_text().splitlines()] == \
+               [json.loads(json.dumps(r)) for r in read_output(str(out))]
+    else:
+        import pyarrow.parquet as pq
+
+        from clipn_cli.output import CSV_COLUMNS
+
+        table = pq.read_table(out / "shards" / "part-000000.parquet")
+        assert table.column_names == [*CSV_COLUMNS, "top_k"]
+
+
+@needs_ray
+def test_existing_output_is_refused_without_resume_and_with_other_options(cluster, tiny_weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ("detect", "--engine", "ray", "--actors", "1", "-w", str(tiny_weights), "--output", str(out), str(IMAGES / "rocket.jpg"))
+    assert invoke(*args, "--classes", CLASSES).exit_code == 0
+    again = invoke(*args, "--classes", CLASSES)
+    assert again.exit_code == 2 and "add --resume" in again.output
+    other = invoke(*args, "--classes", "cat,dog", "--resume")
+    assert other.exit_code == 2 and "classes=" in other.output
+    done = invoke(*args, "--classes", CLASSES, "--resume")  # a finished run: nothing to redo
+    assert done.exit_code == 0 and "0 shards scored now" in done.output
+
+
+@needs_ray
+def test_killed_driver_resumes_to_every_input_exactly_once(cluster, tiny_weights: Path, tmp_path: Path) -> None:
+    """SIGKILL the driver (a real `clipn` process joined to the cluster) mid-run, then --resume with a
+    fresh local cluster (the default): only unfinished shards are scored, each input once."""
+    from clipn_cli.scale import read_output
+    from clipn_cli.scale.manifest import load_manifest
+    from clipn_cli.scale.store import OutputStore
+
+    images = tmp_path / "images"
+    images.mkdir()
+    sources = sorted(IMAGES.iterdir())
+    paths = []
+    for i in range(24):
+        src = sources[i % len(sources)]
+        paths.append(str(shutil.copy(src, images / f"{i:02d}-{src.name}")))
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "clipn_cli", "detect", "--engine", "ray", "--actors", "1", "--shard-size", "2",
+            "-w", str(tiny_weights), "--classes", CLASSES, "--output", str(out), "-"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen([*args, "--ray-address", cluster.address], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+    driver.stdin.write("".join(p + "\n" for p in paths[:12]))  # the rest never comes: the run cannot finish
+    driver.stdin.flush()
+    store = OutputStore.open(str(out))
+    deadline = time.monotonic() + HANG_GUARD
+    finished: dict = {}
+    while len(finished) < 3:
+        assert driver.poll() is None, driver.stderr.read()
+        assert time.monotonic() < deadline, "the driver finished no shard"
+        time.sleep(0.1)
+        try:
+            manifest = load_manifest(store) if (out / "manifest.json").exists() else None
+        except Exception:  # a marker folded away between listing and reading: look again
+            continue
+        finished = manifest.shards if manifest else {}
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=HANG_GUARD)
+    killed = load_manifest(store)
+    assert not killed.complete and 3 <= len(killed.shards) <= 6
+    kept = {i: os.stat(out / s["file"]) for i, s in killed.shards.items()}
+    (out / "shards" / ".part-000011.parquet.deadbeef.tmp").write_bytes(b"half a shard")  # what a killed writer leaves
+
+    resumed = subprocess.run([*args, "--resume"], input="".join(p + "\n" for p in paths), capture_output=True, text=True,
+                             env=env, timeout=HANG_GUARD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{12 - len(killed.shards)} shards scored now" in resumed.stderr
+    records = list(read_output(str(out)))
+    assert [r["path"] for r in records] == paths and all("error" not in r for r in records)
+    for index, before in kept.items():  # finished shards were not scored or written again
+        after = os.stat(out / killed.shards[index]["file"])
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]
+    assert resumed.stdout == ""  # records go to --output, never to stdout
+
+
+@needs_ray
+def test_lost_worker_costs_nothing(cluster, tiny_weights: Path, inputs: list[str], local_records: list[dict], tmp_path: Path) -> None:
+    """An actor's process killed mid-run: Ray restarts it and retries its shard; every input once."""
+    import ray
+
+    from clipn_cli.embeddings import embed_classes
+    from clipn_cli.images import iter_inputs
+    from clipn_cli.prompts import load_templates
+    from clipn_cli.scale import read_output
+    from clipn_cli.scale.manifest import load_manifest
+    from clipn_cli.scale.ray_engine import Cluster, ClusterSpec, detect_job, run_detect
+    from clipn_cli.scale.store import OutputStore
+    from clipn_cli.scale.worker import ScoreOptions, WorkerConfig
+    from clipn_cli.weights import load_model
+
+    model, info = load_model(tiny_weights)
+    heads = embed_classes(model, CLASSES.split(","), load_templates("clipn"), info.fingerprint)
+    options = ScoreOptions(top_k=2)
+    store = OutputStore.open(str(tmp_path / "run"))
+    gate = threading.Event()
+    items = list(iter_inputs(inputs))
+
+    def stream():
+        yield from items[:6]
+        gate.wait(HANG_GUARD)
+        yield from items[6:]
+
+    with Cluster(ClusterSpec(actors=2), WorkerConfig(str(tiny_weights)), heads, options) as pool:
+        pids = ray.get([a.__ray_call__.remote(lambda w: w.pid) for a in pool.actors])
+        result: dict = {}
+        runner = threading.Thread(target=lambda: result.update(m=run_detect(
+            stream(), store, detect_job(info.fingerprint, heads, options, "parquet", 2), pool, shard_size=2, manifest_interval=0)))
+        runner.start()
+        deadline = time.monotonic() + HANG_GUARD
+        while not ((tmp_path / "run" / "manifest.json").exists() and len(load_manifest(store).shards) >= 2):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        os.kill(pids[0], signal.SIGKILL)
+        gate.set()
+        runner.join(HANG_GUARD)
+        assert result["m"].complete
+        assert ray.get(pool.actors[0].__ray_call__.remote(lambda w: w.pid)) != pids[0]  # restarted
+    assert_same_records(list(read_output(str(tmp_path / "run"))), local_records)
+
+
+@needs_ray
+def test_ray_eval_equals_local_eval_and_uses_the_cache(cluster, tiny_weights: Path, tmp_path: Path) -> None:
+    ood = tmp_path / "ood"
+    shutil.copytree(DIGITS, ood)
+    common = ("eval", "-w", str(tiny_weights), "--classes", CLASSES, "--id", str(IMAGES), "--ood", f"digits={ood}", "--format", "json")
+    local = invoke(*common, "--output", str(tmp_path / "local.json"), "--save-scores", str(tmp_path / "local.jsonl"))
+    assert local.exit_code == 0, local.output
+    cache = tmp_path / "cache"
+    for run in ("first", "second"):
+        result = invoke(*common, "--engine", "ray", "--actors", "2", "--cache", str(cache),
+                        "--output", str(tmp_path / f"{run}.json"), "--save-scores", str(tmp_path / f"{run}.jsonl"))
+        assert result.exit_code == 0, result.output
+        want, got = json.loads((tmp_path / "local.json").read_text()), json.loads((tmp_path / f"{run}.json").read_text())
+        assert got["images"] == want["images"] and got["id_accuracy"] == want["id_accuracy"]
+        for a, b in zip(got["results"], want["results"]):
+            assert a.keys() == b.keys()
+            for key, value in b.items():
+                assert (abs(a[key] - value) <= 1e-6) if isinstance(value, float) else a[key] == value, (b["ood"], b["method"], key)
+        for a, b in zip(jsonl(tmp_path / f"{run}.jsonl"), jsonl(tmp_path / "local.jsonl")):
+            assert a["path"] == b["path"] and all(abs(a[m] - b[m]) <= 1e-6 for m in ("ctw", "atd", "msp", "energy", "mcm"))
+    total = len(list(IMAGES.iterdir())) + len(list(DIGITS.iterdir()))
+    assert f"{total} reused, 0 encoded" in result.output  # the second run sent nothing to the cluster
+
+
+@needs_ray
+def test_score_dataset_maps_paths_or_bytes_to_records(cluster, tiny_weights: Path, local_records: list[dict], inputs: list[str]) -> None:
+    """The Python API for Ray Data pipelines: a Dataset of paths, or of read_binary_files bytes."""
+    import ray
+
+    from clipn_cli.embeddings import embed_classes
+    from clipn_cli.prompts import load_templates
+    from clipn_cli.scale import ScoreOptions, score_dataset
+    from clipn_cli.weights import load_model
+
+    model, info = load_model(tiny_weights)
+    heads = embed_classes(model, CLASSES.split(","), load_templates("clipn"), info.fingerprint)
+    files = [r for r in local_records if os.path.isfile(r["path"])]
+    by_paths = ray.data.from_items([{"path": r["path"]} for r in files])
+    rows = score_dataset(by_paths, str(tiny_weights), heads, ScoreOptions(top_k=2), batch_size=4).take_all()
+    assert_same_records([_record(r) for r in rows], files)
+
+    good = [r for r in files if "error" not in r]
+    raw = ray.data.read_binary_files([r["path"] for r in good], include_paths=True)
+    rows = score_dataset(raw, str(tiny_weights), heads, ScoreOptions(top_k=2), bytes_column="bytes", batch_size=4).take_all()
+    assert_same_records(sorted((_record(r) for r in rows), key=lambda r: r["path"]), sorted(good, key=lambda r: r["path"]))
+
+
+def _record(row: dict) -> dict:
+    """A Dataset row as detect's record (drop the nulls of fields the record does not have)."""
+    import numpy as np
+
+    def plain(v):
+        if isinstance(v, np.ndarray):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v.item() if isinstance(v, np.generic) else v
+
+    row = {k: plain(v) for k, v in row.items()}
+    if row.get("error") is not None:
+        return {"path": row["path"], "error": row["error"]}
+    return {k: v for k, v in row.items() if v is not None and not (k == "top_k" and v == [])}
+
+
+def test_without_ray_the_engine_is_one_line_saying_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    for args in (("detect", "--engine", "ray", "--classes", CLASSES, "--output", str(tmp_path / "o"), str(IMAGES)),
+                 ("eval", "--engine", "ray", "--classes", CLASSES, "--id", str(IMAGES), "--ood", f"d={DIGITS}")):
+        result = invoke(*args)
+        assert result.exit_code == 2
+        lines = result.output.strip().splitlines()
+        assert lines == ["clipn: error: --engine ray needs Ray, which is not installed: pip install 'clipn-cli[ray]'"]
+
+
+def test_ray_options_need_the_ray_engine() -> None:
+    result = invoke("detect", "--actors", "2", "--classes", CLASSES, str(IMAGES))
+    assert result.exit_code == 2 and "need --engine ray" in result.output
+
+
+def test_plan_shards_is_lazy_and_deterministic() -> None:
+    import itertools
+
+    from clipn_cli.images import InputItem
+    from clipn_cli.scale.planner import plan_shards
+
+    endless = (InputItem(f"img/{i}.jpg") for i in itertools.count())  # a listing that never ends still plans
+    first, second = itertools.islice(plan_shards(endless, 1000), 2)
+    assert (first.index, len(first.items), first.items[0].path, second.items[0].path) == (0, 1000, "img/0.jpg", "img/1000.jpg")
+    again = next(plan_shards((InputItem(f"img/{i}.jpg") for i in range(1500)), 1000))
+    assert again.digest == first.digest
+    moved = next(plan_shards([InputItem("img/x.jpg"), *first.items[1:]], 1000))
+    assert moved.digest != first.digest
+    tail = list(plan_shards((InputItem(str(i)) for i in range(2500)), 1000))
+    assert [len(s.items) for s in tail] == [1000, 1000, 500] and [s.name for s in tail] == ["part-000000", "part-000001", "part-000002"]
+
+
+@needs_ray
+def test_tables_of_paths_are_inputs(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipn_cli.errors import ClipnError
+    from clipn_cli.scale.planner import iter_sources
+
+    names = ["rocket.jpg", "coffee.png", "nope.png"]
+    pq.write_table(pa.table({"path": [str(IMAGES / n) for n in names], "label": [1, 2, 3]}), tmp_path / "t.parquet")
+    (tmp_path / "t.csv").write_text("label,path\n1,imgs/a.png\n2,/abs/b.png\n", encoding="utf-8")
+    (tmp_path / "bad.csv").write_text("file\nx.png\n", encoding="utf-8")
+    assert [i.path for i in iter_sources([str(tmp_path / "t.parquet")])] == [str(IMAGES / n) for n in names]
+    assert [i.path for i in iter_sources([str(tmp_path / "t.csv")])] == [str(tmp_path / "imgs" / "a.png"), "/abs/b.png"]
+    with pytest.raises(ClipnError, match="no 'path' column"):
+        list(iter_sources([str(tmp_path / "bad.csv")]))
+
+
+@needs_ray
+def test_object_store_mode_writes_in_place_and_commits_through_the_manifest(tmp_path: Path) -> None:
+    """On S3-like stores a PUT is atomic: no temporary + rename; a shard counts once the manifest has it."""
+    from clipn_cli.scale.manifest import Manifest, ManifestWriter, load_manifest
+    from clipn_cli.scale.output import read_output
+    from clipn_cli.scale.records import encode_shard
+    from clipn_cli.scale.store import OutputStore
+
+    store = OutputStore.open(str(tmp_path / "run"))
+    store.atomic_rename = False
+    store.prepare()
+    writer = ManifestWriter(store, Manifest({"command": "detect", "format": "jsonl"}), interval=3600)
+    writer.flush()
+    store.write(encode_shard([{"path": "a.png", "error": "no such file"}], "jsonl"), "shards", "part-000000.jsonl")
+    store.write(encode_shard([{"path": "b.png", "error": "no such file"}], "jsonl"), "shards", "part-000001.jsonl")
+    writer.finished(0, {"file": "shards/part-000000.jsonl", "records": 1, "errors": 1, "digest": "x"})
+    assert sorted(load_manifest(store).shards) == [0]  # shard 1's file exists but was never committed
+    assert [r["path"] for r in read_output(str(tmp_path / "run"), require_complete=False)] == ["a.png"]
+    with pytest.raises(Exception, match="not finished"):
+        list(read_output(str(tmp_path / "run")))
+
+
+@needs_ray
+def test_ray_detect_reads_a_csv_table(cluster, tiny_weights: Path, local_records: list[dict], tmp_path: Path) -> None:
+    from clipn_cli.scale import read_output
+
+    chosen = local_records[:3] + [r for r in local_records if "error" in r][:2]
+    (tmp_path / "index.csv").write_text("path\n" + "".join(r["path"] + "\n" for r in chosen), encoding="utf-8")
+    result = invoke("detect", "--engine", "ray", "--actors", "1", "--format", "jsonl", "-w", str(tiny_weights), "--classes", CLASSES,
+                    "--top-k", "2", "--output", str(tmp_path / "run"), str(tmp_path / "index.csv"))
+    assert result.exit_code == 1, result.output
+    assert_same_records(list(read_output(str(tmp_path / "run"))), chosen)
+
+
+@needs_ray
+def test_shards_keep_non_utf8_file_names() -> None:
+    """A file name whose bytes are not UTF-8 (lone surrogates in Python) must not cost its shard."""
+    from clipn_cli.scale.records import decode_shard, encode_shard
+
+    records = [{"path": "/x/caf\udce9.jpg", "error": "no such file"}, {"path": "/x/ok.jpg", "error": "no such file"}]
+    assert list(decode_shard(encode_shard(records, "jsonl"), "jsonl")) == records  # exact, as local JSON Lines
+    back = list(decode_shard(encode_shard(records, "parquet"), "parquet"))
+    assert back == [{"path": "/x/caf\\xe9.jpg", "error": "no such file"}, records[1]]
