@@ -29,7 +29,7 @@ import numpy as np
 
 from . import methods
 from .errors import CalibrationError
-from .files import atomic_open
+from .files import atomic_open, read_bounded
 
 FORMAT = "clipn-cli.calibration"
 FORMAT_VERSION = "1"
@@ -157,24 +157,24 @@ class Calibration:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Calibration:
         """Read and check a calibration file; anything malformed is one CalibrationError."""
+        from .safetensors_file import SafetensorsError, loads_json  # depth-limited JSON (imports torch: only here)
+
         path = Path(path)
         try:
-            size = path.stat().st_size
-            if not path.is_file():
-                raise CalibrationError(f"{path}: not a regular file")
-            if size > MAX_FILE_BYTES:
-                raise CalibrationError(f"{path}: {size} bytes is larger than any calibration file ({MAX_FILE_BYTES})")
-            data = json.loads(path.read_bytes().decode("utf-8"))
+            data = loads_json(read_bounded(path, MAX_FILE_BYTES), "its JSON")
         except FileNotFoundError:
             raise CalibrationError(f"{path}: no such calibration file") from None
         except OSError as exc:
             raise CalibrationError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise CalibrationError(f"{path}: not a clipn calibration file (not JSON); make one with 'clipn calibrate'") from None
+        except SafetensorsError as exc:  # not JSON, not UTF-8, or nested too deeply
+            why = f"not JSON clipn reads: {exc}" if "nested" in str(exc) else "not JSON"
+            raise CalibrationError(f"{path}: not a clipn calibration file ({why}); make one with 'clipn calibrate'") from None
+        except ValueError as exc:  # read_bounded: not a regular file, too large
+            raise CalibrationError(f"{path}: {exc}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise CalibrationError(f"{path}: not a clipn calibration file; make one with 'clipn calibrate'")
         if data.get("format_version") != FORMAT_VERSION:
-            raise CalibrationError(f"{path}: calibration format version {data.get('format_version')!r} is not one this clipn-cli reads ({FORMAT_VERSION})")
+            raise CalibrationError(f"{path}: calibration format version {str(data.get('format_version'))[:20]!r} is not one this clipn-cli reads ({FORMAT_VERSION})")
         return cls._from_dict(data, path)
 
     @classmethod
@@ -189,7 +189,10 @@ class Calibration:
         for method, values in scores.items():
             if not (isinstance(values, list) and values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
                 raise damaged(f"'{method}' scores are not a list of numbers")
-            array = np.asarray(values, dtype=np.float64)
+            try:
+                array = np.asarray(values, dtype=np.float64)
+            except OverflowError:  # an integer beyond float64
+                raise damaged(f"'{method}' scores hold a number too large for a float") from None
             if not np.isfinite(array).all():
                 raise damaged(f"'{method}' scores contain NaN or Inf")
             arrays[str(method)] = array

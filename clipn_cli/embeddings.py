@@ -126,6 +126,10 @@ def _load_negatives(path: Path, meta: dict[str, str], tensors: dict[str, torch.T
         return {}
     try:
         words = loads_json(meta["negatives"], "negative labels", max_depth=2)
+        if not all(isinstance(w, list) for w in words.values()):  # list("abc") would make three words of a string
+            raise TypeError("each pool's words must be a list")
+        if not set(words) <= {"neglabel", "csp"}:
+            raise ValueError(f"unknown pools {', '.join(sorted(set(words) - {'neglabel', 'csp'}))[:80]}")
         pools = {name: NegativePool(name, list(w), tensors[f"negatives.{name}"].float(), tensors[f"negatives.{name}.id_heads"].float())
                  for name, w in words.items()}
     except (KeyError, ValueError, TypeError, AttributeError) as exc:  # SafetensorsError is a ValueError

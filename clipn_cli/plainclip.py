@@ -10,7 +10,6 @@ Spellings of `--weights`:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -64,11 +63,9 @@ def parse_spec(weights: str | os.PathLike[str] | None) -> tuple[str, str] | None
 def model_config(model: str) -> dict[str, Any]:
     """The open_clip config of a model name, or of a JSON config file."""
     if model.endswith(".json"):
-        try:
-            cfg = json.loads(Path(model).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise WeightsError(f"{model}: cannot read the model config: {exc}") from None
-        return cfg.get("model_cfg", cfg)
+        from .configs import resolve_config
+
+        return resolve_config(model)  # bounded, depth-limited read; types and sizes checked (ConfigError names the file)
     import open_clip
 
     cfg = open_clip.get_model_config(model)
@@ -97,6 +94,10 @@ def load_plain_clip(spec: tuple[str, str], device: str | torch.device = "cpu") -
             tensors = read_checkpoint(source)
         if "prompt_no" in tensors:
             raise WeightsError(f"{source}: a CLIPN checkpoint, not a plain CLIP: convert it with 'clipn convert'")
+        from .configs import check_config_fits, validate_config
+
+        # before building: a config declaring more than the file holds would build for minutes
+        check_config_fits(validate_config(cfg, name), {k: tuple(v.shape) for k, v in tensors.items()}, source)
         try:
             model = PlainCLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False))
             model.load_state_dict(tensors, strict=True)

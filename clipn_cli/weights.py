@@ -55,8 +55,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     containers (code, custom classes) is refused instead of executed.
     """
     path = Path(path)
-    try:
-        fh = open(path, "rb")
+    try:  # non-blocking: a FIFO put where the checkpoint was is refused by _check_archive, not waited on
+        fh = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)), "rb")
     except FileNotFoundError:
         raise WeightsError(f"{path}: no such file") from None
     except OSError as exc:
@@ -99,7 +99,10 @@ def _check_archive(fh: Any, path: Path) -> bool:
     import stat
     import zipfile
 
-    if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+    mode = os.fstat(fh.fileno()).st_mode
+    if stat.S_ISDIR(mode):
+        raise WeightsError(f"{path}: cannot read: Is a directory")
+    if not stat.S_ISREG(mode):
         raise WeightsError(f"{path}: not a regular file (device, socket or pipe)")
     zipped = fh.read(4) == b"PK\x03\x04"
     fh.seek(0)

@@ -13,11 +13,11 @@ Mining itself is `negatives.affinity` + `negatives.select_lowest`: a matrix prod
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
 import random
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -28,6 +28,7 @@ import torch
 
 from . import negatives
 from .errors import ClipnError
+from .files import read_bounded
 
 if TYPE_CHECKING:
     from .model import CLIPN
@@ -47,6 +48,8 @@ CSP_ADJ_TEMPLATES = ("{}", "a nice photo of {}", "a good photo of {}", "a close-
 CSP_EXCLUDED = ("noun.person", "noun.quantity", "noun.group", "adj.pert")
 CSP_SEED = 0
 TEXT_BATCH = 256
+MAX_WORDS_BYTES = 64 << 20  # a word list's text (a folder's files together, a gzip file inflated); the shipped one is 1.8 MB
+MAX_WORD_CHARS = 256  # the longest WordNet entry is 80; a longer line is not a word
 
 
 @dataclass(frozen=True)
@@ -75,39 +78,76 @@ def read_words(path: str | os.PathLike[str] | None = None) -> list[tuple[str, st
     """
     if path is not None and Path(path).is_dir():
         return _read_word_dir(Path(path))
+    source = str(path) if path is not None else WORDS_FILE
     try:
         if path is None:
             data = resources.files("clipn_cli.data").joinpath(WORDS_FILE).read_bytes()
         else:
-            data = Path(path).read_bytes()
-        text = (gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode("utf-8")
-    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as exc:
-        raise ClipnError(f"{path or WORDS_FILE}: cannot read the word list: {exc}") from None
+            data = read_bounded(path, MAX_WORDS_BYTES)
+        text = _gunzip(data, MAX_WORDS_BYTES).decode("utf-8") if data[:2] == b"\x1f\x8b" else data.decode("utf-8")
+    except (OSError, ValueError, EOFError, zlib.error) as exc:  # ValueError: not a regular file, too large, not UTF-8
+        raise ClipnError(f"{source}: cannot read the word list: {_reason(exc)}") from None
     pairs = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         name, sep, word = line.partition("\t")
         if not sep or name.split(".")[0] not in ("noun", "adj"):
-            raise ClipnError(f"{path or WORDS_FILE}: line {number} is not 'noun.FILE<TAB>word' or 'adj.FILE<TAB>word'")
-        pairs.append((name, word.strip()))
+            raise ClipnError(f"{source}: line {number} is not 'noun.FILE<TAB>word' or 'adj.FILE<TAB>word'")
+        pairs.append((name, _checked_word(word, source, number)))
     return pairs
 
 
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {exc.start})"
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """The contents of gzip `data` (every member), refusing more than `limit` bytes: a gzip bomb
+    of a few MB would inflate to GBs before `gzip.decompress` returned."""
+    out, total = [], 0
+    while data:
+        inflater = zlib.decompressobj(wbits=31)
+        chunk = inflater.decompress(data, limit + 1 - total)
+        total += len(chunk)
+        if total > limit or inflater.unconsumed_tail:
+            raise ValueError(f"inflates to more than {limit >> 20} MiB (the limit for a word list)")
+        if not inflater.eof:
+            raise EOFError("truncated gzip data")
+        out.append(chunk)
+        data = inflater.unused_data.lstrip(b"\0")
+    return b"".join(out)
+
+
+def _checked_word(word: str, source: str, number: int) -> str:
+    word = word.strip()
+    if len(word) > MAX_WORD_CHARS or "\0" in word:
+        raise ClipnError(f"{source}: line {number} is not a word ({'a NUL byte' if chr(0) in word else f'over {MAX_WORD_CHARS} characters'})")
+    return word
+
+
 def _read_word_dir(directory: Path) -> list[tuple[str, str]]:
-    pairs = []
-    for entry in os.listdir(directory):
+    pairs, total = [], 0
+    try:
+        entries = os.listdir(directory)
+    except OSError as exc:
+        raise ClipnError(f"{directory}: cannot list the word folder: {_reason(exc)}") from None
+    for entry in entries:
         file = directory / entry
-        if not entry.endswith(".txt") or not file.is_file():
-            continue
         name = entry[: -len(".txt")]
-        if name.split(".")[0] not in ("noun", "adj"):
+        if not entry.endswith(".txt") or name.split(".")[0] not in ("noun", "adj"):
             continue
-        try:
-            lines = file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ClipnError(f"{file}: cannot read the word list: {exc}") from None
-        pairs += [(name, line.strip()) for line in lines if line.strip()]
+        try:  # a word file that is a FIFO, a device or a folder is named, never skipped or waited on
+            data = read_bounded(file, MAX_WORDS_BYTES)
+            lines = data.decode("utf-8").splitlines()
+        except (OSError, ValueError) as exc:
+            raise ClipnError(f"{file}: cannot read the word list: {_reason(exc)}") from None
+        total += len(data)
+        if total > MAX_WORDS_BYTES:
+            raise ClipnError(f"{directory}: the word files together are larger than {MAX_WORDS_BYTES >> 20} MiB (the limit for a word list)")
+        pairs += [(name, _checked_word(line, str(file), number)) for number, line in enumerate(lines, 1) if line.strip()]
     if not pairs:
         raise ClipnError(f"{directory}: no noun.*.txt or adj.*.txt word files")
     return pairs
@@ -178,18 +218,15 @@ def candidate_embeddings(
     model: CLIPN, found: Candidates, weights_fingerprint: str, cache: bool = True, progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """The candidates' unit embeddings, from the cache when these weights made them before."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from .files import atomic_path
 
     path = cache_path(weights_fingerprint, found)
-    if cache and path.is_file():
-        try:
-            stored = load_file(str(path))["candidates"]
-            if stored.shape[0] == len(found.words) and torch.isfinite(stored).all():
-                return stored
-        except Exception:  # a damaged cache entry is rebuilt, never trusted
-            pass
+    if cache:
+        stored = _cached(path, (len(found.words), model.text_projection.shape[1]))
+        if stored is not None:
+            return stored
     embedded = embed_prompts(model, found.prompts, progress)
     if cache:
         try:
@@ -199,6 +236,25 @@ def candidate_embeddings(
         except OSError:
             pass  # a read-only home only costs the re-encoding next time
     return embedded
+
+
+def _cached(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The cached candidate embeddings at `path` if they are what these candidates need, else None.
+
+    Read through the bounded, one-descriptor reader (a FIFO or device there is not waited on, a
+    hostile header is refused); anything damaged, of another shape or not finite is rebuilt, never trusted.
+    """
+    from .safetensors_file import SafetensorsError, SafetensorsFile
+
+    try:
+        with SafetensorsFile(path) as sf:
+            entry = sf.entries.get("candidates")
+            if entry is None or entry.shape != shape or not entry.dtype.is_floating_point:
+                return None
+            stored = sf.tensors(["candidates"])["candidates"].float().clone()
+    except (SafetensorsError, OSError, ValueError, RuntimeError):
+        return None
+    return stored if torch.isfinite(stored).all() else None
 
 
 def mine(

@@ -44,7 +44,9 @@ app = typer.Typer(
 def _version(value: bool) -> None:
     if value:
         from .. import __version__
+        from .common import check_stdout
 
+        check_stdout(None, has_output_option=False)
         typer.echo(f"clipn-cli {__version__}")
         raise typer.Exit()
 

@@ -140,10 +140,10 @@ def stdout_is_terminal() -> bool:
     return sys.stdout is not None and sys.stdout.isatty()
 
 
-def check_stdout(output: Path | None) -> None:
+def check_stdout(output: Path | None, has_output_option: bool = True) -> None:
     """Refuse to start when results would go to a closed stdout (`>&-`), before any work is done."""
     if output is None and sys.stdout is None:
-        fail("stdout is closed: results would be lost; give --output FILE or redirect stdout")
+        fail("stdout is closed: results would be lost; " + ("give --output FILE or redirect stdout" if has_output_option else "redirect stdout"))
 
 
 WeightsOpt = Annotated[

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from .common import check_choice, fail, handle_errors, info, stderr
+from .common import check_choice, check_stdout, fail, handle_errors, info, stderr
 
 if TYPE_CHECKING:
     from ..fetch import Installed
@@ -40,6 +40,7 @@ def list_cmd(
         from ..home import get_default, list_weights, weights_home
 
         check_choice("--format", fmt, ("table", "json"))
+        check_stdout(None, has_output_option=False)
         rows = list_weights()
         if fmt == "json":
             doc = {"home": str(weights_home()), "default": get_default(), "weights": [r.as_dict() for r in rows]}
@@ -68,6 +69,7 @@ def path_cmd(
     with handle_errors():
         from ..home import fix_hint, locate, resolve_weights
 
+        check_stdout(None, has_output_option=False)
         if name is None:
             typer.echo(str(resolve_weights(None)))
             return
@@ -133,6 +135,7 @@ def default_cmd(
             set_default(name)
             info(f"default weights: {name}" if name else "default weights unset")
             return
+        check_stdout(None, has_output_option=False)
         configured = get_default()
         info(f"configured default: {configured}" if configured else "no default configured")
         current = current_weights()

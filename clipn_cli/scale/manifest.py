@@ -13,6 +13,7 @@ size or options that change the numbers), since its shards could not be mixed.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from ..errors import ClipnError
 from .store import COMMITTED, MANIFEST, OutputStore
 
 SCHEMA = "clipn-scale-manifest/1"
+SHARD_FILE = re.compile(r"shards/part-[0-9]{6,}\.[a-z]{1,10}")
 
 
 class ResumeError(ClipnError):
@@ -63,21 +65,53 @@ class Manifest:
         return cls(job, shards, data.get("inputs"), bool(data.get("complete")))
 
 
+MAX_MANIFEST_BYTES = 256 << 20  # ~2 million shard entries; the file is read whole
+MAX_MARKER_BYTES = 1 << 20
+
+
 def load_manifest(store: OutputStore) -> Manifest | None:
-    """manifest.json with the commit markers written since its last rewrite; None if there is none."""
+    """manifest.json with the commit markers written since its last rewrite; None if there is none.
+
+    Both are read back from a folder others can write to: bounded in size, depth-limited, and each
+    shard entry checked (an index, record and error counts, a digest and a file name), so a damaged
+    or hostile manifest is one line naming it, not a traceback later.
+    """
+    from ..safetensors_file import loads_json
+
     if not store.exists(MANIFEST):
         return None
+    where = f"{store.uri}/{MANIFEST}"
     try:
-        data = json.loads(store.read(MANIFEST))
-        if data.get("schema") != SCHEMA:
-            raise ValueError(f"schema {data.get('schema')!r}")
+        data = loads_json(store.read(MANIFEST, limit=MAX_MANIFEST_BYTES), "manifest.json")
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise ValueError(f"schema {str(data.get('schema') if isinstance(data, dict) else type(data).__name__)[:40]!r}")
+        if not isinstance(data.get("finished_shards", []), list):
+            raise ValueError("finished_shards is not a list")
+        for entry in data.get("finished_shards", []):
+            _check_summary(entry)
         manifest = Manifest.from_dict(data)
         for name in store.list(COMMITTED):
-            marker = json.loads(store.read(COMMITTED, name))
+            where = f"{store.uri}/{COMMITTED}/{name}"
+            marker = _check_summary(loads_json(store.read(COMMITTED, name, limit=MAX_MARKER_BYTES), "commit marker"))
             manifest.shards.setdefault(int(marker.pop("index")), marker)
         return manifest
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ResumeError(f"{store.uri}/{MANIFEST}: not a clipn manifest ({exc})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:  # SafetensorsError is a ValueError
+        raise ResumeError(f"{where}: not a clipn manifest ({str(exc)[:200]})") from None
+
+
+def _check_summary(entry: Any) -> dict[str, Any]:
+    """A finished shard's entry as the driver writes it, or ValueError naming what is wrong."""
+    if not isinstance(entry, dict):
+        raise ValueError("a finished shard is not an object")
+    for key in ("index", "records", "errors"):
+        value = entry.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 53):
+            raise ValueError(f"a finished shard's {key} is {str(value)[:20]!r}, not a count")
+    if not isinstance(entry.get("digest"), str):
+        raise ValueError("a finished shard has no digest")
+    if not (isinstance(entry.get("file"), str) and SHARD_FILE.fullmatch(entry["file"])):  # never a path out of the folder
+        raise ValueError(f"a finished shard's file {str(entry.get('file'))[:60]!r} is not shards/part-NNNNNN.FORMAT")
+    return entry
 
 
 def check_resumable(old: Manifest, job: dict[str, Any], uri: str) -> None:

@@ -74,9 +74,21 @@ class OutputStore:
 
         return self.filesystem.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
-    def read(self, *parts: str) -> bytes:
+    def read(self, *parts: str, limit: int | None = None) -> bytes:
+        """A whole file; only a regular file of at most `limit` bytes (a FIFO there is never waited on)."""
+        import pyarrow.fs as pafs
+
+        info = self.filesystem.get_file_info(self.path(*parts))
+        where = "/".join([self.uri, *parts])
+        if info.type != pafs.FileType.File:
+            raise OutputStoreError(f"{where}: not a regular file")
+        if limit is not None and info.size is not None and info.size > limit:
+            raise OutputStoreError(f"{where}: larger than {limit >> 20} MiB (the limit for this file)")
         with self.filesystem.open_input_stream(self.path(*parts)) as fh:
-            return fh.read()
+            data = fh.read() if limit is None else fh.read(limit + 1)
+        if limit is not None and len(data) > limit:
+            raise OutputStoreError(f"{where}: larger than {limit >> 20} MiB (the limit for this file)")
+        return data
 
     def write(self, data: bytes, *parts: str) -> None:
         """Write a whole file so that readers see it complete or not at all."""
