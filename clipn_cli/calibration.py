@@ -17,7 +17,6 @@ templates); it holds no image path.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence

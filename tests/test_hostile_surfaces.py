@@ -484,3 +484,45 @@ def test_embed_classes_and_calibrate_write_files_with_stdout_closed(tiny_weights
     assert result.returncode == 0, result.stderr
     assert out.is_file() and "Traceback" not in result.stderr
 
+
+
+# training's decoding pool ---------------------------------------------------------------------------
+
+def test_training_decodes_through_load_one_on_daemon_threads(tiny_weights: Path, tmp_path: Path) -> None:
+    """A decode stuck for good cannot delay exit: the pool's threads are daemons and close() waits for none."""
+    import threading
+
+    from clipn_cli.training.batches import StreamBatches
+    from clipn_cli.training.data import Pair
+    from clipn_cli.weights import load_model
+
+    model, _ = load_model(tiny_weights)
+    eps = tmp_path / "x.jpg"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    good = str(IMAGES / "chelsea.png")
+    pairs = iter([Pair("eps", "a cat", str(eps)), Pair("empty", "a cat", b""), Pair("fifo", "a cat", str(_fifo(tmp_path / "p.png"))),
+                  *(Pair(f"ok{i}", "a cat", good) for i in range(20))])
+    batches = StreamBatches(model, pairs, batch_size=2, device=torch.device("cpu"), workers=2)
+    batch = batches.next()
+    assert batch.image.shape[0] == 2 and batches.failed == 3
+    assert any("format" in e for e in batches.errors) and any("empty file" in e for e in batches.errors)
+    assert any("not a regular file" in e for e in batches.errors)
+    batches.close()
+
+    release = threading.Event()
+    started = threading.Event()
+
+    def stuck(image: object) -> torch.Tensor:
+        started.set()
+        release.wait()
+        return torch.zeros(3, 224, 224)
+
+    stalled = StreamBatches(model, iter([Pair(f"s{i}", "a cat", good) for i in range(8)]), batch_size=2, device=torch.device("cpu"), workers=1)
+    stalled.transform = stuck
+    stalled._fill()
+    assert started.wait(120)
+    threads = [t for t in threading.enumerate() if t.name.startswith("clipn-decode")]
+    assert threads and all(t.daemon for t in threads)
+    stalled.close()  # returns with a decode still running
+    assert all(not f.done() or f.cancelled() for _, f in list(stalled._pending)[1:])
+    release.set()

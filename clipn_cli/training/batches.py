@@ -12,17 +12,17 @@ run continues exactly where the interrupted one stopped.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 
 from ..errors import DataError, ImageError
-from ..images import InputItem, decode_bytes, image_size_of, open_image
+from ..images import InputItem, _DecodePool, image_size_of, load_one
 from ..inference import autocast, encode_batch, encode_images
 from ..model import CLIPN
 from .data import IndexedData, Pair, ShardData, caption_id
@@ -189,7 +189,9 @@ class StreamBatches:
         self._position = consumed  # of the next pair taken from the stream
         self.consumed, self.failed = consumed, 0
         self.errors: deque[str] = deque(maxlen=20)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="clipn-train-decode")
+        # the decoding threads detect uses: daemons, so a decode stuck in a C decoder never delays exit
+        self._stop = threading.Event()
+        self._pool = _DecodePool(max(1, workers), self._stop)
         self._pairs = itertools.islice(pairs, consumed, None)
         self._pending: deque = deque()
         self._prefetch = 2 * batch_size
@@ -197,12 +199,17 @@ class StreamBatches:
     def _fill(self) -> None:
         while len(self._pending) < self._prefetch:
             pair = next(self._pairs)
-            self._pending.append((pair, self._pool.submit(self._decode, pair, self._position)))
+            self._pending.append((pair, self._pool.submit(functools.partial(self._decode, pair, self._position))))
             self._position += 1
 
     def _decode(self, pair: Pair, position: int) -> torch.Tensor:
-        image = open_image(pair.image) if isinstance(pair.image, str) else open_bytes(pair.image)
-        return self.augment(image, position) if self.augment is not None else self.transform(image)
+        """Through `load_one`, the input layer detect uses: allow-list, limits, `stop` honoured."""
+        item = InputItem(pair.image) if isinstance(pair.image, str) else InputItem(pair.key, data=pair.image)
+        transform = (lambda image: self.augment(image, position)) if self.augment is not None else self.transform
+        loaded = load_one(item, transform, stop=self._stop)
+        if loaded.error is not None:
+            raise ImageError(loaded.error)
+        return loaded.pixels
 
     def next(self) -> Batch:
         good: list[tuple[Pair, torch.Tensor]] = []
@@ -226,12 +233,8 @@ class StreamBatches:
         )
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def open_bytes(data: bytes) -> Image.Image:
-    """Decode an encoded image held in memory (a shard member), first frame, with the checks files get."""
-    return decode_bytes(data)
+        self._stop.set()  # running decodes end at their next read; queued ones are cancelled
+        self._pool.shutdown(future for _, future in self._pending)
 
 
 def pair_stream(data: IndexedData | ShardData, seed: int, rank: int, world_size: int) -> Iterator[Pair]:
