@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .errors import EmbeddingsError
 from .files import atomic_path
 from .model import CLIPN
-from .negatives import NegativePool
+from .negatives import GROUPS, NegativePool
 from .prompts import TemplateSet
 from .safetensors_file import SafetensorsError, SafetensorsFile, loads_json
 
@@ -138,6 +138,8 @@ def _load_negatives(path: Path, meta: dict[str, str], tensors: dict[str, torch.T
         if not (all(isinstance(w, str) for w in pool.words) and pool.negatives.shape == (len(pool.words), yes.shape[1])
                 and pool.id_heads.shape == yes.shape and torch.isfinite(pool.negatives).all() and torch.isfinite(pool.id_heads).all()):
             raise EmbeddingsError(f"{path}: damaged negative labels '{name}' (shapes or values do not fit the class heads)")
+        if len(pool.words) < GROUPS:  # mining never stores fewer; scoring them would give every image 1.0
+            raise EmbeddingsError(f"{path}: damaged negative labels '{name}' ({len(pool.words)} words; {GROUPS} groups need at least {GROUPS})")
     return pools
 
 

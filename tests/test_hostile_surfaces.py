@@ -218,13 +218,17 @@ def test_damaged_candidate_cache_is_rebuilt_never_trusted_or_waited_on(tmp_path:
 
 # embeddings files with negatives (format 1.1) -----------------------------------------------------
 
+WORDS = 100  # negatives.GROUPS: mining never stores fewer
+GOOD = json.dumps({"neglabel": [f"w{i}" for i in range(WORDS)]})
+
+
 def _embeddings_file(path: Path, negatives: str | None = None, tensors: dict | None = None) -> Path:
     meta = {"format": "clipn-cli.embeddings", "format_version": "1.1", "classes": json.dumps(["cat", "dog"]),
             "templates": "simple", "templates_sha256": "0" * 64, "weights_fingerprint": "f" * 64}
     if negatives is not None:
         meta["negatives"] = negatives
     base = {"text_yes": torch.eye(2, 4), "text_no": torch.eye(2, 4),
-            "negatives.neglabel": torch.ones(3, 4) / 2, "negatives.neglabel.id_heads": torch.eye(2, 4)}
+            "negatives.neglabel": torch.ones(WORDS, 4) / 2, "negatives.neglabel.id_heads": torch.eye(2, 4)}
     base.update(tensors or {})
     save_file({k: v for k, v in base.items() if v is not None}, str(path), metadata=meta)
     return path
@@ -233,15 +237,16 @@ def _embeddings_file(path: Path, negatives: str | None = None, tensors: dict | N
 @pytest.mark.parametrize("negatives, tensors", [
     (DEEP[:2000] + DEEP[-2000:], None),
     ('["neglabel"]', None),
-    ('{"neglabel": [1, 2, 3]}', None),
-    ('{"neglabel": "abc"}', None),
-    ('{"neglabel": ["a", "b", "c"], "<script>": []}', None),
-    ('{"neglabel": ["a", "b"]}', None),  # 2 words, 3 rows
-    ('{"csp": ["a", "b", "c"]}', None),  # no tensors for the pool
-    ('{"neglabel": ["a", "b", "c"]}', {"negatives.neglabel": torch.full((3, 4), float("inf"))}),
-    ('{"neglabel": ["a", "b", "c"]}', {"negatives.neglabel": torch.ones(3, 5)}),
-    ('{"neglabel": ["a", "b", "c"]}', {"negatives.neglabel.id_heads": None}),
-    ('{"neglabel": ["a", "b", "c"]', None),  # truncated JSON
+    (json.dumps({"neglabel": list(range(WORDS))}), None),
+    (json.dumps({"neglabel": "w" * WORDS}), None),  # a string is not a list of 100 one-letter words
+    (GOOD[:-1] + ', "<script>": []}', None),
+    (json.dumps({"neglabel": [f"w{i}" for i in range(WORDS - 1)]}), None),  # 99 words, 100 rows
+    (json.dumps({"csp": [f"w{i}" for i in range(WORDS)]}), None),  # no tensors for the pool
+    (GOOD, {"negatives.neglabel": torch.full((WORDS, 4), float("inf"))}),
+    (GOOD, {"negatives.neglabel": torch.ones(WORDS, 5)}),
+    (GOOD, {"negatives.neglabel.id_heads": None}),
+    (json.dumps({"neglabel": ["a", "b", "c"]}), {"negatives.neglabel": torch.ones(3, 4)}),  # fewer than 100 groups
+    (GOOD[:-2], None),  # truncated JSON
 ])
 def test_hostile_negatives_in_embeddings_are_one_error_naming_the_file(tmp_path: Path, negatives: str, tensors: dict | None) -> None:
     from clipn_cli.embeddings import ClassEmbeddings
@@ -255,8 +260,8 @@ def test_hostile_negatives_in_embeddings_are_one_error_naming_the_file(tmp_path:
 def test_well_formed_negatives_load(tmp_path: Path) -> None:
     from clipn_cli.embeddings import ClassEmbeddings
 
-    heads = ClassEmbeddings.load(_embeddings_file(tmp_path / "ok.safetensors", '{"neglabel": ["a", "b", "c"]}'))
-    assert heads.negatives["neglabel"].words == ["a", "b", "c"] and heads.negatives["neglabel"].negatives.shape == (3, 4)
+    heads = ClassEmbeddings.load(_embeddings_file(tmp_path / "ok.safetensors", GOOD))
+    assert heads.negatives["neglabel"].words == json.loads(GOOD)["neglabel"] and heads.negatives["neglabel"].negatives.shape == (WORDS, 4)
 
 
 def test_embeddings_fifo_is_refused(tmp_path: Path) -> None:
