@@ -76,7 +76,7 @@ def model_config(model: str) -> dict[str, Any]:
 
 def load_plain_clip(spec: tuple[str, str], device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """(model in eval mode, WeightsInfo) of a plain open_clip CLIP; the fingerprint hashes its tensors."""
-    from .weights import WeightsInfo, fingerprint, read_checkpoint
+    from .weights import WeightsInfo, _all_finite, fingerprint, read_checkpoint
 
     name, source = spec
     cfg = model_config(name)
@@ -98,6 +98,9 @@ def load_plain_clip(spec: tuple[str, str], device: str | torch.device = "cpu") -
 
         # before building: a config declaring more than the file holds would build for minutes
         check_config_fits(validate_config(cfg, name), {k: tuple(v.shape) for k, v in tensors.items()}, source)
+        for key, value in tensors.items():  # as for CLIPN weights: NaN/Inf would make every score NaN
+            if value.is_floating_point() and not _all_finite(value):
+                raise WeightsError(f"{source}: tensor '{key[:80]}' contains NaN or Inf values")
         try:
             model = PlainCLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False))
             model.load_state_dict(tensors, strict=True)

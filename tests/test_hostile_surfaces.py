@@ -195,6 +195,14 @@ def test_word_folder_names_a_fifo_or_folder_instead_of_skipping_or_waiting(tmp_p
         read_words(folder)
 
 
+def test_cli_words_that_are_not_a_word_list_are_one_line_exit_2(tiny_weights: Path, tmp_path: Path) -> None:
+    for bad in ("/dev/zero", str(_fifo(tmp_path / "words.txt"))):
+        result = cli("embed-classes", "--classes", CLASSES, "-w", str(tiny_weights), "--templates", "simple",
+                     "--negatives", "neglabel", "--words", bad, "-o", str(tmp_path / "heads.safetensors"))
+        assert result.returncode == 2 and result.stderr == f"clipn: error: {bad}: cannot read the word list: not a regular file (device, socket or pipe)\n"
+        assert not (tmp_path / "heads.safetensors").exists()
+
+
 def test_damaged_candidate_cache_is_rebuilt_never_trusted_or_waited_on(tmp_path: Path) -> None:
     from clipn_cli.wordpool import _cached
 
@@ -323,6 +331,17 @@ def test_plain_clip_config_declaring_more_than_the_file_holds_is_refused_before_
     assert info.metadata["kind"] == "open_clip" and not model.has_no
 
 
+def test_plain_clip_checkpoint_with_nan_is_refused(tmp_path: Path, plain_checkpoint: Path) -> None:
+    from clipn_cli.plainclip import load_plain_clip
+
+    state = torch.load(plain_checkpoint, weights_only=True)
+    state["text_projection"][0, 0] = float("nan")
+    for path in (tmp_path / "nan.pt", tmp_path / "nan.safetensors"):
+        torch.save(state, path) if path.suffix == ".pt" else save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        with pytest.raises(ClipnError, match=rf"{path}: tensor 'text_projection' contains NaN or Inf values"):
+            load_plain_clip((str(TINY_CONFIG), str(path)))
+
+
 @pytest.mark.parametrize("name", ["fifo.pt", "dir.pt", "fifo.safetensors"])
 def test_plain_clip_checkpoint_that_is_not_a_file_is_refused_without_waiting(tmp_path: Path, name: str) -> None:
     from clipn_cli.plainclip import load_plain_clip
@@ -445,6 +464,14 @@ def test_hostile_commit_marker_and_special_manifest(tmp_path: Path, monkeypatch:
     _fifo(folder / "manifest.json")
     with pytest.raises(OutputStoreError, match=r"manifest.json: not a regular file"):
         load_manifest(store)
+
+
+def test_resume_refusal_shows_a_huge_manifest_value_in_one_short_line(tmp_path: Path) -> None:
+    from clipn_cli.scale.manifest import Manifest, ResumeError, check_resumable
+
+    with pytest.raises(ResumeError) as caught:
+        check_resumable(Manifest({"classes": "x" * 1_000_000}), {"classes": "cat"}, str(tmp_path))
+    assert len(str(caught.value)) < 400 and "classes='xxx" in str(caught.value)
 
 
 # report thumbnails ------------------------------------------------------------------------------

@@ -118,8 +118,14 @@ def check_resumable(old: Manifest, job: dict[str, Any], uri: str) -> None:
     """Refuse to mix shards of differently asked runs; names the first difference."""
     for key in sorted(set(old.job) | set(job)):
         if key != "clipn_version" and old.job.get(key) != job.get(key):
-            raise ResumeError(f"--resume {uri}: the run there was made with {key}={old.job.get(key)!r}, "
-                              f"this one has {key}={job.get(key)!r}; use the same options or a new --output")
+            raise ResumeError(f"--resume {uri}: the run there was made with {key[:40]}={_shown(old.job.get(key))}, "
+                              f"this one has {key[:40]}={_shown(job.get(key))}; use the same options or a new --output")
+
+
+def _shown(value: Any) -> str:
+    """A value for a one-line message: a manifest may hold anything, of any length."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class ManifestWriter:
