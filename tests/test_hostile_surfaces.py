@@ -466,6 +466,30 @@ def test_hostile_commit_marker_and_special_manifest(tmp_path: Path, monkeypatch:
         load_manifest(store)
 
 
+def test_damaged_shard_file_is_one_error_naming_it(tmp_path: Path) -> None:
+    from clipn_cli.scale import read_output
+    from clipn_cli.scale.manifest import ResumeError
+
+    folder = _manifest(tmp_path)
+    shard = folder / "shards" / "part-000000.jsonl"
+    for content in (b'{"path": "a.png", "verdict": "ID"}\n', b'{"path": "a.png", \n', b"[" * 100_000 + b"\n"):
+        shard.write_bytes(content)
+        if content.endswith(b"}\n"):
+            assert list(read_output(str(folder))) == [{"path": "a.png", "verdict": "ID"}]
+            continue
+        with pytest.raises(ResumeError, match=r"shards/part-000000.jsonl: damaged shard"):
+            list(read_output(str(folder)))
+    shard.unlink()
+    with pytest.raises(ResumeError, match=r"shards/part-000000.jsonl: no such file \(a shard the manifest lists"):
+        list(read_output(str(folder)))
+    shard.mkdir()
+    with pytest.raises(ResumeError, match=r"shards/part-000000.jsonl: not a regular file \(a shard the manifest lists"):
+        list(read_output(str(folder)))
+    (folder / "manifest.json").write_text((folder / "manifest.json").read_text().replace('"jsonl"', '"exe"', 1))
+    with pytest.raises(ResumeError, match="format 'exe'"):
+        list(read_output(str(folder)))
+
+
 def test_resume_refusal_shows_a_huge_manifest_value_in_one_short_line(tmp_path: Path) -> None:
     from clipn_cli.scale.manifest import Manifest, ResumeError, check_resumable
 

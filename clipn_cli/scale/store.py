@@ -80,6 +80,8 @@ class OutputStore:
 
         info = self.filesystem.get_file_info(self.path(*parts))
         where = "/".join([self.uri, *parts])
+        if info.type == pafs.FileType.NotFound:
+            raise OutputStoreError(f"{where}: no such file")
         if info.type != pafs.FileType.File:
             raise OutputStoreError(f"{where}: not a regular file")
         if limit is not None and info.size is not None and info.size > limit:
