@@ -109,7 +109,7 @@ class Calibration:
 
     def p_values(self, method: str, scores: np.ndarray | Sequence[float] | float) -> np.ndarray:
         if method not in self.scores:
-            raise CalibrationError(f"calibration has no '{method}' scores (it has {', '.join(self.scores)})")
+            raise CalibrationError(f"calibration has no '{method}' scores (it has {', '.join(m[:40] for m in list(self.scores)[:10])})")
         return p_values(self.scores[method], scores)
 
     def threshold(self, method: str, alpha: float) -> float:
@@ -187,15 +187,16 @@ class Calibration:
         arrays = {}
         for method, values in scores.items():
             if not (isinstance(values, list) and values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-                raise damaged(f"'{method}' scores are not a list of numbers")
+                raise damaged(f"'{str(method)[:40]}' scores are not a list of numbers")
             try:
                 array = np.asarray(values, dtype=np.float64)
             except OverflowError:  # an integer beyond float64
-                raise damaged(f"'{method}' scores hold a number too large for a float") from None
+                raise damaged(f"'{str(method)[:40]}' scores hold a number too large for a float") from None
             if not np.isfinite(array).all():
-                raise damaged(f"'{method}' scores contain NaN or Inf")
+                raise damaged(f"'{str(method)[:40]}' scores contain NaN or Inf")
             arrays[str(method)] = array
-        if len({a.size for a in arrays.values()}) != 1 or data.get("count") != next(iter(arrays.values())).size:
+        count = data.get("count")
+        if len({a.size for a in arrays.values()}) != 1 or isinstance(count, bool) or count != next(iter(arrays.values())).size:
             raise damaged("score counts disagree")
         classes = data.get("classes")
         if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
@@ -204,14 +205,14 @@ class Calibration:
         if not all(isinstance(v, str) for v in text.values()):
             raise damaged("weights fingerprint or templates missing")
         alpha = data.get("alpha", DEFAULT_ALPHA)
-        if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
-            raise damaged(f"alpha {alpha!r}")
+        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < 1):
+            raise damaged(f"alpha {str(alpha)[:20]!r}")
         settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
         return cls(arrays, text["weights_fingerprint"], classes, text["templates"], text["templates_sha256"], float(alpha), settings)
 
 
 def _short(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    shown = ", ".join(n if len(n) <= 40 else n[:37] + "..." for n in names[:4]) + (", ..." if len(names) > 4 else "")
     return f"{len(names)} classes: {shown}"
 
 

@@ -59,6 +59,9 @@ def _calibration(**changes: object) -> dict:
     ("classes", "classes are not a list of strings"),
     ("version", "is not one this clipn-cli reads"),
     ("top_list", "not a clipn calibration file"),
+    ("bool_count", "score counts disagree"),
+    ("long_method", "'mmmmmmmm"),
+    ("alpha", "alpha '"),
 ])
 def test_hostile_calibration_file_is_one_error_naming_it(tmp_path: Path, case: str, expected: str) -> None:
     from clipn_cli.calibration import Calibration
@@ -79,6 +82,9 @@ def test_hostile_calibration_file_is_one_error_naming_it(tmp_path: Path, case: s
         "classes": lambda: path.write_text(json.dumps(_calibration(classes=[{"a": 1}]))),
         "version": lambda: path.write_text(json.dumps(_calibration(format_version="x" * 100_000))),
         "top_list": lambda: path.write_text("[1, 2, 3]"),
+        "bool_count": lambda: path.write_text(json.dumps(_calibration(count=True, scores={"msp": [0.5]}))),
+        "long_method": lambda: path.write_text(json.dumps(_calibration(scores={"m" * 1_000_000: ["x"]}))),
+        "alpha": lambda: path.write_text(json.dumps(_calibration(alpha="9" * 1_000_000))),
     }
     writers[case]()
     with pytest.raises(CalibrationError) as caught:
