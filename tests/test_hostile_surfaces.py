@@ -388,6 +388,22 @@ def test_nul_in_a_csv_path_is_one_error_record(tmp_path: Path) -> None:
     assert "NUL byte" in load_one(items[1], lambda img: img).error
 
 
+def test_empty_table_cells_are_error_records_not_dropped(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from clipn_cli.scale.planner import iter_table
+
+    csv_table = tmp_path / "t.csv"
+    csv_table.write_text("label,path\n1,a.png\n2,\n3\n\n4,b.png\n", encoding="utf-8")  # an empty cell, a short row, a blank line
+    got = [(i.path, i.error) for i in iter_table(str(csv_table))]
+    assert got == [(str(tmp_path / "a.png"), None), (f"{csv_table} row 2", "empty 'path' value in the table"),
+                   (f"{csv_table} row 3", "empty 'path' value in the table"), (str(tmp_path / "b.png"), None)]
+    parquet = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"path": ["a.png", None, ""]}), parquet)
+    assert [i.error is None for i in iter_table(str(parquet))] == [True, False, False]
+
+
 def test_table_swapped_for_a_fifo_is_refused_without_waiting(tmp_path: Path) -> None:
     from clipn_cli.scale.planner import iter_table
 

@@ -91,9 +91,11 @@ def iter_table(path: str, batch_rows: int = 65_536) -> Iterator[InputItem]:
     """The `path` column of a Parquet or CSV file, streamed (one row group / CSV line at a time)."""
     base = os.path.dirname(path)
     column = _parquet_paths(path, batch_rows) if path.lower().endswith(".parquet") else _csv_paths(path)
-    for value in column:
+    for row, value in enumerate(column, 1):
         if value:
             yield InputItem(os.path.join(base, value))
+        else:  # a row is an input: an empty or missing name gets its error record, never silently dropped
+            yield InputItem(f"{path} row {row}", error=f"empty '{PATH_COLUMN}' value in the table")
 
 
 def _parquet_paths(path: str, batch_rows: int) -> Iterator[str | None]:
