@@ -406,3 +406,21 @@ def test_shards_keep_non_utf8_file_names() -> None:
     assert list(decode_shard(encode_shard(records, "jsonl"), "jsonl")) == records  # exact, as local JSON Lines
     back = list(decode_shard(encode_shard(records, "parquet"), "parquet"))
     assert back == [{"path": "/x/caf\\xe9.jpg", "error": "no such file"}, records[1]]
+
+
+@needs_ray
+def test_default_actors_take_a_node_each_and_niced_workers_are_reported(cluster, tiny_weights: Path) -> None:
+    """Joined cluster of two 1-CPU nodes started with Ray's defaults: one 1-CPU actor per node (its
+    threads), and the workers' nice 15 (which let every other process preempt them) is reported."""
+    import ray
+
+    from clipn_cli.scale.ray_engine import Cluster, ClusterSpec
+    from clipn_cli.scale.worker import ScoreOptions, WorkerConfig
+
+    with Cluster(ClusterSpec(), WorkerConfig(str(tiny_weights)), None, ScoreOptions()) as pool:
+        assert (len(pool.actors), pool.cpus_per_actor) == (2, 1.0)
+        assert ray.get([a.__ray_call__.remote(lambda w: (w.config.threads, w.config.workers)) for a in pool.actors]) == [(1, 1), (1, 1)]
+        assert pool.niceness == 15
+        assert "RAY_worker_niceness=0" in pool.niceness_warning()
+    with Cluster(ClusterSpec(actors=4), WorkerConfig(str(tiny_weights)), None, ScoreOptions()) as pool:
+        assert (len(pool.actors), pool.cpus_per_actor) == (4, 0.5)  # an equal share of the 2 CPUs, so that all 4 start

@@ -57,7 +57,7 @@ def detect(
     ray_address: RayAddressOpt = None,
     actors: ActorsOpt = None,
     gpus_per_actor: GpusPerActorOpt = 0.0,
-    cpus_per_actor: CpusPerActorOpt = 1.0,
+    cpus_per_actor: CpusPerActorOpt = None,
     shard_size: ShardSizeOpt = 10_000,
 ) -> None:
     """Say ID or OOD for each image, from class names alone.

@@ -55,7 +55,7 @@ def evaluate(
     ray_address: RayAddressOpt = None,
     actors: ActorsOpt = None,
     gpus_per_actor: GpusPerActorOpt = 0.0,
-    cpus_per_actor: CpusPerActorOpt = 1.0,
+    cpus_per_actor: CpusPerActorOpt = None,
 ) -> None:
     """Measure how well CTW and ATD (and MSP, MaxLogit, Energy, MCM) separate ID from OOD images.
 
@@ -158,7 +158,7 @@ def _operating_points(evaluation: Evaluation, alpha: float, seed: int) -> list[O
 
 @contextlib.contextmanager
 def _engine(engine: str, weights: Path, device: str, batch_size: int | None, workers: int | None, precision: str,
-            exif_transpose: bool, ray_address: str | None, actors: int | None, cpus_per_actor: float,
+            exif_transpose: bool, ray_address: str | None, actors: int | None, cpus_per_actor: float | None,
             gpus_per_actor: float) -> Iterator[Callable | None]:
     """None (encode here) or, with --engine ray, an encoder that runs on a cluster for the block."""
     if engine == "local":
@@ -170,7 +170,9 @@ def _engine(engine: str, weights: Path, device: str, batch_size: int | None, wor
     options = ScoreOptions(precision=precision, exif_transpose=exif_transpose)
     spec = ClusterSpec(ray_address, actors, cpus_per_actor, gpus_per_actor)
     with Cluster(spec, WorkerConfig(str(weights), device, batch_size, workers), None, options) as cluster:
-        info(f"encoding images on Ray with {len(cluster.actors)} actors")
+        info(f"encoding images on Ray with {len(cluster.actors)} actors of {cluster.cpus_per_actor:g} CPUs")
+        if (warning := cluster.niceness_warning()) is not None:
+            warn(warning)
         yield ClusterEncoder(cluster, options)
 
 

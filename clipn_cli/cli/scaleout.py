@@ -9,28 +9,28 @@ from typing import Annotated
 
 import typer
 
-from .common import EXIT_OK, EXIT_PARTIAL, fail, info
+from .common import EXIT_OK, EXIT_PARTIAL, fail, info, warn
 
 ENGINES = ("local", "ray")
 EngineOpt = Annotated[str, typer.Option("--engine", help="local (this process) or ray (a Ray cluster: see --ray-address, --actors).")]
 RayAddressOpt = Annotated[str | None, typer.Option("--ray-address", help="With --engine ray: 'auto' joins the cluster running here, ray://HOST:PORT or HOST:PORT another; default: start a local cluster.", show_default=False)]
 ActorsOpt = Annotated[int | None, typer.Option("--actors", min=1, help="With --engine ray: scoring actors (each loads the weights once). Default: cluster GPUs / --gpus-per-actor, or CPUs / --cpus-per-actor.", show_default=False)]
 GpusPerActorOpt = Annotated[float, typer.Option("--gpus-per-actor", min=0.0, help="With --engine ray: GPUs per actor (0 = CPU actors).")]
-CpusPerActorOpt = Annotated[float, typer.Option("--cpus-per-actor", min=0.01, help="With --engine ray: CPUs per actor (its decoding threads and, on CPU, torch threads).")]
+CpusPerActorOpt = Annotated[float | None, typer.Option("--cpus-per-actor", min=0.01, help="With --engine ray: CPUs per actor (its decoding threads and, on CPU, torch threads). Default: a whole node's CPUs for CPU actors (one actor per node, like local detect), 1 per GPU actor.", show_default=False)]
 ShardSizeOpt = Annotated[int, typer.Option("--shard-size", min=1, help="With --engine ray: inputs per output shard (the unit of work and of --resume).")]
 
 
-def ray_options_given(ray_address: str | None, actors: int | None, gpus_per_actor: float, cpus_per_actor: float, shard_size: int | None) -> bool:
+def ray_options_given(ray_address: str | None, actors: int | None, gpus_per_actor: float, cpus_per_actor: float | None, shard_size: int | None) -> bool:
     from ..scale.planner import DEFAULT_SHARD_SIZE
 
-    return ray_address is not None or actors is not None or gpus_per_actor != 0.0 or cpus_per_actor != 1.0 or shard_size not in (None, DEFAULT_SHARD_SIZE)
+    return ray_address is not None or actors is not None or gpus_per_actor != 0.0 or cpus_per_actor is not None or shard_size not in (None, DEFAULT_SHARD_SIZE)
 
 
 def detect_on_ray(
     *, paths: list[str], output: str | None, fmt: str | None, resume: bool, cache: Path | None,
     names: list[str], embeddings: Path | None, weights: Path | None, templates: str, device: str,
     batch_size: int | None, workers: int | None, options, ray_address: str | None, actors: int | None,
-    cpus_per_actor: float, gpus_per_actor: float, shard_size: int,
+    cpus_per_actor: float | None, gpus_per_actor: float, shard_size: int,
 ) -> None:
     """Score `paths` on Ray into the folder `output`; exits like local detect (0, 1 or 2)."""
     from ..scale.ray_engine import Cluster, ClusterSpec, detect_job, require_ray, run_detect
@@ -55,7 +55,9 @@ def detect_on_ray(
     config = WorkerConfig(str(weights_path), device, batch_size, workers)
     progress = _Progress()
     with Cluster(spec, config, heads, options) as cluster:
-        info(f"scoring on Ray with {len(cluster.actors)} actors; shards of {shard_size} inputs into {output}")
+        info(f"scoring on Ray with {len(cluster.actors)} actors of {cluster.cpus_per_actor:g} CPUs; shards of {shard_size} inputs into {output}")
+        if (warning := cluster.niceness_warning()) is not None:
+            warn(warning)
         manifest = run_detect(iter_sources(paths, sys.stdin), store, job, cluster, resume=resume, shard_size=shard_size, progress=progress)
     if manifest.inputs == 0:
         fail("no images found in the given inputs")

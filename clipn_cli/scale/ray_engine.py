@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 INSTALL_HINT = "pip install 'clipn-cli[ray]'"
 IN_FLIGHT_PER_ACTOR = 2  # one shard running, one queued on the actor so that it never waits for the driver
 RESTARTS = 3  # a lost worker's actor is restarted (elsewhere) this often, and its shard retried
+NICENESS_ENV = "RAY_worker_niceness"  # Ray starts worker processes at nice 15 unless its raylet is told otherwise
 
 
 class RayMissing(ClipnError):
@@ -60,7 +61,7 @@ class ClusterSpec:
 
     address: str | None = None
     actors: int | None = None  # default: as many as the cluster has GPUs (GPU actors) or CPUs / cpus_per_actor
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None  # default: CPU actors take a whole node (like local detect), GPU actors 1
     gpus_per_actor: float = 0.0
 
 
@@ -72,17 +73,28 @@ class Cluster:
         self.spec = spec
         self.started = False
         if not self.ray.is_initialized():
+            address = spec.address or os.environ.get("RAY_ADDRESS")
+            # A cluster of our own: its workers are the job, so they must not run at Ray's default
+            # nice 15, where every other process on the machine (the driver, Ray's daemons, other
+            # users' jobs) comes first (benchmarks/README.md). Its raylet reads this at start.
+            unniced = address is None and NICENESS_ENV not in os.environ
+            if unniced:
+                os.environ[NICENESS_ENV] = "0"
             try:
-                self.ray.init(address=spec.address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, logging_level=logging.WARNING,
+                self.ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
                               log_to_driver=True, configure_logging=True)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = spec.address or "a new local cluster"
                 raise EngineError(f"cannot start or join Ray ({where}): {str(exc).splitlines()[0][:200]}") from None
+            finally:
+                if unniced:
+                    del os.environ[NICENESS_ENV]
             self.started = True
+        self.cpus_per_actor = spec.cpus_per_actor or self._node_cpus()
         count = spec.actors or self._default_actors()
-        config = _actor_config(config, spec.cpus_per_actor, spec.gpus_per_actor)
+        config = _actor_config(config, self.cpus_per_actor, spec.gpus_per_actor)
         remote = self.ray.remote(Worker).options(
-            num_cpus=spec.cpus_per_actor, num_gpus=spec.gpus_per_actor,
+            num_cpus=self.cpus_per_actor, num_gpus=spec.gpus_per_actor,
             max_restarts=RESTARTS, max_task_retries=RESTARTS,
         )
         try:
@@ -92,11 +104,28 @@ class Cluster:
             self.close()
             raise
 
+    def _node_cpus(self) -> float:
+        """CPUs per actor when none are given: 1 beside a GPU; on CPU, all of the smallest node's, so
+        that one actor per node runs one forward pass on all its cores, as local detect does (two
+        1-thread actors on 2 cores each hold a model and a decoding pipeline of their own), or
+        with --actors N an equal share of the cluster's CPUs (whole CPUs where there is one each)."""
+        if self.spec.gpus_per_actor > 0:
+            return 1.0
+        cpus = [n["Resources"].get("CPU", 0) for n in self.ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+        if not cpus:
+            return 1.0
+        node = float(int(min(cpus))) or min(cpus)
+        if self.spec.actors is None:
+            return node
+        share = sum(cpus) / self.spec.actors
+        return min(node, float(int(share)) if share >= 1 else share)
+
     def _default_actors(self) -> int:
         resources = self.ray.cluster_resources()
         if self.spec.gpus_per_actor > 0:
             return max(1, int(resources.get("GPU", 0) / self.spec.gpus_per_actor))
-        return max(1, int(resources.get("CPU", 1) / max(self.spec.cpus_per_actor, 1e-9)))
+        nodes = [n["Resources"].get("CPU", 0) for n in self.ray.nodes() if n.get("Alive")]
+        return max(1, sum(int(c / max(self.cpus_per_actor, 1e-9) + 1e-9) for c in nodes))
 
     def _check_ready(self) -> None:
         """Wait for every actor to load the weights; a failure (missing file, wrong version) is one line."""
@@ -106,6 +135,14 @@ class Cluster:
             raise EngineError(f"a clipn worker could not start: {_cause(exc)}") from None
         if any(v != __version__ for v in versions):
             raise EngineError(f"the cluster's workers run clipn-cli {sorted(set(versions))}, this driver {__version__}: install the same version everywhere")
+        self.niceness = max(self.ray.get([a.niceness.remote() for a in self.actors]))
+
+    def niceness_warning(self) -> str | None:
+        """What to tell the user when the actors run niced (a cluster started with Ray's default)."""
+        if self.niceness <= 0:
+            return None
+        return (f"the cluster's workers run at nice {self.niceness}, so every other process on their nodes comes first: "
+                f"start the cluster with {NICENESS_ENV}=0 in the environment of `ray start`")
 
     def __enter__(self) -> Cluster:
         return self

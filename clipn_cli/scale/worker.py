@@ -66,6 +66,10 @@ class Worker:
         self.config = config
         self.pid = os.getpid()
 
+    def niceness(self) -> int:
+        """This process's nice value: Ray starts its workers at 15 unless told otherwise."""
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
     def version(self) -> str:
         """The clipn-cli version this worker runs (the driver refuses a mixed cluster)."""
         from .. import __version__
