@@ -32,7 +32,7 @@ def detect(
     embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,
     weights: WeightsOpt = None,
     templates: TemplatesOpt = "clipn",
-    rule: Annotated[str, typer.Option("--rule", help=f"Verdict rule: {', '.join(RULES)}. atd (agreeing-to-differ) and ctw (competing-to-win) are threshold-free; the others need --threshold, or --calibration.")] = "atd",
+    rule: Annotated[str, typer.Option("--rule", help=f"Verdict rule: {', '.join(RULES)}. Threshold-free: {', '.join(VERDICT_RULES)} (atd = agreeing-to-differ, ctw = competing-to-win); the others need --threshold or --calibration.")] = "atd",
     threshold: Annotated[float | None, typer.Option("--threshold", help="Call an image OOD when the rule's score is below T (needed by rules without a threshold-free verdict, e.g. thr@95%ID from 'clipn eval').", show_default=False)] = None,
     negatives: NegativesOpt = None,
     words: WordsOpt = None,
