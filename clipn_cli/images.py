@@ -459,20 +459,6 @@ def open_image(
     return _read_image(path, exif_transpose, draft, limits, None, None, data=data)
 
 
-def decode_bytes(data: bytes, limits: DecodeLimits | None = None) -> Image.Image:
-    """Decode an encoded image held in memory (a shard member), first frame, with the checks files get."""
-    limits = limits or DecodeLimits.from_env()
-    guard = _Guard(limits.timeout, None)
-    guard.start()
-    try:
-        with _GuardedReader(io.BytesIO(data), guard) as fp:  # type: ignore[arg-type]
-            return _decode(fp, False, 0, limits, guard, None)
-    except ImageError:
-        raise
-    except Exception as exc:  # PIL raises many types for bad data; each is one unusable sample
-        raise ImageError(f"cannot decode image ({type(exc).__name__}: {_detail(exc)})") from None
-
-
 def limit_aspect(img: Image.Image, max_aspect: int = MAX_ASPECT) -> Image.Image:
     """Centre-crop the long side of extreme panoramas/strips to `max_aspect` × the short side.
 

@@ -63,6 +63,16 @@ def _config(out: Path, **kw) -> TrainConfig:
 # ---------------------------------------------------------------- data sources
 
 
+
+class _StopAfter4:
+    """Training progress hook that interrupts the run at step 4, as Ctrl-C would."""
+
+    def phase(self, name, total): pass
+    def advance(self, n): pass
+    def step(self, log):
+        if log.step == 4:
+            raise KeyboardInterrupt
+
 def test_jsonl_index_paths_relative_to_the_index(dataset: Path) -> None:
     data = open_data(str(dataset / "index.jsonl"))
     assert len(data) == 12
@@ -245,17 +255,10 @@ def test_resume_ends_with_the_same_weights(dataset: Path, tmp_path: Path, cached
     full = tmp_path / "full.safetensors"
     train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data, _config(full, steps=6, cache_features=cached))
 
-    class StopAfter4:
-        def phase(self, name, total): pass
-        def advance(self, n): pass
-        def step(self, log):
-            if log.step == 4:
-                raise KeyboardInterrupt
-
     cut = tmp_path / "cut.safetensors"
     with pytest.raises(KeyboardInterrupt):
         train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data,
-              _config(cut, steps=6, cache_features=cached, checkpoint_every=3), StopAfter4())
+              _config(cut, steps=6, cache_features=cached, checkpoint_every=3), _StopAfter4())
     checkpoint = tmp_path / "cut.safetensors.ckpt"
     assert checkpoint.is_file() and not cut.exists()
     train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data,
@@ -397,17 +400,10 @@ def test_augmented_resume_with_several_workers_is_exact(dataset: Path, tmp_path:
     full = tmp_path / "full.safetensors"
     train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data, _config(full, **settings))
 
-    class StopAfter4:
-        def phase(self, name, total): pass
-        def advance(self, n): pass
-        def step(self, log):
-            if log.step == 4:
-                raise KeyboardInterrupt
-
     cut = tmp_path / "cut.safetensors"
     with pytest.raises(KeyboardInterrupt):
         train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data,
-              _config(cut, checkpoint_every=3, **settings), StopAfter4())
+              _config(cut, checkpoint_every=3, **settings), _StopAfter4())
     train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data,
           _config(cut, checkpoint_every=3, resume=tmp_path / "cut.safetensors.ckpt", **settings))
     a, b = _state(full), _state(cut)
