@@ -46,6 +46,7 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own decompression-bom
 MAX_ASPECT = 100  # longer side / shorter side beyond which the long side is centre-cropped first
 GLOB_CHARS = frozenset("*?[")
 GIVE_UP_AFTER = 5.0  # seconds past a decode's time limit after which it is abandoned inside a C call
+TRANSFORM_EXIT_WAIT = 60.0  # at exit, the longest wait for transforms under way (one bounded image each)
 # What other formats look like, so that a refusal can name the format it refuses.
 _SIGNATURES = (
     (b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"), (b"\x00\x00\x01\x00", "ICO"),
@@ -206,6 +207,38 @@ class _Guard:
             raise _Stopped("the run is stopping")
         if time.monotonic() > self.deadline:
             raise _Stopped(f"decoding took longer than {self.timeout:g} s (limit CLIPN_DECODE_TIMEOUT); a decoding-time bomb?")
+
+
+class _Section:
+    """Code no thread may be inside while the interpreter ends (torch's C++): counted entries, and a
+    `close` that refuses new ones and waits for those inside to leave."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._inside = 0
+        self._closed = False
+
+    @contextlib.contextmanager
+    def inside(self) -> Iterator[None]:
+        with self._changed:
+            if self._closed:
+                raise _Stopped("the run is stopping")
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._inside -= 1
+                self._changed.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """Refuse new entries; True once nobody is inside, False if `timeout` seconds passed first."""
+        with self._changed:
+            self._closed = True
+            return self._changed.wait_for(lambda: self._inside == 0, timeout)
+
+
+_TRANSFORMS = _Section()
 
 
 class _GuardedReader(io.BufferedReader):
@@ -391,7 +424,10 @@ def _decode(
         with _BUDGET.hold(need, capacity, guard):
             img.load()
             out = limit_aspect(ImageOps.exif_transpose(img) if exif_transpose else img)
-            return transform(out) if transform is not None else out
+            if transform is None:
+                return out
+            with _TRANSFORMS.inside():
+                return transform(out)
 
 
 def _read_image(
@@ -531,8 +567,6 @@ class _DecodePool:
         self.stop = stop
         self._jobs: queue.SimpleQueue[tuple[Future[LoadedImage], Callable[[], LoadedImage]] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._busy = 0
-        self._idle = threading.Condition()
         for _ in range(workers):
             self.add_thread()
         _POOLS.add(self)
@@ -546,22 +580,10 @@ class _DecodePool:
         while (job := self._jobs.get()) is not None:
             future, work = job
             if future.set_running_or_notify_cancel():
-                with self._idle:
-                    self._busy += 1
                 try:
                     future.set_result(work())
                 except BaseException as exc:  # load_one does not raise; this keeps a bug visible
                     future.set_exception(exc)
-                finally:
-                    with self._idle:
-                        self._busy -= 1
-                        self._idle.notify_all()
-
-    def wait_idle(self, until: float) -> None:
-        """Wait until no decode is running, or until the monotonic time `until`."""
-        with self._idle:
-            while self._busy and (left := until - time.monotonic()) > 0:
-                self._idle.wait(left)
 
     def submit(self, work: Callable[[], LoadedImage]) -> Future[LoadedImage]:
         future: Future[LoadedImage] = Future()
@@ -580,19 +602,16 @@ _POOLS: weakref.WeakSet[_DecodePool] = weakref.WeakSet()
 
 
 @atexit.register
-def _settle_decoding_threads(grace: float = 0.5) -> None:
-    """At exit, stop running decodes (at their next read) and give them `grace` seconds to return.
+def _settle_decoding_threads() -> None:
+    """At exit, stop running decodes (at their next read) and wait for the threads inside torch to leave.
 
-    The interpreter ends daemon threads when they next take the GIL; one ended inside torch's C++
-    (the transform) would abort the process ("terminate called without an active exception").
-    A thread stuck for good is not waited for beyond `grace`.
+    A thread left inside Pillow's C decoder can be ended by the interpreter safely; one ended inside
+    torch's C++ (the transform) aborts the whole process ("terminate called without an active
+    exception", exit 134 instead of the code the command chose), so the transform is a gated section.
     """
-    until = time.monotonic() + grace
-    pools = list(_POOLS)
-    for pool in pools:
+    for pool in list(_POOLS):
         pool.stop.set()
-    for pool in pools:
-        pool.wait_idle(until)
+    _TRANSFORMS.close(TRANSFORM_EXIT_WAIT)
 
 
 def load_images(

@@ -208,6 +208,52 @@ def test_reader_going_away_stops_quietly_with_141(tiny_weights: Path, tmp_path: 
     assert stderr == ""
 
 
+EXIT_DURING_TRANSFORM = """
+import sys, threading, time, torch
+from PIL import Image
+from clipn_cli.images import InputItem, load_images
+
+entered = threading.Event()
+
+def slow(image):  # what a torch transform does, for long enough that the exit surely lands inside it
+    if entered.is_set() or threading.current_thread() is threading.main_thread():
+        return torch.zeros(1)
+    entered.set()
+    a, until = torch.ones(400, 400), time.monotonic() + 1.5
+    while time.monotonic() < until:
+        a = a @ a / 400
+    return a[:1, 0]
+
+path = sys.argv[1]
+results = load_images((InputItem(path) for _ in range(50)), slow, workers=2, prefetch=4)
+next(results)
+entered.wait()
+sys.exit(3)
+"""
+
+
+def test_exit_while_a_thread_is_inside_torch_keeps_the_exit_code(tmp_path: Path) -> None:
+    """A decode thread inside the transform (torch's C++) when the command exits: the interpreter
+    must not end it there, which aborts the process (exit -6, "terminate called ...") instead of
+    exiting with the code the command chose (here 3; for `| head`, 141)."""
+    image = tmp_path / "one.png"
+    Image.new("RGB", (32, 24), (1, 2, 3)).save(image)
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", EXIT_DURING_TRANSFORM, str(image)], capture_output=True, text=True)
+        assert (proc.returncode, proc.stderr) == (3, "")
+
+
+def test_transform_section_refuses_new_entries_once_closed() -> None:
+    from clipn_cli.images import _Section, _Stopped
+
+    section = _Section()
+    with section.inside():
+        assert section.close(timeout=0.01) is False  # someone is inside: the wait runs out
+    assert section.close(timeout=0.01) is True
+    with pytest.raises(_Stopped), section.inside():
+        pass
+
+
 def test_interrupted_json_output_leaves_no_file(tiny_weights: Path, tmp_path: Path) -> None:
     paths = make_many(tmp_path / "many", 2000)
     out = tmp_path / "out.json"
