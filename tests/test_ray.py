@@ -295,6 +295,15 @@ def test_score_dataset_maps_paths_or_bytes_to_records(cluster, tiny_weights: Pat
     rows = score_dataset(raw, str(tiny_weights), heads, ScoreOptions(top_k=2), bytes_column="bytes", batch_size=4).take_all()
     assert_same_records(sorted((_record(r) for r in rows), key=lambda r: r["path"]), sorted(good, key=lambda r: r["path"]))
 
+    from clipn_cli.calibration import CalibratedVerdicts, Calibration
+
+    calib = Calibration({"atd": [r["atd_score"] for r in good]}, info.fingerprint, heads.classes, heads.templates, heads.templates_sha256)
+    verdicts = CalibratedVerdicts(calib, "atd", 0.25)
+    rows = score_dataset(raw, str(tiny_weights), heads, ScoreOptions(top_k=2), bytes_column="bytes", batch_size=4, verdicts=verdicts).take_all()
+    want = [verdicts.apply(dict(r)) for r in good]
+    assert {r["verdict"] for r in want} == {"ID", "OOD"}
+    assert_same_records(sorted((_record(r) for r in rows), key=lambda r: r["path"]), sorted(want, key=lambda r: r["path"]))
+
 
 def _record(row: dict) -> dict:
     """A Dataset row as detect's record (drop the nulls of fields the record does not have)."""
@@ -383,6 +392,59 @@ def test_object_store_mode_writes_in_place_and_commits_through_the_manifest(tmp_
     assert [r["path"] for r in read_output(str(tmp_path / "run"), require_complete=False)] == ["a.png"]
     with pytest.raises(Exception, match="not finished"):
         list(read_output(str(tmp_path / "run")))
+
+
+WORDS = Path(__file__).parent / "fixtures" / "words-small.txt"
+
+
+@needs_ray
+@pytest.mark.parametrize("how", ["calibrated", "neglabel"])
+def test_ray_gives_calibrated_and_negative_label_verdicts_as_local_detect(
+    cluster, tiny_weights: Path, inputs: list[str], tmp_path: Path, how: str
+) -> None:
+    """--calibration/--alpha, --negatives/--words and --threshold on Ray: local detect's records, p_value
+    column even in a shard of error records only; a resume with another calibration is refused."""
+    from clipn_cli.scale import read_output
+
+    base = ["-w", str(tiny_weights), "--classes", CLASSES, "--words", str(WORDS), "--negatives", "neglabel"]
+    if how == "calibrated":
+        calib = tmp_path / "calib.json"
+        made = invoke("calibrate", "-w", str(tiny_weights), "--classes", CLASSES, "--alpha", "0.3", "-o", str(calib), str(IMAGES))
+        assert made.exit_code == 0, made.output
+        base += ["--calibration", str(calib), "--alpha", "0.3"]
+    else:
+        base += ["--rule", "neglabel", "--threshold", "0.4"]
+    local = tmp_path / "local.jsonl"
+    assert invoke("detect", *base, "--format", "jsonl", "--output", str(local), *inputs).exit_code == 1
+    want = jsonl(local)
+    out = tmp_path / "run"
+    result = invoke("detect", "--engine", "ray", "--actors", "2", "--shard-size", "4", *base, "--output", str(out), *inputs)
+    assert result.exit_code == 1, result.output
+    got = list(read_output(str(out)))
+    assert_same_records(got, want)
+    scored = [r for r in want if "error" not in r]
+    assert all("neglabel_score" in r for r in scored)
+    if how == "calibrated":
+        assert {r["verdict"] for r in scored} == {"ID", "OOD"} and all(("p_value" in r) == ("error" not in r) for r in got)
+        import pyarrow.parquet as pq
+
+        assert all("p_value" in pq.read_schema(f).names for f in (out / "shards").iterdir())
+        other = invoke("detect", "--engine", "ray", "--actors", "2", "--shard-size", "4", *base[:-1], "0.4", "--resume",
+                       "--output", str(out), *inputs)
+        assert other.exit_code == 2 and "calibration=" in other.output
+    else:
+        assert all(r["verdict"] == ("OOD" if r["neglabel_score"] < 0.4 else "ID") for r in scored)
+
+
+def test_ray_refuses_what_needs_the_whole_run_in_one_line(tiny_weights: Path, tmp_path: Path) -> None:
+    args = ["detect", "--engine", "ray", "-w", str(tiny_weights), "--classes", CLASSES, "--output", str(tmp_path / "run"), str(IMAGES)]
+    fdr = invoke(*args, "--calibration", str(tmp_path / "c.json"), "--fdr", "0.1")
+    assert fdr.exit_code == 2 and "--fdr cannot be used with --engine ray" in fdr.output
+    report = invoke(*args, "--report", str(tmp_path / "r.html"))
+    assert report.exit_code == 2 and "--report cannot be used with --engine ray" in report.output
+    rule = invoke(*args, "--rule", "neglabel")
+    assert rule.exit_code == 2 and "--threshold" in rule.output
+    assert not (tmp_path / "run").exists()
 
 
 @needs_ray

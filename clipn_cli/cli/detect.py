@@ -18,11 +18,10 @@ from .common import (
     stdout_is_terminal,
 )
 from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ShardSizeOpt, ray_options_given
-from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
+from .runtime import add_negatives, calibrated_verdicts, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
 
 if TYPE_CHECKING:
     from ..calibration import CalibratedVerdicts
-    from ..embeddings import ClassEmbeddings
 
 
 def detect(
@@ -97,7 +96,7 @@ def detect(
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
-        verdicts = _calibrated_verdicts(calibration, alpha, fdr, rule, heads, weights_info.fingerprint)
+        verdicts = calibrated_verdicts(calibration, alpha, fdr, rule, heads, weights_info.fingerprint)
         if quantize:
             from ..inference import quantize_image_tower
 
@@ -185,19 +184,6 @@ def _check_calibration_options(calibration: Path | None, alpha: float | None, fd
         fail("--fdr needs every p-value of the run before it writes: use --format json, csv or table, or --output FILE (not --resume)")
 
 
-def _calibrated_verdicts(
-    calibration: Path | None, alpha: float | None, fdr: float | None, rule: str, heads: ClassEmbeddings, fingerprint: str
-) -> CalibratedVerdicts | None:
-    """The calibrated verdict rule, with the file checked against the weights, classes and templates in use."""
-    if calibration is None:
-        return None
-    from ..calibration import CalibratedVerdicts, Calibration
-
-    loaded = Calibration.load(calibration)
-    loaded.check_matches(fingerprint, heads.classes, heads.templates_sha256, str(calibration))
-    return CalibratedVerdicts(loaded, rule, loaded.alpha if alpha is None else alpha, fdr)
-
-
 def _extra_columns(verdicts: CalibratedVerdicts | None) -> tuple[str, ...]:
     if verdicts is None:
         return ()
@@ -209,23 +195,31 @@ def _detect_on_ray(args: dict) -> None:
     from ..scale.worker import ScoreOptions
     from .scaleout import detect_on_ray
 
-    unsupported = [opt for opt, key in (("--calibration", "calibration"), ("--report", "report"), ("--threshold", "threshold"),
-                                        ("--negatives", "negatives")) if args[key] is not None]
-    if unsupported or args["rule"] not in ("atd", "ctw"):
-        fail(f"{', '.join(unsupported) or '--rule ' + args['rule']} cannot be used with --engine ray yet (local engine only); Ray runs give atd or ctw verdicts")
+    if args["report"] is not None:
+        fail("--report cannot be used with --engine ray: a report of a whole cluster run is not built (read the shards with 'clipn_cli.scale.read_output')")
+    if args["fdr"] is not None:
+        fail("--fdr cannot be used with --engine ray: Benjamini-Hochberg needs every p-value of the run before any shard is written; "
+             "use --alpha (per image), or apply BH to the p_value column of the shards afterwards")
+    _check_calibration_options(args["calibration"], args["alpha"], None, "parquet", None, False)
+    if args["calibration"] is not None and args["threshold"] is not None:
+        fail("give --threshold (a fixed score cut) or --calibration (a false-alarm rate), not both")
+    if args["threshold"] is None and args["calibration"] is None and args["rule"] not in VERDICT_RULES:
+        fail(f"--rule {args['rule']} has no threshold-free verdict: give --threshold T (e.g. its thr@95%ID from 'clipn eval') or --calibration FILE")
+    pools = parse_negatives(args["negatives"], args["rule"])
     check_choice("--precision", args["precision"], PRECISIONS)
     check_choice("--quantize", args["quantize"], ("int8",))
     if not args["paths"]:
         fail("no inputs: give image files, directories, globs, tables, or - for paths on stdin")
     names = load_classes(args["classes"], args["classes_file"], args["embeddings"])
     options = ScoreOptions(rule=args["rule"], precision=args["precision"], exif_transpose=args["exif_transpose"],
-                           details=args["details"], top_k=args["top_k"], draft=args["draft"], quantize=args["quantize"])
+                           details=args["details"], top_k=args["top_k"], draft=args["draft"], quantize=args["quantize"],
+                           threshold=args["threshold"])
     detect_on_ray(
         paths=args["paths"], output=args["output"], fmt=args["fmt"], resume=args["resume"], cache=args["cache"], names=names,
         embeddings=args["embeddings"], weights=args["weights"], templates=args["templates"], device=args["device"],
         batch_size=args["batch_size"], workers=args["workers"], options=options, ray_address=args["ray_address"],
         actors=args["actors"], cpus_per_actor=args["cpus_per_actor"], gpus_per_actor=args["gpus_per_actor"],
-        shard_size=args["shard_size"],
+        shard_size=args["shard_size"], pools=pools, words=args["words"], calibration=args["calibration"], alpha=args["alpha"],
     )
 
 

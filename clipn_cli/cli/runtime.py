@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from .common import fail, info, stderr, warn
 
 if TYPE_CHECKING:
+    from ..calibration import CalibratedVerdicts
     from ..embeddings import ClassEmbeddings
     from ..model import CLIPN
     from ..weights import WeightsInfo
@@ -92,7 +93,20 @@ def parse_negatives(option: str | None, rule: str | None = None) -> tuple[str, .
     return tuple(dict.fromkeys([*pools, *([needed] if needed else [])]))
 
 
-def add_negatives(model: CLIPN, weights_info: WeightsInfo, heads: ClassEmbeddings, pools: tuple[str, ...], words: Path | None, source: Path | None = None) -> None:
+def calibrated_verdicts(
+    calibration: Path | None, alpha: float | None, fdr: float | None, rule: str, heads: ClassEmbeddings, fingerprint: str
+) -> CalibratedVerdicts | None:
+    """The calibrated verdict rule, with the file checked against the weights, classes and templates in use."""
+    if calibration is None:
+        return None
+    from ..calibration import CalibratedVerdicts, Calibration
+
+    loaded = Calibration.load(calibration)
+    loaded.check_matches(fingerprint, heads.classes, heads.templates_sha256, str(calibration))
+    return CalibratedVerdicts(loaded, rule, loaded.alpha if alpha is None else alpha, fdr)
+
+
+def add_negatives(model: CLIPN | None, weights_info: WeightsInfo, heads: ClassEmbeddings, pools: tuple[str, ...], words: Path | None, source: Path | None = None) -> None:
     """Mine the pools `heads` lacks (their candidate embeddings cached per weights in the clipn home)."""
     missing = [p for p in pools if p not in heads.negatives]
     if not missing:

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from .common import EXIT_OK, EXIT_PARTIAL, fail, info, warn
+from .runtime import calibrated_verdicts
 
 ENGINES = ("local", "ray")
 EngineOpt = Annotated[str, typer.Option("--engine", help="local (this process) or ray (a Ray cluster: see --ray-address, --actors).")]
@@ -30,9 +31,13 @@ def detect_on_ray(
     *, paths: list[str], output: str | None, fmt: str | None, resume: bool, cache: Path | None,
     names: list[str], embeddings: Path | None, weights: Path | None, templates: str, device: str,
     batch_size: int | None, workers: int | None, options, ray_address: str | None, actors: int | None,
-    cpus_per_actor: float | None, gpus_per_actor: float, shard_size: int,
+    cpus_per_actor: float | None, gpus_per_actor: float, shard_size: int, pools: tuple[str, ...] = (),
+    words: Path | None = None, calibration: Path | None = None, alpha: float | None = None,
 ) -> None:
-    """Score `paths` on Ray into the folder `output`; exits like local detect (0, 1 or 2)."""
+    """Score `paths` on Ray into the folder `output`; exits like local detect (0, 1 or 2).
+
+    Negative labels are mined and a calibration is checked here, once; the actors get the results.
+    """
     from ..scale.ray_engine import Cluster, ClusterSpec, detect_job, require_ray, run_detect
     from ..scale.records import SHARD_FORMATS
     from ..scale.store import OutputStore
@@ -49,12 +54,13 @@ def detect_on_ray(
     store = OutputStore.open(output)
     from ..scale.planner import iter_sources
 
-    weights_path, heads, fingerprint = _heads_on_driver(weights, device, names, embeddings, templates)
-    job = detect_job(fingerprint, heads, options, fmt, shard_size)
+    weights_path, heads, fingerprint = _heads_on_driver(weights, device, names, embeddings, templates, pools, words)
+    verdicts = calibrated_verdicts(calibration, alpha, None, options.rule, heads, fingerprint)
+    job = detect_job(fingerprint, heads, options, fmt, shard_size, verdicts)
     spec = ClusterSpec(ray_address, actors, cpus_per_actor, gpus_per_actor)
     config = WorkerConfig(str(weights_path), device, batch_size, workers)
     progress = _Progress()
-    with Cluster(spec, config, heads, options) as cluster:
+    with Cluster(spec, config, heads, options, verdicts) as cluster:
         info(f"scoring on Ray with {len(cluster.actors)} actors of {cluster.cpus_per_actor:g} CPUs; shards of {shard_size} inputs into {output}")
         if (warning := cluster.niceness_warning()) is not None:
             warn(warning)
@@ -69,23 +75,29 @@ def detect_on_ray(
     raise typer.Exit(EXIT_OK)
 
 
-def _heads_on_driver(weights: Path | None, device: str, names: list[str], embeddings: Path | None, templates: str):
-    """Class heads made once on the driver (the workers get them, and need only the image tower).
+def _heads_on_driver(
+    weights: Path | None, device: str, names: list[str], embeddings: Path | None, templates: str,
+    pools: tuple[str, ...] = (), words: Path | None = None,
+):
+    """Class heads (with the negative labels of `pools`) made once on the driver: the workers get
+    them, and need only the image tower.
 
     With --embeddings the driver reads only the weights' header (for the fingerprint check), unless
-    the file predates stored fingerprints.
+    the file predates stored fingerprints; its negative labels must then be stored in it, as locally.
     """
     from ..embeddings import ClassEmbeddings
     from ..home import resolve_weights
     from ..weights import read_info
-    from .runtime import class_embeddings, load_weights_for_cli
+    from .runtime import add_negatives, class_embeddings, load_weights_for_cli
 
     if embeddings is not None and (weights_info := read_info(resolve_weights(weights))).fingerprint:
         heads = ClassEmbeddings.load(embeddings)
         heads.check_weights(weights_info.fingerprint, str(embeddings))
+        add_negatives(None, weights_info, heads, pools, words, source=embeddings)
         return weights_info.path, heads, weights_info.fingerprint
     model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
     heads = class_embeddings(model, weights_info, names, embeddings, templates)
+    add_negatives(model, weights_info, heads, pools, words, source=embeddings)
     return weights_info.path, heads, weights_info.fingerprint
 
 

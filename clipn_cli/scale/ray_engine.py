@@ -25,6 +25,7 @@ from .planner import DEFAULT_SHARD_SIZE, plan_shards
 from .worker import ScoreOptions, Worker, WorkerConfig
 
 if TYPE_CHECKING:
+    from ..calibration import CalibratedVerdicts
     from ..embeddings import ClassEmbeddings
     from ..images import InputItem
     from ..inference import EncodedImage
@@ -68,7 +69,10 @@ class ClusterSpec:
 class Cluster:
     """A connection to Ray and a pool of clipn actors on it; a context manager that cleans both up."""
 
-    def __init__(self, spec: ClusterSpec, config: WorkerConfig, heads: ClassEmbeddings | None, options: ScoreOptions) -> None:
+    def __init__(
+        self, spec: ClusterSpec, config: WorkerConfig, heads: ClassEmbeddings | None, options: ScoreOptions,
+        verdicts: CalibratedVerdicts | None = None,
+    ) -> None:
         self.ray = require_ray()
         self.spec = spec
         self.started = False
@@ -98,7 +102,7 @@ class Cluster:
             max_restarts=RESTARTS, max_task_retries=RESTARTS,
         )
         try:
-            self.actors = [remote.remote(config, heads, options) for _ in range(count)]
+            self.actors = [remote.remote(config, heads, options, verdicts) for _ in range(count)]
             self._check_ready()
         except BaseException:
             self.close()
@@ -263,9 +267,15 @@ def _cause(exc: BaseException) -> str:
     return line[:300]
 
 
-def detect_job(weights_fingerprint: str, heads: ClassEmbeddings, options: ScoreOptions, fmt: str, shard_size: int) -> dict[str, Any]:
-    """What a run's shards mean: two runs can share an output folder only if this is equal."""
-    return {
+def detect_job(
+    weights_fingerprint: str, heads: ClassEmbeddings, options: ScoreOptions, fmt: str, shard_size: int,
+    verdicts: CalibratedVerdicts | None = None,
+) -> dict[str, Any]:
+    """What a run's shards mean: two runs can share an output folder only if this is equal.
+
+    Negative labels and a calibration enter by digest (their words and scores decide the numbers).
+    """
+    job = {
         "clipn_version": __version__,
         "command": "detect",
         "weights_fingerprint": weights_fingerprint,
@@ -275,6 +285,18 @@ def detect_job(weights_fingerprint: str, heads: ClassEmbeddings, options: ScoreO
         "shard_size": shard_size,
         **options.as_dict(),
     }
+    if heads.negatives:
+        job["negatives"] = {pool: _digest("\n".join(n.words).encode("utf-8", "surrogateescape")) for pool, n in sorted(heads.negatives.items())}
+    if verdicts is not None:
+        scores = verdicts.calibration.scores[verdicts.method]
+        job["calibration"] = {"method": verdicts.method, "alpha": verdicts.alpha, "count": int(scores.size), "scores_sha256": _digest(scores.tobytes())}
+    return job
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def open_manifest(store: OutputStore, job: dict[str, Any], resume: bool) -> Manifest:
@@ -390,8 +412,11 @@ def _chunks(items: Iterable[InputItem], size: int) -> Iterator[list[InputItem]]:
 class DatasetScorer:
     """The callable class `score_dataset` gives `Dataset.map_batches`: one `Worker` per actor."""
 
-    def __init__(self, config: WorkerConfig, heads: ClassEmbeddings, options: ScoreOptions, path_column: str, bytes_column: str | None) -> None:
-        self.worker = Worker(config, heads, options)
+    def __init__(
+        self, config: WorkerConfig, heads: ClassEmbeddings, options: ScoreOptions, path_column: str, bytes_column: str | None,
+        verdicts: CalibratedVerdicts | None = None,
+    ) -> None:
+        self.worker = Worker(config, heads, options, verdicts)
         self.path_column = path_column
         self.bytes_column = bytes_column
 
@@ -404,7 +429,8 @@ class DatasetScorer:
             items = [InputItem(p, data=bytes(b) if b is not None else b"") for p, b in zip(paths, batch[self.bytes_column])]
         else:
             items = [InputItem(p) for p in paths]
-        return to_table(self.worker.detect(items), self.worker.options.details)
+        extra = ("p_value",) if self.worker.verdicts is not None else ()
+        return to_table(self.worker.detect(items), self.worker.options.details, extra)
 
 
 def score_dataset(
@@ -420,6 +446,7 @@ def score_dataset(
     gpus_per_actor: float = 0.0,
     batch_size: int = 256,
     device: str = "auto",
+    verdicts: CalibratedVerdicts | None = None,
 ) -> Any:
     """Map a Ray Dataset of image paths (or of paths and file bytes) to a Dataset of clipn records.
 
@@ -427,14 +454,16 @@ def score_dataset(
     `class_index`, the scores; null where a record lacks a field), decoded and scored by clipn's own
     pipeline in `actors` actors that load the image tower of `weights` once each. With
     `bytes_column` (e.g. "bytes" from `ray.data.read_binary_files(..., include_paths=True)`) the
-    images are decoded from those bytes, `path_column` only names them.
+    images are decoded from those bytes, `path_column` only names them. `verdicts`
+    (`CalibratedVerdicts`, from `Calibration.load`) adds `p_value` and calibrated verdicts.
     """
     ray = require_ray()
     options = options or ScoreOptions()
     config = _actor_config(WorkerConfig(str(weights), device), cpus_per_actor, gpus_per_actor)
     return ds.map_batches(
         DatasetScorer,
-        fn_constructor_kwargs=dict(config=config, heads=heads, options=options, path_column=path_column, bytes_column=bytes_column),
+        fn_constructor_kwargs=dict(config=config, heads=heads, options=options, path_column=path_column, bytes_column=bytes_column,
+                                   verdicts=verdicts),
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
     )

@@ -24,14 +24,16 @@ def _arrow_types() -> dict[str, Any]:
     top_k = pa.list_(pa.struct([("class", pa.string()), ("class_index", pa.int64()), ("probability", pa.float64())]))
     types: dict[str, Any] = {name: pa.float64() for name in CSV_COLUMNS}
     types.update({name: pa.string() for name in ("path", "error", "verdict", "rule", "class")})
+    types.update(p_value=pa.float64(), q_value=pa.float64())
     types.update(class_index=pa.int64(), p_yes=pa.list_(pa.float64()), logits_yes=pa.list_(pa.float64()),
                  logits_no=pa.list_(pa.float64()), top_k=top_k)
     return types
 
 
-def columns_for(records: Sequence[dict[str, Any]], details: bool) -> list[str]:
-    """The shard's columns: detect's CSV columns, the detail columns asked for, then any other field."""
-    columns = list(CSV_COLUMNS) + (list(DETAIL_COLUMNS) if details else ["top_k"])
+def columns_for(records: Sequence[dict[str, Any]], details: bool, extra: Sequence[str] = ()) -> list[str]:
+    """The shard's columns: detect's CSV columns, the run's `extra` ones (`p_value` of calibrated
+    runs: present even in a shard of error records only), the detail columns asked for, then any other field."""
+    columns = list(CSV_COLUMNS) + list(extra) + (list(DETAIL_COLUMNS) if details else ["top_k"])
     seen = set(columns)
     for record in records:
         for key in record:
@@ -41,13 +43,13 @@ def columns_for(records: Sequence[dict[str, Any]], details: bool) -> list[str]:
     return columns
 
 
-def to_table(records: Sequence[dict[str, Any]], details: bool = False):
+def to_table(records: Sequence[dict[str, Any]], details: bool = False, extra: Sequence[str] = ()):
     """A pyarrow Table of records with a fixed schema (the same for every shard of a run)."""
     import pyarrow as pa
 
     types = _arrow_types()
     arrays, fields = [], []
-    for name in columns_for(records, details):
+    for name in columns_for(records, details, extra):
         values = [_utf8(r.get(name)) for r in records]
         kind = types.get(name)
         array = pa.array(values, type=kind) if kind is not None else pa.array(values)
@@ -70,7 +72,7 @@ def _utf8(value: Any) -> Any:
     return value
 
 
-def encode_shard(records: Sequence[dict[str, Any]], fmt: str, details: bool = False) -> bytes:
+def encode_shard(records: Sequence[dict[str, Any]], fmt: str, details: bool = False, extra: Sequence[str] = ()) -> bytes:
     """The bytes of one shard file."""
     if fmt == "jsonl":
         return "".join(json_text(r) + "\n" for r in records).encode("utf-8", "surrogateescape")
@@ -78,7 +80,7 @@ def encode_shard(records: Sequence[dict[str, Any]], fmt: str, details: bool = Fa
         import pyarrow.parquet as pq
 
         sink = io.BytesIO()
-        pq.write_table(to_table(records, details), sink, compression="zstd")
+        pq.write_table(to_table(records, details, extra), sink, compression="zstd")
         return sink.getvalue()
     raise ValueError(f"unknown shard format '{fmt}' (expected one of {', '.join(SHARD_FORMATS)})")
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from ..calibration import CalibratedVerdicts
     from ..embeddings import ClassEmbeddings
     from ..images import InputItem
     from .store import OutputStore
@@ -31,6 +32,7 @@ class ScoreOptions:
     top_k: int = 0
     draft: bool = False
     quantize: str | None = None
+    threshold: float | None = None  # OOD below this score (rules without a threshold-free verdict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,7 +52,9 @@ class WorkerConfig:
 class Worker:
     """The image tower of one set of weights, loaded once, scoring inputs against class heads."""
 
-    def __init__(self, config: WorkerConfig, heads: ClassEmbeddings | None, options: ScoreOptions) -> None:
+    def __init__(
+        self, config: WorkerConfig, heads: ClassEmbeddings | None, options: ScoreOptions, verdicts: CalibratedVerdicts | None = None,
+    ) -> None:
         import torch
 
         from ..inference import quantize_image_tower, resolve_device
@@ -63,6 +67,7 @@ class Worker:
             quantize_image_tower(self.model)
         self.heads = heads
         self.options = options
+        self.verdicts = verdicts
         self.config = config
         self.pid = os.getpid()
 
@@ -77,7 +82,8 @@ class Worker:
         return __version__
 
     def detect(self, items: Sequence[InputItem]) -> list[dict[str, Any]]:
-        """detect's records for `items`, in order (error records for unreadable inputs)."""
+        """detect's records for `items`, in order (error records for unreadable inputs); with calibrated
+        verdicts, each record's `p_value` and verdict as local detect gives them."""
         from ..detection import detect
 
         o = self.options
@@ -86,8 +92,14 @@ class Worker:
         results = detect(
             self.model, self.heads, items, rule=o.rule, batch_size=self.config.batch_size, workers=self.config.workers,
             precision=o.precision, exif_transpose=o.exif_transpose, details=o.details, top_k=o.top_k, draft=o.draft,
+            # calibrated verdicts replace the engine's: a cut no score is below keeps it from needing a threshold
+            threshold=o.threshold if self.verdicts is None else float("-inf"),
         )
-        return [r.as_dict(o.details) for r in results]
+        records = [r.as_dict(o.details) for r in results]
+        if self.verdicts is not None:
+            for record in records:
+                self.verdicts.apply(record)
+        return records
 
     def encode(self, items: Sequence[InputItem]) -> list[tuple[str, torch.Tensor | None, str | None]]:
         """(path, normalized feature or None, error) per input, in order: `inference.encode_images`."""
@@ -107,6 +119,7 @@ class Worker:
 
         records = self.detect(items)
         name = f"{shard_name(index)}.{fmt}"
-        store.write(encode_shard(records, fmt, self.options.details), "shards", name)
+        extra = ("p_value",) if self.verdicts is not None else ()
+        store.write(encode_shard(records, fmt, self.options.details, extra), "shards", name)
         return {"file": f"shards/{name}", "records": len(records), "errors": sum("error" in r for r in records),
                 "digest": shard_digest(items)}
