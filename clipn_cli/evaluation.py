@@ -21,7 +21,8 @@ from . import methods as method_table
 from . import metrics
 from .errors import EvaluationError
 from .files import atomic_open
-from .images import GLOB_CHARS, IMAGE_EXTENSIONS, InputItem, iter_inputs
+from .images import GLOB_CHARS, IMAGE_EXTENSIONS, InputItem, iter_inputs, iter_table
+from .tables import TableError, is_table
 from .output import TEXT_ERRORS, json_text
 
 if TYPE_CHECKING:
@@ -141,6 +142,12 @@ def collect(spec: str) -> tuple[list[InputItem], list[str | None]]:
         # keep an unlistable sub-folder's error item (it is reported as unreadable), not "no image files"
         items = [item for item in iter_inputs([spec]) if not (item.error and item.path == spec)]
         labels = [_class_folder(spec, item.path) for item in items]
+    elif is_table(spec):
+        try:
+            items = list(iter_table(spec))
+        except TableError as exc:
+            raise EvaluationError(str(exc)) from None
+        labels = [None] * len(items)
     elif os.path.isfile(spec) and Path(spec).suffix.lower() not in IMAGE_EXTENSIONS:
         items = _read_list(spec)
         labels = [None] * len(items)

@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ClipnError, ImageError
+from .tables import PATH_COLUMN, TableError, is_table, table_paths
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
@@ -111,9 +112,10 @@ class InputItem:
 
 
 def iter_inputs(args: Iterable[str], stdin: IO[str] | IO[bytes] | None = None) -> Iterator[InputItem]:
-    """Expand files, directories (recursive, image extensions), globs and `-` (paths on stdin).
+    """Expand files, directories (recursive, image extensions), globs, `-` (paths on stdin) and
+    tables (a .parquet or .csv file: its `path` column, see `iter_table`).
 
-    Lazy: paths from stdin are yielded as they are read, so millions of them stream through.
+    Lazy: paths from stdin and tables are yielded as they are read, so millions of them stream through.
     Path lines are read as bytes and decoded as the file system does (`os.fsdecode`), so a file
     name that is not valid in the locale's encoding is one input like any other, in every locale.
     """
@@ -124,6 +126,11 @@ def iter_inputs(args: Iterable[str], stdin: IO[str] | IO[bytes] | None = None) -
             for line in _path_lines(stdin):
                 if line:
                     yield InputItem(line)
+        elif is_table(arg):
+            try:
+                yield from iter_table(arg)
+            except TableError as exc:  # the rows before stay inputs; the table gets its error record
+                yield InputItem(arg, error=str(exc).removeprefix(f"{arg}: "))
         elif os.path.isdir(arg):
             found = False
             for item in _walk(arg):
@@ -139,6 +146,20 @@ def iter_inputs(args: Iterable[str], stdin: IO[str] | IO[bytes] | None = None) -
                 yield InputItem(arg, error="no file matches this pattern")
             for match in matches:
                 yield from _walk(match) if os.path.isdir(match) else (InputItem(match),)
+
+
+def iter_table(path: str, batch_rows: int = 65_536) -> Iterator[InputItem]:
+    """The inputs a table names, streamed; raises TableError when it cannot be read as a table.
+
+    Relative paths in a table are taken relative to the table's folder (as `eval` path lists are),
+    so a table and its images can move together.
+    """
+    base = os.path.dirname(path)
+    for row, value in enumerate(table_paths(path, batch_rows), 1):
+        if value:
+            yield InputItem(os.path.join(base, value))
+        else:  # a row is an input: an empty or missing name gets its error record, never silently dropped
+            yield InputItem(f"{path} row {row}", error=f"empty '{PATH_COLUMN}' value in the table")
 
 
 def _path_lines(stdin: IO[str] | IO[bytes]) -> Iterator[str]:

@@ -359,17 +359,17 @@ def test_tables_of_paths_are_inputs(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from clipn_cli.errors import ClipnError
-    from clipn_cli.scale.planner import iter_sources
+    from clipn_cli.images import iter_inputs
 
     names = ["rocket.jpg", "coffee.png", "nope.png"]
     pq.write_table(pa.table({"path": [str(IMAGES / n) for n in names], "label": [1, 2, 3]}), tmp_path / "t.parquet")
     (tmp_path / "t.csv").write_text("label,path\n1,imgs/a.png\n2,/abs/b.png\n", encoding="utf-8")
     (tmp_path / "bad.csv").write_text("file\nx.png\n", encoding="utf-8")
-    assert [i.path for i in iter_sources([str(tmp_path / "t.parquet")])] == [str(IMAGES / n) for n in names]
-    assert [i.path for i in iter_sources([str(tmp_path / "t.csv")])] == [str(tmp_path / "imgs" / "a.png"), "/abs/b.png"]
-    with pytest.raises(ClipnError, match="no 'path' column"):
-        list(iter_sources([str(tmp_path / "bad.csv")]))
+    assert [i.path for i in iter_inputs([str(tmp_path / "t.parquet")])] == [str(IMAGES / n) for n in names]
+    assert [i.path for i in iter_inputs([str(tmp_path / "t.csv")])] == [str(tmp_path / "imgs" / "a.png"), "/abs/b.png"]
+    # an unreadable table is one error record naming it; the inputs after it still come
+    bad = [(i.path, i.error) for i in iter_inputs([str(tmp_path / "bad.csv"), str(IMAGES / "rocket.jpg")])]
+    assert bad == [(str(tmp_path / "bad.csv"), "the CSV table has no 'path' column in its header"), (str(IMAGES / "rocket.jpg"), None)]
 
 
 @needs_ray

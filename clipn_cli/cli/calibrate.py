@@ -17,7 +17,7 @@ from .runtime import class_embeddings, load_classes, load_weights_for_cli
 
 
 def calibrate(
-    paths: Annotated[list[str] | None, typer.Argument(help="Images known to be ID (no labels needed): files, directories, globs, or - for paths on stdin.", show_default=False)] = None,
+    paths: Annotated[list[str] | None, typer.Argument(help="Images known to be ID (no labels needed): files, directories, globs, .csv/.parquet tables, or - for paths on stdin.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="The calibration file to write (JSON).", show_default=False)] = None,
     classes: ClassesOpt = None,
     classes_file: ClassesFileOpt = None,

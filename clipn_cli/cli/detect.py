@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 def detect(
-    paths: Annotated[list[str] | None, typer.Argument(help="Image files, directories (recursive), glob patterns, or - to read paths from stdin.", show_default=False)] = None,
+    paths: Annotated[list[str] | None, typer.Argument(help="Image files, directories (recursive), glob patterns, .csv/.parquet tables with a path column, or - to read paths from stdin.", show_default=False)] = None,
     classes: ClassesOpt = None,
     classes_file: ClassesFileOpt = None,
     embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,

@@ -28,7 +28,7 @@ CSV_COLUMNS = ("ood", "method", "auroc", "fpr95", "aupr_in", "aupr_out", "id_fla
 
 
 def evaluate(
-    id_paths: Annotated[list[str], typer.Option("--id", help="ID images: a directory (recursive; class-named sub-folders give ID accuracy), a glob, or a text file listing paths. Repeatable: one class-named folder per --id also gives ID accuracy.", show_default=False)],
+    id_paths: Annotated[list[str], typer.Option("--id", help="ID images: a directory (recursive; class-named sub-folders give ID accuracy), a glob, a .csv/.parquet table with a path column, or a text file listing paths. Repeatable: one class-named folder per --id also gives ID accuracy.", show_default=False)],
     ood: Annotated[list[str], typer.Option("--ood", help="OOD images as NAME=PATH (PATH as for --id). Repeatable; a repeated NAME merges its paths.", show_default=False)],
     classes: ClassesOpt = None,
     classes_file: ClassesFileOpt = None,

@@ -52,7 +52,7 @@ def detect_on_ray(
         fail("--cache is not supported with --engine ray for detect (the workers may not share this machine's disk)")
     require_ray()
     store = OutputStore.open(output)
-    from ..scale.planner import iter_sources
+    from ..images import iter_inputs
 
     weights_path, heads, fingerprint = _heads_on_driver(weights, device, names, embeddings, templates, pools, words)
     verdicts = calibrated_verdicts(calibration, alpha, None, options.rule, heads, fingerprint)
@@ -64,7 +64,7 @@ def detect_on_ray(
         info(f"scoring on Ray with {len(cluster.actors)} actors of {cluster.cpus_per_actor:g} CPUs; shards of {shard_size} inputs into {output}")
         if (warning := cluster.niceness_warning()) is not None:
             warn(warning)
-        manifest = run_detect(iter_sources(paths, sys.stdin), store, job, cluster, resume=resume, shard_size=shard_size, progress=progress)
+        manifest = run_detect(iter_inputs(paths, sys.stdin), store, job, cluster, resume=resume, shard_size=shard_size, progress=progress)
     if manifest.inputs == 0:
         fail("no images found in the given inputs")
     info(f"{manifest.records} records ({manifest.errors} errors) in {len(manifest.shards)} shards in {output}"
