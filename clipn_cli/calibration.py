@@ -226,6 +226,13 @@ class OperatingPoint:
     id_test_size: int
     id_flagged: float
     ood_caught: dict[str, float]
+    # the sorted calibration scores and which ID images gave them: the report shows per-image verdicts
+    calibration_scores: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False, compare=False)
+    calibration_indices: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64), repr=False, compare=False)
+
+    def flags(self, scores: np.ndarray) -> np.ndarray:
+        """This operating point's verdict for each of `scores`: True = OOD (p-value <= alpha)."""
+        return p_values(self.calibration_scores, scores) <= self.alpha
 
     def as_dict(self) -> dict[str, Any]:
         return {"method": self.method, "alpha": self.alpha, "calibration_images": self.calibration_size,
@@ -262,7 +269,7 @@ def operating_points(
         calib = np.sort(values[calib_idx])
         flagged = p_values(calib, values[test_idx]) <= alpha
         caught = {name: float(np.mean(p_values(calib, sets[method]) <= alpha)) for name, sets in ood_scores.items()}
-        points.append(OperatingPoint(method, alpha, calib_idx.size, test_idx.size, float(flagged.mean()), caught))
+        points.append(OperatingPoint(method, alpha, calib_idx.size, test_idx.size, float(flagged.mean()), caught, calib, calib_idx))
     return points
 
 

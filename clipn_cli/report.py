@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import metrics
+from .calibration import p_values
 from .files import atomic_open
 
 if TYPE_CHECKING:
@@ -306,8 +307,12 @@ def eval_report(evaluation: Evaluation, points: Sequence[OperatingPoint] = (), t
     for m in METHODS:
         lines = [("CTW 0.5", 0.5)] if m == "ctw" else []
         body.append("<div class=\"chart\">" + histogram_svg(f"{METHOD_NAMES.get(m, m)} score", [("ID", ID_COLOR, id_set.scores[m]), ("OOD", OOD_COLOR, pooled[m])], lines) + "</div>")
-    body.append("</div><h2>Galleries</h2><p class=\"note\">Verdicts of the ATD rule (threshold-free). Class = the predicted class.</p>")
-    body.append(_eval_galleries(evaluation))
+    calibrated = next((p for p in points if p.method == "atd"), None)
+    how = ("Verdicts of the ATD rule (threshold-free)" if calibrated is None else
+           f"Calibrated ATD verdicts at alpha {calibrated.alpha:g}, as in the table above: ID images are those of the held-out half "
+           f"({calibrated.id_test_size}; the {calibrated.calibration_size} calibration images have no verdict of their own)")
+    body.append(f"</div><h2>Galleries</h2><p class=\"note\">{esc(how)}. Class = the predicted class.</p>")
+    body.append(_eval_galleries(evaluation, calibrated))
     return page(title, f"{sum(len(s.paths) for s in evaluation.sets)} images scored by CLIPN (CTW, ATD) and baselines", body)
 
 
@@ -335,23 +340,37 @@ def _points_table(points: Sequence[OperatingPoint]) -> str:
     return "".join(rows) + "</table>"
 
 
-def _eval_galleries(evaluation: Evaluation) -> str:
+def _eval_galleries(evaluation: Evaluation, calibrated: OperatingPoint | None = None) -> str:
+    """False alarms, misses and the most certain OOD verdicts: of the ATD rule, or of its calibrated
+    operating point (then only the held-out ID images can be false alarms)."""
     classes = evaluation.classes
+    id_set, ood_sets = evaluation.sets[0], evaluation.sets[1:]
+    if calibrated is None:
+        flagged = {s.name: s.flagged["atd"] for s in evaluation.sets}
+        judged = {id_set.name: np.ones(len(id_set.paths), dtype=bool)}
+    else:
+        flagged = {s.name: calibrated.flags(s.scores["atd"]) for s in evaluation.sets}
+        judged = {id_set.name: np.ones(len(id_set.paths), dtype=bool)}
+        judged[id_set.name][calibrated.calibration_indices] = False
 
     def card(s: Any, i: int) -> Card:
         label = s.labels[i]
         caption = [("set", s.name + (f" / {label}" if label else "")), ("class", classes[int(s.pred[i])]),
                    ("ATD", fmt(float(s.scores["atd"][i]))), ("p_ood", fmt(1 - float(s.scores["atd"][i]))), ("CTW", fmt(float(s.scores["ctw"][i])))]
-        return Card(s.paths[i], "OOD" if s.flagged["atd"][i] else "ID", caption)
+        if calibrated is not None:
+            caption.append(("p_value", fmt(float(p_values(calibrated.calibration_scores, s.scores["atd"][i])))))
+        return Card(s.paths[i], "OOD" if flagged[s.name][i] else "ID", caption)
 
     def pick(entries: list[tuple[float, Any, int]], reverse: bool) -> tuple[list[Card], int]:
         entries.sort(key=lambda e: e[0], reverse=reverse)
         return [card(s, i) for _, s, i in entries[:GALLERY_SIZE]], len(entries)
 
-    id_set, ood_sets = evaluation.sets[0], evaluation.sets[1:]
-    false_alarms = [(float(id_set.scores["atd"][i]), id_set, i) for i in np.flatnonzero(id_set.flagged["atd"])]
-    misses = [(float(s.scores["atd"][i]), s, i) for s in ood_sets for i in np.flatnonzero(~s.flagged["atd"])]
-    certain = [(float(s.scores["atd"][i]), s, i) for s in evaluation.sets for i in np.flatnonzero(s.flagged["atd"])]
+    def where(s: Any, mask: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(mask & judged.get(s.name, True))
+
+    false_alarms = [(float(id_set.scores["atd"][i]), id_set, i) for i in where(id_set, flagged[id_set.name])]
+    misses = [(float(s.scores["atd"][i]), s, i) for s in ood_sets for i in where(s, ~flagged[s.name])]
+    certain = [(float(s.scores["atd"][i]), s, i) for s in evaluation.sets for i in where(s, flagged[s.name])]
     out = []
     for title, note, entries, reverse in (
         ("ID images flagged OOD (false alarms)", "lowest ATD score first", false_alarms, False),

@@ -84,6 +84,32 @@ def test_eval_report_escapes_every_string_and_cuts_galleries(tmp_path: Path) -> 
     assert text.count("<svg") == 1 + len(METHODS)  # one ROC per OOD set, one histogram per method
 
 
+def test_eval_report_galleries_follow_the_calibrated_verdict_with_alpha(tmp_path: Path) -> None:
+    """With --alpha the galleries show the calibrated ATD verdicts of the table above them: false
+    alarms are held-out ID images with p_value <= alpha, never the calibration images themselves."""
+    from clipn_cli.calibration import operating_points, p_values
+
+    paths = [str(tmp_path / f"img-{i:03d}.png") for i in range(120)]  # distinct names; unreadable, so no thumbnails
+    evaluation = fake_evaluation(paths, 80, np.random.default_rng(1))
+    id_set, ood = evaluation.sets
+    points = operating_points({m: id_set.scores[m] for m in METHODS}, {ood.name: {m: ood.scores[m] for m in METHODS}}, 0.1, seed=2)
+    atd = next(p for p in points if p.method == "atd")
+    text = eval_report(evaluation, points)
+    held_out = np.setdiff1d(np.arange(80), atd.calibration_indices)
+    alarms = held_out[p_values(atd.calibration_scores, id_set.scores["atd"][held_out]) <= 0.1]
+    missed = np.flatnonzero(p_values(atd.calibration_scores, ood.scores["atd"]) > 0.1)
+    assert 0 < len(alarms) < len(held_out) and len(missed) > 0
+    assert len(alarms) != int(id_set.flagged["atd"].sum())  # the threshold-free verdict would show another set
+    sections = dict(re.findall(r"<h3>([^<]*)</h3>(.*?)(?=<h3>|</body>|$)", text, re.S))
+    false_section = sections["ID images flagged OOD (false alarms)"]
+    assert f"showing {len(alarms)} of {len(alarms)}." in false_section
+    assert sorted(re.findall(r"img-(\d{3})\.png</div>", false_section)) == [f"{i:03d}" for i in alarms]
+    assert f"showing {len(missed)} of {len(missed)}." in sections["OOD images accepted as ID (misses)"]
+    assert "Calibrated ATD verdicts at alpha 0.1" in text and "p_value: " in false_section
+    plain = eval_report(evaluation)
+    assert f"showing {int(id_set.flagged['atd'].sum())} of {int(id_set.flagged['atd'].sum())}." in plain
+
+
 def test_detect_report_stays_bounded_for_100k_images(tmp_path: Path) -> None:
     files = [str(p) for p in sorted(DIGITS.glob("*.png"))]
     report = DetectReport(["zero", "one"])
