@@ -90,14 +90,28 @@ def local_records(tiny_weights: Path, inputs: list[str], tmp_path_factory: pytes
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One two-node Ray cluster for the whole module (start-up is slow on a shared 2-core machine)."""
+    """One two-node Ray cluster for the whole module (start-up is slow on a shared 2-core machine).
+
+    Its workers run at nice 0, as clipn's own clusters do: at Ray's default nice 15 any other load
+    on a shared CI machine would starve them.
+    """
     if not HAVE_RAY:
         pytest.skip("ray[data] is not installed (pip install 'clipn-cli[ray]')")
     import ray
     from ray.cluster_utils import Cluster
 
-    sim = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    sim.add_node(num_cpus=1)
+    from clipn_cli.scale.ray_engine import NICENESS_ENV
+
+    before = os.environ.get(NICENESS_ENV)
+    os.environ[NICENESS_ENV] = "0"  # read by each raylet when it starts
+    try:
+        sim = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        sim.add_node(num_cpus=1)
+    finally:
+        if before is None:
+            del os.environ[NICENESS_ENV]
+        else:
+            os.environ[NICENESS_ENV] = before
     ray.init(address=sim.address, logging_level="WARNING")
     try:
         yield sim
@@ -472,8 +486,8 @@ def test_shards_keep_non_utf8_file_names() -> None:
 
 @needs_ray
 def test_default_actors_take_a_node_each_and_niced_workers_are_reported(cluster, tiny_weights: Path) -> None:
-    """Joined cluster of two 1-CPU nodes started with Ray's defaults: one 1-CPU actor per node (its
-    threads), and the workers' nice 15 (which let every other process preempt them) is reported."""
+    """Joined cluster of two 1-CPU nodes: one 1-CPU actor per node (its threads); a worker at nice 15
+    (Ray's default, which lets every other process preempt it) is found and reported."""
     import ray
 
     from clipn_cli.scale.ray_engine import Cluster, ClusterSpec
@@ -482,6 +496,9 @@ def test_default_actors_take_a_node_each_and_niced_workers_are_reported(cluster,
     with Cluster(ClusterSpec(), WorkerConfig(str(tiny_weights)), None, ScoreOptions()) as pool:
         assert (len(pool.actors), pool.cpus_per_actor) == (2, 1.0)
         assert ray.get([a.__ray_call__.remote(lambda w: (w.config.threads, w.config.workers)) for a in pool.actors]) == [(1, 1), (1, 1)]
+        assert (pool.niceness, pool.niceness_warning()) == (0, None)
+        ray.get(pool.actors[1].__ray_call__.remote(lambda w: os.setpriority(os.PRIO_PROCESS, 0, 15)))  # as Ray's default starts it
+        pool._check_ready()
         assert pool.niceness == 15
         assert "RAY_worker_niceness=0" in pool.niceness_warning()
     with Cluster(ClusterSpec(actors=4), WorkerConfig(str(tiny_weights)), None, ScoreOptions()) as pool:
