@@ -36,7 +36,7 @@ MAX_FILE_BYTES = 256 << 20  # ~2x10^6 calibration images x 6 methods; parsing mo
 DEFAULT_ALPHA = 0.05
 # the record field holding each method's score ("higher = more ID"), for `detect --calibration`:
 # the methods of the table that need no negative labels and are written to records
-RECORD_FIELDS = {m.name: m.record for m in methods.TABLE if m.record is not None and m.pool is None}
+RECORD_FIELDS = {m.name: m.record for m in methods.TABLE if m.record is not None}
 
 
 def p_values(calibration_scores: np.ndarray, scores: np.ndarray | Sequence[float] | float) -> np.ndarray:
@@ -99,6 +99,7 @@ class Calibration:
     templates_sha256: str
     alpha: float = DEFAULT_ALPHA
     settings: dict[str, Any] = field(default_factory=dict)
+    negatives: dict[str, str] = field(default_factory=dict)  # pool -> digest of its words (NegativePool.digest)
 
     def __post_init__(self) -> None:
         self.scores = {m: np.sort(np.asarray(v, dtype=np.float64).reshape(-1)) for m, v in self.scores.items()}
@@ -109,7 +110,9 @@ class Calibration:
 
     def p_values(self, method: str, scores: np.ndarray | Sequence[float] | float) -> np.ndarray:
         if method not in self.scores:
-            raise CalibrationError(f"calibration has no '{method}' scores (it has {', '.join(m[:40] for m in list(self.scores)[:10])})")
+            pool = methods.BY_NAME[method].pool if method in methods.BY_NAME else None
+            how = f"; make one with 'clipn calibrate --negatives {pool}'" if pool else ""
+            raise CalibrationError(f"calibration has no '{method}' scores (it has {', '.join(m[:40] for m in list(self.scores)[:10])}){how}")
         return p_values(self.scores[method], scores)
 
     def threshold(self, method: str, alpha: float) -> float:
@@ -118,8 +121,12 @@ class Calibration:
         k = math.floor(alpha * (self.count + 1) + 1e-9)
         return float(self.scores[method][k - 1])
 
-    def check_matches(self, weights_fingerprint: str, classes: Sequence[str], templates_sha256: str, source: str = "calibration") -> None:
-        """Refuse a calibration made with other weights, classes or templates: its p-values would be wrong."""
+    def check_matches(
+        self, weights_fingerprint: str, classes: Sequence[str], templates_sha256: str, source: str = "calibration",
+        negatives: Mapping[str, str] | None = None,
+    ) -> None:
+        """Refuse a calibration made with other weights, classes, templates or negative labels (`negatives`:
+        pool -> digest of the pools in use): its p-values would be wrong."""
         hint = "; calibrate again with 'clipn calibrate'"
         if self.weights_fingerprint != weights_fingerprint:
             raise CalibrationError(
@@ -130,6 +137,9 @@ class Calibration:
             raise CalibrationError(f"{source}: made for other classes ({_short(self.classes)}; now {_short(classes)}){hint}")
         if self.templates_sha256 != templates_sha256:
             raise CalibrationError(f"{source}: made with other prompt templates ('{self.templates}'){hint}")
+        for pool, digest in (negatives or {}).items():
+            if pool in self.negatives and self.negatives[pool] != digest:
+                raise CalibrationError(f"{source}: made with other '{pool}' negative labels (another word list){hint} and the same --words")
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +153,7 @@ class Calibration:
             "templates": self.templates,
             "templates_sha256": self.templates_sha256,
             "settings": self.settings,
+            **({"negatives": dict(self.negatives)} if self.negatives else {}),
             "scores": {m: v.tolist() for m, v in self.scores.items()},
         }
 
@@ -208,7 +219,13 @@ class Calibration:
         if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < 1):
             raise damaged(f"alpha {str(alpha)[:20]!r}")
         settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
-        return cls(arrays, text["weights_fingerprint"], classes, text["templates"], text["templates_sha256"], float(alpha), settings)
+        negatives = data.get("negatives", {})
+        if not (isinstance(negatives, dict) and all(isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in negatives.items())):
+            raise damaged("negatives are not pool names with word-list digests")
+        pools = {methods.BY_NAME[m].pool for m in arrays if m in methods.BY_NAME and methods.BY_NAME[m].pool}
+        if not pools <= set(negatives):
+            raise damaged(f"scores of '{sorted(pools - set(negatives))[0][:40]}' without the digest of its negative labels")
+        return cls(arrays, text["weights_fingerprint"], classes, text["templates"], text["templates_sha256"], float(alpha), settings, negatives)
 
 
 def _short(names: Sequence[str]) -> str:

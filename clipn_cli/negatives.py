@@ -111,3 +111,9 @@ class NegativePool:
     words: list[str]
     negatives: torch.Tensor  # (M, D)
     id_heads: torch.Tensor  # (C, D)
+
+    def digest(self) -> str:
+        """SHA-256 of the words, in order: with the weights and classes, what decides the pool's scores."""
+        import hashlib
+
+        return hashlib.sha256("\n".join(self.words).encode("utf-8", "surrogateescape")).hexdigest()

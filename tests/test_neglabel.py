@@ -337,3 +337,39 @@ def test_eval_reports_and_plots_the_new_methods(tiny_weights: Path, tmp_path: Pa
     table = invoke("eval", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-t", "simple", "--id", str(id_dir),
                    "--ood", f"misc={ood_dir}", "--negatives", "neglabel", "--words", str(WORDS), "--format", "table")
     assert "NegLabel" in table.stdout and "ATD+NegLabel" in table.stdout and "CSP" not in table.stdout
+
+
+def test_calibrated_neglabel_verdicts(tiny_weights: Path, tmp_path: Path) -> None:
+    """calibrate --negatives stores NegLabel/CSP scores with their word lists' digests; detect --rule
+    neglabel --calibration gives p-values of the stored scores and refuses other negative labels."""
+    from clipn_cli.calibration import Calibration, p_values
+
+    images = [str(IMAGES / n) for n in sorted(os.listdir(IMAGES))]
+    calib = tmp_path / "calib.json"
+    common = ["-w", str(tiny_weights), "--classes", ",".join(CLASSES)]
+    made = invoke("calibrate", *common, "--negatives", "neglabel,csp", "--words", str(WORDS), "--alpha", "0.2", "-o", str(calib), *images)
+    assert made.exit_code == 0, made.output
+    stored = Calibration.load(calib)
+    assert {"neglabel", "csp", "atd_neg", "atd"} <= set(stored.scores) and set(stored.negatives) == {"neglabel", "csp"}
+
+    result = invoke("detect", *common, "--words", str(WORDS), "--rule", "neglabel", "--calibration", str(calib), "--format", "jsonl", *images[:4])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    want = p_values(stored.scores["neglabel"], [r["neglabel_score"] for r in records])
+    assert [r["p_value"] for r in records] == pytest.approx(want.tolist(), abs=0) and all(r["rule"] == "neglabel" for r in records)
+    assert [r["verdict"] for r in records] == ["OOD" if p <= 0.2 else "ID" for p in want]
+
+    fewer = tmp_path / "fewer.txt"  # another word list: other negatives, other scores
+    fewer.write_text("".join(WORDS.read_text().splitlines(keepends=True)[10:]))
+    other = invoke("detect", *common, "--words", str(fewer), "--rule", "neglabel", "--calibration", str(calib), images[0])
+    assert other.exit_code == 2 and "other 'neglabel' negative labels" in other.output
+    plain = tmp_path / "plain.json"
+    assert invoke("calibrate", *common, "--alpha", "0.2", "-o", str(plain), *images).exit_code == 0
+    missing = invoke("detect", *common, "--words", str(WORDS), "--rule", "neglabel", "--calibration", str(plain), images[0])
+    assert missing.exit_code == 2 and "calibrate --negatives neglabel" in missing.output
+
+    data = json.loads(calib.read_text())
+    del data["negatives"]
+    calib.write_text(json.dumps(data))
+    damaged = invoke("detect", *common, "--words", str(WORDS), "--rule", "neglabel", "--calibration", str(calib), images[0])
+    assert damaged.exit_code == 2 and "without the digest of its negative labels" in damaged.output

@@ -10,10 +10,10 @@ from typing import Annotated
 import typer
 
 from .common import (
-    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, PrecisionOpt, TemplatesOpt,
-    WeightsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, warn,
+    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
+    TemplatesOpt, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, warn,
 )
-from .runtime import class_embeddings, load_classes, load_weights_for_cli
+from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
 
 
 def calibrate(
@@ -25,6 +25,8 @@ def calibrate(
     weights: WeightsOpt = None,
     templates: TemplatesOpt = "clipn",
     alpha: Annotated[float, typer.Option("--alpha", help="Default false-alarm rate for 'detect --calibration' (detect --alpha overrides it).")] = 0.05,
+    negatives: NegativesOpt = None,
+    words: WordsOpt = None,
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
@@ -33,7 +35,7 @@ def calibrate(
 ) -> None:
     """Score ID images with every method and store the sorted scores (no image paths) in a JSON file.
 
-    'clipn detect --calibration FILE' then calls an image OOD when its conformal p-value is <= alpha: an ID image like these is flagged with probability at most alpha. Use the same weights, classes and templates for detect (other ones are refused). n images allow alpha >= 1/(n+1).
+    'clipn detect --calibration FILE' then calls an image OOD when its conformal p-value is <= alpha: an ID image like these is flagged with probability at most alpha. Use the same weights, classes and templates for detect (other ones are refused). n images allow alpha >= 1/(n+1). With --negatives, NegLabel/CSP scores are stored too (detect --rule neglabel --calibration FILE).
 
     Exit codes: 0 all images scored, 1 some could not be read (left out, file still written), 2 usage or setup error.
     """
@@ -47,9 +49,11 @@ def calibrate(
         if not paths:
             fail("no inputs: give the ID images as files, directories, globs, or - for paths on stdin")
         check_output("--output", output)
+        pools = parse_negatives(negatives)
         names = load_classes(classes, classes_file, embeddings)
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
+        add_negatives(model, weights_info, heads, pools, words, source=embeddings)
 
         from ..evaluation import ImageSet, score_set
         from ..images import iter_inputs
@@ -63,6 +67,7 @@ def calibrate(
         calibration = Calibration(
             scored.scores, weights_info.fingerprint, list(heads.classes), heads.templates, heads.templates_sha256, alpha,
             settings={"precision": precision, "exif_transpose": exif_transpose},
+            negatives={pool: n.digest() for pool, n in heads.negatives.items()},
         )
         calibration.save(output)
         info(f"wrote {output}: scores of {calibration.count} ID images for {len(calibration.scores)} methods; "

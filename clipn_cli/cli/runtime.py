@@ -102,7 +102,8 @@ def calibrated_verdicts(
     from ..calibration import CalibratedVerdicts, Calibration
 
     loaded = Calibration.load(calibration)
-    loaded.check_matches(fingerprint, heads.classes, heads.templates_sha256, str(calibration))
+    loaded.check_matches(fingerprint, heads.classes, heads.templates_sha256, str(calibration),
+                         {pool: n.digest() for pool, n in heads.negatives.items()})
     return CalibratedVerdicts(loaded, rule, loaded.alpha if alpha is None else alpha, fdr)
 
 

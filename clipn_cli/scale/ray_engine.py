@@ -11,6 +11,7 @@ it held is retried on another actor). People composing their own Ray Data pipeli
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import deque
@@ -286,17 +287,12 @@ def detect_job(
         **options.as_dict(),
     }
     if heads.negatives:
-        job["negatives"] = {pool: _digest("\n".join(n.words).encode("utf-8", "surrogateescape")) for pool, n in sorted(heads.negatives.items())}
+        job["negatives"] = {pool: n.digest() for pool, n in sorted(heads.negatives.items())}
     if verdicts is not None:
         scores = verdicts.calibration.scores[verdicts.method]
-        job["calibration"] = {"method": verdicts.method, "alpha": verdicts.alpha, "count": int(scores.size), "scores_sha256": _digest(scores.tobytes())}
+        job["calibration"] = {"method": verdicts.method, "alpha": verdicts.alpha, "count": int(scores.size),
+                              "scores_sha256": hashlib.sha256(scores.tobytes()).hexdigest()}
     return job
-
-
-def _digest(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def open_manifest(store: OutputStore, job: dict[str, Any], resume: bool) -> Manifest:
