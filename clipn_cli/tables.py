@@ -1,7 +1,8 @@
 """Tables of image paths (.parquet, .csv with a `path` column) given as inputs.
 
-Only the column is read here, streamed and bounded (a CSV line at most 1 MiB, the table opened
-as a regular file only); `images.iter_inputs` makes inputs of its values.
+Only the column is read here, streamed and bounded (a CSV line at most 1 MiB, a Parquet row group's
+path column at most 256 MiB uncompressed as its metadata declares it, the table opened as a regular
+file only); `images.iter_inputs` makes inputs of its values.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .errors import ClipnError
 TABLE_SUFFIXES = (".parquet", ".csv")
 PATH_COLUMN = "path"
 MAX_CSV_LINE = 1 << 20  # a CSV line of paths; the csv module refuses a field over 128 KiB in any case
+MAX_PARQUET_CHUNK = 256 << 20  # uncompressed bytes of the path column in one row group (read whole at once)
 
 
 class TableError(ClipnError):
@@ -49,9 +51,17 @@ def _parquet_paths(path: str, batch_rows: int) -> Iterator[str | None]:
             text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
             if not (text or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
                 raise TableError(f"{path}: the '{PATH_COLUMN}' column holds {str(kind)[:40]}, not file names (strings)")
-            for batch in table.iter_batches(batch_size=batch_rows, columns=[PATH_COLUMN]):
-                for value in batch.column(0).to_pylist():  # bytes: a name that is not UTF-8, kept as `find` gives it
-                    yield value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+            meta = table.metadata
+            leaf = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == PATH_COLUMN)
+            for group in range(meta.num_row_groups):
+                # pyarrow decompresses a row group's column chunk whole: its declared size is checked first
+                size = meta.row_group(group).column(leaf).total_uncompressed_size
+                if size > MAX_PARQUET_CHUNK:
+                    raise TableError(f"{path}: row group {group} holds {size >> 20} MB of path names uncompressed "
+                                     f"(limit {MAX_PARQUET_CHUNK >> 20} MB); write smaller row groups, or is it a decompression bomb?")
+                for batch in table.iter_batches(batch_size=batch_rows, row_groups=[group], columns=[PATH_COLUMN]):
+                    for value in batch.column(0).to_pylist():  # bytes: a name that is not UTF-8, kept as `find` gives it
+                        yield value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
     except TableError:
         raise
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for a damaged file

@@ -604,3 +604,27 @@ def test_training_decodes_through_load_one_on_daemon_threads(tiny_weights: Path,
     stalled.close()  # returns with a decode still running
     assert all(not f.done() or f.cancelled() for _, f in list(stalled._pending)[1:])
     release.set()
+
+
+def test_parquet_row_group_too_large_uncompressed_is_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Parquet table is read one row group at a time; a group whose path column would decompress
+    past the limit (a bomb: megabytes of one repeated name compress to almost nothing) is refused from
+    its metadata, after the groups before it."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from clipn_cli import tables
+    from clipn_cli.images import iter_table
+
+    bomb = tmp_path / "bomb.parquet"
+    schema = pa.schema([("path", pa.string())])
+    with pq.ParquetWriter(bomb, schema, compression="zstd", use_dictionary=False) as writer:
+        writer.write_table(pa.table({"path": ["ok.png"] * 10}, schema=schema))
+        writer.write_table(pa.table({"path": ["a" * 4000 + ".png"] * 2000}, schema=schema))  # ~8 MB of names, one group
+    assert bomb.stat().st_size < 200_000
+    monkeypatch.setattr(tables, "MAX_PARQUET_CHUNK", 1 << 20)
+    got = []
+    with pytest.raises(ClipnError, match=r"row group 1 holds \d+ MB of path names uncompressed \(limit 1 MB\)") as caught:
+        for item in iter_table(str(bomb)):
+            got.append(item.path)
+    assert len(got) == 10 and str(caught.value).startswith(str(bomb))
