@@ -83,7 +83,8 @@ BARE_THROUGHPUT = r"""
 import json, sys, time
 from pathlib import Path
 import torch
-from clipn_cli.images import InputItem, image_size_of, load_one, make_transform
+from clipn_cli.images import image_size_of, load_one, make_transform
+from clipn_cli.inputs import InputItem
 from clipn_cli.inference import encode_batch
 from clipn_cli.weights import load_model
 model, _ = load_model(sys.argv[1], text=False)
@@ -107,7 +108,8 @@ import clipn_cli.cli.app
 import torch, open_clip
 from clipn_cli.detection import detections_from_scores
 from clipn_cli.embeddings import ClassEmbeddings
-from clipn_cli.images import image_size_of, iter_inputs, load_one, make_transform
+from clipn_cli.images import image_size_of, load_one, make_transform
+from clipn_cli.inputs import iter_inputs
 from clipn_cli.inference import encode_batch
 from clipn_cli.scoring import score
 from clipn_cli.weights import load_model
@@ -298,7 +300,8 @@ def timed_forward(model: Any, pixels: torch.Tensor) -> tuple[float, torch.Tensor
 
 
 def real_batch(model: Any, directory: Path, count: int) -> torch.Tensor:
-    from clipn_cli.images import image_size_of, load_one, make_transform, InputItem
+    from clipn_cli.images import image_size_of, load_one, make_transform
+    from clipn_cli.inputs import InputItem
 
     transform = make_transform(image_size_of(model))
     paths = sorted(directory.glob("*.jpg"))[:count]
@@ -314,7 +317,8 @@ def figure_throughput(rep: Report, weights: Path, embeddings: Path, jpgs: Path) 
     detect, bare, detect, bare, detect) and each side is judged by its best run; medians are
     reported too, and every run is in results.json.
     """
-    from clipn_cli.images import InputItem, load_one, make_transform
+    from clipn_cli.images import load_one, make_transform
+    from clipn_cli.inputs import InputItem
 
     bare_cmd = [sys.executable, "-c", BARE_THROUGHPUT, str(weights), str(jpgs), str(BATCH)]
     detect_cmd = [*CLI, "detect", "-w", str(weights), "-e", str(embeddings), str(jpgs), "-f", "jsonl"]  # default batch size
@@ -595,7 +599,8 @@ def digits_dtypes(rep: Report, work: Path) -> dict[str, Any]:
 def figure_options(rep: Report, model: Any, weights: Path, embeddings: Path, jpgs: Path, work: Path) -> None:
     """(5) opt-in speed-ups: --draft on 12-megapixel JPEGs, --quantize int8; each with its deviation."""
     from clipn_cli.embeddings import ClassEmbeddings
-    from clipn_cli.images import InputItem, load_one, make_transform
+    from clipn_cli.images import load_one, make_transform
+    from clipn_cli.inputs import InputItem
     from clipn_cli.inference import quantize_image_tower
     from clipn_cli.scoring import score
     from clipn_cli.weights import load_model

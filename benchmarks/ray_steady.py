@@ -35,7 +35,7 @@ def environment() -> dict:
 
 def main(rounds: int = 3) -> None:
     from clipn_cli.embeddings import ClassEmbeddings
-    from clipn_cli.images import iter_inputs
+    from clipn_cli.inputs import iter_inputs
     from clipn_cli.scale.ray_engine import Cluster, ClusterSpec
     from clipn_cli.scale.worker import ScoreOptions, Worker, WorkerConfig
     from clipn_cli.weights import load_model

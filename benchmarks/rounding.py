@@ -21,7 +21,7 @@ import torch
 from bench import CLASSES, DIGIT_CLASSES
 from clipn_cli.embeddings import embed_classes
 from clipn_cli.fixedpoint import pack, split_scales, unpack
-from clipn_cli.images import iter_inputs
+from clipn_cli.inputs import iter_inputs
 from clipn_cli.inference import encode_images
 from clipn_cli.prompts import load_templates
 from clipn_cli.scoring import score

@@ -36,7 +36,7 @@ _API = {
     "Heads": "scoring",
     "Scores": "scoring",
     "mine": "wordpool",
-    "iter_inputs": "images",
+    "iter_inputs": "inputs",
     "load_one": "images",
     "DecodeLimits": "images",
     "encode_images": "inference",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .embeddings import ClassEmbeddings
-from .images import InputItem
+from .inputs import InputItem
 from .inference import EncodedImage, encode_images, pipeline_sizes
 from . import methods
 from .model import CLIPN

@@ -21,7 +21,7 @@ from . import methods as method_table
 from . import metrics
 from .errors import EvaluationError
 from .files import atomic_open
-from .images import GLOB_CHARS, IMAGE_EXTENSIONS, InputItem, iter_inputs, iter_table
+from .inputs import GLOB_CHARS, IMAGE_EXTENSIONS, InputItem, iter_inputs, iter_table
 from .tables import TableError, is_table
 from .output import TEXT_ERRORS, json_text
 

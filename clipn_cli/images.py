@@ -1,4 +1,4 @@
-"""Finding image inputs and decoding them exactly as the official pipeline does.
+"""Decoding image inputs, guarded and bounded, exactly as the official pipeline does (finding them: `inputs`).
 
 Decoding: PIL opens the file (first frame of animations), then open_clip's eval transform:
 resize the shorter side to the model's size (bicubic), centre crop, convert to RGB, normalize
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
-import glob
 import io
 import mmap
 import os
@@ -25,19 +23,15 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import IO, Any
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ClipnError, ImageError
-from .tables import PATH_COLUMN, TableError, is_table, table_paths
+from .inputs import InputItem, os_reason
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
-)
 # Formats Pillow decodes in-process with its own or a linked library; nothing that hands the file
 # to an external program (EPS/PostScript/PDF go to Ghostscript) and no icon containers. MPO (the
 # multi-picture JPEG of many cameras) is what Pillow's JPEG reader reports for such files.
@@ -45,7 +39,6 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
 _OPENED_FORMATS = frozenset({*ALLOWED_FORMATS, "MPO"})
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own decompression-bomb limit
 MAX_ASPECT = 100  # longer side / shorter side beyond which the long side is centre-cropped first
-GLOB_CHARS = frozenset("*?[")
 GIVE_UP_AFTER = 5.0  # seconds past a decode's time limit after which it is abandoned inside a C call
 TRANSFORM_EXIT_WAIT = 60.0  # at exit, the longest wait for transforms under way (one bounded image each)
 # What other formats look like, so that a refusal can name the format it refuses.
@@ -96,113 +89,6 @@ class DecodeLimits:
             max_jpeg_scans=_env_number("CLIPN_MAX_JPEG_SCANS", 100),
             timeout=_env_number("CLIPN_DECODE_TIMEOUT", 10.0, float),
         )
-
-
-@dataclass(frozen=True)
-class InputItem:
-    """One input as the user named it; `error` is set when it could not even be found.
-
-    `data` holds the file's bytes when they were read elsewhere (a Ray Dataset's `bytes` column):
-    they are then decoded instead of opening `path`.
-    """
-
-    path: str
-    error: str | None = None
-    data: bytes | None = field(default=None, repr=False, compare=False)
-
-
-def iter_inputs(args: Iterable[str], stdin: IO[str] | IO[bytes] | None = None) -> Iterator[InputItem]:
-    """Expand files, directories (recursive, image extensions), globs, `-` (paths on stdin) and
-    tables (a .parquet or .csv file: its `path` column, see `iter_table`).
-
-    Lazy: paths from stdin and tables are yielded as they are read, so millions of them stream through.
-    Path lines are read as bytes and decoded as the file system does (`os.fsdecode`), so a file
-    name that is not valid in the locale's encoding is one input like any other, in every locale.
-    """
-    for arg in args:
-        if arg == "-":
-            if stdin is None:
-                continue
-            for line in _path_lines(stdin):
-                if line:
-                    yield InputItem(line)
-        elif is_table(arg):
-            try:
-                yield from iter_table(arg)
-            except TableError as exc:  # the rows before stay inputs; the table gets its error record
-                yield InputItem(arg, error=str(exc).removeprefix(f"{arg}: "))
-        elif os.path.isdir(arg):
-            found = False
-            for item in _walk(arg):
-                found = True
-                yield item
-            if not found:
-                yield InputItem(arg, error="directory contains no image files")
-        elif os.path.lexists(arg) or not GLOB_CHARS & set(arg):
-            yield InputItem(arg)
-        else:
-            matches = sorted(glob.glob(arg, recursive=True))
-            if not matches:
-                yield InputItem(arg, error="no file matches this pattern")
-            for match in matches:
-                yield from _walk(match) if os.path.isdir(match) else (InputItem(match),)
-
-
-def iter_table(path: str, batch_rows: int = 65_536) -> Iterator[InputItem]:
-    """The inputs a table names, streamed; raises TableError when it cannot be read as a table.
-
-    Relative paths in a table are taken relative to the table's folder (as `eval` path lists are),
-    so a table and its images can move together.
-    """
-    base = os.path.dirname(path)
-    for row, value in enumerate(table_paths(path, batch_rows), 1):
-        if value:
-            yield InputItem(os.path.join(base, value))
-        else:  # a row is an input: an empty or missing name gets its error record, never silently dropped
-            yield InputItem(f"{path} row {row}", error=f"empty '{PATH_COLUMN}' value in the table")
-
-
-def _path_lines(stdin: IO[str] | IO[bytes]) -> Iterator[str]:
-    raw = getattr(stdin, "buffer", stdin)
-    for line in raw:
-        if isinstance(line, bytes):
-            yield os.fsdecode(line.rstrip(b"\r\n"))
-        else:
-            yield line.rstrip("\r\n")
-
-
-def _walk(directory: str) -> Iterator[InputItem]:
-    """Image files under `directory`, recursively, in a stable (sorted) order.
-
-    A sub-folder that cannot be listed becomes an error record in its place, so that its images
-    are not silently missing from the results.
-    """
-    failed: list[OSError] = []
-    for root, dirs, files in os.walk(directory, onerror=failed.append):
-        while failed:
-            yield _unreadable_dir(failed.pop(0))
-        dirs.sort()
-        for name in sorted(files):
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                yield InputItem(os.path.join(root, name))
-    while failed:
-        yield _unreadable_dir(failed.pop(0))
-
-
-def _unreadable_dir(exc: OSError) -> InputItem:
-    path = exc.filename if isinstance(exc.filename, str) else str(exc.filename)
-    return InputItem(path, error=f"cannot list this folder ({_os_reason(exc)}): its images are not scored")
-
-
-def _os_reason(exc: OSError) -> str:
-    """What an OSError means for an input, in a few words."""
-    reasons = {
-        errno.ENOENT: "no such file", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-        errno.ELOOP: "symbolic link loop", errno.ENAMETOOLONG: "file name too long",
-        errno.ENOTDIR: "a part of the path is not a folder", errno.EISDIR: "is a directory, not an image",
-        errno.EIO: "input/output error reading the file", errno.ENXIO: "no such device",
-    }
-    return reasons.get(exc.errno or 0) or (exc.strerror or type(exc).__name__).lower()
 
 
 class _Stopped(Exception):
@@ -488,7 +374,7 @@ def _read_image(
         raise ImageError(f"image too large: {exc}") from None
     except OSError as exc:
         if exc.errno is not None:
-            raise ImageError(_os_reason(exc)) from None
+            raise ImageError(os_reason(exc)) from None
         raise ImageError(f"corrupt or truncated image ({_detail(exc)})") from None
     except (SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError, ZeroDivisionError) as exc:
         raise ImageError(f"corrupt or truncated image ({_detail(exc)})") from None

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .images import InputItem, LoadedImage, image_size_of, load_images, make_transform
+from .images import LoadedImage, image_size_of, load_images, make_transform
+from .inputs import InputItem
 from .model import CLIPN
 
 if TYPE_CHECKING:

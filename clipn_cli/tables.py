@@ -2,7 +2,7 @@
 
 Only the column is read here, streamed and bounded (a CSV line at most 1 MiB, a Parquet row group's
 path column at most 256 MiB uncompressed as its metadata declares it, the table opened as a regular
-file only); `images.iter_inputs` makes inputs of its values.
+file only); `inputs.iter_inputs` makes inputs of its values.
 """
 
 from __future__ import annotations

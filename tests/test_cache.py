@@ -11,7 +11,8 @@ import torch
 
 from clipn_cli.cache import FeatureCache
 from clipn_cli.errors import CacheError
-from clipn_cli.images import InputItem, LoadedImage
+from clipn_cli.images import LoadedImage
+from clipn_cli.inputs import InputItem
 from clipn_cli.inference import encode_images
 from clipn_cli.weights import load_model
 

@@ -29,7 +29,8 @@ from conftest import OFFICIAL_CHECKPOINT, TINY_CONFIG
 from clipn_cli.cli.app import app
 from clipn_cli.embeddings import embed_classes, encode_texts, tokenizer_for
 from clipn_cli.errors import ClipnError, WeightsError
-from clipn_cli.images import InputItem, iter_inputs, load_images, make_transform, open_image
+from clipn_cli.images import load_images, make_transform, open_image
+from clipn_cli.inputs import InputItem, iter_inputs
 from clipn_cli.inference import encode_images, pipeline_sizes
 from clipn_cli.prompts import load_templates
 from clipn_cli.fixedpoint import SCALE_SUFFIX, pack, split_scales, unpack

@@ -31,7 +31,8 @@ from clipn_cli import images
 from clipn_cli.cli.app import app
 from clipn_cli.embeddings import ClassEmbeddings
 from clipn_cli.errors import ClassesError, ClipnError, EmbeddingsError, OutputError, WeightsError
-from clipn_cli.images import DecodeLimits, InputItem, iter_inputs, jpeg_scans, load_images, load_one, open_image
+from clipn_cli.images import DecodeLimits, jpeg_scans, load_images, load_one, open_image
+from clipn_cli.inputs import InputItem, iter_inputs
 
 IMAGES = Path(__file__).parent / "fixtures" / "images"
 CLASSES = "cat,horse,rocket"

@@ -368,7 +368,7 @@ def test_plain_clip_checkpoint_that_is_not_a_file_is_refused_without_waiting(tmp
     (b"name\nimg/a.png\n", "no 'path' column"),
 ])
 def test_hostile_csv_table_is_one_error_naming_it(tmp_path: Path, content: bytes, expected: str) -> None:
-    from clipn_cli.images import iter_table
+    from clipn_cli.inputs import iter_table
 
     path = tmp_path / "inputs.csv"
     path.write_bytes(content)
@@ -379,7 +379,7 @@ def test_hostile_csv_table_is_one_error_naming_it(tmp_path: Path, content: bytes
 
 def test_nul_in_a_csv_path_is_one_error_record(tmp_path: Path) -> None:
     from clipn_cli.images import load_one
-    from clipn_cli.images import iter_table
+    from clipn_cli.inputs import iter_table
 
     path = tmp_path / "inputs.csv"
     path.write_bytes(b"path\nimg/a.png\nimg/\0b.png\n")
@@ -392,7 +392,7 @@ def test_empty_table_cells_are_error_records_not_dropped(tmp_path: Path) -> None
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    from clipn_cli.images import iter_table
+    from clipn_cli.inputs import iter_table
 
     csv_table = tmp_path / "t.csv"
     csv_table.write_text("label,path\n1,a.png\n2,\n3\n\n4,b.png\n", encoding="utf-8")  # an empty cell, a short row, a blank line
@@ -405,7 +405,7 @@ def test_empty_table_cells_are_error_records_not_dropped(tmp_path: Path) -> None
 
 
 def test_table_swapped_for_a_fifo_is_refused_without_waiting(tmp_path: Path) -> None:
-    from clipn_cli.images import iter_table
+    from clipn_cli.inputs import iter_table
 
     for name in ("inputs.csv", "inputs.parquet"):
         fifo = _fifo(tmp_path / name)
@@ -417,7 +417,7 @@ def test_parquet_path_column_types(tmp_path: Path) -> None:
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    from clipn_cli.images import iter_table
+    from clipn_cli.inputs import iter_table
 
     numbers = tmp_path / "numbers.parquet"
     pq.write_table(pa.table({"path": [1, 2, 3]}), numbers)
@@ -614,7 +614,7 @@ def test_parquet_row_group_too_large_uncompressed_is_refused_before_reading(tmp_
     import pyarrow.parquet as pq
 
     from clipn_cli import tables
-    from clipn_cli.images import iter_table
+    from clipn_cli.inputs import iter_table
 
     bomb = tmp_path / "bomb.parquet"
     schema = pa.schema([("path", pa.string())])

@@ -265,7 +265,7 @@ def test_detect_neglabel_and_csp_end_to_end(tiny, tiny_weights: Path, tmp_path: 
     pairs = wordpool.read_words(WORDS)
     heads.negatives = {p: wordpool.mine(model, CLASSES, p, info.fingerprint, pairs) for p in ("neglabel", "csp")}
     from clipn_cli.inference import encode_images
-    from clipn_cli.images import iter_inputs
+    from clipn_cli.inputs import iter_inputs
 
     features = torch.stack([e.feature for e in encode_images(model, iter_inputs(images), batch_size=4, workers=0)])
     scores = score_heads(features, Heads.prepare(heads))

@@ -224,7 +224,7 @@ def test_lost_worker_costs_nothing(cluster, tiny_weights: Path, inputs: list[str
     import ray
 
     from clipn_cli.embeddings import embed_classes
-    from clipn_cli.images import iter_inputs
+    from clipn_cli.inputs import iter_inputs
     from clipn_cli.prompts import load_templates
     from clipn_cli.scale import read_output
     from clipn_cli.scale.manifest import load_manifest
@@ -354,7 +354,7 @@ def test_ray_options_need_the_ray_engine() -> None:
 def test_plan_shards_is_lazy_and_deterministic() -> None:
     import itertools
 
-    from clipn_cli.images import InputItem
+    from clipn_cli.inputs import InputItem
     from clipn_cli.scale.planner import plan_shards
 
     endless = (InputItem(f"img/{i}.jpg") for i in itertools.count())  # a listing that never ends still plans
@@ -373,7 +373,7 @@ def test_tables_of_paths_are_inputs(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from clipn_cli.images import iter_inputs
+    from clipn_cli.inputs import iter_inputs
 
     names = ["rocket.jpg", "coffee.png", "nope.png"]
     pq.write_table(pa.table({"path": [str(IMAGES / n) for n in names], "label": [1, 2, 3]}), tmp_path / "t.parquet")

@@ -211,7 +211,8 @@ def test_reader_going_away_stops_quietly_with_141(tiny_weights: Path, tmp_path: 
 EXIT_DURING_TRANSFORM = """
 import sys, threading, time, torch
 from PIL import Image
-from clipn_cli.images import InputItem, load_images
+from clipn_cli.images import load_images
+from clipn_cli.inputs import InputItem
 
 entered = threading.Event()
 
@@ -447,7 +448,8 @@ def test_permission_error_maps_to_one_line(monkeypatch: pytest.MonkeyPatch) -> N
     """The mapping itself, testable as root too: PIL raising PermissionError becomes a record."""
     from PIL import Image
 
-    from clipn_cli.images import InputItem, load_one
+    from clipn_cli.images import load_one
+    from clipn_cli.inputs import InputItem
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")

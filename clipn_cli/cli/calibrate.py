@@ -56,7 +56,7 @@ def calibrate(
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
 
         from ..evaluation import ImageSet, score_set
-        from ..images import iter_inputs
+        from ..inputs import iter_inputs
 
         items = list(iter_inputs(paths, sys.stdin))
         scored = score_set(model, heads, ImageSet("ID", "id", items, [None] * len(items)), batch_size=batch_size,

@@ -107,7 +107,7 @@ def detect(
 
         from ..cache import FeatureCache
         from ..detection import detect as run_detect
-        from ..images import iter_inputs
+        from ..inputs import iter_inputs
         from ..output import open_writer, resume_jsonl
 
         items = iter_inputs(paths, sys.stdin)

@@ -52,7 +52,7 @@ def detect_on_ray(
         fail("--cache is not supported with --engine ray for detect (the workers may not share this machine's disk)")
     require_ray()
     store = OutputStore.open(output)
-    from ..images import iter_inputs
+    from ..inputs import iter_inputs
 
     weights_path, heads, fingerprint = _heads_on_driver(weights, device, names, embeddings, templates, pools, words)
     verdicts = calibrated_verdicts(calibration, alpha, None, options.rule, heads, fingerprint)

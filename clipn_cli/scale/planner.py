@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from ..images import InputItem
+from ..inputs import InputItem
 
 DEFAULT_SHARD_SIZE = 10_000
 

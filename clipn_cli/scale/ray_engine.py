@@ -28,7 +28,7 @@ from .worker import ScoreOptions, Worker, WorkerConfig
 if TYPE_CHECKING:
     from ..calibration import CalibratedVerdicts
     from ..embeddings import ClassEmbeddings
-    from ..images import InputItem
+    from ..inputs import InputItem
     from ..inference import EncodedImage
     from .store import OutputStore
 
@@ -417,7 +417,7 @@ class DatasetScorer:
         self.bytes_column = bytes_column
 
     def __call__(self, batch: dict[str, Any]) -> Any:
-        from ..images import InputItem
+        from ..inputs import InputItem
         from .records import to_table
 
         paths = [str(p) for p in batch[self.path_column]]

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from ..calibration import CalibratedVerdicts
     from ..embeddings import ClassEmbeddings
-    from ..images import InputItem
+    from ..inputs import InputItem
     from .store import OutputStore
 
 

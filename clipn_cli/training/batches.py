@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import DataError, ImageError
-from ..images import InputItem, _DecodePool, image_size_of, load_one
+from ..images import _DecodePool, image_size_of, load_one
+from ..inputs import InputItem
 from ..inference import autocast, encode_batch, encode_images
 from ..model import CLIPN
 from .data import IndexedData, Pair, ShardData, caption_id

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
-from ..images import IMAGE_EXTENSIONS
+from ..inputs import IMAGE_EXTENSIONS
 
 IMAGE_KEYS = ("image", "filepath", "file", "path", "image_path", "img", "jpg", "png")
 CAPTION_KEYS = ("caption", "text", "title", "txt", "prompt")
