@@ -217,7 +217,7 @@ from clipn_cli.inputs import InputItem
 entered = threading.Event()
 
 def slow(image):  # what a torch transform does, for long enough that the exit surely lands inside it
-    if entered.is_set() or threading.current_thread() is threading.main_thread():
+    if image.width == 32 or entered.is_set():  # the first input is quick: the run has its first record
         return torch.zeros(1)
     entered.set()
     a, until = torch.ones(400, 400), time.monotonic() + 1.5
@@ -225,10 +225,10 @@ def slow(image):  # what a torch transform does, for long enough that the exit s
         a = a @ a / 400
     return a[:1, 0]
 
-path = sys.argv[1]
-results = load_images((InputItem(path) for _ in range(50)), slow, workers=2, prefetch=4)
+quick, slow_one = sys.argv[1:3]
+results = load_images([InputItem(quick)] + [InputItem(slow_one)] * 49, slow, workers=2, prefetch=4)
 next(results)
-entered.wait()
+entered.wait()  # a decode thread is inside torch now, for 1.5 s
 sys.exit(3)
 """
 
@@ -237,10 +237,11 @@ def test_exit_while_a_thread_is_inside_torch_keeps_the_exit_code(tmp_path: Path)
     """A decode thread inside the transform (torch's C++) when the command exits: the interpreter
     must not end it there, which aborts the process (exit -6, "terminate called ...") instead of
     exiting with the code the command chose (here 3; for `| head`, 141)."""
-    image = tmp_path / "one.png"
-    Image.new("RGB", (32, 24), (1, 2, 3)).save(image)
+    quick, slow = tmp_path / "quick.png", tmp_path / "slow.png"
+    Image.new("RGB", (32, 24), (1, 2, 3)).save(quick)
+    Image.new("RGB", (33, 24), (1, 2, 3)).save(slow)
     for _ in range(2):
-        proc = subprocess.run([sys.executable, "-c", EXIT_DURING_TRANSFORM, str(image)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", EXIT_DURING_TRANSFORM, str(quick), str(slow)], capture_output=True, text=True)
         assert (proc.returncode, proc.stderr) == (3, "")
 
 
