@@ -416,8 +416,9 @@ WORDS = Path(__file__).parent / "fixtures" / "words-small.txt"
 def test_ray_gives_calibrated_and_negative_label_verdicts_as_local_detect(
     cluster, tiny_weights: Path, inputs: list[str], tmp_path: Path, how: str
 ) -> None:
-    """--calibration/--alpha, --negatives/--words and --threshold on Ray: local detect's records, p_value
-    column even in a shard of error records only; a resume with another calibration is refused."""
+    """--calibration/--alpha, --negatives/--words, --threshold and --report on Ray: local detect's records
+    and report, p_value column even in a shard of error records only; a resume with another calibration
+    is refused."""
     from clipn_cli.scale import read_output
 
     base = ["-w", str(tiny_weights), "--classes", CLASSES, "--words", str(WORDS), "--negatives", "neglabel"]
@@ -432,10 +433,16 @@ def test_ray_gives_calibrated_and_negative_label_verdicts_as_local_detect(
     assert invoke("detect", *base, "--format", "jsonl", "--output", str(local), *inputs).exit_code == 1
     want = jsonl(local)
     out = tmp_path / "run"
-    result = invoke("detect", "--engine", "ray", "--actors", "2", "--shard-size", "4", *base, "--output", str(out), *inputs)
+    report = tmp_path / "report.html"
+    result = invoke("detect", "--engine", "ray", "--actors", "2", "--shard-size", "4", *base, "--output", str(out),
+                    "--report", str(report), *inputs)
     assert result.exit_code == 1, result.output
     got = list(read_output(str(out)))
     assert_same_records(got, want)
+    # the report is the one local detect writes for the same records, built from every shard
+    local_report = tmp_path / "local.html"
+    assert invoke("detect", *base, "--format", "jsonl", "--output", str(tmp_path / "again.jsonl"), "--report", str(local_report), *inputs).exit_code == 1
+    assert report.read_text() == local_report.read_text()
     scored = [r for r in want if "error" not in r]
     assert all("neglabel_score" in r for r in scored)
     if how == "calibrated":
@@ -454,8 +461,6 @@ def test_ray_refuses_what_needs_the_whole_run_in_one_line(tiny_weights: Path, tm
     args = ["detect", "--engine", "ray", "-w", str(tiny_weights), "--classes", CLASSES, "--output", str(tmp_path / "run"), str(IMAGES)]
     fdr = invoke(*args, "--calibration", str(tmp_path / "c.json"), "--fdr", "0.1")
     assert fdr.exit_code == 2 and "--fdr cannot be used with --engine ray" in fdr.output
-    report = invoke(*args, "--report", str(tmp_path / "r.html"))
-    assert report.exit_code == 2 and "--report cannot be used with --engine ray" in report.output
     rule = invoke(*args, "--rule", "neglabel")
     assert rule.exit_code == 2 and "--threshold" in rule.output
     assert not (tmp_path / "run").exists()

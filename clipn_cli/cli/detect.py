@@ -195,8 +195,7 @@ def _detect_on_ray(args: dict) -> None:
     from ..scale.worker import ScoreOptions
     from .scaleout import detect_on_ray
 
-    if args["report"] is not None:
-        fail("--report cannot be used with --engine ray: a report of a whole cluster run is not built (read the shards with 'clipn_cli.scale.read_output')")
+    check_output("--report", args["report"])
     if args["fdr"] is not None:
         fail("--fdr cannot be used with --engine ray: Benjamini-Hochberg needs every p-value of the run before any shard is written; "
              "use --alpha (per image), or apply BH to the p_value column of the shards afterwards")
@@ -220,6 +219,7 @@ def _detect_on_ray(args: dict) -> None:
         batch_size=args["batch_size"], workers=args["workers"], options=options, ray_address=args["ray_address"],
         actors=args["actors"], cpus_per_actor=args["cpus_per_actor"], gpus_per_actor=args["gpus_per_actor"],
         shard_size=args["shard_size"], pools=pools, words=args["words"], calibration=args["calibration"], alpha=args["alpha"],
+        report=args["report"],
     )
 
 

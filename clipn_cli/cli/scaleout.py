@@ -32,11 +32,12 @@ def detect_on_ray(
     names: list[str], embeddings: Path | None, weights: Path | None, templates: str, device: str,
     batch_size: int | None, workers: int | None, options, ray_address: str | None, actors: int | None,
     cpus_per_actor: float | None, gpus_per_actor: float, shard_size: int, pools: tuple[str, ...] = (),
-    words: Path | None = None, calibration: Path | None = None, alpha: float | None = None,
+    words: Path | None = None, calibration: Path | None = None, alpha: float | None = None, report: Path | None = None,
 ) -> None:
     """Score `paths` on Ray into the folder `output`; exits like local detect (0, 1 or 2).
 
     Negative labels are mined and a calibration is checked here, once; the actors get the results.
+    A `report` is built here afterwards from the finished shards (all of them, resumed ones too).
     """
     from ..scale.ray_engine import Cluster, ClusterSpec, detect_job, require_ray, run_detect
     from ..scale.records import SHARD_FORMATS
@@ -67,12 +68,26 @@ def detect_on_ray(
         manifest = run_detect(iter_inputs(paths, sys.stdin), store, job, cluster, resume=resume, shard_size=shard_size, progress=progress)
     if manifest.inputs == 0:
         fail("no images found in the given inputs")
+    if report is not None:
+        _write_report(report, output, heads.classes, verdicts)
     info(f"{manifest.records} records ({manifest.errors} errors) in {len(manifest.shards)} shards in {output}"
          + (f"; {progress.shards} shards scored now" if resume else ""))
     if manifest.errors:
         info(f"{manifest.errors} of {manifest.records} inputs could not be scored (see their error records)")
         raise typer.Exit(EXIT_PARTIAL)
     raise typer.Exit(EXIT_OK)
+
+
+def _write_report(report: Path, output: str, classes: list[str], verdicts) -> None:
+    """The detect report of a whole Ray run, gathered record by record from its shards in bounded memory."""
+    from ..report import DetectReport, write_html
+    from ..scale import read_output
+
+    gathered = DetectReport(list(classes), calibrated=verdicts is not None)
+    for record in read_output(output):
+        gathered.add(record)
+    write_html(report, gathered.render(verdicts))
+    info(f"wrote the report to {report}")
 
 
 def _heads_on_driver(
