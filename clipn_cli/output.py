@@ -11,7 +11,7 @@ import contextlib
 import csv
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,6 +21,7 @@ from .methods import record_fields
 
 FORMATS = ("table", "json", "jsonl", "csv")
 RECORD_START = b'{"path": '  # every record's first key, as JsonlWriter writes it
+MAX_RECORD_LINE = 64 << 20  # bytes of one JSON Lines record read back by --resume (--details at 50,000 classes: ~3 MB)
 TEXT_ERRORS = "surrogateescape"  # CSV and tables write a non-UTF-8 file name's bytes as they are, as `ls` does
 CSV_COLUMNS = ("path", "error", "verdict", "rule", "class", "class_index", *record_fields())  # empty where a method was not computed
 DETAIL_COLUMNS = ("p_yes", "logits_yes", "logits_no", "top_k")
@@ -161,31 +162,42 @@ def open_writer(
         stream.flush()
 
 
-def resume_jsonl(path: str | Path) -> set[str]:
-    """Prepare a JSON Lines file for `--resume`: cut a partial last line, return the paths it holds.
+def resume_jsonl(path: str | Path, on_record: Callable[[dict[str, Any]], None] | None = None) -> set[str]:
+    """Prepare a JSON Lines file for `--resume`: cut a partial last line, return the paths it holds
+    (and hand each record to `on_record`: a report covers the whole file, not only this run).
 
     A run killed mid-write can leave a line without its newline; it is removed so that
-    appending starts on a clean line and that input is done again.
+    appending starts on a clean line and that input is done again. The file is read a line at a
+    time (a resumed run of 10^7 records must not hold the whole file), each at most MAX_RECORD_LINE.
     """
     path = Path(path)
     if not path.exists():
         return set()
+
+    def refuse(number: int, why: str = "is not a clipn JSON Lines record") -> OutputError:
+        return OutputError(f"{path}: line {number} {why}: refusing to append to this file")
+
+    done: set[str] = set()
     with open(path, "rb+") as fh:
-        data = fh.read()
-        end = data.rfind(b"\n") + 1
-        lines = data[:end].splitlines()
-        done = set()
-        for number, line in enumerate(lines, 1):
+        end = number = 0
+        while line := fh.readline(MAX_RECORD_LINE + 1):
+            number += 1
+            if not line.endswith(b"\n"):
+                if len(line) > MAX_RECORD_LINE:
+                    raise refuse(number, f"is longer than {MAX_RECORD_LINE >> 20} MiB")
+                # only a record cut mid-write is dropped; anything else is not ours to cut
+                if not (line.startswith(RECORD_START) or RECORD_START.startswith(line)):
+                    raise refuse(number)
+                fh.truncate(end)
+                break
             try:
                 record = json.loads(line)
             except ValueError:
                 record = None
             if not (isinstance(record, dict) and isinstance(record.get("path"), str)):
-                raise OutputError(f"{path}: line {number} is not a clipn JSON Lines record: refusing to append to this file")
+                raise refuse(number)
             done.add(record["path"])
-        if end < len(data):  # only a record cut mid-write is dropped; anything else is not ours to cut
-            tail = data[end:]
-            if not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail)):
-                raise OutputError(f"{path}: line {len(lines) + 1} is not a clipn JSON Lines record: refusing to append to this file")
-            fh.truncate(end)
+            if on_record is not None:
+                on_record(record)
+            end += len(line)
     return done

@@ -628,3 +628,18 @@ def test_parquet_row_group_too_large_uncompressed_is_refused_before_reading(tmp_
         for item in iter_table(str(bomb)):
             got.append(item.path)
     assert len(got) == 10 and str(caught.value).startswith(str(bomb))
+
+
+def test_resume_reads_the_file_a_bounded_line_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipn_cli import output
+
+    monkeypatch.setattr(output, "MAX_RECORD_LINE", 4096)
+    good = '{"path": "a.png", "verdict": "ID"}\n'
+    out = tmp_path / "out.jsonl"
+    out.write_text(good + '{"path": "' + "x" * 10_000)  # a record longer than the limit, never ended
+    with pytest.raises(ClipnError, match="line 2 is longer than 0 MiB: refusing to append"):
+        output.resume_jsonl(out)
+    out.write_text(good + '{"path": "b.png", "verd')  # a record cut mid-write: dropped, the rest kept
+    seen = []
+    assert output.resume_jsonl(out, seen.append) == {"a.png"} and seen == [{"path": "a.png", "verdict": "ID"}]
+    assert out.read_text() == good

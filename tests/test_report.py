@@ -7,6 +7,7 @@ script or external resource shows up as the console error it is.
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import os
@@ -294,3 +295,19 @@ def test_the_browser_check_itself_sees_scripts_and_broken_images(tmp_path: Path)
     assert [i["width"] for i in state["images"]] == [0, 0] and state["scripts"] == 1
     assert any("Content Security Policy" in e and "img-src" in e for e in errors)
     assert any("inline script" in e for e in errors)
+
+
+def test_resumed_detect_report_covers_the_whole_file(tmp_path: Path) -> None:
+    """--resume --report: the records already in the file count in the report, as the new ones do."""
+    images = sorted(str(p) for p in DIGITS.glob("*.png"))[:6]
+    out, report = tmp_path / "out.jsonl", tmp_path / "report.html"
+    common = ["detect", "-w", WEIGHTS, "--classes", CLASSES, "--format", "jsonl", "--output", out]
+    assert invoke(*common, *images[:4]).exit_code == 0
+    resumed = invoke(*common, "--resume", "--report", report, *images)
+    assert resumed.exit_code == 0, resumed.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"] for r in records] == images
+    text = report.read_text()
+    assert "<div>images<b>6</b></div>" in text
+    ood = sum(r["verdict"] == "OOD" for r in records)
+    assert f"<div>OOD<b>{ood} (" in text and all(html.escape(p) in text for p in images)

@@ -110,8 +110,13 @@ def detect(
         from ..inputs import iter_inputs
         from ..output import open_writer, resume_jsonl
 
+        report_data = None
+        if report is not None:
+            from ..report import DetectReport
+
+            report_data = DetectReport(heads.classes, calibrated=verdicts is not None)
         items = iter_inputs(paths, sys.stdin)
-        already = resume_jsonl(output) if resume and output is not None else set()
+        already = resume_jsonl(output, report_data.add if report_data is not None else None) if resume and output is not None else set()
         if already:
             info(f"resuming: {len(already)} inputs already in {output} are skipped")
             items = (item for item in items if item.path not in already)
@@ -126,11 +131,6 @@ def detect(
         )
         done = failed = 0
         last = None
-        report_data = None
-        if report is not None:
-            from ..report import DetectReport
-
-            report_data = DetectReport(heads.classes, calibrated=verdicts is not None)
         buffered: list[dict] = []
         try:
             with open_writer(fmt, output, details=details, append=resume, columns=_extra_columns(verdicts)) as writer, _progress() as tick:
