@@ -457,13 +457,48 @@ def test_ray_gives_calibrated_and_negative_label_verdicts_as_local_detect(
         assert all(r["verdict"] == ("OOD" if r["neglabel_score"] < 0.4 else "ID") for r in scored)
 
 
-def test_ray_refuses_what_needs_the_whole_run_in_one_line(tiny_weights: Path, tmp_path: Path) -> None:
+def test_ray_refuses_bad_option_combinations_before_starting(tiny_weights: Path, tmp_path: Path) -> None:
     args = ["detect", "--engine", "ray", "-w", str(tiny_weights), "--classes", CLASSES, "--output", str(tmp_path / "run"), str(IMAGES)]
-    fdr = invoke(*args, "--calibration", str(tmp_path / "c.json"), "--fdr", "0.1")
-    assert fdr.exit_code == 2 and "--fdr cannot be used with --engine ray" in fdr.output
+    fdr = invoke(*args, "--fdr", "0.1")
+    assert fdr.exit_code == 2 and "--fdr needs --calibration FILE" in fdr.output
+    both = invoke(*args, "--calibration", str(tmp_path / "c.json"), "--fdr", "0.1", "--alpha", "0.1")
+    assert both.exit_code == 2 and "not both" in both.output
     rule = invoke(*args, "--rule", "neglabel")
     assert rule.exit_code == 2 and "--threshold" in rule.output
     assert not (tmp_path / "run").exists()
+
+
+@needs_ray
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_ray_fdr_rewrites_every_shard_with_the_q_values_of_the_whole_run(
+    cluster, tiny_weights: Path, inputs: list[str], tmp_path: Path, fmt: str
+) -> None:
+    """--fdr on Ray: Benjamini-Hochberg over every p-value of the run, as local detect computes it, in a
+    last pass that rewrites each shard; running that pass again changes nothing."""
+    from clipn_cli.scale import read_output
+    from clipn_cli.scale.manifest import load_manifest
+    from clipn_cli.scale.output import apply_fdr
+    from clipn_cli.scale.store import OutputStore
+
+    calib = tmp_path / "calib.json"
+    assert invoke("calibrate", "-w", str(tiny_weights), "--classes", CLASSES, "--alpha", "0.3", "-o", str(calib), str(IMAGES)).exit_code == 0
+    base = ["-w", str(tiny_weights), "--classes", CLASSES, "--calibration", str(calib), "--fdr", "0.75"]
+    local = tmp_path / "local.jsonl"
+    assert invoke("detect", *base, "--format", "jsonl", "--output", str(local), *inputs).exit_code == 1
+    want = jsonl(local)
+    scored = [r for r in want if "error" not in r]
+    assert all("q_value" in r for r in scored) and {r["verdict"] for r in scored} == {"ID", "OOD"}
+    out = tmp_path / "run"
+    result = invoke("detect", "--engine", "ray", "--actors", "2", "--shard-size", "4", "--format", fmt, *base,
+                    "--output", str(out), *inputs)
+    assert result.exit_code == 1, result.output
+    assert "Benjamini-Hochberg at FDR 0.75" in result.output
+    assert_same_records(list(read_output(str(out))), want)
+    files = sorted((out / "shards").iterdir())
+    before = [f.read_bytes() for f in files]
+    store = OutputStore.open(str(out))
+    assert apply_fdr(store, load_manifest(store), 0.75) == sum(r.get("verdict") == "OOD" for r in want)
+    assert [f.read_bytes() for f in files] == before
 
 
 @needs_ray

@@ -50,7 +50,7 @@ def detect(
     quantize: Annotated[str | None, typer.Option("--quantize", help="int8: quantise the image tower's linear layers (CPU only): faster, not exact.", show_default=False)] = None,
     calibration: Annotated[Path | None, typer.Option("--calibration", help="A file from 'clipn calibrate': add p_value per image and call OOD when p_value <= alpha.", show_default=False)] = None,
     alpha: Annotated[float | None, typer.Option("--alpha", help="With --calibration: the false-alarm rate on ID images (default: the one the file was made with).", show_default=False)] = None,
-    fdr: Annotated[float | None, typer.Option("--fdr", help="With --calibration: Benjamini-Hochberg over the whole run, expected share of ID among OOD verdicts <= Q (adds q_value). Needs the whole run before writing: --format json/csv/table or --output FILE.", show_default=False)] = None,
+    fdr: Annotated[float | None, typer.Option("--fdr", help="With --calibration: Benjamini-Hochberg over the whole run, expected share of ID among OOD verdicts <= Q (adds q_value). Needs the whole run before writing: --format json/csv/table or --output FILE (with --engine ray: a last pass rewrites the shards).", show_default=False)] = None,
     report: Annotated[Path | None, typer.Option("--report", help="Also write a self-contained HTML report (verdict counts, counts per class, gallery by p_ood).", show_default=False)] = None,
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
@@ -196,10 +196,7 @@ def _detect_on_ray(args: dict) -> None:
     from .scaleout import detect_on_ray
 
     check_output("--report", args["report"])
-    if args["fdr"] is not None:
-        fail("--fdr cannot be used with --engine ray: Benjamini-Hochberg needs every p-value of the run before any shard is written; "
-             "use --alpha (per image), or apply BH to the p_value column of the shards afterwards")
-    _check_calibration_options(args["calibration"], args["alpha"], None, "parquet", None, False)
+    _check_calibration_options(args["calibration"], args["alpha"], args["fdr"], "parquet", None, False)
     if args["calibration"] is not None and args["threshold"] is not None:
         fail("give --threshold (a fixed score cut) or --calibration (a false-alarm rate), not both")
     if args["threshold"] is None and args["calibration"] is None and args["rule"] not in VERDICT_RULES:
@@ -219,7 +216,7 @@ def _detect_on_ray(args: dict) -> None:
         batch_size=args["batch_size"], workers=args["workers"], options=options, ray_address=args["ray_address"],
         actors=args["actors"], cpus_per_actor=args["cpus_per_actor"], gpus_per_actor=args["gpus_per_actor"],
         shard_size=args["shard_size"], pools=pools, words=args["words"], calibration=args["calibration"], alpha=args["alpha"],
-        report=args["report"],
+        report=args["report"], fdr=args["fdr"],
     )
 
 

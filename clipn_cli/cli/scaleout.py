@@ -33,11 +33,13 @@ def detect_on_ray(
     batch_size: int | None, workers: int | None, options, ray_address: str | None, actors: int | None,
     cpus_per_actor: float | None, gpus_per_actor: float, shard_size: int, pools: tuple[str, ...] = (),
     words: Path | None = None, calibration: Path | None = None, alpha: float | None = None, report: Path | None = None,
+    fdr: float | None = None,
 ) -> None:
     """Score `paths` on Ray into the folder `output`; exits like local detect (0, 1 or 2).
 
     Negative labels are mined and a calibration is checked here, once; the actors get the results.
-    A `report` is built here afterwards from the finished shards (all of them, resumed ones too).
+    A `report` is built here afterwards from the finished shards (all of them, resumed ones too), and
+    with `fdr` every shard is rewritten with its q-values once all are in.
     """
     from ..scale.ray_engine import Cluster, ClusterSpec, detect_job, require_ray, run_detect
     from ..scale.records import SHARD_FORMATS
@@ -56,7 +58,7 @@ def detect_on_ray(
     from ..inputs import iter_inputs
 
     weights_path, heads, fingerprint = _heads_on_driver(weights, device, names, embeddings, templates, pools, words)
-    verdicts = calibrated_verdicts(calibration, alpha, None, options.rule, heads, fingerprint)
+    verdicts = calibrated_verdicts(calibration, alpha, fdr, options.rule, heads, fingerprint)
     job = detect_job(fingerprint, heads, options, fmt, shard_size, verdicts)
     spec = ClusterSpec(ray_address, actors, cpus_per_actor, gpus_per_actor)
     config = WorkerConfig(str(weights_path), device, batch_size, workers)
@@ -65,7 +67,17 @@ def detect_on_ray(
         info(f"scoring on Ray with {len(cluster.actors)} actors of {cluster.cpus_per_actor:g} CPUs; shards of {shard_size} inputs into {output}")
         if (warning := cluster.niceness_warning()) is not None:
             warn(warning)
-        manifest = run_detect(iter_inputs(paths, sys.stdin), store, job, cluster, resume=resume, shard_size=shard_size, progress=progress)
+        finish = None
+        if fdr is not None:
+            from ..scale.output import apply_fdr
+
+            def finish(manifest) -> None:
+                info(f"Benjamini-Hochberg at FDR {fdr:g} over the run's p-values: rewriting {len(manifest.shards)} shards")
+                flagged = apply_fdr(store, manifest, fdr)
+                info(f"{flagged} OOD verdicts at FDR {fdr:g}")
+
+        manifest = run_detect(iter_inputs(paths, sys.stdin), store, job, cluster, resume=resume, shard_size=shard_size,
+                              progress=progress, finish=finish)
     if manifest.inputs == 0:
         fail("no images found in the given inputs")
     if report is not None:

@@ -1,13 +1,15 @@
-"""Reading a scale-out run's output back: its records, in input order."""
+"""Reading a scale-out run's output back (its records, in input order), and the one pass over all of
+it that a run's false-discovery control needs."""
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator
 from typing import Any
 
 from ..errors import ClipnError
-from .manifest import ResumeError, load_manifest
-from .records import SHARD_FORMATS, decode_shard
+from .manifest import Manifest, ResumeError, load_manifest
+from .records import SHARD_FORMATS, decode_shard, encode_shard
 from .store import OutputStore
 
 
@@ -27,11 +29,43 @@ def read_output(uri: str, require_complete: bool = True) -> Iterator[dict[str, A
     if fmt not in SHARD_FORMATS:
         raise ResumeError(f"{uri}/manifest.json: not a clipn manifest (format {str(fmt)[:20]!r})")
     for index in sorted(manifest.shards):
-        entry = manifest.shards[index]
-        try:  # a shard file is read back from a folder others can write to: damage is one error naming it
-            records = list(decode_shard(store.read(entry["file"]), fmt))
-        except ClipnError as exc:  # the store's own message names the file
-            raise ResumeError(f"{exc} (a shard the manifest lists as finished)") from None
-        except (ValueError, KeyError, TypeError, OSError, RecursionError) as exc:  # pyarrow's errors are ValueError/OSError
-            raise ResumeError(f"{uri}/{entry['file']}: damaged shard ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
-        yield from records
+        yield from _shard_records(store, manifest.shards[index]["file"], fmt)
+
+
+def _shard_records(store: OutputStore, file: str, fmt: str) -> list[dict[str, Any]]:
+    """One finished shard's records; a shard is read back from a folder others can write to, so
+    damage is one error naming it."""
+    try:
+        return list(decode_shard(store.read(file), fmt))
+    except ClipnError as exc:  # the store's own message names the file
+        raise ResumeError(f"{exc} (a shard the manifest lists as finished)") from None
+    except (ValueError, KeyError, TypeError, OSError, RecursionError) as exc:  # pyarrow's errors are ValueError/OSError
+        raise ResumeError(f"{store.uri}/{file}: damaged shard ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
+
+
+def apply_fdr(store: OutputStore, manifest: Manifest, fdr: float) -> int:
+    """Benjamini-Hochberg at `fdr` over every p_value of a run: each shard is rewritten (atomically)
+    with `q_value` and the verdict OOD when q <= fdr. Returns the number of OOD verdicts.
+
+    Two passes over the shards: the p-values first (8 bytes per record held), then the rewrite. It
+    can run again after an interruption: the q-values are computed from the p-values alone.
+    """
+    from ..calibration import benjamini_hochberg
+
+    fmt, details = manifest.job["format"], bool(manifest.job.get("details"))
+    order = sorted(manifest.shards)
+    p_values = array("d")
+    for index in order:
+        p_values.extend(r["p_value"] for r in _shard_records(store, manifest.shards[index]["file"], fmt) if "error" not in r)
+    q = iter(benjamini_hochberg(p_values).tolist())
+    flagged = 0
+    for index in order:
+        file = manifest.shards[index]["file"]
+        records = _shard_records(store, file, fmt)
+        for record in records:
+            if "error" not in record:
+                record["q_value"] = next(q)
+                record["verdict"] = "OOD" if record["q_value"] <= fdr else "ID"
+                flagged += record["verdict"] == "OOD"
+        store.write(encode_shard(records, fmt, details, ("p_value", "q_value")), *file.split("/"))
+    return flagged

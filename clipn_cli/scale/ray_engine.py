@@ -290,7 +290,7 @@ def detect_job(
         job["negatives"] = {pool: n.digest() for pool, n in sorted(heads.negatives.items())}
     if verdicts is not None:
         scores = verdicts.calibration.scores[verdicts.method]
-        job["calibration"] = {"method": verdicts.method, "alpha": verdicts.alpha, "count": int(scores.size),
+        job["calibration"] = {"method": verdicts.method, "alpha": verdicts.alpha, "fdr": verdicts.fdr, "count": int(scores.size),
                               "scores_sha256": hashlib.sha256(scores.tobytes()).hexdigest()}
     return job
 
@@ -320,12 +320,15 @@ def run_detect(
     shard_size: int = DEFAULT_SHARD_SIZE,
     progress: Callable[[dict[str, Any]], None] | None = None,
     manifest_interval: float = 2.0,
+    finish: Callable[[Manifest], None] | None = None,
 ) -> Manifest:
     """Plan `items` into shards, score the unfinished ones on the cluster, commit each in the manifest.
 
     Returns the final manifest (complete). Shards already listed in a resumed manifest are not
     scored again; their digests must match the inputs as planned now, or the inputs changed and
-    the run cannot be continued exactly.
+    the run cannot be continued exactly. `finish` (a pass over the whole output, e.g. `apply_fdr`)
+    runs once every shard is in, before the manifest says complete: an interrupted one runs again
+    on --resume.
     """
     store.prepare()
     manifest = open_manifest(store, job, resume)
@@ -360,6 +363,8 @@ def run_detect(
         raise ResumeError(f"--resume {store.uri}: the first run had {max(stale) + 1} or more shards, these inputs make {planned}: "
                           "continue with the same inputs, or use a new --output")
     manifest.inputs = inputs
+    if finish is not None:
+        finish(manifest)
     manifest.complete = True
     writer.flush(force=True)
     return manifest
