@@ -125,18 +125,24 @@ class _Section:
         self._inside = 0
         self._closed = False
 
-    @contextlib.contextmanager
-    def inside(self) -> Iterator[None]:
+    def enter(self) -> None:
         with self._changed:
             if self._closed:
                 raise _Stopped("the run is stopping")
             self._inside += 1
+
+    def leave(self) -> None:
+        with self._changed:
+            self._inside -= 1
+            self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def inside(self) -> Iterator[None]:
+        self.enter()
         try:
             yield
         finally:
-            with self._changed:
-                self._inside -= 1
-                self._changed.notify_all()
+            self.leave()
 
     def close(self, timeout: float) -> bool:
         """Refuse new entries; True once nobody is inside, False if `timeout` seconds passed first."""
@@ -146,6 +152,10 @@ class _Section:
 
 
 _TRANSFORMS = _Section()
+# A decoding thread stays inside _TRANSFORMS from its transform until it has let go of the result:
+# freeing a tensor's last reference is torch C++ too (it releases the GIL), and it happens in
+# whichever thread drops that reference last.
+_POOL_THREAD = threading.local()
 
 
 class _GuardedReader(io.BufferedReader):
@@ -333,6 +343,10 @@ def _decode(
             out = limit_aspect(ImageOps.exif_transpose(img) if exif_transpose else img)
             if transform is None:
                 return out
+            if getattr(_POOL_THREAD, "holding", None) is False:  # a pool thread: it leaves when it lets go
+                _TRANSFORMS.enter()
+                _POOL_THREAD.holding = True
+                return transform(out)
             with _TRANSFORMS.inside():
                 return transform(out)
 
@@ -484,13 +498,20 @@ class _DecodePool:
         self._threads.append(thread)
 
     def _run(self) -> None:
+        _POOL_THREAD.holding = False
         while (job := self._jobs.get()) is not None:
             future, work = job
+            if self.stop.is_set():  # the run is over: queued work is dropped, not started
+                future.cancel()
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(work())
                 except BaseException as exc:  # load_one does not raise; this keeps a bug visible
                     future.set_exception(exc)
+            job = future = work = None  # type: ignore[assignment]  # let go of the image and its tensor
+            if _POOL_THREAD.holding:
+                _POOL_THREAD.holding = False
+                _TRANSFORMS.leave()
 
     def submit(self, work: Callable[[], LoadedImage]) -> Future[LoadedImage]:
         future: Future[LoadedImage] = Future()
@@ -513,8 +534,10 @@ def _settle_decoding_threads() -> None:
     """At exit, stop running decodes (at their next read) and wait for the threads inside torch to leave.
 
     A thread left inside Pillow's C decoder can be ended by the interpreter safely; one ended inside
-    torch's C++ (the transform) aborts the whole process ("terminate called without an active
-    exception", exit 134 instead of the code the command chose), so the transform is a gated section.
+    torch's C++ (a transform, or freeing a tensor's last reference) aborts the whole process
+    ("terminate called without an active exception", exit 134 instead of the code the command
+    chose), so a decoding thread is inside a gated section from its transform until it has let go
+    of the result.
     """
     for pool in list(_POOLS):
         pool.stop.set()
