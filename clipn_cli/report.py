@@ -345,13 +345,12 @@ def _eval_galleries(evaluation: Evaluation, calibrated: OperatingPoint | None = 
     operating point (then only the held-out ID images can be false alarms)."""
     classes = evaluation.classes
     id_set, ood_sets = evaluation.sets[0], evaluation.sets[1:]
+    judged = np.ones(len(id_set.paths), dtype=bool)  # ID images with a verdict of their own
     if calibrated is None:
         flagged = {s.name: s.flagged["atd"] for s in evaluation.sets}
-        judged = {id_set.name: np.ones(len(id_set.paths), dtype=bool)}
     else:
         flagged = {s.name: calibrated.flags(s.scores["atd"]) for s in evaluation.sets}
-        judged = {id_set.name: np.ones(len(id_set.paths), dtype=bool)}
-        judged[id_set.name][calibrated.calibration_indices] = False
+        judged[calibrated.calibration_indices] = False
 
     def card(s: Any, i: int) -> Card:
         label = s.labels[i]
@@ -366,7 +365,7 @@ def _eval_galleries(evaluation: Evaluation, calibrated: OperatingPoint | None = 
         return [card(s, i) for _, s, i in entries[:GALLERY_SIZE]], len(entries)
 
     def where(s: Any, mask: np.ndarray) -> np.ndarray:
-        return np.flatnonzero(mask & judged.get(s.name, True))
+        return np.flatnonzero(mask & judged) if s is id_set else np.flatnonzero(mask)
 
     false_alarms = [(float(id_set.scores["atd"][i]), id_set, i) for i in where(id_set, flagged[id_set.name])]
     misses = [(float(s.scores["atd"][i]), s, i) for s in ood_sets for i in where(s, ~flagged[s.name])]

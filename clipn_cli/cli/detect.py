@@ -174,7 +174,7 @@ def detect(
         raise typer.Exit(EXIT_OK)
 
 
-def _check_calibration_options(calibration: Path | None, alpha: float | None, fdr: float | None, fmt: str, output: Path | None, resume: bool) -> None:
+def _check_calibration_options(calibration: Path | None, alpha: float | None, fdr: float | None, fmt: str, output: str | Path | None, resume: bool) -> None:
     """--alpha and --fdr only mean something with a calibration; --fdr needs the whole run before writing."""
     if calibration is None and (alpha is not None or fdr is not None):
         fail(f"{'--alpha' if alpha is not None else '--fdr'} needs --calibration FILE (from 'clipn calibrate')")
@@ -196,7 +196,8 @@ def _detect_on_ray(args: dict) -> None:
     from .scaleout import detect_on_ray
 
     check_output("--report", args["report"])
-    _check_calibration_options(args["calibration"], args["alpha"], args["fdr"], "parquet", None, False)
+    # shards are written as they finish and --fdr rewrites them at the end: resuming is allowed here
+    _check_calibration_options(args["calibration"], args["alpha"], args["fdr"], args["fmt"] or "parquet", args["output"], False)
     if args["calibration"] is not None and args["threshold"] is not None:
         fail("give --threshold (a fixed score cut) or --calibration (a false-alarm rate), not both")
     if args["threshold"] is None and args["calibration"] is None and args["rule"] not in VERDICT_RULES:

@@ -430,8 +430,7 @@ class DatasetScorer:
             items = [InputItem(p, data=bytes(b) if b is not None else b"") for p, b in zip(paths, batch[self.bytes_column])]
         else:
             items = [InputItem(p) for p in paths]
-        extra = ("p_value",) if self.worker.verdicts is not None else ()
-        return to_table(self.worker.detect(items), self.worker.options.details, extra)
+        return to_table(self.worker.detect(items), self.worker.options.details, self.worker.extra_columns)
 
 
 def score_dataset(

@@ -71,6 +71,11 @@ class Worker:
         self.config = config
         self.pid = os.getpid()
 
+    @property
+    def extra_columns(self) -> tuple[str, ...]:
+        """Shard columns beyond detect's own: `p_value` with calibrated verdicts."""
+        return ("p_value",) if self.verdicts is not None else ()
+
     def niceness(self) -> int:
         """This process's nice value: Ray starts its workers at 15 unless told otherwise."""
         return os.getpriority(os.PRIO_PROCESS, 0)
@@ -119,7 +124,6 @@ class Worker:
 
         records = self.detect(items)
         name = f"{shard_name(index)}.{fmt}"
-        extra = ("p_value",) if self.verdicts is not None else ()
-        store.write(encode_shard(records, fmt, self.options.details, extra), "shards", name)
+        store.write(encode_shard(records, fmt, self.options.details, self.extra_columns), "shards", name)
         return {"file": f"shards/{name}", "records": len(records), "errors": sum("error" in r for r in records),
                 "digest": shard_digest(items)}
