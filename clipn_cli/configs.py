@@ -30,8 +30,13 @@ def _is_plain_clip(cfg: Mapping[str, Any]) -> bool:
 # on the meta device. The bounds are far above every open_clip model (ViT-bigG: 48 layers, width 1664).
 _INT_LIMITS = {
     "layers": 256, "width": 16384, "heads": 1024, "head_width": 4096, "patch_size": 4096,
-    "image_size": 4096, "context_length": 8192, "vocab_size": 10_000_000,
+    "image_size": 4096, "context_length": 8192, "vocab_size": 1_000_000,
 }
+# The largest model clipn builds, in parameters (estimated from the config, CLIPN's second text tower
+# included): every bundled open_clip config fits (the largest, ViT-bigG-14-worldwide as CLIPN, about
+# 5.4 billion). Building costs memory in proportion (4 bytes a parameter), so a config over the cap is
+# refused before anything is built. Change it with CLIPN_MAX_PARAMS.
+MAX_PARAMETERS = 8_000_000_000
 _FLOAT_LIMITS = {"mlp_ratio": 64.0}
 _DEFAULTS = {
     "vision_cfg": {"layers": 12, "width": 768},
@@ -85,7 +90,68 @@ def validate_config(cfg: Any, source: str) -> dict[str, Any]:
                 _check_size(source, f"{tower}.{key}", cfg[tower][key])
     if not _is_plain_clip(cfg):
         raise ConfigError(f"{source}: only open_clip's built-in CLIP towers are supported (no HF/timm towers)")
+    _check_arithmetic(cfg, source)
+    from .images import _env_number
+
+    cap = _env_number("CLIPN_MAX_PARAMS", MAX_PARAMETERS)
+    if (count := estimate_parameters(cfg)) > cap:
+        raise ConfigError(
+            f"{source}: the model config declares about {count / 1e9:.3g} billion parameters, more than the "
+            f"{cap / 1e9:.3g} billion clipn builds ($CLIPN_MAX_PARAMS)"
+        )
     return dict(cfg)
+
+
+def _sides(value: Any) -> list[int]:
+    return list(value) if isinstance(value, list) else [value, value]
+
+
+def _check_arithmetic(cfg: Mapping[str, Any], source: str) -> None:
+    """Sizes that are each in range but do not fit together (heads that do not divide the width, a patch
+    larger than the image) would fail inside open_clip's constructors with an AssertionError."""
+    vision, text = {**_DEFAULTS["vision_cfg"], **cfg["vision_cfg"]}, {**_DEFAULTS["text_cfg"], **cfg["text_cfg"]}
+    head_width = vision.get("head_width", 64)
+    resnet = isinstance(vision["layers"], list)
+    attention = vision["width"] * 32 if resnet else vision["width"]  # a ResNet's attention pool is 32 × width wide
+    heads = attention // head_width
+    if heads < 1 or attention % heads:
+        what = f"32 × vision_cfg.width ({attention})" if resnet else f"vision_cfg.width {attention}"
+        raise ConfigError(f"{source}: {what} is not divisible into heads of vision_cfg.head_width {head_width} ({max(heads, 1)} heads of {attention / max(heads, 1):g})")
+    image = _sides(vision.get("image_size", 224))
+    if resnet:
+        if len(vision["layers"]) != 4 or min(image) < 32:
+            raise ConfigError(f"{source}: a ResNet vision_cfg needs 4 layers (got {len(vision['layers'])}) and image_size of at least 32")
+    else:
+        patch = _sides(vision.get("patch_size", 16))
+        if len(image) != 2 or len(patch) != 2 or any(p > i for p, i in zip(patch, image, strict=True)):
+            raise ConfigError(f"{source}: vision_cfg.patch_size {_shown(vision.get('patch_size', 16))} does not fit in image_size {_shown(vision.get('image_size', 224))}")
+    t_heads = text.get("heads", 8)
+    if text["width"] % t_heads:
+        raise ConfigError(f"{source}: text_cfg.width {text['width']} is not divisible by text_cfg.heads {t_heads}")
+
+
+def estimate_parameters(cfg: Mapping[str, Any], num_prompts: int = 16) -> int:
+    """About how many parameters the CLIPN of a validated config has (both text towers, `num_prompts`
+    learnable prompts); a plain CLIP has one text tower less. Within 20% for open_clip's models (ViTs within 1%)."""
+    vision, text = {**_DEFAULTS["vision_cfg"], **cfg["vision_cfg"]}, {**_DEFAULTS["text_cfg"], **cfg["text_cfg"]}
+    embed = cfg["embed_dim"]
+
+    def blocks(layers: int, width: int, ratio: float) -> int:
+        return int(layers * (4 + 2 * ratio) * width * width)
+
+    w, ctx = text["width"], text["context_length"]
+    text_tower = text.get("vocab_size", 49408) * w + ctx * w + blocks(text["layers"], w, text.get("mlp_ratio", 4.0)) + w * embed
+    image = _sides(vision.get("image_size", 224))
+    w = vision["width"]
+    if isinstance(vision["layers"], list):
+        stages = sum(n * 25 * (w * 2**s) ** 2 for s, n in enumerate(vision["layers"]))
+        pool = (image[0] // 32) * (image[1] // 32) * 32 * w + 3 * (32 * w) ** 2 + 32 * w * embed
+        vision_tower = stages + pool
+    else:
+        patch = _sides(vision.get("patch_size", 16))
+        grid = (image[0] // patch[0]) * (image[1] // patch[1])
+        vision_tower = 3 * patch[0] * patch[1] * w + (grid + 1) * w + blocks(vision["layers"], w, vision.get("mlp_ratio", 4.0)) + w * embed
+    return vision_tower + 2 * text_tower + num_prompts * ctx * text["width"]
 
 
 def _blocks(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
@@ -118,6 +184,10 @@ def check_config_fits(cfg: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
     t_layers = text.get("layers", _DEFAULTS["text_cfg"]["layers"])
     if found_t != t_layers:
         problems.append(f"text_cfg.layers {t_layers} (the tensors hold {found_t})")
+    tokens = shapes.get("token_embedding.weight")
+    vocab = text.get("vocab_size", 49408)
+    if tokens is not None and tokens[0] != vocab:
+        problems.append(f"text_cfg.vocab_size {vocab} (the tensors hold {tokens[0]})")
     positional = shapes.get("positional_embedding")
     declared = (text.get("context_length", _DEFAULTS["text_cfg"]["context_length"]), text.get("width", _DEFAULTS["text_cfg"]["width"]))
     if positional is not None and tuple(positional) != declared:

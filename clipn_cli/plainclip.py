@@ -68,10 +68,12 @@ def model_config(model: str) -> dict[str, Any]:
         return resolve_config(model)  # bounded, depth-limited read; types and sizes checked (ConfigError names the file)
     import open_clip
 
+    from .configs import validate_config
+
     cfg = open_clip.get_model_config(model)
     if cfg is None:
         raise WeightsError(f"'{model}' is not an open_clip model (see open_clip.list_models())")
-    return cfg
+    return validate_config(cfg, model)  # a bundled config too: its arithmetic and size before any build
 
 
 def load_plain_clip(spec: tuple[str, str], device: str | torch.device = "cpu") -> tuple[Any, Any]:
@@ -108,12 +110,22 @@ def load_plain_clip(spec: tuple[str, str], device: str | torch.device = "cpu") -
             raise WeightsError(f"{source}: does not fit open_clip model '{name}': {str(exc).splitlines()[0][:200]}") from None
         where = source
     else:
+        import logging
+
         import open_clip
 
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if source.lower().replace("-", "_") not in {t.lower().replace("-", "_") for t in tags}:  # as open_clip matches
+            shown = ", ".join(tags[:6]) + (f", ... ({len(tags)} in all)" if len(tags) > 6 else "")
+            raise WeightsError(f"{name}:{source}: open_clip has no pretrained tag '{source[:80]}' for {name} (tags: {shown or 'none'})")
+        previous = logging.root.manager.disable
+        logging.disable(logging.CRITICAL)  # open_clip logs its failures on the root logger, then raises
         try:
             model = open_clip.create_model(name, pretrained=source)
-        except Exception as exc:  # unknown tag, no network, damaged download: one line
+        except Exception as exc:  # no network, damaged download: one line
             raise WeightsError(f"{name}:{source}: open_clip could not load it ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        finally:
+            logging.disable(previous)
         if type(model) is not open_clip.model.CLIP:
             raise WeightsError(f"{name}: only open_clip CLIP models with the built-in text tower are supported (got {type(model).__name__})")
         model.__class__ = PlainCLIP

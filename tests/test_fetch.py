@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from typer.testing import CliRunner
 
 from clipn_cli.cli.app import app
 from clipn_cli.errors import FetchError
-from clipn_cli.fetch import download, pick_checkpoint
+from clipn_cli.fetch import FetchLimits, download, pick_checkpoint
 from clipn_cli.home import downloads_dir, get_default, read_header, weights_dir
 
 DATA = OFFICIAL_CHECKPOINT.read_bytes()
@@ -195,3 +197,129 @@ def test_pick_checkpoint_from_a_drive_folder_listing() -> None:
     assert pick_checkpoint(files[:2] + files[3:], "checkpoints/epoch_10.pt", "u") == "b"
     with pytest.raises(FetchError, match="no checkpoints/epoch_10.pt"):
         pick_checkpoint(files[:1], "checkpoints/epoch_10.pt", "u")
+
+
+class Hostile:
+    """A raw-socket server on 127.0.0.1 that answers every connection with `behave(conn)`; each
+    endless behaviour stops by itself after a bound (so old code fails an assertion instead of hanging)."""
+
+    def __init__(self, behave: Callable[[socket.socket], None]) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.behave = behave
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/epoch_10.pt"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                self.behave(conn)
+            except OSError:
+                pass
+
+
+def _drip(data: bytes, pause: float = 0.05) -> Callable[[socket.socket], None]:
+    def behave(conn: socket.socket) -> None:
+        for i in range(len(data)):
+            conn.sendall(data[i : i + 1])
+            time.sleep(pause)
+
+    return behave
+
+
+def _send(data: bytes, then_wait: float = 0.0) -> Callable[[socket.socket], None]:
+    def behave(conn: socket.socket) -> None:
+        conn.sendall(data)
+        time.sleep(then_wait)
+
+    return behave
+
+
+def _endless(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+    block = b"x" * 65536
+    for _ in range(1024):  # 64 MiB, far past the cap the test sets
+        conn.sendall(block)
+
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+HOSTILE = {
+    "endless body, no Content-Length": (_endless, r"more than 100000 bytes \(CLIPN_FETCH_MAX_BYTES\)"),
+    "body one byte at a time": (lambda c: (c.sendall(OK_HEAD), _drip(b"x" * 400)(c)), r"slower than 1000 bytes/s over 0.3 s"),
+    "body stalls": (_send(OK_HEAD + b"abc", then_wait=30), r"no byte for 0.5 s \(CLIPN_FETCH_STALL_S\)"),
+    "headers one byte at a time": (_drip(b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"y" * 400), r"no complete reply within 1 s \(CLIPN_FETCH_HEADERS_S\)"),
+    "no reply at all": (_send(b"", then_wait=30), r"no reply within the stall timeout"),
+    "not HTTP": (_send(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"), r"the reply is not HTTP"),
+    "closed without a reply": (_send(b""), r"closed the connection without a reply"),
+    "70 KB header line": (_send(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"), r"header line longer than 64 KiB"),
+    "200 header lines": (_send(b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n"), r"not a valid HTTP reply: HTTPException: got more than 100 headers"),
+    "Content-Length: ²": (_send(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nab"), r"invalid Content-Length '²'"),
+    "Content-Length: -5": (_send(b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nab"), r"invalid Content-Length"),
+    "Content-Length over the cap": (_send(b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\nab"), r"offers 99999999999 bytes, more than the 100000 allowed"),
+    "206 not asked for": (_send(b"HTTP/1.1 206 Partial\r\nContent-Range: bytes 5-9/10\r\nContent-Length: 5\r\n\r\nabcde"), r"a part of the file that was not asked for"),
+}
+
+
+@pytest.fixture
+def fast_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Limits small enough that a hostile server is cut off in well under a second."""
+    for name, value in {"CLIPN_FETCH_STALL_S": "0.5", "CLIPN_FETCH_HEADERS_S": "1", "CLIPN_FETCH_MIN_RATE": "1000",
+                        "CLIPN_FETCH_WINDOW_S": "0.3", "CLIPN_FETCH_MAX_BYTES": "100000"}.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_server_is_one_line_naming_the_url(case: str, fast_limits: None, tmp_path: Path) -> None:
+    behave, message = HOSTILE[case]
+    server = Hostile(behave)
+    with pytest.raises(FetchError, match=message) as info:
+        download(server.url, tmp_path / "x.pt")
+    text = str(info.value)
+    assert server.url in text and "\n" not in text and len(text) < 600
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_hostile_server_through_the_cli_exits_2(fast_limits: None) -> None:
+    for behave, message in (HOSTILE["not HTTP"], HOSTILE["endless body, no Content-Length"]):
+        server = Hostile(behave)
+        out = cli("weights", "fetch", server.url)
+        assert out.returncode == 2, out.stderr
+        assert re.search(message, out.stderr) and "Traceback" not in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and server.url in out.stderr
+
+
+def test_tls_to_a_plain_server_is_one_line(fast_limits: None, tmp_path: Path) -> None:
+    server = Hostile(_send(OK_HEAD))
+    url = server.url.replace("http://", "https://")
+    with pytest.raises(FetchError, match=r"cannot download https://127\.0\.0\.1:\d+/epoch_10\.pt \(.*SSL") as info:
+        download(url, tmp_path / "x.pt")
+    assert "\n" not in str(info.value)
+
+
+def test_fetch_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert FetchLimits.from_env() == FetchLimits(60.0, 120.0, 1024.0, 60.0, 16 << 30)
+    monkeypatch.setenv("CLIPN_FETCH_STALL_S", "2.5")
+    assert FetchLimits.from_env().stall == 2.5
+    for bad in ("0", "-1", "soon", "inf", "nan"):
+        monkeypatch.setenv("CLIPN_FETCH_STALL_S", bad)
+        with pytest.raises(FetchError, match=r"\$CLIPN_FETCH_STALL_S must be a positive number"):
+            FetchLimits.from_env()
+
+
+def test_a_body_cut_short_without_content_length_is_not_complete(fast_limits: None, tmp_path: Path) -> None:
+    """A stall with no Content-Length must not pass for the end of the file."""
+    server = Hostile(_send(b"HTTP/1.1 200 OK\r\n\r\npartial", then_wait=30))
+    with pytest.raises(FetchError, match="no byte for 0.5 s"):
+        download(server.url, tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists() and (tmp_path / "x.pt.part").read_bytes() == b"partial"

@@ -30,6 +30,7 @@ from .data import IndexedData, Pair, ShardData, caption_id
 from .distributed import World, all_objects, gather_rows, share
 
 TEXT_BATCH = 1024
+MAX_FAILED_IN_A_ROW = 1000  # undecodable samples in a row after which a stream is given up, not retried for ever
 
 
 @dataclass
@@ -188,7 +189,7 @@ class StreamBatches:
         # augmentation draws from a generator per (seed, rank, stream position), never torch's global one
         self.augment = KeyedTransform(self.transform, seed, rank) if augment else None
         self._position = consumed  # of the next pair taken from the stream
-        self.consumed, self.failed = consumed, 0
+        self.consumed, self.failed, self.in_a_row = consumed, 0, 0
         self.errors: deque[str] = deque(maxlen=20)
         # the decoding threads detect uses: daemons, so a decode stuck in a C decoder never delays exit
         self._stop = threading.Event()
@@ -220,9 +221,13 @@ class StreamBatches:
             self.consumed += 1
             try:
                 good.append((pair, future.result()))
+                self.in_a_row = 0
             except ImageError as exc:
                 self.failed += 1
+                self.in_a_row += 1
                 self.errors.append(f"{pair.key}: {exc}")
+                if self.in_a_row >= MAX_FAILED_IN_A_ROW:
+                    raise DataError(f"{MAX_FAILED_IN_A_ROW} samples in a row could not be decoded (last: {self.errors[-1][:300]})") from None
         captions = [p.caption for p, _ in good]
         tokens = tokenize(self.model, captions)
         # .clone(): features made under inference mode become ordinary tensors autograd may save

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import TrainError
+from ..errors import TrainError, WeightsError
 from ..files import atomic_path
 
 FORMAT = "clipn-cli.train-state"
@@ -27,19 +27,64 @@ def save_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
 
 
 def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a checkpoint with `weights_only=True`: tensors and plain containers only."""
+    """Read a checkpoint with `weights_only=True`: tensors and plain containers only.
+
+    Before torch inflates anything, the zip's central directory must declare at most twice the file's
+    size and every member must be stored uncompressed (as torch.save writes them), so what is loaded is
+    at most what is on disk; after loading, every key a resume reads must be there with its type."""
+    import zipfile
+
+    from ..weights import _check_archive
+
     path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"{path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        fh = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)), "rb")
+    except OSError as exc:
+        raise TrainError(f"{path}: no such checkpoint" if isinstance(exc, FileNotFoundError) else f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        with fh:
+            try:
+                zipped = _check_archive(fh, path)
+            except WeightsError as exc:
+                raise TrainError(str(exc).replace("PyTorch checkpoint", "training checkpoint")) from None
+            if not zipped:
+                raise TrainError(f"{path}: not a clipn training checkpoint (not a zip archive as torch.save writes)")
+            with zipfile.ZipFile(fh) as archive:
+                packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+            if packed:
+                raise TrainError(f"{path}: refused to load: member '{packed[0][:80]}' is compressed (torch.save stores members uncompressed; a zip bomb?)")
+            fh.seek(0)
+            state = torch.load(fh, map_location="cpu", weights_only=True)
+    except TrainError:
+        raise
     except Exception as exc:
         raise TrainError(f"{path}: not a readable training checkpoint ({type(exc).__name__}: {str(exc).strip()[:160]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise TrainError(f"{path}: not a clipn training checkpoint (written by 'clipn train --checkpoint-every')")
     if state.get("format_version") != FORMAT_VERSION:
-        raise TrainError(f"{path}: checkpoint format version {state.get('format_version')} is not supported")
+        raise TrainError(f"{path}: checkpoint format version {str(state.get('format_version'))[:20]} is not supported")
+    _check_fields(path, state)
     return state
+
+
+def _check_fields(path: Path, state: dict[str, Any]) -> None:
+    """Every entry a resume reads, with its type: a damaged checkpoint is one line, not a KeyError."""
+    def natural(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    checks = {
+        "settings": lambda v: isinstance(v, dict),
+        "trainable": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items()),
+        "optimizer": lambda v: isinstance(v, dict) and {"state", "param_groups"} <= v.keys(),
+        "scaler": lambda v: isinstance(v, dict),
+        "step": natural,
+        "consumed": lambda v: isinstance(v, list) and len(v) > 0 and all(natural(c) for c in v),
+    }
+    for key, ok in checks.items():
+        if key not in state:
+            raise TrainError(f"{path}: damaged training checkpoint (no '{key}')")
+        if not ok(state[key]):
+            raise TrainError(f"{path}: damaged training checkpoint ('{key}' is not what clipn writes there)")
 
 
 def check_compatible(path: str | os.PathLike[str], saved: dict[str, Any], current: dict[str, Any]) -> None:

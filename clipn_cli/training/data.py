@@ -29,12 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
+from ..files import read_bounded
 from ..inputs import IMAGE_EXTENSIONS
 
 IMAGE_KEYS = ("image", "filepath", "file", "path", "image_path", "img", "jpg", "png")
 CAPTION_KEYS = ("caption", "text", "title", "txt", "prompt")
 SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than this is not an image we can use
+MAX_INDEX_BYTES = 1 << 30  # an index file (CSV/TSV/JSONL) is read whole: at most 1 GiB
+MAX_CAPTION_BYTES = 1 << 20  # a caption (`.txt` beside an image or in a shard) is at most 1 MiB
+MAX_SHARDS = 1_000_000  # brace patterns expand to at most this many shard names (LAION-5B has 231,350)
+SHUFFLE_BUFFER_BYTES = 256 << 20  # encoded images held by a shard stream's shuffle buffer
 BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -86,8 +91,12 @@ class ShardData:
             rng = random.Random(f"{seed}:{epoch}:{rank}")
             order = list(mine)
             rng.shuffle(order)
-            samples = (pair for shard in order for pair in read_shard(shard))
-            yield from _shuffled(samples, self.shuffle_buffer, rng)
+            found = 0
+            for pair in _shuffled((pair for shard in order for pair in read_shard(shard)), self.shuffle_buffer, rng):
+                found += 1
+                yield pair
+            if not found:  # else the next epoch would find nothing either, for ever
+                raise DataError(f"{self.description}: no (image, caption) pair in {_shards_named(mine)}")
 
 
 def _shuffled(items: Iterator[Pair], size: int, rng: random.Random) -> Iterator[Pair]:
@@ -96,19 +105,44 @@ def _shuffled(items: Iterator[Pair], size: int, rng: random.Random) -> Iterator[
         yield from items
         return
     buffer: list[Pair] = []
+    held = 0  # encoded image bytes in the buffer: big samples make it hold fewer
     for item in items:
-        if len(buffer) < size:
+        cost = len(item.image) if isinstance(item.image, bytes) else 0
+        if len(buffer) < size and (held + cost <= SHUFFLE_BUFFER_BYTES or not buffer):
             buffer.append(item)
+            held += cost
             continue
-        j = rng.randrange(size)
-        yield buffer[j]
+        j = rng.randrange(len(buffer))
+        out = buffer[j]
+        yield out
         buffer[j] = item
+        held += cost - (len(out.image) if isinstance(out.image, bytes) else 0)
     rng.shuffle(buffer)
     yield from buffer
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """Expand `{a,b}` lists and `{000..123}` numeric ranges (zero padding kept), left to right."""
+def _shards_named(shards: list[str]) -> str:
+    return shards[0] if len(shards) == 1 else f"{len(shards)} shards ({shards[0]}, ...)"
+
+
+def brace_count(pattern: str) -> int:
+    """How many names `pattern` expands to, computed without expanding it."""
+    count = 1
+    for match in BRACE.finditer(pattern):
+        span = re.fullmatch(r"(\d+)\.\.(\d+)", match.group(1))
+        count *= max(0, int(span.group(2)) - int(span.group(1)) + 1) if span else len(match.group(1).split(","))
+    return count
+
+
+def expand_braces(pattern: str, limit: int = MAX_SHARDS) -> list[str]:
+    """Expand `{a,b}` lists and `{000..123}` numeric ranges (zero padding kept), left to right;
+    a pattern naming more than `limit` shards is refused before anything is built."""
+    if (count := brace_count(pattern)) > limit:
+        raise DataError(f"{pattern}: names {count:,} shards, more than the {limit:,} allowed")
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> list[str]:
     match = BRACE.search(pattern)
     if match is None:
         return [pattern]
@@ -123,7 +157,7 @@ def expand_braces(pattern: str) -> list[str]:
     else:
         options = body.split(",")
     head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+    return [expanded for option in options for expanded in _expand(head + option + tail)]
 
 
 def read_shard(path: str) -> Iterator[Pair]:
@@ -141,12 +175,17 @@ def read_shard(path: str) -> Iterator[Pair]:
                     if key is not None and (pair := _pair(path, key, parts)):
                         yield pair
                     key, parts = member_key, {}
-                handle = tar.extractfile(member)
+                ext = ext.lower()
+                # only what a sample uses is read: one image, a caption of at most MAX_CAPTION_BYTES
+                wanted = (ext == "txt" and member.size <= MAX_CAPTION_BYTES) or (
+                    ext in SHARD_IMAGE_EXTS and not any(e in parts for e in SHARD_IMAGE_EXTS)
+                )
+                handle = tar.extractfile(member) if wanted else None
                 if handle is not None:
-                    parts[ext.lower()] = handle.read()
+                    parts[ext] = handle.read()
             if key is not None and (pair := _pair(path, key, parts)):
                 yield pair
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:  # ValueError: a damaged compressed stream
         raise DataError(f"{path}: cannot read tar shard ({str(exc).strip() or type(exc).__name__})") from None
 
 
@@ -163,11 +202,13 @@ def read_index(path: str | os.PathLike[str], image_key: str | None = None, capti
     """An index file: `.jsonl` (one object per line) or `.csv`/`.tsv` (comma / tab separated)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_bounded(path, MAX_INDEX_BYTES).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 (byte {exc.start})") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # not a regular file, too large
+        raise DataError(f"{path}: {exc}") from None
     rows = _jsonl_rows(path, text, image_key, caption_key) if path.suffix.lower() == ".jsonl" else _table_rows(path, text, image_key, caption_key)
     pairs, skipped = [], []
     for line, image, caption in rows:
@@ -216,7 +257,11 @@ def _jsonl_rows(path: Path, text: str, image_key: str | None, caption_key: str |
 
 def _table_rows(path: Path, text: str, image_key: str | None, caption_key: str | None) -> Iterator[tuple[int, str, str]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    try:
+        rows = list(reader)
+    except csv.Error as exc:  # a field over the csv module's 128 KiB limit, a NUL byte
+        raise DataError(f"{path}:{reader.line_num}: not a valid {'TSV' if delimiter == chr(9) else 'CSV'} line ({exc})") from None
     if not rows:
         return
     header = [c.strip() for c in rows[0]]
@@ -253,8 +298,8 @@ def read_folder(path: str | os.PathLike[str]) -> IndexedData:
                 skipped.append(f"{image}: no caption file {caption_file.name}")
                 continue
             try:
-                caption = caption_file.read_text(encoding="utf-8-sig").strip()
-            except (OSError, UnicodeDecodeError) as exc:
+                caption = read_bounded(caption_file, MAX_CAPTION_BYTES).decode("utf-8-sig").strip()
+            except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not a regular file, over 1 MiB
                 raise DataError(f"{caption_file}: cannot read caption ({exc})") from None
             if caption:
                 pairs.append(Pair(str(image), caption, str(image)))

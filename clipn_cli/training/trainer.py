@@ -205,12 +205,15 @@ def _train(base: Base, data: IndexedData | ShardData, config: TrainConfig, monit
         state = load_state(config.resume)
         check_compatible(config.resume, state["settings"], settings)
         trainable = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                trainable[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start, consumed = int(state["step"]), int(state["consumed"][world.rank])
+        try:  # the checkpoint's fields have their types (load_state); here they must also fit this model
+            with torch.no_grad():
+                for name, value in state["trainable"].items():
+                    trainable[name].copy_(value)
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            start, consumed = state["step"], state["consumed"][world.rank]
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise TrainError(f"{config.resume}: the checkpoint does not fit this model ({type(exc).__name__}: {str(exc).strip()[:160]})") from None
 
     skipped: list[str] = list(data.skipped)
     if cached:
