@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import TemplatesError
-from .files import read_bounded
+from .files import parse_json, read_bounded
 
 SIMPLE = ("a photo of a {}.",)
 MAX_TEMPLATE_FILE_BYTES = 16 << 20
@@ -39,7 +39,7 @@ class TemplateSet:
 def clipn_templates() -> TemplateSet:
     """The 128 templates of the official inference, literal quotes and trailing commas included."""
     data = resources.files("clipn_cli").joinpath("data/templates_clipn.json").read_text(encoding="utf-8")
-    return TemplateSet("clipn", tuple(json.loads(data)))
+    return TemplateSet("clipn", tuple(parse_json(data)))  # package data, read like any JSON
 
 
 def load_templates(spec: str = "clipn") -> TemplateSet:

@@ -1,0 +1,147 @@
+"""Hostile inputs, round 3 (issue 20): valid but huge JSON, special files in place of regular ones,
+Parquet dictionary bombs, oversized word lists, a cache that links out of the home, and decode errors
+that must name the true byte offset. Every reader goes through `clipn_cli.files`' bounded reads, so
+each case is one error naming the file (or a rebuilt cache), never a hang or GBs of memory.
+
+Refusals of huge JSON are checked by their message, which states the count the pre-scan found: it
+proves the text was refused before any object was built. FIFOs would hang the old code; pytest's own
+timeout of the CI run catches that, so no test asserts wall-clock time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from clipn_cli.errors import CalibrationError
+from clipn_cli.files import JSONLimitError, JSONLimits, NotRegularFileError, parse_json, read_bounded, read_json
+
+from conftest import IMAGES, cli
+
+CLASSES = "cat,horse,rocket"
+
+
+def _calibration(**changes: object) -> dict:
+    doc = {"format": "clipn-cli.calibration", "format_version": "1", "count": 3, "alpha": 0.05,
+           "weights_fingerprint": "f" * 64, "classes": ["cat"], "templates": "simple", "templates_sha256": "0" * 64,
+           "settings": {}, "scores": {"mcm": [0.1, 0.2, 0.3]}}
+    doc.update(changes)
+    return doc
+
+
+def _sparse(path: Path, size: int = 8 << 30) -> Path:
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    return path
+
+
+# the bounded JSON reader --------------------------------------------------------------------------
+
+def test_parse_json_counts_values_containers_and_depth_before_parsing() -> None:
+    # brackets, commas, colons and escaped quotes inside strings are not structure
+    text = json.dumps({'a[{,:"\\': ["x]]", 1, {"b": '\\"[[['}]})
+    assert parse_json(text, JSONLimits(values=8, containers=3, depth=3)) == json.loads(text)
+    with pytest.raises(JSONLimitError, match=r"about 9 values \(limit 8\)"):
+        parse_json("[" + "0," * 7 + "0]", JSONLimits(values=8))
+    with pytest.raises(JSONLimitError, match="more than 2 lists or objects"):
+        parse_json("[[], {}, []]", JSONLimits(containers=2))
+    with pytest.raises(JSONLimitError, match=r"nested too deeply \(limit 3 levels\)"):
+        parse_json("[[[[0]]]]", JSONLimits(depth=3))
+    with pytest.raises(JSONLimitError, match="nested too deeply"):  # 100,000 deep: no RecursionError
+        parse_json("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError):
+        parse_json('{"a": "unterminated')
+
+
+def test_read_json_refuses_special_and_sparse_files(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(NotRegularFileError):
+        read_json(fifo, 1 << 20)
+    with pytest.raises(ValueError, match="larger than 1 MiB"):
+        read_json(_sparse(tmp_path / "sparse.json"), 1 << 20)
+    with pytest.raises(NotRegularFileError):
+        read_bounded("/dev/zero", 1 << 20)
+
+
+def test_calibration_with_a_24_mb_list_in_an_extra_key_is_refused_before_parsing(tmp_path: Path) -> None:
+    from clipn_cli.calibration import Calibration
+
+    path = tmp_path / "cal.json"
+    text = json.dumps(_calibration())
+    path.write_text(text[:-1] + ', "extra": [' + "0," * 12_500_000 + "0]}")
+    with pytest.raises(CalibrationError) as caught:
+        Calibration.load(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: not a clipn calibration file") and "values (limit 12,000,000)" in message
+    path.write_text(text[:-1] + ', "extra": [1, 2]}')  # small: parsed, then refused by name
+    with pytest.raises(CalibrationError, match="unknown key 'extra'"):
+        Calibration.load(path)
+    path.write_text(text[:-1] + ', "scores2": [' + "[]," * 20_000 + "[]]}")
+    with pytest.raises(CalibrationError, match="lists or objects"):
+        Calibration.load(path)
+
+
+def test_safetensors_header_holding_a_24_mb_list_is_refused_before_parsing(tmp_path: Path) -> None:
+    from clipn_cli.embeddings import ClassEmbeddings
+    from clipn_cli.errors import EmbeddingsError
+    from clipn_cli.home import read_header
+    from clipn_cli.safetensors_file import SafetensorsError, SafetensorsFile
+
+    header = b'{"__metadata__": {"format": "clipn-cli.embeddings"}, "x": [' + b"0," * 12_000_000 + b"0]}"
+    path = tmp_path / "big-header.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(SafetensorsError, match=r"header holds about 12,000,00\d values \(limit 1,000,000\)"):
+        SafetensorsFile(path)
+    with pytest.raises(EmbeddingsError, match="values"):
+        ClassEmbeddings.load(path)
+    assert read_header(path) == {}  # `weights list`: listed as invalid, never parsed
+
+
+def test_embeddings_metadata_json_is_bounded(tmp_path: Path) -> None:
+    from clipn_cli.embeddings import CLASS_LIST_LIMITS
+    from clipn_cli.safetensors_file import SafetensorsError, loads_json
+
+    with pytest.raises(SafetensorsError, match="class list holds"):
+        loads_json("[" + '"a",' * 3_000_000 + '"a"]', "class list", max_depth=1, limits=CLASS_LIST_LIMITS)
+    assert loads_json('["a,b", "c:[d"]', "class list", max_depth=1) == ["a,b", "c:[d"]
+
+
+def test_home_config_sparse_8_gib_is_one_line(tmp_path: Path) -> None:
+    home = tmp_path / "clipn-home"
+    home.mkdir(parents=True, exist_ok=True)
+    _sparse(home / "config.json")
+    result = cli("weights", "list", env={"CLIPN_HOME": str(home)})
+    assert result.returncode == 2
+    assert "config.json: unreadable clipn config (larger than 1 MiB" in result.stderr and result.stderr.count("\n") == 1
+    (home / "config.json").unlink()
+    (home / "config.json").write_text('{"default": [' + "0," * 20_000 + "0]}")
+    result = cli("weights", "list", env={"CLIPN_HOME": str(home)})
+    assert result.returncode == 2 and "values (limit 10,000)" in result.stderr
+
+
+# special files where weights are expected ---------------------------------------------------------
+
+def test_fifo_as_weights_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    result = cli("detect", "--weights", str(fifo), "--classes", CLASSES, str(IMAGES / "chelsea.png"))
+    assert result.returncode == 2 and str(fifo) in result.stderr and "not a regular file" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_fifo_in_the_weights_home_is_listed_and_refused(tmp_path: Path) -> None:
+    home = tmp_path / "clipn-home"
+    (home / "weights").mkdir(parents=True)
+    os.mkfifo(home / "weights" / "piped.safetensors")
+    env = {"CLIPN_HOME": str(home)}
+    listed = cli("weights", "list", "--format", "json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    row = next(r for r in json.loads(listed.stdout)["weights"] if r["name"] == "piped")
+    assert not row["present"]
+    result = cli("detect", "--weights", str(home / "weights" / "piped.safetensors"), "--classes", CLASSES,
+                 str(IMAGES / "chelsea.png"), env=env)
+    assert result.returncode == 2 and "not a regular file" in result.stderr and result.stderr.count("\n") == 1
