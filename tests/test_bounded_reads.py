@@ -145,3 +145,37 @@ def test_fifo_in_the_weights_home_is_listed_and_refused(tmp_path: Path) -> None:
     result = cli("detect", "--weights", str(home / "weights" / "piped.safetensors"), "--classes", CLASSES,
                  str(IMAGES / "chelsea.png"), env=env)
     assert result.returncode == 2 and "not a regular file" in result.stderr and result.stderr.count("\n") == 1
+
+
+# tables: dictionary bombs, decode offsets -----------------------------------------------------------
+
+def test_parquet_dictionary_bomb_is_refused_before_expanding(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipn_cli.tables import TableError, table_paths
+
+    bomb = tmp_path / "bomb.parquet"  # 64 rows sharing one 8 MiB value: a few hundred bytes on disk
+    pq.write_table(pa.table({"path": pa.array(["a" * (8 << 20)]).dictionary_encode().take(pa.array([0] * 64))}),
+                   bomb, compression="zstd", store_schema=False)
+    assert bomb.stat().st_size < 4096
+    with pytest.raises(TableError, match=r"bomb.parquet: row 1 holds a path of 8,388,608 bytes \(limit 64 KiB"):
+        list(table_paths(str(bomb)))
+    mixed = tmp_path / "mixed.parquet"  # the rows before the long one are all kept
+    pq.write_table(pa.table({"path": [f"x{i}.jpg" for i in range(1500)] + ["b" * 70_000, "y.jpg"]}), mixed, row_group_size=1000)
+    found = []
+    with pytest.raises(TableError, match="row 1501 holds a path of 70,000 bytes"):
+        found.extend(table_paths(str(mixed), batch_rows=700))
+    assert found == [f"x{i}.jpg" for i in range(1500)]
+
+
+def test_csv_decode_error_names_the_offset_in_the_file(tmp_path: Path) -> None:
+    from clipn_cli.tables import TableError, table_paths
+
+    rows = "\ufeffpath\n".encode() + b"".join(b"img%06d.jpg\n" % i for i in range(1000))  # past 8 KiB of rows
+    table = tmp_path / "t.csv"
+    table.write_bytes(rows + b"caf\xe9.jpg\n")
+    with pytest.raises(TableError) as caught:
+        list(table_paths(str(table)))
+    assert str(caught.value) == f"{table}: not a UTF-8 CSV table (byte {len(rows) + 3}, line 1002)"
+
