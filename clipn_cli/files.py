@@ -245,14 +245,18 @@ def read_json(path: str | os.PathLike[str], max_bytes: int, limits: JSONLimits =
 
 
 def decode_utf8(data: bytes, offset: int = 0, line: int = 1) -> str:
-    """`data` as UTF-8 (a BOM at the start dropped); a bad byte raises UnicodeTextError naming its true place.
+    """`data` as UTF-8 (a BOM at the start of the file dropped); a bad byte raises UnicodeTextError
+    naming its true place: its offset in the file and its line.
 
     `offset` and `line` say where `data` starts in its file (for files decoded a piece at a time).
+    Python's own offsets are relative to a decoder's buffer, and to the text after a BOM.
     """
+    start = 3 if offset == 0 and data.startswith(b"\xef\xbb\xbf") else 0
     try:
-        return data.decode("utf-8-sig" if offset == 0 else "utf-8")
+        return data[start:].decode("utf-8") if start else data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UnicodeTextError(offset + exc.start, line + data.count(b"\n", 0, exc.start)) from None
+        bad = start + exc.start
+        raise UnicodeTextError(offset + bad, line + data.count(b"\n", 0, bad)) from None
 
 
 class UnicodeTextError(ValueError):

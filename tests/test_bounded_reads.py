@@ -179,3 +179,88 @@ def test_csv_decode_error_names_the_offset_in_the_file(tmp_path: Path) -> None:
         list(table_paths(str(table)))
     assert str(caught.value) == f"{table}: not a UTF-8 CSV table (byte {len(rows) + 3}, line 1002)"
 
+
+
+# negative-label inputs ------------------------------------------------------------------------------
+
+def test_candidate_cache_linking_out_of_the_home_is_ignored_and_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from clipn_cli import wordpool
+
+    monkeypatch.setenv("CLIPN_HOME", str(tmp_path / "home"))
+    found = wordpool.candidates("neglabel", [("noun.x", "cat"), ("noun.x", "dog"), ("adj.x", "red")])
+    fresh = torch.nn.functional.normalize(torch.arange(24.0).reshape(3, 8), dim=-1)
+    monkeypatch.setattr(wordpool, "embed_prompts", lambda model, prompts, progress=None: fresh)
+    model = type("Model", (), {"text_projection": torch.zeros(8, 8)})()
+    outside = tmp_path / "outside.safetensors"
+    save_file({"candidates": torch.ones(3, 8)}, str(outside))
+    before = outside.read_bytes()
+    path = wordpool.cache_path("f" * 64, found)
+    path.parent.mkdir(parents=True)
+    path.symlink_to(outside)
+    assert torch.equal(wordpool.candidate_embeddings(model, found, "f" * 64), fresh)  # not the linked file
+    assert outside.read_bytes() == before and not path.is_symlink()  # the link replaced, its target untouched
+    assert torch.equal(wordpool._cached(path, (3, 8)), fresh)
+    # a cache folder linking out of the home: neither read nor written
+    other = wordpool.cache_path("e" * 64, found)
+    (tmp_path / "elsewhere").mkdir()
+    save_file({"candidates": torch.ones(3, 8)}, str(tmp_path / "elsewhere" / other.name))
+    other.parent.symlink_to(tmp_path / "elsewhere")
+    assert torch.equal(wordpool.candidate_embeddings(model, found, "e" * 64), fresh)
+
+
+def test_word_lists_are_bounded_by_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipn_cli.errors import ClipnError
+    from clipn_cli.wordpool import MAX_WORDS, read_words
+
+    assert MAX_WORDS == 200_000 and len(read_words()) < MAX_WORDS  # the shipped list fits
+    monkeypatch.setenv("CLIPN_MAX_WORDS", "100")
+    listed = tmp_path / "words.txt"
+    listed.write_text("".join(f"noun.x\tw{i}\n" for i in range(100)))
+    assert len(read_words(listed)) == 100
+    listed.write_text("".join(f"noun.x\tw{i}\n" for i in range(101)))
+    with pytest.raises(ClipnError, match=r"words.txt: more than 100 words \(the limit.*\$CLIPN_MAX_WORDS"):
+        read_words(listed)
+    folder = tmp_path / "txtfiles"
+    folder.mkdir()
+    (folder / "noun.a.txt").write_text("".join(f"a{i}\n" for i in range(60)))
+    (folder / "adj.b.txt").write_text("".join(f"b{i}\n" for i in range(60)))
+    with pytest.raises(ClipnError, match="txtfiles: more than 100 words"):
+        read_words(folder)
+    monkeypatch.setenv("CLIPN_MAX_WORDS", "many")
+    with pytest.raises(ClipnError, match=r"\$CLIPN_MAX_WORDS must be a whole number"):
+        read_words(listed)
+
+
+# decode errors name the byte's offset in the file and its line ---------------------------------------
+
+def test_text_decoders_name_the_true_offset_and_line(tmp_path: Path) -> None:
+    import gzip
+
+    from clipn_cli.classes import read_class_file
+    from clipn_cli.errors import ClipnError, EvaluationError
+    from clipn_cli.evaluation import collect
+    from clipn_cli.prompts import load_templates
+    from clipn_cli.wordpool import read_words
+
+    head = "\ufeff".encode() + b"".join(b"name %05d\n" % i for i in range(1000))  # a BOM, then 11 KB of lines
+    bad = head + b"caf\xe9\n"
+    where = f"byte {len(head) + 3}, line 1001"
+    (tmp_path / "classes.txt").write_bytes(bad)
+    with pytest.raises(ClipnError, match=where):
+        read_class_file(tmp_path / "classes.txt")
+    (tmp_path / "list.txt").write_bytes(bad)
+    with pytest.raises(EvaluationError, match=where):
+        collect(str(tmp_path / "list.txt"))
+    (tmp_path / "templates.txt").write_bytes(bad.replace(b"\n", b" {}\n"))
+    with pytest.raises(ClipnError, match=f"byte {len(head) + 1000 * 3 + 3}, line 1001"):
+        load_templates(str(tmp_path / "templates.txt"))
+    words = b"".join(b"noun.x\tw%05d\n" % i for i in range(1000))
+    (tmp_path / "words.txt").write_bytes(words + b"noun.x\tcaf\xe9\n")
+    with pytest.raises(ClipnError, match=f"byte {len(words) + 10}, line 1001"):
+        read_words(tmp_path / "words.txt")
+    (tmp_path / "words.gz").write_bytes(gzip.compress(words + b"noun.x\tcaf\xe9\n"))
+    with pytest.raises(ClipnError, match=f"byte {len(words) + 10} of the inflated text, line 1001"):
+        read_words(tmp_path / "words.gz")
