@@ -142,6 +142,6 @@ def _bounded_lines(raw: IO[bytes]) -> Iterator[str]:
         if not line:
             return
         if len(line) > MAX_CSV_LINE:
-            raise ValueError(f"line {number} is longer than {MAX_CSV_LINE} bytes")
+            raise ValueError(f"a line longer than {MAX_CSV_LINE} bytes")
         yield decode_utf8(line, offset, number)
         offset += len(line)
