@@ -28,11 +28,16 @@ import numpy as np
 
 from . import methods
 from .errors import CalibrationError
-from .files import atomic_open, read_bounded
+from .files import FileTooLargeError, JSONLimitError, JSONLimits, NotRegularFileError, atomic_open, read_json
 
 FORMAT = "clipn-cli.calibration"
 FORMAT_VERSION = "1"
 MAX_FILE_BYTES = 256 << 20  # ~2x10^6 calibration images x 6 methods; parsing more would cost GBs of memory
+# what the largest such file holds, counted on its text before parsing (`files.check_json`): 12 million
+# scores cost about 400 MB parsed; a 24 MB list of 12 million small values in an extra key is refused
+JSON_LIMITS = JSONLimits(values=12_000_000, containers=10_000)
+KEYS = frozenset({"format", "format_version", "score_direction", "count", "alpha", "weights_fingerprint", "classes",
+                  "templates", "templates_sha256", "settings", "negatives", "scores"})
 DEFAULT_ALPHA = 0.05
 # the record field holding each method's score ("higher = more ID"), for `detect --calibration`:
 # the methods of the table that need no negative labels and are written to records
@@ -167,24 +172,26 @@ class Calibration:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Calibration:
         """Read and check a calibration file; anything malformed is one CalibrationError."""
-        from .safetensors_file import SafetensorsError, loads_json  # depth-limited JSON (imports torch: only here)
-
         path = Path(path)
         try:
-            data = loads_json(read_bounded(path, MAX_FILE_BYTES), "its JSON")
+            data = read_json(path, MAX_FILE_BYTES, JSON_LIMITS)
         except FileNotFoundError:
             raise CalibrationError(f"{path}: no such calibration file") from None
         except OSError as exc:
             raise CalibrationError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        except SafetensorsError as exc:  # not JSON, not UTF-8, or nested too deeply
-            why = f"not JSON clipn reads: {exc}" if "nested" in str(exc) else "not JSON"
-            raise CalibrationError(f"{path}: not a clipn calibration file ({why}); make one with 'clipn calibrate'") from None
-        except ValueError as exc:  # read_bounded: not a regular file, too large
+        except JSONLimitError as exc:  # refused before parsing: far more than a calibration holds
+            raise CalibrationError(f"{path}: not a clipn calibration file (not JSON clipn reads: it {exc})") from None
+        except (FileTooLargeError, NotRegularFileError) as exc:
             raise CalibrationError(f"{path}: {exc}") from None
+        except ValueError:  # not JSON, or not UTF-8
+            raise CalibrationError(f"{path}: not a clipn calibration file (not JSON); make one with 'clipn calibrate'") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise CalibrationError(f"{path}: not a clipn calibration file; make one with 'clipn calibrate'")
         if data.get("format_version") != FORMAT_VERSION:
             raise CalibrationError(f"{path}: calibration format version {str(data.get('format_version'))[:20]!r} is not one this clipn-cli reads ({FORMAT_VERSION})")
+        unknown = sorted(str(k)[:40] for k in set(data) - KEYS)
+        if unknown:  # nothing this version wrote: data nobody checks is not kept
+            raise CalibrationError(f"{path}: damaged calibration file (unknown key '{unknown[0]}')")
         return cls._from_dict(data, path)
 
     @classmethod

@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import ClassesError
-from .files import read_bounded
+from .files import UnicodeTextError, decode_utf8, read_bounded
 
 MAX_CLASS_FILE_BYTES = 16 << 20  # 16 MiB: a million class names; a class file is a regular file of at most this size
 
@@ -33,9 +33,9 @@ def read_class_file(path: str | Path) -> list[str]:
     except ValueError as exc:
         raise ClassesError(f"{path}: cannot read class file: {exc}") from None
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ClassesError(f"{path}: not UTF-8 (byte {exc.start}); save the class file as UTF-8") from None
+        text = decode_utf8(raw)
+    except UnicodeTextError as exc:
+        raise ClassesError(f"{path}: not UTF-8 (byte {exc.offset}, line {exc.line}); save the class file as UTF-8") from None
     names = [line.strip() for line in text.splitlines()]
     names = [n for n in names if n and not n.startswith("#")]
     if not names:

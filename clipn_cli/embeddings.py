@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import EmbeddingsError
-from .files import atomic_path
+from .files import JSONLimits, atomic_path
 from .model import CLIPN
 from .negatives import GROUPS, NegativePool
 from .prompts import TemplateSet
@@ -32,6 +32,10 @@ NEGATIVES_FORMAT_VERSION = "1.1"  # written only when negative labels are stored
 READ_VERSIONS = (FORMAT_VERSION, NEGATIVES_FORMAT_VERSION)
 TEXT_BATCH = 256
 CHUNK_PROMPTS = 64 * TEXT_BATCH  # prompts tokenized and encoded at a time, so memory stays flat for any class count
+# the JSON lists in the metadata, bounded before parsing: a million classes (a class file's limit),
+# and the negative-label pools (15% of at most `wordpool.MAX_WORDS` candidates, for each of two pools)
+CLASS_LIST_LIMITS = JSONLimits(values=1_000_001, containers=1)
+NEGATIVES_LIMITS = JSONLimits(values=1_000_000, containers=3)
 
 
 @dataclass
@@ -91,7 +95,7 @@ class ClassEmbeddings:
         if meta.get("format_version", FORMAT_VERSION) not in READ_VERSIONS:
             raise EmbeddingsError(f"{path}: embeddings format version {meta['format_version'][:20]} is not one this clipn-cli reads ({', '.join(READ_VERSIONS)}); a newer clipn-cli may read it")
         try:
-            classes = loads_json(meta["classes"], "class list", max_depth=1)
+            classes = loads_json(meta["classes"], "class list", max_depth=1, limits=CLASS_LIST_LIMITS)
             yes, no = tensors["text_yes"], tensors["text_no"]
         except KeyError as exc:
             raise EmbeddingsError(f"{path}: damaged embeddings file (no {exc})") from None
@@ -125,7 +129,7 @@ def _load_negatives(path: Path, meta: dict[str, str], tensors: dict[str, torch.T
     if "negatives" not in meta:
         return {}
     try:
-        words = loads_json(meta["negatives"], "negative labels", max_depth=2)
+        words = loads_json(meta["negatives"], "negative labels", max_depth=2, limits=NEGATIVES_LIMITS)
         if not all(isinstance(w, list) for w in words.values()):  # list("abc") would make three words of a string
             raise TypeError("each pool's words must be a list")
         if not set(words) <= {"neglabel", "csp"}:

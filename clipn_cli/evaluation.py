@@ -20,7 +20,7 @@ import numpy as np
 from . import methods as method_table
 from . import metrics
 from .errors import EvaluationError
-from .files import atomic_open
+from .files import UnicodeTextError, atomic_open, decode_utf8, read_bounded
 from .inputs import GLOB_CHARS, IMAGE_EXTENSIONS, InputItem, iter_inputs, iter_table
 from .tables import TableError, is_table
 from .output import TEXT_ERRORS, json_text
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 METHODS = {m.name: m.label for m in method_table.TABLE if m.name in method_table.CLASSIC}  # every evaluation has these
 LABELS = {m.name: m.label for m in method_table.TABLE}
+MAX_PATH_LIST_BYTES = 256 << 20  # an `eval --id/--ood` list of image paths: about 2.5 million lines
 RULE_METHODS = method_table.VERDICT_RULES  # the ones with a threshold-free verdict
 ID_SET = "ID"
 AVERAGE = "average"
@@ -171,11 +172,14 @@ def _class_folder(root: str, path: str) -> str | None:
 def _read_list(path: str) -> list[InputItem]:
     """A UTF-8 list of image paths, one per line; relative paths are relative to the list's folder."""
     try:
-        text = Path(path).read_bytes().decode("utf-8-sig")
+        text = decode_utf8(read_bounded(path, MAX_PATH_LIST_BYTES))
     except OSError as exc:
         raise EvaluationError(f"{path}: cannot read the path list: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise EvaluationError(f"{path}: not a UTF-8 list of image paths (byte {exc.start}); is it an image with an unknown extension?") from None
+    except UnicodeTextError as exc:
+        raise EvaluationError(f"{path}: not a UTF-8 list of image paths (byte {exc.offset}, line {exc.line}); "
+                              "is it an image with an unknown extension?") from None
+    except ValueError as exc:  # a FIFO or device, or over the size limit
+        raise EvaluationError(f"{path}: cannot read the path list: {exc}") from None
     base = os.path.dirname(path)
     lines = [line.strip() for line in text.splitlines()]
     return [InputItem(os.path.join(base, line)) for line in lines if line and not line.startswith("#")]

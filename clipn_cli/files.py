@@ -1,16 +1,20 @@
-"""File helpers: atomic writes and hashing, shared by every module that writes user-visible files."""
+"""File helpers: atomic writes and hashing for every file clipn writes, and the bounded reads
+(regular files only, size, JSON cost, UTF-8 offsets) of every file it reads."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
+import json
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 @contextlib.contextmanager
@@ -107,27 +111,160 @@ def _umask() -> int:
     return mask
 
 
-def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes, read through one non-blocking descriptor.
+OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
 
-    For small inputs a user names (class lists, templates): /dev/zero would fill memory and a FIFO
-    with no writer would block forever. Raises OSError (file problems) or ValueError (what it is
-    not), each with a message fit to follow the file's name.
+
+class FileTooLargeError(ValueError):
+    """A file over the size limit of its kind (refused by its size, or by a read of one byte more)."""
+
+
+class NotRegularFileError(ValueError):
+    """A path names a device, socket or pipe: reading it could block for ever or never end."""
+
+    def __init__(self) -> None:
+        super().__init__("not a regular file (device, socket or pipe)")
+
+
+def open_regular(path: str | os.PathLike[str]) -> IO[bytes]:
+    """`path` opened for reading, refused at once unless it is a regular file.
+
+    The one open of every file clipn reads whole (weights headers, configs, calibration files, word
+    lists, tables): a FIFO opened without O_NONBLOCK waits for a writer for ever, and a path swapped
+    for one after a check must be caught on the opened descriptor. Devices are refused before they
+    are opened (opening some has side effects). Raises IsADirectoryError, NotRegularFileError or OSError.
     """
-    st = os.stat(path)  # devices are refused before they are opened
+    st = os.stat(path)
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
     if not stat.S_ISREG(st.st_mode):
-        raise ValueError("not a regular file (device, socket or pipe)")
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
-    with open(fd, "rb", closefd=True) as fh:
+        raise NotRegularFileError()
+    fd = os.open(path, OPEN_FLAGS)
+    try:
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
         if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file (device, socket or pipe)")
+            raise NotRegularFileError()
+    except BaseException:
+        os.close(fd)
+        raise
+    return open(fd, "rb", closefd=True)
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (`open_regular`, then one bounded read).
+
+    For inputs a user names (class lists, templates, configs): /dev/zero would fill memory and a FIFO
+    with no writer would block forever; a sparse file declaring 8 GiB is refused by its size before
+    anything is read, and a file growing meanwhile by the read itself. Raises OSError (file
+    problems) or ValueError (what it is not), each with a message fit to follow the file's name.
+    """
+    with open_regular(path) as fh:
+        st = os.fstat(fh.fileno())
         data = fh.read(limit + 1) if st.st_size <= limit else None  # read one byte more: the file may grow
     if data is None or len(data) > limit:
-        raise ValueError(f"larger than {limit >> 20} MiB (the limit for this kind of file)")
+        raise FileTooLargeError(f"larger than {_size(limit)} (the limit for this kind of file)")
     return data
+
+
+def _size(count: int) -> str:
+    return f"{count >> 20} MiB" if count >= 1 << 20 else f"{count >> 10} KiB" if count >= 1 << 10 else f"{count} bytes"
+
+
+class JSONLimitError(ValueError):
+    """JSON refused before it was parsed: too many values or containers, or nested too deeply."""
+
+
+@dataclass(frozen=True)
+class JSONLimits:
+    """What one JSON document may hold, checked on its text before any object is built.
+
+    Parsed JSON costs up to about 60 bytes of memory per value (a float, a short string and its
+    slot in a list) and more per list or object, so a few MB of `[[],[],...]` or `[0,0,...]` cost
+    GBs: `values` bounds the values and keys, `containers` the lists and objects, `depth` the nesting.
+    """
+
+    values: int = 1_000_000
+    containers: int = 100_000
+    depth: int = 32
+
+
+_STRING = re.compile(rb'"[^"]*"')  # after escaped quotes are removed: one scan, no backtracking state
+_BRACKET = re.compile(rb"[][{}]")
+
+
+def check_json(data: bytes, limits: JSONLimits) -> None:
+    """Refuse `data` if parsing it could build more than `limits` allow (JSONLimitError).
+
+    A pre-scan in C-speed passes over the text (string contents removed, so brackets and commas in
+    names do not count): values <= 1 + commas + colons + brackets, containers = opening brackets,
+    and the depth from the brackets, the scan stopping at the first bracket past a limit.
+    """
+    if b"\\" in data:  # escaped backslashes first, so that the quote after "\\" is seen as the end
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    if b'"' in data:
+        data = _STRING.sub(b"0", data)
+    depth = deepest = containers = 0
+    for match in _BRACKET.finditer(data):  # stops within 2 x limits.containers brackets, or at the first too deep
+        if match.group() in (b"[", b"{"):
+            containers += 1
+            depth += 1
+            if containers > limits.containers:
+                raise JSONLimitError(f"holds more than {limits.containers:,} lists or objects (the limit)")
+            if depth > deepest:
+                deepest = depth
+                if deepest > limits.depth:
+                    raise JSONLimitError(f"is nested too deeply (limit {limits.depth} levels)")
+        else:
+            depth -= 1
+    values = 1 + data.count(b",") + data.count(b":") + containers
+    if values > limits.values:
+        raise JSONLimitError(f"holds about {values:,} values (limit {limits.values:,})")
+
+
+def parse_json(data: bytes | str, limits: JSONLimits = JSONLimits()) -> Any:
+    """`json.loads` of untrusted text whose cost is bounded by `limits` (checked first, see `check_json`).
+
+    Raises JSONLimitError, or ValueError for text that is not JSON or not UTF-8.
+    """
+    check_json(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data, limits)
+    try:
+        return json.loads(data)
+    except RecursionError:  # unreachable past the depth check; kept as a refusal, never a traceback
+        raise JSONLimitError(f"is nested too deeply (limit {limits.depth} levels)") from None
+
+
+def read_json(path: str | os.PathLike[str], max_bytes: int, limits: JSONLimits = JSONLimits()) -> Any:
+    """A JSON file read with `read_bounded(path, max_bytes)` and parsed with `parse_json`.
+
+    The one reader of JSON files: every JSON file clipn reads is bounded in size, values, containers
+    and depth before an object is built. Raises OSError, or ValueError (JSONLimitError, not JSON,
+    not UTF-8, not a regular file, too large) with a message fit to follow the file's name.
+    """
+    return parse_json(read_bounded(path, max_bytes), limits)
+
+
+def decode_utf8(data: bytes, offset: int = 0, line: int = 1) -> str:
+    """`data` as UTF-8 (a BOM at the start of the file dropped); a bad byte raises UnicodeTextError
+    naming its true place: its offset in the file and its line.
+
+    `offset` and `line` say where `data` starts in its file (for files decoded a piece at a time).
+    Python's own offsets are relative to a decoder's buffer, and to the text after a BOM.
+    """
+    start = 3 if offset == 0 and data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[start:].decode("utf-8") if start else data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = start + exc.start
+        raise UnicodeTextError(offset + bad, line + data.count(b"\n", 0, bad)) from None
+
+
+class UnicodeTextError(ValueError):
+    """Text that is not UTF-8: `offset` is the first bad byte's offset in the file, `line` its line (from 1)."""
+
+    def __init__(self, offset: int, line: int) -> None:
+        super().__init__(f"not UTF-8 text (byte {offset}, line {line})")
+        self.offset, self.line = offset, line
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

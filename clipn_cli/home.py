@@ -20,13 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import WeightsError
-from .files import atomic_open
+from .files import JSONLimits, atomic_open, open_regular, parse_json, read_json
 
 HOME_ENV = "CLIPN_HOME"
 WEIGHTS_ENV = "CLIPN_WEIGHTS"
 FORMAT = "clipn-cli.weights"
 SUFFIX = ".safetensors"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_CONFIG_BYTES = 1 << 20  # config.json holds one name; 1 MiB is generous
+CONFIG_LIMITS = JSONLimits(values=10_000, containers=1_000)
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit (as `safetensors_file`, which imports torch)
 _DRIVE_FOLDER = "https://drive.google.com/drive/folders/"
 
 
@@ -150,12 +153,12 @@ def locate(name: str) -> Path | None:
 
 def read_config() -> dict[str, str]:
     path = weights_home() / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise WeightsError(f"{path}: unreadable clipn config ({str(exc)[:200]}); fix or delete it") from None
+        data = read_json(path, MAX_CONFIG_BYTES, CONFIG_LIMITS)
+    except (OSError, ValueError) as exc:  # ValueError: a FIFO, too large, too many values, not JSON or UTF-8
+        raise WeightsError(f"{path}: unreadable clipn config ({str(getattr(exc, 'strerror', None) or exc)[:200]}); fix or delete it") from None
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: unreadable clipn config (not a JSON object); fix or delete it")
     return data
@@ -254,16 +257,20 @@ def resolve_weights(weights: str | os.PathLike[str] | None = None) -> Path:
 
 
 def read_header(path: Path) -> dict[str, str]:
-    """The metadata of a safetensors file, read from its JSON header without loading tensors."""
+    """The metadata of a safetensors file, read from its JSON header without loading tensors.
+
+    Anything but a regular file with a bounded header (a FIFO in `weights/`, a header of a 24 MB
+    list) has no metadata: it is listed as invalid, never waited on or parsed.
+    """
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             length = int.from_bytes(fh.read(8), "little")
-            if not 2 <= length <= 100_000_000:
+            if not 2 <= length <= min(MAX_HEADER_BYTES, os.fstat(fh.fileno()).st_size - 8):
                 return {}
-            meta = json.loads(fh.read(length)).get("__metadata__") or {}
-    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested 100,000 deep
+            meta = parse_json(fh.read(length)).get("__metadata__") or {}
+    except (OSError, ValueError, AttributeError):  # ValueError: a special file, not JSON, past JSONLimits
         return {}
-    return {str(k): str(v) for k, v in meta.items()}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def list_weights() -> list[Entry]:

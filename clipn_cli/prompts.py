@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from .errors import TemplatesError
-from .files import read_bounded
+from .files import decode_utf8, parse_json, read_bounded
 
 SIMPLE = ("a photo of a {}.",)
 MAX_TEMPLATE_FILE_BYTES = 16 << 20
@@ -39,7 +40,7 @@ class TemplateSet:
 def clipn_templates() -> TemplateSet:
     """The 128 templates of the official inference, literal quotes and trailing commas included."""
     data = resources.files("clipn_cli").joinpath("data/templates_clipn.json").read_text(encoding="utf-8")
-    return TemplateSet("clipn", tuple(json.loads(data)))
+    return TemplateSet("clipn", tuple(parse_json(data)))  # package data, read like any JSON
 
 
 def load_templates(spec: str = "clipn") -> TemplateSet:
@@ -49,11 +50,11 @@ def load_templates(spec: str = "clipn") -> TemplateSet:
     if spec == "simple":
         return TemplateSet("simple", SIMPLE)
     path = Path(spec)
-    if not path.is_file():
+    if not os.path.lexists(path):  # a FIFO or device is named by the read below, not taken for a set's name
         raise TemplatesError(f"unknown template set '{spec}': use 'clipn', 'simple' or a file with one template per line")
     try:
-        lines = read_bounded(path, MAX_TEMPLATE_FILE_BYTES).decode("utf-8").splitlines()
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        lines = decode_utf8(read_bounded(path, MAX_TEMPLATE_FILE_BYTES)).splitlines()
+    except (OSError, ValueError) as exc:  # UnicodeTextError (offset and line in the file) is a ValueError
         raise TemplatesError(f"{path}: cannot read templates: {exc}") from None
     templates = [line.rstrip("\r") for line in lines if line.strip()]
     if not templates:

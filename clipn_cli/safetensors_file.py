@@ -9,16 +9,17 @@ length, JSON nesting, dtypes, shapes and offsets are checked before any tensor i
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .files import OPEN_FLAGS, JSONLimitError, JSONLimits, parse_json
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 MAX_JSON_DEPTH = 32  # deeper than any config or list clipn writes; a hostile file nests 100,000 deep
@@ -32,32 +33,16 @@ class SafetensorsError(ValueError):
     """The file is not a well-formed safetensors file; the message says what is wrong (without the path)."""
 
 
-def loads_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """`json.loads` for untrusted text: bad JSON or nesting deeper than `max_depth` is a SafetensorsError.
-
-    Python's parser raises RecursionError somewhere near 1000 levels, and code walking a parsed
-    value recursively fails near the same depth: a small, fixed limit avoids both.
-    """
+def loads_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH, limits: JSONLimits | None = None) -> Any:
+    """JSON from an untrusted file, bounded before any object is built (`files.parse_json`): bad JSON,
+    nesting deeper than `max_depth` or more values or containers than `limits` is a SafetensorsError."""
+    limits = limits or JSONLimits()
     try:
-        value = json.loads(text)
-    except RecursionError:
-        raise SafetensorsError(f"{what} is nested too deeply (limit {max_depth} levels)") from None
-    except (ValueError, UnicodeDecodeError) as exc:
+        return parse_json(text, replace(limits, depth=min(limits.depth, max_depth)))
+    except JSONLimitError as exc:
+        raise SafetensorsError(f"{what} {exc}") from None
+    except ValueError as exc:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
         raise SafetensorsError(f"{what} is not valid JSON ({str(exc)[:120]})") from None
-    if json_depth(value) > max_depth:
-        raise SafetensorsError(f"{what} is nested too deeply (limit {max_depth} levels)")
-    return value
-
-
-def json_depth(value: Any) -> int:
-    """Nesting depth of a parsed JSON value, computed without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (list, dict)):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
 
 
 @dataclass(frozen=True)
@@ -81,7 +66,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+        fd = os.open(self.path, OPEN_FLAGS)
         try:
             self._fd = fd
             st = os.fstat(fd)

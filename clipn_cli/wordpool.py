@@ -28,7 +28,7 @@ import torch
 
 from . import negatives
 from .errors import ClipnError
-from .files import read_bounded
+from .files import UnicodeTextError, decode_utf8, read_bounded
 
 if TYPE_CHECKING:
     from .model import CLIPN
@@ -50,6 +50,10 @@ CSP_SEED = 0
 TEXT_BATCH = 256
 MAX_WORDS_BYTES = 64 << 20  # a word list's text (a folder's files together, a gzip file inflated); the shipped one is 1.8 MB
 MAX_WORD_CHARS = 256  # the longest WordNet entry is 80; a longer line is not a word
+# words in a list (lines, before duplicates are dropped): the shipped list has 80,389. Mining costs time
+# and memory in proportion (CSP encodes 8 prompts a word): 200,000 words take minutes on a CPU, not hours
+MAX_WORDS = 200_000
+MAX_WORDS_ENV = "CLIPN_MAX_WORDS"
 
 
 @dataclass(frozen=True)
@@ -84,13 +88,19 @@ def read_words(path: str | os.PathLike[str] | None = None) -> list[tuple[str, st
             data = resources.files("clipn_cli.data").joinpath(WORDS_FILE).read_bytes()
         else:
             data = read_bounded(path, MAX_WORDS_BYTES)
-        text = _gunzip(data, MAX_WORDS_BYTES).decode("utf-8") if data[:2] == b"\x1f\x8b" else data.decode("utf-8")
-    except (OSError, ValueError, EOFError, zlib.error) as exc:  # ValueError: not a regular file, too large, not UTF-8
+        zipped = data[:2] == b"\x1f\x8b"
+        text = decode_utf8(_gunzip(data, MAX_WORDS_BYTES) if zipped else data)
+    except UnicodeTextError as exc:
+        where = " of the inflated text" if zipped else ""
+        raise ClipnError(f"{source}: cannot read the word list: not UTF-8 text (byte {exc.offset}{where}, line {exc.line})") from None
+    except (OSError, ValueError, EOFError, zlib.error) as exc:  # ValueError: not a regular file, too large
         raise ClipnError(f"{source}: cannot read the word list: {_reason(exc)}") from None
-    pairs = []
+    pairs: list[tuple[str, str]] = []
+    limit = max_words()
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        _check_count(len(pairs), limit, source)
         name, sep, word = line.partition("\t")
         if not sep or name.split(".")[0] not in ("noun", "adj"):
             raise ClipnError(f"{source}: line {number} is not 'noun.FILE<TAB>word' or 'adj.FILE<TAB>word'")
@@ -98,9 +108,27 @@ def read_words(path: str | os.PathLike[str] | None = None) -> list[tuple[str, st
     return pairs
 
 
+def max_words() -> int:
+    """The most words a list may hold: `$CLIPN_MAX_WORDS`, else MAX_WORDS."""
+    value = os.environ.get(MAX_WORDS_ENV, "")
+    try:
+        limit = int(value) if value else MAX_WORDS
+    except ValueError:
+        raise ClipnError(f"${MAX_WORDS_ENV} must be a whole number of words, not {value[:40]!r}") from None
+    if limit < 1:
+        raise ClipnError(f"${MAX_WORDS_ENV} must be at least 1, not {limit}")
+    return limit
+
+
+def _check_count(count: int, limit: int, source: str) -> None:
+    if count >= limit:
+        raise ClipnError(f"{source}: more than {limit:,} words (the limit; mining time grows with the words: "
+                         f"raise it with ${MAX_WORDS_ENV})")
+
+
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, UnicodeDecodeError):
-        return f"not UTF-8 text (byte {exc.start})"
+    if isinstance(exc, UnicodeTextError):
+        return str(exc)
     return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
 
 
@@ -129,7 +157,8 @@ def _checked_word(word: str, source: str, number: int) -> str:
 
 
 def _read_word_dir(directory: Path) -> list[tuple[str, str]]:
-    pairs, total = [], 0
+    pairs: list[tuple[str, str]] = []
+    total, limit = 0, max_words()
     try:
         entries = os.listdir(directory)
     except OSError as exc:
@@ -141,13 +170,16 @@ def _read_word_dir(directory: Path) -> list[tuple[str, str]]:
             continue
         try:  # a word file that is a FIFO, a device or a folder is named, never skipped or waited on
             data = read_bounded(file, MAX_WORDS_BYTES)
-            lines = data.decode("utf-8").splitlines()
+            lines = decode_utf8(data).splitlines()
         except (OSError, ValueError) as exc:
             raise ClipnError(f"{file}: cannot read the word list: {_reason(exc)}") from None
         total += len(data)
         if total > MAX_WORDS_BYTES:
             raise ClipnError(f"{directory}: the word files together are larger than {MAX_WORDS_BYTES >> 20} MiB (the limit for a word list)")
-        pairs += [(name, _checked_word(line, str(file), number)) for number, line in enumerate(lines, 1) if line.strip()]
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                _check_count(len(pairs), limit, str(directory))
+                pairs.append((name, _checked_word(line, str(file), number)))
     if not pairs:
         raise ClipnError(f"{directory}: no noun.*.txt or adj.*.txt word files")
     return pairs
@@ -223,7 +255,7 @@ def candidate_embeddings(
     from .files import atomic_path
 
     path = cache_path(weights_fingerprint, found)
-    if cache:
+    if cache and _in_cache_folder(path.parent) and not path.is_symlink():  # a link is ignored, and replaced below
         stored = _cached(path, (len(found.words), model.text_projection.shape[1]))
         if stored is not None:
             return stored
@@ -231,11 +263,23 @@ def candidate_embeddings(
     if cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if not _in_cache_folder(path.parent):
+                return embedded
+            if path.is_symlink():  # written through, the link would replace the file it points to
+                path.unlink()
             with atomic_path(path) as tmp:
                 save_file({"candidates": embedded.contiguous()}, str(tmp), metadata={"pool": found.pool, "key": found.key})
         except OSError:
             pass  # a read-only home only costs the re-encoding next time
     return embedded
+
+
+def _in_cache_folder(folder: Path) -> bool:
+    """`folder` lies inside the home's `negatives/` folder once links are followed: a cache folder
+    that links out of the home is neither read nor written (the embeddings are encoded afresh)."""
+    from .home import weights_home
+
+    return os.path.realpath(folder).startswith(os.path.realpath(weights_home() / "negatives") + os.sep)
 
 
 def _cached(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:

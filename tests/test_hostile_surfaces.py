@@ -175,7 +175,7 @@ def test_word_list_bombs_are_refused_at_the_limit(tmp_path: Path, monkeypatch: p
     folder = tmp_path / "txtfiles"
     folder.mkdir()
     for i in range(2):
-        (folder / f"noun.part{i}.txt").write_bytes(b"word\n" * 600_000)  # 3 MB each, 6 MB together
+        (folder / f"noun.part{i}.txt").write_bytes((b"w" * 15 + b"\n") * 200_000)  # 3.2 MB each, 6.4 MB together (within the word count)
     with pytest.raises(ClipnError, match="together are larger than 4 MiB"):
         wordpool.read_words(folder)
 
