@@ -2,7 +2,7 @@
 
 Machine formats stream record by record, so memory stays flat for any number of inputs.
 Written to a file, JSON and CSV appear atomically (complete or absent); JSON Lines is
-appended line by line and flushed, so a cut run keeps every finished line.
+written a whole line at a time, so a cut run (or a full disk) keeps every finished line and no partial one.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import OutputError
-from .files import atomic_open, open_in_place
+from .files import LineFile, atomic_open
 from .methods import record_fields
 
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -145,7 +145,7 @@ def open_writer(
             if stream is None:  # started with stdout closed (`>&-`)
                 raise OutputError("stdout is closed: results would be lost; write them to a file instead")
         elif fmt == "jsonl":
-            stream = stack.enter_context(open_in_place(output, "a" if append else "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
+            stream = stack.enter_context(LineFile(output, append, TEXT_ERRORS))  # type: ignore[arg-type]
         else:
             stream = stack.enter_context(atomic_open(output, "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
         writer: Writer

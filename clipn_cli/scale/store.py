@@ -93,11 +93,18 @@ class OutputStore:
         return data
 
     def write(self, data: bytes, *parts: str) -> None:
-        """Write a whole file so that readers see it complete or not at all."""
+        """Write a whole file so that readers see it complete or not at all; a full disk is one line naming it."""
+        from ..files import disk_full, is_disk_full
+
         target = self.path(*parts)
         if not self.atomic_rename:
-            with self.filesystem.open_output_stream(target) as fh:
-                fh.write(data)
+            try:
+                with self.filesystem.open_output_stream(target) as fh:
+                    fh.write(data)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise OutputStoreError(str(disk_full("/".join([self.uri, *parts])))) from None
+                raise
             return
         folder, _, name = target.rpartition("/")
         tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
@@ -105,11 +112,13 @@ class OutputStore:
             with self.filesystem.open_output_stream(tmp) as fh:
                 fh.write(data)
             self.filesystem.move(tmp, target)
-        except BaseException:
+        except BaseException as exc:
             try:
                 self.filesystem.delete_file(tmp)
             except OSError:
                 pass
+            if is_disk_full(exc):
+                raise OutputStoreError(str(disk_full("/".join([self.uri, *parts])))) from None
             raise
 
     def list(self, folder: str) -> list[str]:
