@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,60 @@ MAX_RECORD_LINE = 64 << 20  # bytes of one JSON Lines record read back by --resu
 TEXT_ERRORS = "surrogateescape"  # CSV and tables write a non-UTF-8 file name's bytes as they are, as `ls` does
 CSV_COLUMNS = ("path", "error", "verdict", "rule", "class", "class_index", *record_fields())  # empty where a method was not computed
 DETAIL_COLUMNS = ("p_yes", "logits_yes", "logits_no", "top_k")
+
+
+VERDICTS = ("ID", "OOD")
+PROBABILITIES = ("p_ood", "p_value", "q_value")  # in [0, 1]
+NUMBER_LISTS = ("p_yes", "logits_yes", "logits_no")
+
+
+def record_problem(record: Any, required: tuple[str, ...] = ()) -> str | None:
+    """What makes `record` not one of detect's records, or None: every reader of records written
+    earlier (a JSON Lines file to --resume, a Ray run's shards) checks each with this before use,
+    since the file may have been edited. `required`: fields the run's records all carry (`p_value`
+    of a calibrated run)."""
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    if not isinstance(record.get("path"), str):
+        return "has no path"
+    if "error" in record:
+        return None if isinstance(record["error"], str) else "has an error that is not text"
+    if record.get("verdict") not in VERDICTS:
+        return f"has the verdict {_shown(record.get('verdict'))}, not ID or OOD"
+    for key in ("rule", "class"):
+        if not isinstance(record.get(key), str):
+            return f"has the {key} {_shown(record.get(key))}, not text"
+    if not _count(record.get("class_index")):
+        return f"has the class_index {_shown(record.get('class_index'))}, not a count"
+    for key in (*CSV_COLUMNS[6:], "p_value", "q_value"):
+        value = record.get(key)
+        if value is None:
+            # a plain CLIP has no ATD score nor p_ood; any other record has both
+            if key in required or (key == "p_ood" and record.get("atd_score") is not None):
+                return f"has no {key}"
+        elif not _finite(value) or (key in PROBABILITIES and not 0.0 <= value <= 1.0):
+            return f"has the {key} {_shown(value)}, not a {'probability' if key in PROBABILITIES else 'finite number'}"
+    for key in NUMBER_LISTS:
+        if key in record and not (isinstance(record[key], list) and all(_finite(v) for v in record[key])):
+            return f"has a {key} that is not a list of finite numbers"
+    top_k = record.get("top_k", [])
+    if not (isinstance(top_k, list) and all(isinstance(t, dict) and isinstance(t.get("class"), str) and _count(t.get("class_index"))
+                                            and _finite(t.get("probability")) for t in top_k)):
+        return "has a top_k that is not a list of {class, class_index, probability}"
+    return None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 53
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, type(None))) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def json_text(value: Any, **kwargs: Any) -> str:
@@ -194,8 +249,8 @@ def resume_jsonl(path: str | Path, on_record: Callable[[dict[str, Any]], None] |
                 record = json.loads(line)
             except ValueError:
                 record = None
-            if not (isinstance(record, dict) and isinstance(record.get("path"), str)):
-                raise refuse(number)
+            if (problem := record_problem(record)) is not None:
+                raise refuse(number, problem if isinstance(record, dict) and "path" in record else "is not a clipn JSON Lines record")
             done.add(record["path"])
             if on_record is not None:
                 on_record(record)
