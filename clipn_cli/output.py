@@ -229,8 +229,8 @@ def resume_jsonl(path: str | Path, on_record: Callable[[dict[str, Any]], None] |
     if not path.exists():
         return set()
 
-    def refuse(number: int, why: str = "is not a clipn JSON Lines record") -> OutputError:
-        return OutputError(f"{path}: line {number} {why}: refusing to append to this file")
+    def refuse(number: int, why: str = "is not a clipn JSON Lines record", detail: str = "") -> OutputError:
+        return OutputError(f"{path}: line {number} {why}: refusing to append to this file" + (f" (it {detail})" if detail else ""))
 
     done: set[str] = set()
     with open(path, "rb+") as fh:
@@ -250,7 +250,7 @@ def resume_jsonl(path: str | Path, on_record: Callable[[dict[str, Any]], None] |
             except ValueError:
                 record = None
             if (problem := record_problem(record)) is not None:
-                raise refuse(number, problem if isinstance(record, dict) and "path" in record else "is not a clipn JSON Lines record")
+                raise refuse(number, detail=problem)
             done.add(record["path"])
             if on_record is not None:
                 on_record(record)

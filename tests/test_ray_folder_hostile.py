@@ -188,5 +188,5 @@ def test_a_manifest_with_a_long_list_is_refused_before_it_is_parsed(tmp_path: Pa
 def test_local_resume_checks_records_with_the_same_validator(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     out.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "path": "b.png", "p_ood": None}) + "\n")
-    with pytest.raises(OutputError, match=r"out.jsonl: line 2 has no p_ood: refusing to append to this file"):
+    with pytest.raises(OutputError, match=r"out.jsonl: line 2 is not a clipn JSON Lines record: refusing to append to this file \(it has no p_ood\)"):
         resume_jsonl(out)
