@@ -16,6 +16,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import OutputError
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class DiskFullError(OutputError, OSError):
+    """A write ran out of space (or quota): the message names the file; nothing partial is left.
+
+    An OSError too, so that code handling a failed write still handles it."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the line itself, without "[Errno 28]"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError for a full disk or quota, or a Rust writer's (safetensors) "(os error 28)" text."""
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_FULL_ERRNOS
+    return any(f"(os error {n})" in str(exc) for n in DISK_FULL_ERRNOS)
+
+
+def disk_full(target: object, kept: str = "nothing was written") -> DiskFullError:
+    """The one line a full disk gives: which file, that the disk is full, and what is left of it."""
+    return DiskFullError(errno.ENOSPC, f"{target}: the disk is full (no space left on the device); {kept}")
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
@@ -31,15 +56,20 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         raise IsADirectoryError(f"{target}: is a directory") if target.is_dir() else OSError(f"{target}: not a regular file")
     target.parent.mkdir(parents=True, exist_ok=True)
     mode = target.stat().st_mode & 0o777 if target.is_file() else 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    except OSError as exc:  # no inode left
+        raise (disk_full(target) if is_disk_full(exc) else exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, mode)  # after the block: writers such as safetensors replace tmp with their own 0600 file
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise disk_full(target) from None
         raise
 
 
@@ -50,8 +80,11 @@ def atomic_open(target: str | os.PathLike[str], mode: str = "w", **kwargs: objec
     A stream (`>(cmd)`, /dev/stdout) cannot be replaced atomically: it is written in place (`open_in_place`).
     """
     if is_stream(Path(target)):
-        with open_in_place(target, mode, **kwargs) as fh:
-            yield fh
+        try:
+            with open_in_place(target, mode, **kwargs) as fh:
+                yield fh
+        except OSError as exc:
+            raise (disk_full(target, "what was written before is kept") if is_disk_full(exc) else exc) from None
         return
     with atomic_path(target) as tmp, open(tmp, mode, **kwargs) as fh:  # type: ignore[call-overload]
         yield fh
@@ -70,6 +103,53 @@ def open_in_place(target: str | os.PathLike[str], mode: str = "w", **kwargs: obj
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
     return open(path, mode, **kwargs)  # type: ignore[call-overload]
+
+
+class LineFile:
+    """A text file written a whole line at a time, straight to the descriptor (no buffer).
+
+    For JSON Lines, which keeps every finished record of a cut run: a write the disk cannot hold
+    is cut back to the last whole line (so `--resume` continues cleanly) and raised as one
+    DiskFullError naming the file. On a stream (pipe, /dev/stdout) nothing can be cut back.
+    """
+
+    def __init__(self, target: str | os.PathLike[str], append: bool = False, errors: str = "strict") -> None:
+        self.path = Path(target)
+        self._errors = errors
+        self._fh = open_in_place(self.path, "ab" if append else "wb", buffering=0)
+        st = os.fstat(self._fh.fileno())
+        self._end = st.st_size
+        self._regular = stat.S_ISREG(st.st_mode)
+
+    def write(self, text: str) -> int:
+        data = text.encode("utf-8", self._errors)
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self._fh.write(view) or 0:]
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            if self._regular:
+                os.ftruncate(self._fh.fileno(), self._end)
+            raise disk_full(self.path, "the records written before are kept, no partial line") from None
+        self._end += len(data)
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing is buffered: every `write` reached the file."""
+
+    def isatty(self) -> bool:
+        return self._fh.isatty()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> LineFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def is_stream(path: Path) -> bool:

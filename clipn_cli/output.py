@@ -2,7 +2,7 @@
 
 Machine formats stream record by record, so memory stays flat for any number of inputs.
 Written to a file, JSON and CSV appear atomically (complete or absent); JSON Lines is
-appended line by line and flushed, so a cut run keeps every finished line.
+written a whole line at a time, so a cut run (or a full disk) keeps every finished line and no partial one.
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from .errors import OutputError
-from .files import atomic_open, open_in_place
+from .files import LineFile, atomic_open
 from .methods import record_fields
 
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -25,6 +26,60 @@ MAX_RECORD_LINE = 64 << 20  # bytes of one JSON Lines record read back by --resu
 TEXT_ERRORS = "surrogateescape"  # CSV and tables write a non-UTF-8 file name's bytes as they are, as `ls` does
 CSV_COLUMNS = ("path", "error", "verdict", "rule", "class", "class_index", *record_fields())  # empty where a method was not computed
 DETAIL_COLUMNS = ("p_yes", "logits_yes", "logits_no", "top_k")
+
+
+VERDICTS = ("ID", "OOD")
+PROBABILITIES = ("p_ood", "p_value", "q_value")  # in [0, 1]
+NUMBER_LISTS = ("p_yes", "logits_yes", "logits_no")
+
+
+def record_problem(record: Any, required: tuple[str, ...] = ()) -> str | None:
+    """What makes `record` not one of detect's records, or None: every reader of records written
+    earlier (a JSON Lines file to --resume, a Ray run's shards) checks each with this before use,
+    since the file may have been edited. `required`: fields the run's records all carry (`p_value`
+    of a calibrated run)."""
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    if not isinstance(record.get("path"), str):
+        return "has no path"
+    if "error" in record:
+        return None if isinstance(record["error"], str) else "has an error that is not text"
+    if record.get("verdict") not in VERDICTS:
+        return f"has the verdict {_shown(record.get('verdict'))}, not ID or OOD"
+    for key in ("rule", "class"):
+        if not isinstance(record.get(key), str):
+            return f"has the {key} {_shown(record.get(key))}, not text"
+    if not _count(record.get("class_index")):
+        return f"has the class_index {_shown(record.get('class_index'))}, not a count"
+    for key in (*CSV_COLUMNS[6:], "p_value", "q_value"):
+        value = record.get(key)
+        if value is None:
+            # a plain CLIP has no ATD score nor p_ood; any other record has both
+            if key in required or (key == "p_ood" and record.get("atd_score") is not None):
+                return f"has no {key}"
+        elif not _finite(value) or (key in PROBABILITIES and not 0.0 <= value <= 1.0):
+            return f"has the {key} {_shown(value)}, not a {'probability' if key in PROBABILITIES else 'finite number'}"
+    for key in NUMBER_LISTS:
+        if key in record and not (isinstance(record[key], list) and all(_finite(v) for v in record[key])):
+            return f"has a {key} that is not a list of finite numbers"
+    top_k = record.get("top_k", [])
+    if not (isinstance(top_k, list) and all(isinstance(t, dict) and isinstance(t.get("class"), str) and _count(t.get("class_index"))
+                                            and _finite(t.get("probability")) for t in top_k)):
+        return "has a top_k that is not a list of {class, class_index, probability}"
+    return None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 53
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, type(None))) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def json_text(value: Any, **kwargs: Any) -> str:
@@ -145,7 +200,7 @@ def open_writer(
             if stream is None:  # started with stdout closed (`>&-`)
                 raise OutputError("stdout is closed: results would be lost; write them to a file instead")
         elif fmt == "jsonl":
-            stream = stack.enter_context(open_in_place(output, "a" if append else "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
+            stream = stack.enter_context(LineFile(output, append, TEXT_ERRORS))  # type: ignore[arg-type]
         else:
             stream = stack.enter_context(atomic_open(output, "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
         writer: Writer
@@ -174,8 +229,8 @@ def resume_jsonl(path: str | Path, on_record: Callable[[dict[str, Any]], None] |
     if not path.exists():
         return set()
 
-    def refuse(number: int, why: str = "is not a clipn JSON Lines record") -> OutputError:
-        return OutputError(f"{path}: line {number} {why}: refusing to append to this file")
+    def refuse(number: int, why: str = "is not a clipn JSON Lines record", detail: str = "") -> OutputError:
+        return OutputError(f"{path}: line {number} {why}: refusing to append to this file" + (f" (it {detail})" if detail else ""))
 
     done: set[str] = set()
     with open(path, "rb+") as fh:
@@ -194,8 +249,8 @@ def resume_jsonl(path: str | Path, on_record: Callable[[dict[str, Any]], None] |
                 record = json.loads(line)
             except ValueError:
                 record = None
-            if not (isinstance(record, dict) and isinstance(record.get("path"), str)):
-                raise refuse(number)
+            if (problem := record_problem(record)) is not None:
+                raise refuse(number, detail=problem)
             done.add(record["path"])
             if on_record is not None:
                 on_record(record)

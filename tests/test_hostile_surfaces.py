@@ -494,10 +494,11 @@ def test_damaged_shard_file_is_one_error_naming_it(tmp_path: Path) -> None:
 
     folder = _manifest(tmp_path)
     shard = folder / "shards" / "part-000000.jsonl"
-    for content in (b'{"path": "a.png", "verdict": "ID"}\n', b'{"path": "a.png", \n', b"[" * 100_000 + b"\n"):
+    record = {"path": "a.png", "verdict": "ID", "rule": "atd", "class": "cat", "class_index": 0, "p_ood": 0.2}
+    for content in (json.dumps(record).encode() + b"\n", b'{"path": "a.png", \n', b"[" * 100_000 + b"\n"):
         shard.write_bytes(content)
         if content.endswith(b"}\n"):
-            assert list(read_output(str(folder))) == [{"path": "a.png", "verdict": "ID"}]
+            assert list(read_output(str(folder))) == [record]
             continue
         with pytest.raises(ResumeError, match=r"shards/part-000000.jsonl: damaged shard"):
             list(read_output(str(folder)))
@@ -634,12 +635,13 @@ def test_resume_reads_the_file_a_bounded_line_at_a_time(tmp_path: Path, monkeypa
     from clipn_cli import output
 
     monkeypatch.setattr(output, "MAX_RECORD_LINE", 4096)
-    good = '{"path": "a.png", "verdict": "ID"}\n'
+    record = {"path": "a.png", "verdict": "ID", "rule": "atd", "class": "cat", "class_index": 0, "p_ood": 0.2}
+    good = json.dumps(record) + "\n"
     out = tmp_path / "out.jsonl"
     out.write_text(good + '{"path": "' + "x" * 10_000)  # a record longer than the limit, never ended
     with pytest.raises(ClipnError, match="line 2 is longer than 0 MiB: refusing to append"):
         output.resume_jsonl(out)
     out.write_text(good + '{"path": "b.png", "verd')  # a record cut mid-write: dropped, the rest kept
     seen = []
-    assert output.resume_jsonl(out, seen.append) == {"a.png"} and seen == [{"path": "a.png", "verdict": "ID"}]
+    assert output.resume_jsonl(out, seen.append) == {"a.png"} and seen == [record]
     assert out.read_text() == good

@@ -92,6 +92,8 @@ def handle_errors() -> Iterator[None]:
     def on_term(signum: int, frame: object) -> None:
         raise Terminated()
 
+    from ..files import is_disk_full
+
     previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
     # a file name's non-UTF-8 bytes go to stdout as they are (as `ls` and `find` print them)
     if hasattr(sys.stdout, "reconfigure"):
@@ -109,7 +111,11 @@ def handle_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_SIGPIPE) from None
     except (NotImplementedError, RecursionError):  # RuntimeErrors that mean a bug: keep the traceback
         raise
-    except (ValueError, OSError, RuntimeError, MemoryError) as exc:  # RuntimeError: torch (device, dtype, out of memory)
+    except OSError as exc:
+        if is_disk_full(exc):  # a write no shared writer wrapped (stdout redirected to a full disk)
+            fail(f"{exc.filename or 'stdout'}: the disk is full (no space left on the device)")
+        fail(str(exc).strip().split("\n")[0] or type(exc).__name__)
+    except (ValueError, RuntimeError, MemoryError) as exc:  # RuntimeError: torch (device, dtype, out of memory)
         fail(str(exc).strip().split("\n")[0] or type(exc).__name__)
     except KeyboardInterrupt:
         stderr.print("clipn: interrupted", markup=False)

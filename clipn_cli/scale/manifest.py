@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ClipnError
+from .planner import shard_name
 from .store import COMMITTED, MANIFEST, OutputStore
 
 SCHEMA = "clipn-scale-manifest/1"
@@ -65,8 +66,19 @@ class Manifest:
         return cls(job, shards, data.get("inputs"), bool(data.get("complete")))
 
 
-MAX_MANIFEST_BYTES = 256 << 20  # ~2 million shard entries; the file is read whole
+MAX_MANIFEST_BYTES = 64 << 20  # ~400,000 shard entries; the file is read whole
+MAX_MANIFEST_ELEMENTS = 4_000_000  # JSON values (counted before parsing): ~300 MB of Python objects at most
 MAX_MARKER_BYTES = 1 << 20
+
+
+def _check_elements(data: bytes) -> bytes:
+    """Refuse JSON with more than MAX_MANIFEST_ELEMENTS values before building any: a small file of
+    a long list (`[0,0,0,...]`) makes objects 40 times its size. Every value after the first
+    follows a ',' or ':' or opens a '[' or '{', so their count bounds the values from above."""
+    count = sum(data.count(c) for c in (b",", b":", b"[", b"{"))
+    if count > MAX_MANIFEST_ELEMENTS:
+        raise ValueError(f"more than {MAX_MANIFEST_ELEMENTS:,} JSON values")
+    return data
 
 
 def load_manifest(store: OutputStore) -> Manifest | None:
@@ -82,7 +94,7 @@ def load_manifest(store: OutputStore) -> Manifest | None:
         return None
     where = f"{store.uri}/{MANIFEST}"
     try:
-        data = loads_json(store.read(MANIFEST, limit=MAX_MANIFEST_BYTES), "manifest.json")
+        data = loads_json(_check_elements(store.read(MANIFEST, limit=MAX_MANIFEST_BYTES)), "manifest.json")
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             raise ValueError(f"schema {str(data.get('schema') if isinstance(data, dict) else type(data).__name__)[:40]!r}")
         if not isinstance(data.get("finished_shards", []), list):
@@ -90,9 +102,11 @@ def load_manifest(store: OutputStore) -> Manifest | None:
         for entry in data.get("finished_shards", []):
             _check_summary(entry)
         manifest = Manifest.from_dict(data)
+        if len(manifest.shards) != len(data.get("finished_shards", [])):
+            raise ValueError("a shard is listed twice")
         for name in store.list(COMMITTED):
             where = f"{store.uri}/{COMMITTED}/{name}"
-            marker = _check_summary(loads_json(store.read(COMMITTED, name, limit=MAX_MARKER_BYTES), "commit marker"))
+            marker = _check_summary(loads_json(_check_elements(store.read(COMMITTED, name, limit=MAX_MARKER_BYTES)), "commit marker"))
             manifest.shards.setdefault(int(marker.pop("index")), marker)
         return manifest
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:  # SafetensorsError is a ValueError
@@ -111,6 +125,10 @@ def _check_summary(entry: Any) -> dict[str, Any]:
         raise ValueError("a finished shard has no digest")
     if not (isinstance(entry.get("file"), str) and SHARD_FILE.fullmatch(entry["file"])):  # never a path out of the folder
         raise ValueError(f"a finished shard's file {str(entry.get('file'))[:60]!r} is not shards/part-NNNNNN.FORMAT")
+    if entry["file"].split("/")[1].split(".")[0] != shard_name(entry["index"]):  # one shard, one file: never read twice
+        raise ValueError(f"shard {entry['index']}'s file is {entry['file'][:60]!r}, not {shard_name(entry['index'])}")
+    if entry["errors"] > entry["records"]:
+        raise ValueError(f"shard {entry['index']} has more errors than records")
     return entry
 
 

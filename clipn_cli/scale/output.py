@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ClipnError
 from .manifest import Manifest, ResumeError, load_manifest
-from .records import SHARD_FORMATS, decode_shard, encode_shard
+from .records import MAX_SHARD_BYTES, SHARD_FORMATS, decode_shard, encode_shard
 from .store import OutputStore
 
 
@@ -29,14 +29,18 @@ def read_output(uri: str, require_complete: bool = True) -> Iterator[dict[str, A
     if fmt not in SHARD_FORMATS:
         raise ResumeError(f"{uri}/manifest.json: not a clipn manifest (format {str(fmt)[:20]!r})")
     for index in sorted(manifest.shards):
-        yield from _shard_records(store, manifest.shards[index]["file"], fmt)
+        yield from _shard_records(store, manifest, index)
 
 
-def _shard_records(store: OutputStore, file: str, fmt: str) -> list[dict[str, Any]]:
+def _shard_records(store: OutputStore, manifest: Manifest, index: int) -> list[dict[str, Any]]:
     """One finished shard's records; a shard is read back from a folder others can write to, so
-    damage is one error naming it."""
+    it is bounded (MAX_SHARD_BYTES, the manifest's record count), every record is checked (a
+    calibrated run's all carry `p_value`), and damage is one error naming it."""
+    summary = manifest.shards[index]
+    file, fmt = summary["file"], manifest.job["format"]
+    required = ("p_value",) if manifest.job.get("calibration") else ()
     try:
-        return list(decode_shard(store.read(file), fmt))
+        return list(decode_shard(store.read(*file.split("/"), limit=MAX_SHARD_BYTES), fmt, summary["records"], required))
     except ClipnError as exc:  # the store's own message names the file
         raise ResumeError(f"{exc} (a shard the manifest lists as finished)") from None
     except (ValueError, KeyError, TypeError, OSError, RecursionError) as exc:  # pyarrow's errors are ValueError/OSError
@@ -56,12 +60,12 @@ def apply_fdr(store: OutputStore, manifest: Manifest, fdr: float) -> int:
     order = sorted(manifest.shards)
     p_values = array("d")
     for index in order:
-        p_values.extend(r["p_value"] for r in _shard_records(store, manifest.shards[index]["file"], fmt) if "error" not in r)
+        p_values.extend(r["p_value"] for r in _shard_records(store, manifest, index) if "error" not in r)
     q = iter(benjamini_hochberg(p_values).tolist())
     flagged = 0
     for index in order:
         file = manifest.shards[index]["file"]
-        records = _shard_records(store, file, fmt)
+        records = _shard_records(store, manifest, index)
         for record in records:
             if "error" not in record:
                 record["q_value"] = next(q)

@@ -85,6 +85,7 @@ class Cluster:
             unniced = address is None and NICENESS_ENV not in os.environ
             if unniced:
                 os.environ[NICENESS_ENV] = "0"
+            handlers = _signal_handlers()
             try:
                 self.ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
                               log_to_driver=True, configure_logging=True)
@@ -94,6 +95,7 @@ class Cluster:
             finally:
                 if unniced:
                     del os.environ[NICENESS_ENV]
+                _restore(handlers)
             self.started = True
         self.cpus_per_actor = spec.cpus_per_actor or self._node_cpus()
         count = spec.actors or self._default_actors()
@@ -216,6 +218,25 @@ class Cluster:
                 raise EngineError(f"a batch failed on the cluster: {_cause(exc)}") from None
             raise EngineError(f"shard {index} failed on the cluster: {_cause(exc)}; "
                               "finished shards are kept: continue with --resume") from None
+
+
+def _signal_handlers() -> dict[int, Any]:
+    """SIGTERM's and SIGINT's handlers now (main thread only): `ray.init` installs its own, whose
+    SIGTERM aborts the driver (exit -6) instead of the CLI's exit 143 that keeps finished shards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    import signal
+
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def _actor_config(config: WorkerConfig, cpus: float, gpus: float) -> WorkerConfig:

@@ -13,9 +13,10 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..output import CSV_COLUMNS, DETAIL_COLUMNS, json_text
+from ..output import CSV_COLUMNS, DETAIL_COLUMNS, MAX_RECORD_LINE, json_text, record_problem
 
 SHARD_FORMATS = ("parquet", "jsonl")
+MAX_SHARD_BYTES = 256 << 20  # a shard file read back (--report, --fdr); a Parquet shard's declared uncompressed size too
 
 
 def _arrow_types() -> dict[str, Any]:
@@ -85,14 +86,60 @@ def encode_shard(records: Sequence[dict[str, Any]], fmt: str, details: bool = Fa
     raise ValueError(f"unknown shard format '{fmt}' (expected one of {', '.join(SHARD_FORMATS)})")
 
 
-def decode_shard(data: bytes, fmt: str) -> Iterator[dict[str, Any]]:
-    """Records of a shard file as detect writes them (Parquet nulls dropped, as in JSON Lines)."""
+class ShardError(ValueError):
+    """A shard file is not what the run wrote: the message says what, the reader names the file."""
+
+
+def decode_shard(data: bytes, fmt: str, records: int | None = None, required: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Records of a shard file as detect writes them (Parquet nulls dropped, as in JSON Lines).
+
+    The file may have been changed since it was written: `records` (the count the manifest holds)
+    bounds how many are read, each line is at most MAX_RECORD_LINE, a Parquet file's declared size
+    is checked before it is decoded, and every record must pass `output.record_problem` (with the
+    `required` fields). Anything else is a ShardError.
+    """
     if fmt == "jsonl":
-        for line in data.decode("utf-8", "surrogateescape").splitlines():
-            yield json.loads(line)
-        return
+        rows = _jsonl_rows(data, records)
+    elif fmt == "parquet":
+        rows = _parquet_rows(data, records)
+    else:
+        raise ShardError(f"unknown shard format '{fmt}'")
+    count = 0
+    for count, record in enumerate(rows, 1):
+        if (problem := record_problem(record, required)) is not None:
+            raise ShardError(f"record {count} {problem}")
+        yield record
+    if records is not None and count != records:
+        raise ShardError(f"holds {count} records, the manifest says {records}")
+
+
+def _jsonl_rows(data: bytes, records: int | None) -> Iterator[Any]:
+    start = count = 0
+    while start < len(data):
+        end = data.find(b"\n", start, start + MAX_RECORD_LINE + 1)
+        if end < 0:
+            if len(data) - start > MAX_RECORD_LINE:
+                raise ShardError(f"line {count + 1} is longer than {MAX_RECORD_LINE >> 20} MiB")
+            raise ShardError(f"line {count + 1} has no end (the file was cut)")
+        count += 1
+        if records is not None and count > records:
+            raise ShardError(f"holds more than the {records} records the manifest says")
+        try:
+            yield json.loads(data[start:end].decode("utf-8", "surrogateescape"))
+        except (ValueError, RecursionError):
+            raise ShardError(f"line {count} is not JSON") from None
+        start = end + 1
+
+
+def _parquet_rows(data: bytes, records: int | None) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
+    meta = pq.ParquetFile(io.BytesIO(data)).metadata
+    if records is not None and meta.num_rows != records:
+        raise ShardError(f"holds {meta.num_rows} records, the manifest says {records}")
+    declared = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if declared > MAX_SHARD_BYTES:
+        raise ShardError(f"declares {declared >> 20} MiB of data, more than the {MAX_SHARD_BYTES >> 20} MiB a shard may hold")
     for row in pq.read_table(io.BytesIO(data)).to_pylist():
         if row.get("error") is not None:
             yield {"path": row["path"], "error": row["error"]}

@@ -75,11 +75,13 @@ class OutputStore:
         return self.filesystem.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
     def read(self, *parts: str, limit: int | None = None) -> bytes:
-        """A whole file; only a regular file of at most `limit` bytes (a FIFO there is never waited on)."""
+        """A whole file; only a regular file of at most `limit` bytes (a FIFO there is never waited on),
+        and on a local disk only one inside the folder (a symbolic link out of it is refused)."""
         import pyarrow.fs as pafs
 
         info = self.filesystem.get_file_info(self.path(*parts))
         where = "/".join([self.uri, *parts])
+        self._check_inside(where, *parts)
         if info.type == pafs.FileType.NotFound:
             raise OutputStoreError(f"{where}: no such file")
         if info.type != pafs.FileType.File:
@@ -92,12 +94,29 @@ class OutputStore:
             raise OutputStoreError(f"{where}: larger than {limit >> 20} MiB (the limit for this file)")
         return data
 
+    def _check_inside(self, where: str, *parts: str) -> None:
+        """Refuse a local file whose path leads out of the folder through a symbolic link: a folder
+        others can write to must not make this run read (and report) a file elsewhere."""
+        if self.filesystem.type_name != "local":
+            return
+        base = os.path.realpath(self.root)
+        real = os.path.realpath(self.path(*parts))
+        if os.path.commonpath([base, real]) != base or os.path.islink(self.path(*parts)):
+            raise OutputStoreError(f"{where}: a symbolic link (to {real[:200]}): only files inside the output folder are read")
+
     def write(self, data: bytes, *parts: str) -> None:
-        """Write a whole file so that readers see it complete or not at all."""
+        """Write a whole file so that readers see it complete or not at all; a full disk is one line naming it."""
+        from ..files import disk_full, is_disk_full
+
         target = self.path(*parts)
         if not self.atomic_rename:
-            with self.filesystem.open_output_stream(target) as fh:
-                fh.write(data)
+            try:
+                with self.filesystem.open_output_stream(target) as fh:
+                    fh.write(data)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise OutputStoreError(str(disk_full("/".join([self.uri, *parts])))) from None
+                raise
             return
         folder, _, name = target.rpartition("/")
         tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
@@ -105,11 +124,13 @@ class OutputStore:
             with self.filesystem.open_output_stream(tmp) as fh:
                 fh.write(data)
             self.filesystem.move(tmp, target)
-        except BaseException:
+        except BaseException as exc:
             try:
                 self.filesystem.delete_file(tmp)
             except OSError:
                 pass
+            if is_disk_full(exc):
+                raise OutputStoreError(str(disk_full("/".join([self.uri, *parts])))) from None
             raise
 
     def list(self, folder: str) -> list[str]:
