@@ -11,7 +11,7 @@ import typer
 from . import calibrate, convert, detect, embed, weights
 from . import eval as eval_command
 from . import train as train_command
-from .common import error
+from .common import HELP_OPTIONS, error
 
 def _flags_take_no_value() -> None:
     """Typer's help labels every option with its type, flags included (`--details <bool>`), as if a
@@ -38,6 +38,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    context_settings=HELP_OPTIONS,
 )
 
 

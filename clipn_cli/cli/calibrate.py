@@ -13,7 +13,7 @@ from .common import (
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
     TemplatesOpt, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, warn,
 )
-from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
+from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight
 
 
 def calibrate(
@@ -51,6 +51,7 @@ def calibrate(
         check_output("--output", output)
         pools = parse_negatives(negatives)
         names = load_classes(classes, classes_file, embeddings)
+        preflight(weights, device, embeddings=embeddings, templates=templates, inputs=paths, files={"--words": words})
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)

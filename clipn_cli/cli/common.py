@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import warnings
@@ -24,6 +25,7 @@ from ..errors import ClipnError
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM = 130, 141, 143
 PRECISIONS = ("fp32", "fp16", "bf16")
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # every command and group: `clipn -h`, `clipn detect -h`
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -54,7 +56,12 @@ def check_choice(option: str, value: str | None, allowed: Sequence[str]) -> None
 
 
 def check_output(option: str, path: Path | None, directory: bool = False) -> None:
-    """Refuse an output path that cannot be written, before any work is done that it would lose."""
+    """Refuse an output path that cannot be written, before any work is done that it would lose.
+
+    Its folder must exist: clipn makes no folders the user did not ask for (a typo in `-o` would
+    otherwise leave a tree of them, even at the file-system root). An output folder (`directory`:
+    --plots, the Ray --output) may be new, but its parent must exist.
+    """
     from ..files import is_stream
 
     if path is None:
@@ -66,13 +73,34 @@ def check_output(option: str, path: Path | None, directory: bool = False) -> Non
         fail(f"{option} {path}: is a directory")
     elif is_stream(path):
         return  # a pipe, device or /dev/stdout: written in place
-    ancestor = path if path.is_dir() else path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        fail(f"{option} {path}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        fail(f"{option} {path}: cannot write in {ancestor}")
+    folder = path if path.is_dir() else path.absolute().parent
+    if not folder.exists():
+        fail(f"{option} {path}: the folder {folder} does not exist (create it first: mkdir -p {folder})")
+    if not folder.is_dir():
+        fail(f"{option} {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        fail(f"{option} {path}: cannot write in {folder}")
+
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,4})?")
+
+
+def check_device(device: str) -> None:
+    """Refuse a misspelt --device by its spelling alone, before torch is imported (whether a valid
+    one is present is asked of torch when the model loads, in one line too)."""
+    if not _DEVICE.fullmatch(device):
+        fail(f"--device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, not '{device}'")
+
+
+def check_file(option: str, path: str | os.PathLike[str] | None) -> None:
+    """An input file named by an option must be there before anything loads."""
+    if path is None:
+        return
+    if not os.path.exists(path):
+        fail(f"{option} {path}: no such file")
+    if os.path.isdir(path):
+        fail(f"{option} {path}: is a directory, not a file")
 
 
 def _escape(text: str) -> str:

@@ -18,7 +18,7 @@ from .common import (
     stdout_is_terminal,
 )
 from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ShardSizeOpt, ray_options_given
-from .runtime import add_negatives, calibrated_verdicts, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
+from .runtime import add_negatives, calibrated_verdicts, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight
 
 if TYPE_CHECKING:
     from ..calibration import CalibratedVerdicts
@@ -93,6 +93,7 @@ def detect(
         if threshold is None and calibration is None and rule not in VERDICT_RULES:
             fail(f"--rule {rule} has no threshold-free verdict: give --threshold T (e.g. its thr@95%ID from 'clipn eval') or --calibration FILE")
         names = load_classes(classes, classes_file, embeddings)
+        preflight(weights, device, embeddings=embeddings, templates=templates, inputs=paths, files={"--calibration": calibration, "--words": words})
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
@@ -196,6 +197,8 @@ def _detect_on_ray(args: dict) -> None:
     from .scaleout import detect_on_ray
 
     check_output("--report", args["report"])
+    if args["output"] is not None and "://" not in args["output"]:
+        check_output("--output", Path(args["output"]), directory=True)
     # shards are written as they finish and --fdr rewrites them at the end: resuming is allowed here
     _check_calibration_options(args["calibration"], args["alpha"], args["fdr"], args["fmt"] or "parquet", args["output"], False)
     if args["calibration"] is not None and args["threshold"] is not None:
@@ -208,6 +211,8 @@ def _detect_on_ray(args: dict) -> None:
     if not args["paths"]:
         fail("no inputs: give image files, directories, globs, tables, or - for paths on stdin")
     names = load_classes(args["classes"], args["classes_file"], args["embeddings"])
+    preflight(args["weights"], args["device"], embeddings=args["embeddings"], templates=args["templates"], inputs=args["paths"],
+              files={"--calibration": args["calibration"], "--words": args["words"]})
     options = ScoreOptions(rule=args["rule"], precision=args["precision"], exif_transpose=args["exif_transpose"],
                            details=args["details"], top_k=args["top_k"], draft=args["draft"], quantize=args["quantize"],
                            threshold=args["threshold"])

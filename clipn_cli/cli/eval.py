@@ -17,7 +17,7 @@ from .common import (
     warn,
 )
 from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ray_options_given
-from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
+from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight
 
 if TYPE_CHECKING:
     from ..calibration import OperatingPoint
@@ -93,6 +93,7 @@ def evaluate(
             require_matplotlib()
         pools = parse_negatives(negatives)
         names = load_classes(classes, classes_file, embeddings)
+        preflight(weights, device, embeddings=embeddings, templates=templates, files={"--words": words})
         sets = collect_sets(id_paths, group_ood_specs(ood))
         if alpha is not None:
             from ..calibration import check_size

@@ -42,6 +42,7 @@ def detect_on_ray(
     with `fdr` every shard is rewritten with its q-values once all are in.
     """
     from ..scale.ray_engine import Cluster, ClusterSpec, detect_job, require_ray, run_detect
+    from ..scale.manifest import previous_run
     from ..scale.records import SHARD_FORMATS
     from ..scale.store import OutputStore
     from ..scale.worker import WorkerConfig
@@ -55,6 +56,7 @@ def detect_on_ray(
         fail("--cache is not supported with --engine ray for detect (the workers may not share this machine's disk)")
     require_ray()
     store = OutputStore.open(output)
+    previous_run(store, resume)  # a finished run is refused now, not after a cluster has started
     from ..inputs import iter_inputs
 
     weights_path, heads, fingerprint = _heads_on_driver(weights, device, names, embeddings, templates, pools, words)

@@ -69,6 +69,21 @@ MAX_MANIFEST_BYTES = 256 << 20  # ~2 million shard entries; the file is read who
 MAX_MARKER_BYTES = 1 << 20
 
 
+def previous_run(store: OutputStore, resume: bool) -> Manifest | None:
+    """The run already in `store` (None for an empty or new folder), refusing what must not be
+    written over: another run without --resume, or shard files without a manifest. Cheap (a
+    manifest read), so the command asks before it starts a cluster."""
+    old = load_manifest(store)
+    if old is None:
+        if store.has_shard_files():
+            raise ResumeError(f"--output {store.uri}: holds shard files but no clipn manifest: choose an empty or new folder")
+        return None
+    if not resume:
+        state = "a finished" if old.complete else "an unfinished"
+        raise ResumeError(f"--output {store.uri}: holds {state} clipn run ({len(old.shards)} shards): add --resume to continue it, or choose a new folder")
+    return old
+
+
 def load_manifest(store: OutputStore) -> Manifest | None:
     """manifest.json with the commit markers written since its last rewrite; None if there is none.
 
