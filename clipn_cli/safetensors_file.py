@@ -20,44 +20,13 @@ from typing import Any
 
 import torch
 
+from .jsonsafe import MAX_JSON_DEPTH, SafetensorsError, json_depth, loads_json  # noqa: F401  (their home before jsonsafe)
+
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-MAX_JSON_DEPTH = 32  # deeper than any config or list clipn writes; a hostile file nests 100,000 deep
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-
-
-class SafetensorsError(ValueError):
-    """The file is not a well-formed safetensors file; the message says what is wrong (without the path)."""
-
-
-def loads_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """`json.loads` for untrusted text: bad JSON or nesting deeper than `max_depth` is a SafetensorsError.
-
-    Python's parser raises RecursionError somewhere near 1000 levels, and code walking a parsed
-    value recursively fails near the same depth: a small, fixed limit avoids both.
-    """
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        raise SafetensorsError(f"{what} is nested too deeply (limit {max_depth} levels)") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SafetensorsError(f"{what} is not valid JSON ({str(exc)[:120]})") from None
-    if json_depth(value) > max_depth:
-        raise SafetensorsError(f"{what} is nested too deeply (limit {max_depth} levels)")
-    return value
-
-
-def json_depth(value: Any) -> int:
-    """Nesting depth of a parsed JSON value, computed without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (list, dict)):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
 
 
 @dataclass(frozen=True)

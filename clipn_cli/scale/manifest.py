@@ -91,7 +91,7 @@ def load_manifest(store: OutputStore) -> Manifest | None:
     shard entry checked (an index, record and error counts, a digest and a file name), so a damaged
     or hostile manifest is one line naming it, not a traceback later.
     """
-    from ..safetensors_file import loads_json
+    from ..jsonsafe import loads_json
 
     if not store.exists(MANIFEST):
         return None
