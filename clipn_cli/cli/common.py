@@ -25,9 +25,17 @@ from ..errors import ClipnError
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM = 130, 141, 143
 PRECISIONS = ("fp32", "fp16", "bf16")
+# --help groups the options of detect, eval and calibrate in these panels
+INPUTS, MODEL, RULE, OUTPUT, CALIBRATION, ENGINE = "Inputs and classes", "Model and speed", "Verdict rule and scores", "Output", "Calibration", "Engine"
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # every command and group: `clipn -h`, `clipn detect -h`
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def examples(*lines: tuple[str, str]) -> str:
+    """A command's --help epilog: (what it does, the command) pairs, one per paragraph (rich help
+    joins lines within a paragraph)."""
+    return "[bold]Examples[/bold]\n\n" + "\n\n".join(f"[dim]# {what}[/dim]\n\n  {_escape(command)}" for what, command in lines)
 
 
 def warn(message: str) -> None:
@@ -177,34 +185,34 @@ def check_stdout(output: Path | None, has_output_option: bool = True) -> None:
 WeightsOpt = Annotated[
     Path | None,
     typer.Option(
-        "--weights", "-w",
+        "--weights", "-w", rich_help_panel=MODEL,
         help="CLIPN weights: a .safetensors file or a name from 'clipn weights list' (e.g. digits), or a plain open_clip CLIP "
         "as MODEL:TAG or MODEL:FILE. First match wins: --weights, $CLIPN_WEIGHTS, 'clipn weights default', the best official model fetched.",
         show_default=False,
     ),
 ]
 TemplatesOpt = Annotated[
-    str, typer.Option("--templates", "-t", help="Prompt templates: 'clipn' (the official 128), 'simple', or a file with one template per line.")
+    str, typer.Option("--templates", "-t", rich_help_panel=INPUTS, help="Prompt templates: 'clipn' (the official 128), 'simple', or a file with one template per line.")
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-ClassesOpt = Annotated[str | None, typer.Option("--classes", "-c", help="Comma-separated class names, e.g. cow,cat,fish.", show_default=False)]
+DeviceOpt = Annotated[str, typer.Option("--device", rich_help_panel=MODEL, help="auto, cpu, cuda, cuda:N or mps.")]
+ClassesOpt = Annotated[str | None, typer.Option("--classes", "-c", rich_help_panel=INPUTS, help="Comma-separated class names, e.g. cow,cat,fish.", show_default=False)]
 ClassesFileOpt = Annotated[
-    Path | None, typer.Option("--classes-file", help="Text file: one class per line, '#' comments.", show_default=False)
+    Path | None, typer.Option("--classes-file", rich_help_panel=INPUTS, help="Text file: one class per line, '#' comments.", show_default=False)
 ]
 BatchSizeOpt = Annotated[
-    int | None, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass. Default: 12 on CPU, 128 on CUDA.", show_default=False)
+    int | None, typer.Option("--batch-size", "-b", rich_help_panel=MODEL, min=1, help="Images per forward pass. Default: 12 on CPU, 128 on CUDA.", show_default=False)
 ]
 WorkersOpt = Annotated[
     int | None,
-    typer.Option("--workers", "-j", min=0, help="Decoding threads (0 = decode in the main thread). Default: min(4, CPUs); all CPUs with CUDA.", show_default=False),
+    typer.Option("--workers", "-j", rich_help_panel=MODEL, min=0, help="Decoding threads (0 = decode in the main thread). Default: min(4, CPUs); all CPUs with CUDA.", show_default=False),
 ]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 (exact), fp16 or bf16 (autocast).")]
-ExifOpt = Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Rotate by EXIF orientation first (the official pipeline does not).")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", rich_help_panel=MODEL, help="fp32 (exact), fp16 or bf16 (autocast).")]
+ExifOpt = Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", rich_help_panel=MODEL, help="Rotate by EXIF orientation first (the official pipeline does not).")]
 NegativesOpt = Annotated[
     str | None,
-    typer.Option("--negatives", help="Negative labels to mine and score with: neglabel, csp, or both (neglabel,csp). Adds their methods' scores.", show_default=False),
+    typer.Option("--negatives", rich_help_panel=RULE, help="Negative labels to mine and score with: neglabel, csp, or both (neglabel,csp). Adds their methods' scores.", show_default=False),
 ]
 WordsOpt = Annotated[
     Path | None,
-    typer.Option("--words", help="Candidate words for --negatives instead of the shipped WordNet 3.0 list: 'noun.FILE<TAB>word' / 'adj.FILE<TAB>word' lines.", show_default=False),
+    typer.Option("--words", rich_help_panel=RULE, help="Candidate words for --negatives instead of the shipped WordNet 3.0 list: 'noun.FILE<TAB>word' / 'adj.FILE<TAB>word' lines.", show_default=False),
 ]
