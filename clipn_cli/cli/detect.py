@@ -194,9 +194,11 @@ def _extra_columns(verdicts: CalibratedVerdicts | None) -> tuple[str, ...]:
 
 def _detect_on_ray(args: dict) -> None:
     """`--engine ray`: the same checks and class heads as here, the scoring on the cluster."""
+    from ..scale.ray_engine import require_ray
     from ..scale.worker import ScoreOptions
     from .scaleout import detect_on_ray
 
+    require_ray()  # the engine itself first: no other check matters without it
     check_output("--report", args["report"])
     if args["output"] is not None and "://" not in args["output"]:
         check_output("--output", Path(args["output"]), directory=True)
