@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .common import DeviceOpt, check_device, check_file, check_output, fail, handle_errors, info, stderr, warn
+from .common import DeviceOpt, check_device, check_output, fail, handle_errors, info, stderr, warn
 
 if TYPE_CHECKING:
     from ..training.trainer import Silent, StepLog
@@ -57,7 +57,8 @@ def train(
             fail(f"--output {output}: the output must be a .safetensors file")
         check_output("--output", output)
         check_output("--checkpoint", checkpoint)
-        check_file("--resume", resume)
+        if resume is not None and not resume.exists():
+            fail(f"--resume {resume}: no such checkpoint")
         check_device(device)
         if not (os.path.exists(data) or "://" in data or set("{*?[") & set(data)):
             fail(f"--data {data}: no such file or folder")
