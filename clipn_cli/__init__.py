@@ -62,3 +62,8 @@ def __getattr__(name: str) -> Any:
     if name in _API:
         return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
     raise AttributeError(f"module 'clipn_cli' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    """The lazy API too, so `dir(clipn_cli)` and completion show what `__all__` promises."""
+    return sorted(set(globals()) | set(__all__))

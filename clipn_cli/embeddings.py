@@ -26,7 +26,7 @@ from .safetensors_file import SafetensorsError, SafetensorsFile, loads_json
 if TYPE_CHECKING:
     from open_clip.tokenizer import SimpleTokenizer
 
-FORMAT = "clipn-cli.embeddings"
+from .home import EMBEDDINGS_FORMAT as FORMAT
 FORMAT_VERSION = "1"
 NEGATIVES_FORMAT_VERSION = "1.1"  # written only when negative labels are stored; clipn-cli before them refuses such files (it reads "1" only)
 READ_VERSIONS = (FORMAT_VERSION, NEGATIVES_FORMAT_VERSION)

@@ -25,6 +25,7 @@ from .files import JSONLimits, atomic_open, open_regular, parse_json, read_json
 HOME_ENV = "CLIPN_HOME"
 WEIGHTS_ENV = "CLIPN_WEIGHTS"
 FORMAT = "clipn-cli.weights"
+EMBEDDINGS_FORMAT = "clipn-cli.embeddings"  # `embeddings.FORMAT`, here so that a header is told apart without torch
 SUFFIX = ".safetensors"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_CONFIG_BYTES = 1 << 20  # config.json holds one name; 1 MiB is generous
@@ -90,6 +91,7 @@ class Entry:
     description: str
     known: bool
     is_default: bool
+    aliases: tuple[str, ...] = ()
 
     @property
     def present(self) -> bool:
@@ -99,7 +101,7 @@ class Entry:
         return {
             "name": self.name, "present": self.present, "status": self.status, "default": self.is_default, "path": str(self.path),
             "size": self.size, "fingerprint": self.fingerprint, "model": self.model_name,
-            "description": self.description, "known": self.known,
+            "description": self.description, "known": self.known, "aliases": list(self.aliases),
         }
 
 
@@ -298,4 +300,5 @@ def _entry(name: str, path: Path, description: str, known: bool, default: str | 
         name=name, path=path, status=status,
         size=path.stat().st_size if exists else None, fingerprint=meta.get("fingerprint", ""),
         model_name=meta.get("model_name", ""), description=description, known=known, is_default=name == default,
+        aliases=tuple(alias for alias, target in ALIASES.items() if target == name),
     )

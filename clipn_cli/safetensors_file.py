@@ -19,30 +19,14 @@ from typing import Any
 
 import torch
 
-from .files import OPEN_FLAGS, JSONLimitError, JSONLimits, parse_json
+from .files import OPEN_FLAGS
+from .jsonsafe import MAX_JSON_DEPTH, SafetensorsError, loads_json  # noqa: F401  (their home before jsonsafe)
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-MAX_JSON_DEPTH = 32  # deeper than any config or list clipn writes; a hostile file nests 100,000 deep
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-
-
-class SafetensorsError(ValueError):
-    """The file is not a well-formed safetensors file; the message says what is wrong (without the path)."""
-
-
-def loads_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH, limits: JSONLimits | None = None) -> Any:
-    """JSON from an untrusted file, bounded before any object is built (`files.parse_json`): bad JSON,
-    nesting deeper than `max_depth` or more values or containers than `limits` is a SafetensorsError."""
-    limits = limits or JSONLimits()
-    try:
-        return parse_json(text, replace(limits, depth=min(limits.depth, max_depth)))
-    except JSONLimitError as exc:
-        raise SafetensorsError(f"{what} {exc}") from None
-    except ValueError as exc:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
-        raise SafetensorsError(f"{what} is not valid JSON ({str(exc)[:120]})") from None
 
 
 @dataclass(frozen=True)

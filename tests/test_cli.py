@@ -171,7 +171,7 @@ def test_ctw_rule_and_single_class_warning(tiny_weights: Path) -> None:
         (("--precision", "fp64", "--format", "csv", "--cache", "cache-dir"), "--precision must be"),
         (("--quantize", "int4"), "--quantize must be int8"),
         (("--quantize", "int8", "--precision", "bf16"), "cannot be combined"),
-        (("--device", "meta"), "unsupported device 'meta'"),
+        (("--device", "meta"), "--device must be auto, cpu, cuda, cuda:N or mps, not 'meta'"),
         (("--device", "mps"), "Apple MPS is not available"),
     ],
 )
@@ -324,10 +324,14 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_weights: Path, tmp_
     assert a_file.read_text() == "x" and checkpoint.read_bytes() == OFFICIAL_CHECKPOINT.read_bytes()
 
 
-def test_jsonl_output_creates_its_folder(tiny_weights: Path, tmp_path: Path) -> None:
+def test_output_into_a_missing_folder_is_refused_and_no_folder_is_made(tiny_weights: Path, tmp_path: Path) -> None:
     out = tmp_path / "new" / "dir" / "out.jsonl"
-    result = cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "jsonl", "--output", str(out), str(IMAGES / "chelsea.png"))
-    assert result.returncode == 0 and len(jsonl(out.read_text())) == 1
+    args = ("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "jsonl", "--output", str(out), str(IMAGES / "chelsea.png"))
+    result = cli(*args)
+    assert result.returncode == 2 and f"the folder {out.parent} does not exist" in result.stderr
+    assert not (tmp_path / "new").exists()
+    out.parent.mkdir(parents=True)
+    assert cli(*args).returncode == 0 and len(jsonl(out.read_text())) == 1
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import typer
 from . import calibrate, convert, detect, embed, weights
 from . import eval as eval_command
 from . import train as train_command
-from .common import error
+from .common import HELP_OPTIONS, error, examples
 
 def _flags_take_no_value() -> None:
     """Typer's help labels every option with its type, flags included (`--details <bool>`), as if a
@@ -38,6 +38,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    context_settings=HELP_OPTIONS,
 )
 
 
@@ -58,12 +59,27 @@ def _root(
     """Zero-shot out-of-distribution detection with CLIPN: is an image one of your classes, or something else?"""
 
 
+DETECT_EXAMPLES = examples(
+    ("the bundled demo: is each image one of these digits?", "clipn detect -w digits -c zero,one,two,three,four examples/digits/images/"),
+    ("official weights, a results file, an HTML report", "clipn detect -c cow,cat,fish photos/ -o results.jsonl --report report.html"),
+    ("classes encoded once, paths streamed from a pipeline", "find /data -name '*.jpg' | clipn detect -e animals.safetensors - > verdicts.jsonl"),
+    ("verdicts with a chosen false-alarm rate", "clipn detect -c cow,cat,fish --calibration calib.json --alpha 0.01 photos/"),
+    ("a Ray cluster, shards into a folder", "clipn detect --engine ray -e animals.safetensors -o run/ index.parquet"),
+)
+EVAL_EXAMPLES = examples(
+    ("the digits demo: digits 0-4 are ID, 5-9 OOD", "clipn eval -w digits -c zero,one,two,three,four --id id/ --ood digits=ood/"),
+    ("several OOD sets, per-image scores and plots", "clipn eval -c cow,cat --id val/ --ood inat=iNaturalist/ --ood sun=SUN/ --save-scores s.csv --plots plots/"),
+)
+CALIBRATE_EXAMPLES = examples(
+    ("store the scores of known ID images, then use them", "clipn calibrate -c cow,cat,fish id-photos/ -o calib.json"),
+)
+
 app.command("convert")(convert.convert)
 app.command("embed-classes")(embed.embed_classes)
-app.command("detect")(detect.detect)
+app.command("detect", epilog=DETECT_EXAMPLES)(detect.detect)
 app.command("train")(train_command.train)
-app.command("eval")(eval_command.evaluate)
-app.command("calibrate")(calibrate.calibrate)
+app.command("eval", epilog=EVAL_EXAMPLES)(eval_command.evaluate)
+app.command("calibrate", epilog=CALIBRATE_EXAMPLES)(calibrate.calibrate)
 app.add_typer(weights.app, name="weights")
 
 

@@ -10,21 +10,22 @@ from typing import Annotated
 import typer
 
 from .common import (
+    INPUTS, OUTPUT, CALIBRATION,
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
     TemplatesOpt, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, warn,
 )
-from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
+from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight
 
 
 def calibrate(
     paths: Annotated[list[str] | None, typer.Argument(help="Images known to be ID (no labels needed): files, directories, globs, .csv/.parquet tables, or - for paths on stdin.", show_default=False)] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="The calibration file to write (JSON).", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", rich_help_panel=OUTPUT, help="The calibration file to write (JSON).", show_default=False)] = None,
     classes: ClassesOpt = None,
     classes_file: ClassesFileOpt = None,
-    embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,
+    embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", rich_help_panel=INPUTS, help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,
     weights: WeightsOpt = None,
     templates: TemplatesOpt = "clipn",
-    alpha: Annotated[float, typer.Option("--alpha", help="Default false-alarm rate for 'detect --calibration' (detect --alpha overrides it).")] = 0.05,
+    alpha: Annotated[float, typer.Option("--alpha", rich_help_panel=CALIBRATION, help="Default false-alarm rate for 'detect --calibration' (detect --alpha overrides it).")] = 0.05,
     negatives: NegativesOpt = None,
     words: WordsOpt = None,
     device: DeviceOpt = "auto",
@@ -51,6 +52,7 @@ def calibrate(
         check_output("--output", output)
         pools = parse_negatives(negatives)
         names = load_classes(classes, classes_file, embeddings)
+        preflight(weights, device, embeddings=embeddings, templates=templates, inputs=paths, files={"--words": words})
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)

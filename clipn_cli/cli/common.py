@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import warnings
@@ -24,8 +25,17 @@ from ..errors import ClipnError
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM = 130, 141, 143
 PRECISIONS = ("fp32", "fp16", "bf16")
+# --help groups the options of detect, eval and calibrate in these panels
+INPUTS, MODEL, RULE, OUTPUT, CALIBRATION, ENGINE = "Inputs and classes", "Model and speed", "Verdict rule and scores", "Output", "Calibration", "Engine"
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # every command and group: `clipn -h`, `clipn detect -h`
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def examples(*lines: tuple[str, str]) -> str:
+    """A command's --help epilog: (what it does, the command) pairs, one per paragraph (rich help
+    joins lines within a paragraph)."""
+    return "[bold]Examples[/bold]\n\n" + "\n\n".join(f"[dim]# {what}[/dim]\n\n  {_escape(command)}" for what, command in lines)
 
 
 def warn(message: str) -> None:
@@ -54,7 +64,12 @@ def check_choice(option: str, value: str | None, allowed: Sequence[str]) -> None
 
 
 def check_output(option: str, path: Path | None, directory: bool = False) -> None:
-    """Refuse an output path that cannot be written, before any work is done that it would lose."""
+    """Refuse an output path that cannot be written, before any work is done that it would lose.
+
+    Its folder must exist: clipn makes no folders the user did not ask for (a typo in `-o` would
+    otherwise leave a tree of them, even at the file-system root). An output folder (`directory`:
+    --plots, the Ray --output) may be new, but its parent must exist.
+    """
     from ..files import is_stream
 
     if path is None:
@@ -66,13 +81,34 @@ def check_output(option: str, path: Path | None, directory: bool = False) -> Non
         fail(f"{option} {path}: is a directory")
     elif is_stream(path):
         return  # a pipe, device or /dev/stdout: written in place
-    ancestor = path if path.is_dir() else path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        fail(f"{option} {path}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        fail(f"{option} {path}: cannot write in {ancestor}")
+    folder = path if path.is_dir() else path.absolute().parent
+    if not folder.exists():
+        fail(f"{option} {path}: the folder {folder} does not exist (create it first: mkdir -p {folder})")
+    if not folder.is_dir():
+        fail(f"{option} {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        fail(f"{option} {path}: cannot write in {folder}")
+
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,4})?")
+
+
+def check_device(device: str) -> None:
+    """Refuse a misspelt --device by its spelling alone, before torch is imported (whether a valid
+    one is present is asked of torch when the model loads, in one line too)."""
+    if not _DEVICE.fullmatch(device):
+        fail(f"--device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, not '{device}'")
+
+
+def check_file(option: str, path: str | os.PathLike[str] | None) -> None:
+    """An input file named by an option must be there before anything loads."""
+    if path is None:
+        return
+    if not os.path.exists(path):
+        fail(f"{option} {path}: no such file")
+    if os.path.isdir(path):
+        fail(f"{option} {path}: is a directory, not a file")
 
 
 def _escape(text: str) -> str:
@@ -155,34 +191,34 @@ def check_stdout(output: Path | None, has_output_option: bool = True) -> None:
 WeightsOpt = Annotated[
     Path | None,
     typer.Option(
-        "--weights", "-w",
+        "--weights", "-w", rich_help_panel=MODEL,
         help="CLIPN weights: a .safetensors file or a name from 'clipn weights list' (e.g. digits), or a plain open_clip CLIP "
         "as MODEL:TAG or MODEL:FILE. First match wins: --weights, $CLIPN_WEIGHTS, 'clipn weights default', the best official model fetched.",
         show_default=False,
     ),
 ]
 TemplatesOpt = Annotated[
-    str, typer.Option("--templates", "-t", help="Prompt templates: 'clipn' (the official 128), 'simple', or a file with one template per line.")
+    str, typer.Option("--templates", "-t", rich_help_panel=INPUTS, help="Prompt templates: 'clipn' (the official 128), 'simple', or a file with one template per line.")
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-ClassesOpt = Annotated[str | None, typer.Option("--classes", "-c", help="Comma-separated class names, e.g. cow,cat,fish.", show_default=False)]
+DeviceOpt = Annotated[str, typer.Option("--device", rich_help_panel=MODEL, help="auto, cpu, cuda, cuda:N or mps.")]
+ClassesOpt = Annotated[str | None, typer.Option("--classes", "-c", rich_help_panel=INPUTS, help="Comma-separated class names, e.g. cow,cat,fish.", show_default=False)]
 ClassesFileOpt = Annotated[
-    Path | None, typer.Option("--classes-file", help="Text file: one class per line, '#' comments.", show_default=False)
+    Path | None, typer.Option("--classes-file", rich_help_panel=INPUTS, help="Text file: one class per line, '#' comments.", show_default=False)
 ]
 BatchSizeOpt = Annotated[
-    int | None, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass. Default: 12 on CPU, 128 on CUDA.", show_default=False)
+    int | None, typer.Option("--batch-size", "-b", rich_help_panel=MODEL, min=1, help="Images per forward pass. Default: 12 on CPU, 128 on CUDA.", show_default=False)
 ]
 WorkersOpt = Annotated[
     int | None,
-    typer.Option("--workers", "-j", min=0, help="Decoding threads (0 = decode in the main thread). Default: min(4, CPUs); all CPUs with CUDA.", show_default=False),
+    typer.Option("--workers", "-j", rich_help_panel=MODEL, min=0, help="Decoding threads (0 = decode in the main thread). Default: min(4, CPUs); all CPUs with CUDA.", show_default=False),
 ]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 (exact), fp16 or bf16 (autocast).")]
-ExifOpt = Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Rotate by EXIF orientation first (the official pipeline does not).")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", rich_help_panel=MODEL, help="fp32 (exact), fp16 or bf16 (autocast).")]
+ExifOpt = Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", rich_help_panel=MODEL, help="Rotate by EXIF orientation first (the official pipeline does not).")]
 NegativesOpt = Annotated[
     str | None,
-    typer.Option("--negatives", help="Negative labels to mine and score with: neglabel, csp, or both (neglabel,csp). Adds their methods' scores.", show_default=False),
+    typer.Option("--negatives", rich_help_panel=RULE, help="Negative labels to mine and score with: neglabel, csp, or both (neglabel,csp). Adds their methods' scores.", show_default=False),
 ]
 WordsOpt = Annotated[
     Path | None,
-    typer.Option("--words", help="Candidate words for --negatives instead of the shipped WordNet 3.0 list: 'noun.FILE<TAB>word' / 'adj.FILE<TAB>word' lines.", show_default=False),
+    typer.Option("--words", rich_help_panel=RULE, help="Candidate words for --negatives instead of the shipped WordNet 3.0 list: 'noun.FILE<TAB>word' / 'adj.FILE<TAB>word' lines.", show_default=False),
 ]

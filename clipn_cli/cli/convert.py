@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import check_output, fail, handle_errors, info
+from .common import check_file, check_output, fail, handle_errors, info
 
 
 def convert(
@@ -24,9 +24,10 @@ def convert(
     Checkpoints are read with torch.load(weights_only=True): a file that would run code is refused.
     """
     with handle_errors():
+        check_file("CHECKPOINT", checkpoint)
+        check_output("OUTPUT", output)
         from ..weights import convert_checkpoint
 
-        check_output("OUTPUT", output)
         if output.exists() and checkpoint.exists() and output.samefile(checkpoint):
             fail(f"{output}: the output would overwrite the checkpoint being converted")
         result = convert_checkpoint(checkpoint, output, config=config, dtype=dtype)

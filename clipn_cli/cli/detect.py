@@ -13,12 +13,13 @@ import typer
 from ..methods import RULES, VERDICT_RULES
 from ..output import FORMATS
 from .common import (
+    INPUTS, MODEL, RULE, OUTPUT, CALIBRATION,
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
     TemplatesOpt, Terminated, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, check_stdout, fail, handle_errors, info, stderr,
     stdout_is_terminal,
 )
 from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ShardSizeOpt, ray_options_given
-from .runtime import add_negatives, calibrated_verdicts, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
+from .runtime import add_negatives, calibrated_verdicts, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight
 
 if TYPE_CHECKING:
     from ..calibration import CalibratedVerdicts
@@ -28,30 +29,30 @@ def detect(
     paths: Annotated[list[str] | None, typer.Argument(help="Image files, directories (recursive), glob patterns, .csv/.parquet tables with a path column, or - to read paths from stdin.", show_default=False)] = None,
     classes: ClassesOpt = None,
     classes_file: ClassesFileOpt = None,
-    embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,
+    embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", rich_help_panel=INPUTS, help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,
     weights: WeightsOpt = None,
     templates: TemplatesOpt = "clipn",
-    rule: Annotated[str, typer.Option("--rule", help=f"Verdict rule: {', '.join(RULES)}. Threshold-free: {', '.join(VERDICT_RULES)} (atd = agreeing-to-differ, ctw = competing-to-win); the others need --threshold or --calibration.")] = "atd",
-    threshold: Annotated[float | None, typer.Option("--threshold", help="Call an image OOD when the rule's score is below T (needed by rules without a threshold-free verdict, e.g. thr@95%ID from 'clipn eval').", show_default=False)] = None,
+    rule: Annotated[str, typer.Option("--rule", rich_help_panel=RULE, help=f"Verdict rule: {', '.join(RULES)}. Threshold-free: {', '.join(VERDICT_RULES)} (atd = agreeing-to-differ, ctw = competing-to-win); the others need --threshold or --calibration.")] = "atd",
+    threshold: Annotated[float | None, typer.Option("--threshold", rich_help_panel=RULE, help="Call an image OOD when the rule's score is below T (needed by rules without a threshold-free verdict, e.g. thr@95%ID from 'clipn eval').", show_default=False)] = None,
     negatives: NegativesOpt = None,
     words: WordsOpt = None,
-    fmt: Annotated[str | None, typer.Option("--format", "-f", help="table, json, jsonl or csv. Default: table on a terminal, jsonl otherwise.", show_default=False)] = None,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Write results to this file instead of stdout (with --engine ray: a folder or URI for shards and manifest).", show_default=False)] = None,
-    details: Annotated[bool, typer.Option("--details", help="Add p_yes, logits_yes and logits_no (per class) to each record.")] = False,
-    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Add the K most probable classes to each record.")] = 0,
+    fmt: Annotated[str | None, typer.Option("--format", "-f", rich_help_panel=OUTPUT, help="table, json, jsonl or csv. Default: table on a terminal, jsonl otherwise.", show_default=False)] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", rich_help_panel=OUTPUT, help="Write results to this file instead of stdout (with --engine ray: a folder or URI for shards and manifest).", show_default=False)] = None,
+    details: Annotated[bool, typer.Option("--details", rich_help_panel=OUTPUT, help="Add p_yes, logits_yes and logits_no (per class) to each record.")] = False,
+    top_k: Annotated[int, typer.Option("--top-k", rich_help_panel=OUTPUT, min=0, help="Add the K most probable classes to each record.")] = 0,
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
     exif_transpose: ExifOpt = False,
-    resume: Annotated[bool, typer.Option("--resume", help="With --format jsonl --output F: skip inputs already in F and append the rest (with --engine ray: score only unfinished shards).")] = False,
-    cache: Annotated[Path | None, typer.Option("--cache", help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
-    draft: Annotated[bool, typer.Option("--draft", help="Decode large JPEGs at reduced scale: several times faster for big photos, not exact.")] = False,
-    quantize: Annotated[str | None, typer.Option("--quantize", help="int8: quantise the image tower's linear layers (CPU only): faster, not exact.", show_default=False)] = None,
-    calibration: Annotated[Path | None, typer.Option("--calibration", help="A file from 'clipn calibrate': add p_value per image and call OOD when p_value <= alpha.", show_default=False)] = None,
-    alpha: Annotated[float | None, typer.Option("--alpha", help="With --calibration: the false-alarm rate on ID images (default: the one the file was made with).", show_default=False)] = None,
-    fdr: Annotated[float | None, typer.Option("--fdr", help="With --calibration: Benjamini-Hochberg over the whole run, expected share of ID among OOD verdicts <= Q (adds q_value). Needs the whole run before writing: --format json/csv/table or --output FILE (with --engine ray: a last pass rewrites the shards).", show_default=False)] = None,
-    report: Annotated[Path | None, typer.Option("--report", help="Also write a self-contained HTML report (verdict counts, counts per class, gallery by p_ood).", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT, help="With --format jsonl --output F: skip inputs already in F and append the rest (with --engine ray: score only unfinished shards).")] = False,
+    cache: Annotated[Path | None, typer.Option("--cache", rich_help_panel=MODEL, help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
+    draft: Annotated[bool, typer.Option("--draft", rich_help_panel=MODEL, help="Decode large JPEGs at reduced scale: several times faster for big photos, not exact.")] = False,
+    quantize: Annotated[str | None, typer.Option("--quantize", rich_help_panel=MODEL, help="int8: quantise the image tower's linear layers (CPU only): faster, not exact.", show_default=False)] = None,
+    calibration: Annotated[Path | None, typer.Option("--calibration", rich_help_panel=CALIBRATION, help="A file from 'clipn calibrate': add p_value per image and call OOD when p_value <= alpha.", show_default=False)] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", rich_help_panel=CALIBRATION, help="With --calibration: the false-alarm rate on ID images (default: the one the file was made with).", show_default=False)] = None,
+    fdr: Annotated[float | None, typer.Option("--fdr", rich_help_panel=CALIBRATION, help="With --calibration: Benjamini-Hochberg over the whole run, expected share of ID among OOD verdicts <= Q (adds q_value). Needs the whole run before writing: --format json/csv/table or --output FILE (with --engine ray: a last pass rewrites the shards).", show_default=False)] = None,
+    report: Annotated[Path | None, typer.Option("--report", rich_help_panel=OUTPUT, help="Also write a self-contained HTML report (verdict counts, counts per class, gallery by p_ood).", show_default=False)] = None,
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
     actors: ActorsOpt = None,
@@ -93,6 +94,7 @@ def detect(
         if threshold is None and calibration is None and rule not in VERDICT_RULES:
             fail(f"--rule {rule} has no threshold-free verdict: give --threshold T (e.g. its thr@95%ID from 'clipn eval') or --calibration FILE")
         names = load_classes(classes, classes_file, embeddings)
+        preflight(weights, device, embeddings=embeddings, templates=templates, inputs=paths, files={"--calibration": calibration, "--words": words})
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
@@ -192,10 +194,14 @@ def _extra_columns(verdicts: CalibratedVerdicts | None) -> tuple[str, ...]:
 
 def _detect_on_ray(args: dict) -> None:
     """`--engine ray`: the same checks and class heads as here, the scoring on the cluster."""
+    from ..scale.ray_engine import require_ray
     from ..scale.worker import ScoreOptions
     from .scaleout import detect_on_ray
 
+    require_ray()  # the engine itself first: no other check matters without it
     check_output("--report", args["report"])
+    if args["output"] is not None and "://" not in args["output"]:
+        check_output("--output", Path(args["output"]), directory=True)
     # shards are written as they finish and --fdr rewrites them at the end: resuming is allowed here
     _check_calibration_options(args["calibration"], args["alpha"], args["fdr"], args["fmt"] or "parquet", args["output"], False)
     if args["calibration"] is not None and args["threshold"] is not None:
@@ -208,6 +214,8 @@ def _detect_on_ray(args: dict) -> None:
     if not args["paths"]:
         fail("no inputs: give image files, directories, globs, tables, or - for paths on stdin")
     names = load_classes(args["classes"], args["classes_file"], args["embeddings"])
+    preflight(args["weights"], args["device"], embeddings=args["embeddings"], templates=args["templates"], inputs=args["paths"],
+              files={"--calibration": args["calibration"], "--words": args["words"]})
     options = ScoreOptions(rule=args["rule"], precision=args["precision"], exif_transpose=args["exif_transpose"],
                            details=args["details"], top_k=args["top_k"], draft=args["draft"], quantize=args["quantize"],
                            threshold=args["threshold"])

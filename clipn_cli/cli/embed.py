@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .common import ClassesOpt, DeviceOpt, NegativesOpt, TemplatesOpt, WeightsOpt, WordsOpt, check_output, fail, handle_errors, info
-from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
+from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight
 
 
 def embed_classes(
@@ -30,6 +30,7 @@ def embed_classes(
                 fail("--output is required with --classes")
             output = classes_file.with_suffix(".safetensors")
         check_output("--output", output)
+        preflight(weights, device, templates=templates, files={"--words": words})
         model, weights_info = load_weights_for_cli(weights, device)
         heads = class_embeddings(model, weights_info, names, None, templates)
         add_negatives(model, weights_info, heads, pools, words)

@@ -12,12 +12,13 @@ from typing import IO, TYPE_CHECKING, Annotated
 import typer
 
 from .common import (
+    INPUTS, MODEL, RULE, OUTPUT, CALIBRATION,
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
     TemplatesOpt, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, check_stdout, fail, handle_errors, info, stderr, stdout_is_terminal,
     warn,
 )
 from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ray_options_given
-from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives
+from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight
 
 if TYPE_CHECKING:
     from ..calibration import OperatingPoint
@@ -28,29 +29,29 @@ CSV_COLUMNS = ("ood", "method", "auroc", "fpr95", "aupr_in", "aupr_out", "id_fla
 
 
 def evaluate(
-    id_paths: Annotated[list[str], typer.Option("--id", help="ID images: a directory (recursive; class-named sub-folders give ID accuracy), a glob, a .csv/.parquet table with a path column, or a text file listing paths. Repeatable: one class-named folder per --id also gives ID accuracy.", show_default=False)],
-    ood: Annotated[list[str], typer.Option("--ood", help="OOD images as NAME=PATH (PATH as for --id). Repeatable; a repeated NAME merges its paths.", show_default=False)],
+    id_paths: Annotated[list[str], typer.Option("--id", rich_help_panel=INPUTS, help="ID images: a directory (recursive; class-named sub-folders give ID accuracy), a glob, a .csv/.parquet table with a path column, or a text file listing paths. Repeatable: one class-named folder per --id also gives ID accuracy.", show_default=False)],
+    ood: Annotated[list[str], typer.Option("--ood", rich_help_panel=INPUTS, help="OOD images as NAME=PATH (PATH as for --id). Repeatable; a repeated NAME merges its paths.", show_default=False)],
     classes: ClassesOpt = None,
     classes_file: ClassesFileOpt = None,
-    embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,
+    embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", rich_help_panel=INPUTS, help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,
     weights: WeightsOpt = None,
     templates: TemplatesOpt = "clipn",
     negatives: NegativesOpt = None,
     words: WordsOpt = None,
-    fmt: Annotated[str | None, typer.Option("--format", "-f", help="table (percentages), json or csv (fractions). Default: table on a terminal, json otherwise.", show_default=False)] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file instead of stdout.", show_default=False)] = None,
-    fpr_convention: Annotated[str, typer.Option("--fpr-convention", help="clipn: ID positive, OOD accepted at 95% ID recall, interpolated (CLIPN/MCM papers). openood: OOD positive, ID rejected at the first point with 95% OOD caught.")] = "clipn",
-    save_scores: Annotated[Path | None, typer.Option("--save-scores", help="Write every image's scores (path, set, all methods) as CSV, or JSON Lines if FILE ends in .jsonl.", show_default=False)] = None,
-    plots: Annotated[Path | None, typer.Option("--plots", help="Write ROC curves and score histograms per OOD set as PNG files into DIR (needs matplotlib).", show_default=False)] = None,
-    cache: Annotated[Path | None, typer.Option("--cache", help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
+    fmt: Annotated[str | None, typer.Option("--format", "-f", rich_help_panel=OUTPUT, help="table (percentages), json or csv (fractions). Default: table on a terminal, json otherwise.", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", rich_help_panel=OUTPUT, help="Write the report to this file instead of stdout.", show_default=False)] = None,
+    fpr_convention: Annotated[str, typer.Option("--fpr-convention", rich_help_panel=RULE, help="clipn: ID positive, OOD accepted at 95% ID recall, interpolated (CLIPN/MCM papers). openood: OOD positive, ID rejected at the first point with 95% OOD caught.")] = "clipn",
+    save_scores: Annotated[Path | None, typer.Option("--save-scores", rich_help_panel=OUTPUT, help="Write every image's scores (path, set, all methods) as CSV, or JSON Lines if FILE ends in .jsonl.", show_default=False)] = None,
+    plots: Annotated[Path | None, typer.Option("--plots", rich_help_panel=OUTPUT, help="Write ROC curves and score histograms per OOD set as PNG files into DIR (needs matplotlib).", show_default=False)] = None,
+    cache: Annotated[Path | None, typer.Option("--cache", rich_help_panel=MODEL, help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
     exif_transpose: ExifOpt = False,
-    alpha: Annotated[float | None, typer.Option("--alpha", help="Also report calibrated verdicts: calibrate every method on a seeded random half of the ID images, report ID flagged on the other half and OOD caught per set.", show_default=False)] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random ID half for --alpha.")] = 0,
-    report: Annotated[Path | None, typer.Option("--report", help="Also write a self-contained HTML report (metrics, ROC with a log false-alarm axis, histograms, galleries).", show_default=False)] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", rich_help_panel=CALIBRATION, help="Also report calibrated verdicts: calibrate every method on a seeded random half of the ID images, report ID flagged on the other half and OOD caught per set.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", rich_help_panel=CALIBRATION, help="Seed of the random ID half for --alpha.")] = 0,
+    report: Annotated[Path | None, typer.Option("--report", rich_help_panel=OUTPUT, help="Also write a self-contained HTML report (metrics, ROC with a log false-alarm axis, histograms, galleries).", show_default=False)] = None,
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
     actors: ActorsOpt = None,
@@ -93,6 +94,7 @@ def evaluate(
             require_matplotlib()
         pools = parse_negatives(negatives)
         names = load_classes(classes, classes_file, embeddings)
+        preflight(weights, device, embeddings=embeddings, templates=templates, files={"--words": words})
         sets = collect_sets(id_paths, group_ood_specs(ood))
         if alpha is not None:
             from ..calibration import check_size

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import fail, info, stderr, warn
+from .common import check_device, check_file, fail, info, stderr, warn
 
 if TYPE_CHECKING:
     from ..calibration import CalibratedVerdicts
@@ -38,13 +39,100 @@ def load_classes(
     return names
 
 
+def preflight(
+    weights: Path | None, device: str, *, embeddings: Path | None = None, templates: str | None = None,
+    inputs: list[str] | None = None, files: dict[str, Path | None] | None = None,
+) -> None:
+    """Every check that needs no torch, before torch is imported and the model loads: the device's
+    spelling, the weights (name, file, $CLIPN_WEIGHTS, the default), --embeddings and the other input
+    files options name, the templates, and the inputs named on the command line. A mistake costs a
+    line, not the seconds a model takes to load."""
+    check_device(device)
+    check_file("--embeddings", embeddings)
+    for option, path in (files or {}).items():
+        check_file(option, path)
+    check_weights(weights, embeddings)
+    if templates is not None and embeddings is None:
+        from ..prompts import load_templates
+
+        load_templates(templates)
+    if inputs is not None:
+        check_inputs(inputs)
+
+
+def check_weights(weights: Path | None, embeddings: Path | None = None) -> None:
+    """Resolve --weights, $CLIPN_WEIGHTS or the default as loading will, refusing a name or file that is not there."""
+    from ..errors import WeightsError
+    from ..home import EMBEDDINGS_FORMAT, WEIGHTS_ENV, read_header, resolve_weights
+    from .firstrun import interactive, should_offer
+
+    given = str(weights) if weights is not None else os.environ.get(WEIGHTS_ENV, "")
+    option = "--weights" if weights is not None else f"${WEIGHTS_ENV}"
+    if not given:
+        if should_offer(None, terminal=interactive()):
+            return  # the first run's download offer comes when the model is loaded
+        try:
+            resolve_weights(None)
+        except WeightsError as exc:
+            if embeddings is not None:
+                fail(embeddings_weights_hint(embeddings))
+            fail(str(exc))
+        return
+    if ":" in given and not os.path.exists(given):  # MODEL:TAG or MODEL:FILE, a plain open_clip CLIP
+        model, _, source = given.partition(":")
+        for part in (model if model.endswith(".json") else None, source if Path(source).suffix in (".pt", ".pth", ".bin", ".safetensors") else None):
+            if part is not None and not os.path.isfile(part):
+                fail(f"{option} {given}: {part}: no such file")
+        return
+    path = resolve_weights(given)
+    if not path.exists():
+        fail(f"{option} {given}: no such file, and no weights of that name ('clipn weights list' shows the names)")
+    if path.is_dir():
+        fail(f"{option} {given}: is a directory, not a weights file")
+    if read_header(path).get("format") == EMBEDDINGS_FORMAT:
+        fail(f"{path}: a class-embeddings file (from 'clipn embed-classes'), not weights: pass it as --embeddings, and give --weights the weights it was made with")
+
+
+def embeddings_weights_hint(embeddings: Path) -> str:
+    """The no-weights error for `--embeddings F`: F records the fingerprint of the weights that made
+    it, so name those weights (when the weights home has them) and how to give them."""
+    from ..home import list_weights, read_header, weights_dir
+
+    fingerprint = read_header(embeddings).get("weights_fingerprint", "")
+    if not fingerprint:
+        return f"no weights: give --weights with the weights {embeddings} was made with"
+    named = [entry.name for entry in list_weights() if entry.fingerprint == fingerprint and entry.present]
+    if named:
+        return f"no weights: {embeddings} was made with the weights '{named[0]}' (fingerprint {fingerprint[:12]}): give --weights {named[0]}"
+    return (f"no weights: {embeddings} was made with weights of fingerprint {fingerprint[:12]}, which are not in {weights_dir()}: "
+            "give --weights FILE with the weights 'clipn embed-classes' used ('clipn weights list' shows fingerprints)")
+
+
+def check_inputs(paths: list[str]) -> None:
+    """Inputs named on the command line that are not there, said before the model loads.
+
+    Each still gets its error record in the results (as `cat` reports a missing file and goes on),
+    so the others are scored; when none of the inputs can exist (all named, none there, no stdin
+    and no pattern), nothing would be scored: that is a usage error.
+    """
+    from ..inputs import GLOB_CHARS
+
+    named = [p for p in paths if p != "-" and (os.path.lexists(p) or not GLOB_CHARS & set(p))]
+    missing = [p for p in named if not os.path.lexists(p)]
+    if not missing:
+        return
+    if len(missing) == len(paths):
+        more = f" (and {len(missing) - 1} more named inputs)" if len(missing) > 1 else ""
+        fail(f"{missing[0]}: no such file or folder{more}")
+    warn(f"{len(missing)} named input(s) do not exist, first: {missing[0]} (each gets an error record)")
+
+
 def load_weights_for_cli(weights: Path | None, device: str, text: bool = True) -> tuple[CLIPN, WeightsInfo]:
     """The model on the chosen device; `text=False` (cached class embeddings) skips the text towers.
 
     With no weights at all, a terminal is offered the official download first (see firstrun).
     """
-    from ..embeddings import FORMAT as EMBEDDINGS_FORMAT
-    from ..home import read_header, resolve_weights
+    from ..home import EMBEDDINGS_FORMAT, read_header, resolve_weights
     from ..inference import resolve_device
     from ..weights import load_model
     from .firstrun import first_run_weights

@@ -9,16 +9,16 @@ from typing import Annotated
 
 import typer
 
-from .common import EXIT_OK, EXIT_PARTIAL, fail, info, warn
+from .common import ENGINE, EXIT_OK, EXIT_PARTIAL, fail, info, warn
 from .runtime import calibrated_verdicts
 
 ENGINES = ("local", "ray")
-EngineOpt = Annotated[str, typer.Option("--engine", help="local (this process) or ray (a Ray cluster: see --ray-address, --actors).")]
-RayAddressOpt = Annotated[str | None, typer.Option("--ray-address", help="With --engine ray: 'auto' joins the cluster running here, ray://HOST:PORT or HOST:PORT another; default: start a local cluster.", show_default=False)]
-ActorsOpt = Annotated[int | None, typer.Option("--actors", min=1, help="With --engine ray: scoring actors (each loads the weights once). Default: cluster GPUs / --gpus-per-actor, or CPUs / --cpus-per-actor.", show_default=False)]
-GpusPerActorOpt = Annotated[float, typer.Option("--gpus-per-actor", min=0.0, help="With --engine ray: GPUs per actor (0 = CPU actors).")]
-CpusPerActorOpt = Annotated[float | None, typer.Option("--cpus-per-actor", min=0.01, help="With --engine ray: CPUs per actor (its decoding threads and, on CPU, torch threads). Default: a whole node's CPUs for CPU actors (one actor per node, like local detect), 1 per GPU actor.", show_default=False)]
-ShardSizeOpt = Annotated[int, typer.Option("--shard-size", min=1, help="With --engine ray: inputs per output shard (the unit of work and of --resume).")]
+EngineOpt = Annotated[str, typer.Option("--engine", rich_help_panel=ENGINE, help="local (this process) or ray (a Ray cluster: see --ray-address, --actors).")]
+RayAddressOpt = Annotated[str | None, typer.Option("--ray-address", rich_help_panel=ENGINE, help="With --engine ray: 'auto' joins the cluster running here, ray://HOST:PORT or HOST:PORT another; default: start a local cluster.", show_default=False)]
+ActorsOpt = Annotated[int | None, typer.Option("--actors", rich_help_panel=ENGINE, min=1, help="With --engine ray: scoring actors (each loads the weights once). Default: cluster GPUs / --gpus-per-actor, or CPUs / --cpus-per-actor.", show_default=False)]
+GpusPerActorOpt = Annotated[float, typer.Option("--gpus-per-actor", rich_help_panel=ENGINE, min=0.0, help="With --engine ray: GPUs per actor (0 = CPU actors).")]
+CpusPerActorOpt = Annotated[float | None, typer.Option("--cpus-per-actor", rich_help_panel=ENGINE, min=0.01, help="With --engine ray: CPUs per actor (its decoding threads and, on CPU, torch threads). Default: a whole node's CPUs for CPU actors (one actor per node, like local detect), 1 per GPU actor.", show_default=False)]
+ShardSizeOpt = Annotated[int, typer.Option("--shard-size", rich_help_panel=ENGINE, min=1, help="With --engine ray: inputs per output shard (the unit of work and of --resume).")]
 
 
 def ray_options_given(ray_address: str | None, actors: int | None, gpus_per_actor: float, cpus_per_actor: float | None, shard_size: int | None) -> bool:
@@ -42,6 +42,7 @@ def detect_on_ray(
     with `fdr` every shard is rewritten with its q-values once all are in.
     """
     from ..scale.ray_engine import Cluster, ClusterSpec, detect_job, require_ray, run_detect
+    from ..scale.manifest import previous_run
     from ..scale.records import SHARD_FORMATS
     from ..scale.store import OutputStore
     from ..scale.worker import WorkerConfig
@@ -55,6 +56,7 @@ def detect_on_ray(
         fail("--cache is not supported with --engine ray for detect (the workers may not share this machine's disk)")
     require_ray()
     store = OutputStore.open(output)
+    previous_run(store, resume)  # a finished run is refused now, not after a cluster has started
     from ..inputs import iter_inputs
 
     weights_path, heads, fingerprint = _heads_on_driver(weights, device, names, embeddings, templates, pools, words)

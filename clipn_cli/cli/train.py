@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .common import DeviceOpt, check_output, fail, handle_errors, info, stderr, warn
+from .common import DeviceOpt, check_device, check_output, fail, handle_errors, info, stderr, warn
 
 if TYPE_CHECKING:
     from ..training.trainer import Silent, StepLog
@@ -20,7 +20,7 @@ Opt = typer.Option
 
 
 def train(
-    base: Annotated[str, Opt("--base", help="open_clip model name (with --pretrained), a plain CLIP checkpoint (.pt/.bin/.safetensors), or a CLIPN to continue.", show_default=False)],
+    base: Annotated[str, Opt("--base", help="open_clip model name (with --pretrained), a plain CLIP checkpoint (.pt/.bin/.safetensors), or a CLIPN to continue (a file or a name from 'clipn weights list', e.g. digits).", show_default=False)],
     data: Annotated[str, Opt("--data", help="CSV/TSV/JSONL of (image, caption), a folder of images with same-named .txt captions, or tar shards ('cc3m-{00000..00331}.tar').", show_default=False)],
     output: Annotated[Path, Opt("--output", "-o", help="Output CLIPN .safetensors (loads in 'clipn detect' as is).", show_default=False)],
     pretrained: Annotated[str | None, Opt("--pretrained", help="open_clip pretrained tag for a model-name BASE, e.g. laion2b_s34b_b88k (downloaded; needs network).", show_default=False)] = None,
@@ -53,12 +53,19 @@ def train(
     Multi-GPU: torchrun --nproc_per_node N -m clipn_cli train ... (features are gathered across GPUs).
     """
     with handle_errors():
-        from ..training import TrainConfig, load_base, open_data
-        from ..training import train as run_train
-
         if output.suffix != ".safetensors":
             fail(f"--output {output}: the output must be a .safetensors file")
         check_output("--output", output)
+        check_output("--checkpoint", checkpoint)
+        if resume is not None and not resume.exists():
+            fail(f"--resume {resume}: no such checkpoint")
+        check_device(device)
+        if not (os.path.exists(data) or "://" in data or set("{*?[") & set(data)):
+            fail(f"--data {data}: no such file or folder")
+        base = _named_base(base, pretrained)
+        from ..training import TrainConfig, load_base, open_data
+        from ..training import train as run_train
+
         main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
         source = open_data(data, image_key, caption_key, shuffle_buffer)
         if source.skipped and main_process:
@@ -84,6 +91,16 @@ def train(
         size_mb = output.stat().st_size / 1e6
         label = f"losses at step {last.step}" if last is not None else "last losses"
         info(f"wrote {output} ({size_mb:.1f} MB, {result.steps} steps in {result.seconds:.1f} s; {label}: {losses})")
+
+
+def _named_base(base: str, pretrained: str | None) -> str:
+    """A weights name ('digits', 'vitb16', one from 'clipn weights add') means its file, as for --weights;
+    an open_clip model name (with --pretrained) or a path stays as given."""
+    if pretrained is not None or os.path.exists(base):
+        return base
+    from ..home import resolve_weights
+
+    return str(resolve_weights(base))
 
 
 class _LogMonitor:

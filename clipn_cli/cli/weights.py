@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from .common import check_choice, check_stdout, fail, handle_errors, info, stderr
+from .common import HELP_OPTIONS, check_choice, check_stdout, fail, handle_errors, info, stderr
 
 if TYPE_CHECKING:
     from ..fetch import Installed
@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=HELP_OPTIONS,
 )
 
 NameOpt = Annotated[str | None, typer.Option("--name", "-n", help="Name to store the weights under.", show_default=False)]
@@ -57,7 +58,8 @@ def list_cmd(
         for r in rows:
             size = f"{r.size / 1e6:.1f} MB" if r.size is not None else ""
             status = f"{r.status}, default" if r.is_default else r.status
-            table.add_row(Text(r.name), status, size, r.fingerprint[:12], Text(r.description))
+            name = r.name + "".join(f" (or {alias})" for alias in r.aliases)
+            table.add_row(Text(name), status, size, r.fingerprint[:12], Text(r.description))
         Console(highlight=False).print(table)
 
 

@@ -81,6 +81,21 @@ def _check_elements(data: bytes) -> bytes:
     return data
 
 
+def previous_run(store: OutputStore, resume: bool) -> Manifest | None:
+    """The run already in `store` (None for an empty or new folder), refusing what must not be
+    written over: another run without --resume, or shard files without a manifest. Cheap (a
+    manifest read), so the command asks before it starts a cluster."""
+    old = load_manifest(store)
+    if old is None:
+        if store.has_shard_files():
+            raise ResumeError(f"--output {store.uri}: holds shard files but no clipn manifest: choose an empty or new folder")
+        return None
+    if not resume:
+        state = "a finished" if old.complete else "an unfinished"
+        raise ResumeError(f"--output {store.uri}: holds {state} clipn run ({len(old.shards)} shards): add --resume to continue it, or choose a new folder")
+    return old
+
+
 def load_manifest(store: OutputStore) -> Manifest | None:
     """manifest.json with the commit markers written since its last rewrite; None if there is none.
 
@@ -88,7 +103,7 @@ def load_manifest(store: OutputStore) -> Manifest | None:
     shard entry checked (an index, record and error counts, a digest and a file name), so a damaged
     or hostile manifest is one line naming it, not a traceback later.
     """
-    from ..safetensors_file import loads_json
+    from ..jsonsafe import loads_json
 
     if not store.exists(MANIFEST):
         return None

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import ClipnError
-from .manifest import Manifest, ManifestWriter, ResumeError, check_resumable, load_manifest
+from .manifest import Manifest, ManifestWriter, ResumeError, check_resumable, previous_run
 from .planner import DEFAULT_SHARD_SIZE, plan_shards
 from .worker import ScoreOptions, Worker, WorkerConfig
 
@@ -318,14 +318,9 @@ def detect_job(
 
 def open_manifest(store: OutputStore, job: dict[str, Any], resume: bool) -> Manifest:
     """The manifest to continue (`resume`) or a new one; refuses to overwrite another run."""
-    old = load_manifest(store)
+    old = previous_run(store, resume)
     if old is None:
-        if store.has_shard_files():
-            raise ResumeError(f"--output {store.uri}: holds shard files but no clipn manifest: choose an empty or new folder")
         return Manifest(job)
-    if not resume:
-        state = "a finished" if old.complete else "an unfinished"
-        raise ResumeError(f"--output {store.uri}: holds {state} clipn run ({len(old.shards)} shards): add --resume to continue it, or choose a new folder")
     check_resumable(old, job, store.uri)
     old.job["clipn_version"] = job["clipn_version"]
     old.complete = False

@@ -1,0 +1,27 @@
+"""Bounded JSON for untrusted text inside other files (safetensors headers, manifests, configs),
+without torch: the manifest of a Ray output folder is read before a command has imported it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from .files import JSONLimitError, JSONLimits, parse_json
+
+MAX_JSON_DEPTH = 32  # deeper than any config or list clipn writes; a hostile file nests 100,000 deep
+
+
+class SafetensorsError(ValueError):
+    """The file is not a well-formed safetensors file; the message says what is wrong (without the path)."""
+
+
+def loads_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH, limits: JSONLimits | None = None) -> Any:
+    """JSON from an untrusted file, bounded before any object is built (`files.parse_json`): bad JSON,
+    nesting deeper than `max_depth` or more values or containers than `limits` is a SafetensorsError."""
+    limits = limits or JSONLimits()
+    try:
+        return parse_json(text, replace(limits, depth=min(limits.depth, max_depth)))
+    except JSONLimitError as exc:
+        raise SafetensorsError(f"{what} {exc}") from None
+    except ValueError as exc:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        raise SafetensorsError(f"{what} is not valid JSON ({str(exc)[:120]})") from None
