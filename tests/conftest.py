@@ -6,10 +6,12 @@ import contextlib
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,39 @@ FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL_CHECKPOINT = FIXTURES / "clipn-tiny-official.pt"
 TINY_CONFIG = FIXTURES / "clipn-tiny-config.json"
 IMAGES = FIXTURES / "images"
+
+
+# The README's "Reproducibility" contract for one computation run with different groupings (batch
+# size and composition, cache hits, Ray shards and actors, processes): float32 matrix products sum
+# in a different order for a different batch shape, so results agree to float32 rounding, not bit
+# for bit. Cosines (and each image-feature component) move by at most GROUPING_COSINE = 8 float32
+# eps; a logit is 100 x a cosine; a probability moves by at most 2.5 x the largest logit change
+# (softmax and sigmoid slopes, summed over the ATD terms), rounded up to 3.
+GROUPING_COSINE = 8 * 2.0**-23  # ≈ 9.5e-7
+GROUPING_LOGIT = 100 * GROUPING_COSINE  # ≈ 9.5e-5
+GROUPING_PROBABILITY = 3 * GROUPING_LOGIT  # ≈ 2.9e-4
+LOGIT_FIELDS = ("logit", "energy")  # record fields on the logit scale (max_logit, logits_yes, energy, ...)
+
+
+def grouping_tolerance(field: str) -> float:
+    """The README's bound for a record field between two groupings: logits or probability-scale scores."""
+    return GROUPING_LOGIT if any(part in field for part in LOGIT_FIELDS) else GROUPING_PROBABILITY
+
+
+def assert_close_records(got: object, want: object, where: tuple = (), field: str = "") -> None:
+    """Equal, except floats (at any depth) within `grouping_tolerance` of the field that holds them."""
+    if isinstance(want, float):
+        assert isinstance(got, float) and abs(got - want) <= grouping_tolerance(field), (where, got, want)
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), where
+        for key in want:
+            assert_close_records(got[key], want[key], (*where, key), key if isinstance(key, str) else field)
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close_records(g, w, (*where, i), field)
+    else:
+        assert got == want, where
 
 
 @pytest.fixture(scope="session")
@@ -47,13 +82,28 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CLIPN_HOME", str(tmp_path / "clipn-home"))
 
 
+def sigint_at_default() -> None:
+    """`preexec_fn` of every child a test spawns: SIGINT back at its default disposition.
+
+    A shell that starts pytest with `&` (no job control) sets SIGINT to ignored, a child inherits
+    an ignored signal across exec, and clipn keeps an inherited SIG_IGN as it should; the tests
+    that interrupt a child would then see it run on. The child of a test must behave as it does
+    when started from a terminal, however pytest itself was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen:
+    """`subprocess.Popen` for a test's child process, with SIGINT at its default (`sigint_at_default`)."""
+    return subprocess.Popen(args, preexec_fn=sigint_at_default, **kwargs)
+
+
 def run_cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real `clipn` entry point (`python -m clipn_cli`) in a subprocess."""
     full_env = {k: v for k, v in os.environ.items() if k != "CLIPN_WEIGHTS"}
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "clipn_cli", *args],
-        input=stdin, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=None,
+        input=stdin, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=None, preexec_fn=sigint_at_default,
     )
 
 

@@ -20,7 +20,7 @@ import pytest
 from clipn_cli import __version__, fetch, home
 from clipn_cli.cli import firstrun
 from clipn_cli.fetch import Installed
-from conftest import IMAGES, cli
+from conftest import IMAGES, cli, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits" / "images"
@@ -191,7 +191,7 @@ def test_a_real_terminal_is_asked_and_no_declines(tmp_path: Path) -> None:
     env = {**os.environ, "CLIPN_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT), "COLUMNS": "300"}
     env.pop("CLIPN_WEIGHTS", None)
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "clipn_cli", "detect", "--classes", CLASSES, str(IMAGES / "chelsea.png")],
+    proc = spawn([sys.executable, "-m", "clipn_cli", "detect", "--classes", CLASSES, str(IMAGES / "chelsea.png")],
                             stdin=follower, stdout=follower, stderr=follower, env=env, close_fds=True)
     os.close(follower)
     seen = b""

@@ -27,6 +27,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from conftest import spawn
+
 from clipn_cli import images
 from clipn_cli.cli.app import app
 from clipn_cli.embeddings import ClassEmbeddings
@@ -49,7 +51,7 @@ def invoke(*args: str, input: bytes | str | None = None) -> tuple[int, list[dict
 def clipn_process(*args: str, **kwargs: object) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "CLIPN_WEIGHTS"}
     env.update(kwargs.pop("env", {}))  # type: ignore[arg-type]
-    return subprocess.Popen([sys.executable, "-m", "clipn_cli", *args], env=env, **kwargs)  # type: ignore[call-overload]
+    return spawn([sys.executable, "-m", "clipn_cli", *args], env=env, **kwargs)  # type: ignore[call-overload]
 
 
 def wait_with_rusage(proc: subprocess.Popen, stdin: bytes | None = None) -> tuple[int, bytes, bytes, int]:
@@ -224,7 +226,7 @@ def test_signal_ends_a_run_with_a_stuck_decoder_and_keeps_finished_records(
 ) -> None:
     good = [str(IMAGES / name) for name in sorted(os.listdir(IMAGES))][:10]
     env = {k: v for k, v in os.environ.items() if k != "CLIPN_WEIGHTS"}
-    proc = subprocess.Popen(
+    proc = spawn(
         [sys.executable, "-c", STUCK, "detect", "-w", str(tiny_weights), "--classes", CLASSES, "-b", "1", "-j", "2", "-"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0,  # unbuffered: readline takes one line only
     )

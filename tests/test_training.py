@@ -18,7 +18,7 @@ from PIL import Image
 from clipn_cli.errors import DataError, TrainError
 from clipn_cli.training import TrainConfig, load_base, open_data, train
 from clipn_cli.training.data import caption_id, expand_braces
-from conftest import IMAGES, cli
+from conftest import IMAGES, cli, spawn
 
 # A CLIP small enough to train in well under a second per step on one CPU core.
 TINY = {
@@ -301,7 +301,7 @@ def test_two_processes_train_the_same_model_as_one(dataset: Path, tmp_path: Path
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen(
+        procs.append(spawn(
             [sys.executable, "-m", "clipn_cli", *common, "--batch-size", "3", "--output", str(tmp_path / "two.safetensors")],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
