@@ -82,7 +82,7 @@ def test_eval_report_escapes_every_string_and_cuts_galleries(tmp_path: Path) -> 
     assert len(sources) <= 3 * GALLERY_SIZE
     assert re.search(rf"showing {GALLERY_SIZE} of \d+ \(cut to the top {GALLERY_SIZE}\)", text)
     assert not re.search(r"(src|href)=\"(?!data:)", text) and "@import" not in text and "url(" not in text
-    assert text.count("<svg") == 1 + len(METHODS)  # one ROC per OOD set, one histogram per method
+    assert text.count("<svg") == 1 + len(METHODS) + 1  # one ROC per OOD set, one histogram per method and ATD's margin
 
 
 def test_eval_report_galleries_follow_the_calibrated_verdict_with_alpha(tmp_path: Path) -> None:
