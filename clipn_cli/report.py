@@ -16,13 +16,15 @@ import io
 import itertools
 import math
 import os
+import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import methods as method_table
 from . import metrics
 from .calibration import p_values
 from .files import atomic_open
@@ -37,6 +39,8 @@ CLASS_ROWS = 50  # rows of the per-class table
 ERROR_ROWS = 20
 HIST_BINS = 40
 ROC_POINTS = 240  # points per ROC curve, log-spaced on the false-alarm axis
+HIST_SAMPLE = 20_000  # scores per verdict kept (a uniform sample beyond) for a detect histogram without p_ood
+PROVENANCE_CLASSES = 50  # class names listed in the provenance block
 METHOD_NAMES = {"ctw": "CTW", "atd": "ATD", "msp": "MSP", "max_logit": "MaxLogit", "energy": "Energy", "mcm": "MCM"}
 COLORS = {"ctw": "#7b3fb3", "atd": "#1a8a3a", "msp": "#e07b00", "max_logit": "#8c564b", "energy": "#d6338a", "mcm": "#1496a8"}
 ID_COLOR, OOD_COLOR = "#2b6cb0", "#c53030"
@@ -57,6 +61,7 @@ th{background:#f7fafc;font-weight:600}td.l,th.l{text-align:left}tr.avg td{font-w
 .tag{display:inline-block;padding:0 6px;border-radius:8px;color:#fff;font-weight:600;font-size:11px}.OOD{background:#c53030}.ID{background:#2f855a}
 .bar{display:inline-block;height:10px;vertical-align:middle}.kpi{display:flex;gap:12px;flex-wrap:wrap}
 .kpi div{border:1px solid #e2e8f0;border-radius:6px;padding:8px 14px;background:#f7fafc}.kpi b{display:block;font-size:20px}
+table.prov{font-size:12px;margin:0 0 8px}table.prov th,table.prov td{text-align:left;padding:1px 10px 1px 0;background:none;border:0;vertical-align:top}
 """
 
 
@@ -103,14 +108,35 @@ def thumbnail_uri(path: str, size: int = THUMB_PIXELS) -> str | None:
     return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def page(title: str, subtitle: str, body: Iterable[str]) -> str:
+def page(title: str, subtitle: str, body: Iterable[str], provenance: Mapping[str, Any] | None = None) -> str:
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">"
         "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
-        f"<h1>{esc(title)}</h1><p class=\"note\">{esc(subtitle)}</p>" + "".join(body) + "</body></html>\n"
+        f"<h1>{esc(title)}</h1><p class=\"note\">{esc(subtitle)}</p>" + provenance_html(provenance) + "".join(body) + "</body></html>\n"
     )
+
+
+def provenance_html(provenance: Mapping[str, Any] | None) -> str:
+    """What made the report (weights, classes, version, date, options), as the caller states it.
+
+    Plain values only (the CLI builds the mapping; this module imports neither torch nor the CLI).
+    A list is joined with commas, a long class list cut (and said so); None values are left out.
+    """
+    if not provenance:
+        return ""
+    rows = []
+    for key, value in provenance.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            shown = ", ".join(str(v) for v in value[:PROVENANCE_CLASSES])
+            text = shown + (f" … ({len(value)} in all)" if len(value) > PROVENANCE_CLASSES else "")
+        else:
+            text = str(value)
+        rows.append(f"<tr><th>{esc(key)}</th><td>{esc(text)}</td></tr>")
+    return f"<table class=\"prov\">{''.join(rows)}</table>" if rows else ""
 
 
 def write_html(path: str | os.PathLike[str], text: str) -> None:
@@ -139,7 +165,8 @@ class Marker:
 
 
 def roc_svg(title: str, curves: Sequence[Curve], markers: Sequence[Marker], x_min: float, width: int = 560, height: int = 400) -> str:
-    """ROC with a log-scale false-alarm axis (x: ID flagged, from `x_min` to 1) and linear y (OOD caught)."""
+    """ROC oriented as the `--plots` ROC (ID positive): x = OOD accepted as ID (FPR, log scale from
+    `x_min` to 1), y = ID accepted as ID (TPR, linear), with the 95%-of-ID line of FPR95."""
     left, right, top, bottom = 56, 190, 26, 44
     pw, ph = width - left - right, height - top - bottom
     lo = math.log10(x_min)
@@ -161,8 +188,10 @@ def roc_svg(title: str, curves: Sequence[Curve], markers: Sequence[Marker], x_mi
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#e2e8f0"/>'
                      f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{tick:g}</text>')
     parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#a0aec0"/>')
-    parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" font-size="12" text-anchor="middle">ID images flagged OOD (false-alarm rate, log scale)</text>')
-    parts.append(f'<text x="14" y="{top + ph / 2}" font-size="12" text-anchor="middle" transform="rotate(-90 14 {top + ph / 2})">OOD images caught</text>')
+    parts.append(f'<line x1="{left}" y1="{sy(0.95):.1f}" x2="{left + pw}" y2="{sy(0.95):.1f}" stroke="#1a202c" stroke-dasharray="5 3"/>'
+                 f'<text x="{left + 4}" y="{sy(0.95) + 12:.1f}" font-size="10">95% of ID accepted</text>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" font-size="12" text-anchor="middle">OOD images accepted as ID (FPR, log scale)</text>')
+    parts.append(f'<text x="14" y="{top + ph / 2}" font-size="12" text-anchor="middle" transform="rotate(-90 14 {top + ph / 2})">ID images accepted as ID (TPR)</text>')
     for c in curves:
         points = " ".join(f"{sx(float(x)):.1f},{sy(float(y)):.1f}" for x, y in zip(c.x, c.y))
         parts.append(f'<polyline fill="none" stroke="{c.color}" stroke-width="{c.width}" points="{points}"/>')
@@ -184,27 +213,39 @@ def _pow10(exponent: int) -> str:
 
 
 def roc_curve_log(id_scores: np.ndarray, ood_scores: np.ndarray, x_min: float) -> tuple[np.ndarray, np.ndarray]:
-    """(ID flagged, OOD caught) at `ROC_POINTS` log-spaced false-alarm rates (OOD positive, low score = OOD).
+    """(OOD accepted as ID, ID accepted) at `ROC_POINTS` log-spaced FPRs: ID positive, as `plots.roc_figure`
+    and the clipn FPR95 convention (a score at or above the threshold is accepted as ID).
 
     The curve is resampled, so its size does not grow with the number of images.
     """
-    fpr, tpr, _ = metrics.roc_curve(-np.asarray(ood_scores), -np.asarray(id_scores))
+    fpr, tpr, _ = metrics.roc_curve(np.asarray(id_scores), np.asarray(ood_scores))
     xs = np.logspace(math.log10(x_min), 0, ROC_POINTS)
-    # a step up at one false-alarm rate: take the highest catch rate reached there
+    # a step up at one FPR: take the highest ID acceptance reached there
     order = np.lexsort((tpr, fpr))
     return xs, np.interp(xs, fpr[order], tpr[order])
 
 
-def histogram_svg(title: str, series: Sequence[tuple[str, str, np.ndarray]], lines: Sequence[tuple[str, float]] = (),
+@dataclass
+class Line:
+    """A marked value on a histogram: a rule's boundary (solid black) or a threshold (grey dashes)."""
+
+    label: str
+    value: float
+    boundary: bool = False
+
+
+def histogram_svg(title: str, series: Sequence[tuple[str, str, np.ndarray]], lines: Sequence[Line] = (),
                   bounds: tuple[float, float] | None = None, counts: Sequence[np.ndarray] | None = None,
                   width: int = 360, height: int = 210) -> str:
-    """Overlaid density histograms (step outlines, light fill) of several score arrays, with marked values.
+    """Overlaid histograms (step outlines, light fill) of several score arrays, with marked values.
 
+    The y axis is each series' share of its images per bin (ticks at 0, half the peak and the peak).
     `counts` (pre-binned, HIST_BINS-long arrays over `bounds`) replaces the raw arrays when given.
     """
-    left, right, top, bottom = 40, 10, 24, 44
+    left, right, top, bottom = 52, 10, 24, 44
     pw, ph = width - left - right, height - top - bottom
     if counts is None:
+        series = [(label, color, v[np.isfinite(v)]) for label, color, v in series]  # NaN: a score this model lacks
         values = [v for _, _, v in series if v.size]
         lo = bounds[0] if bounds else float(min(v.min() for v in values)) if values else 0.0
         hi = bounds[1] if bounds else float(max(v.max() for v in values)) if values else 1.0
@@ -231,11 +272,17 @@ def histogram_svg(title: str, series: Sequence[tuple[str, str, np.ndarray]], lin
             d.append(f"L{left + i * bin_width:.1f},{y:.1f}L{left + (i + 1) * bin_width:.1f},{y:.1f}")
         d.append(f"L{left + pw},{top + ph}Z")
         parts.append(f'<path d="{"".join(d)}" fill="{color}" fill-opacity="0.18" stroke="{color}" stroke-width="1.4"/>')
-    for label, value in lines:
-        if lo <= value <= hi:
-            x = sx(value)
-            parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#1a202c" stroke-dasharray="4 3"/>'
-                         f'<text x="{x + 3:.1f}" y="{top + 11}" font-size="10">{esc(label)}</text>')
+    for tick in (0.0, peak / 2, peak):
+        y = top + ph * (1 - tick / peak)
+        parts.append(f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="#a0aec0"/>'
+                     f'<text x="{left - 6}" y="{y + 3.5:.1f}" font-size="10" text-anchor="end">{100 * tick:.3g}%</text>')
+    parts.append(f'<text x="10" y="{top + ph / 2}" font-size="10" text-anchor="middle" transform="rotate(-90 10 {top + ph / 2})">share per bin</text>')
+    for i, line in enumerate(lines):
+        if lo <= line.value <= hi:
+            x = sx(line.value)
+            style = 'stroke="#000" stroke-width="2"' if line.boundary else 'stroke="#718096" stroke-width="1.2" stroke-dasharray="4 3"'
+            parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" {style}/>'
+                         f'<text x="{x + 3:.1f}" y="{top + 11 + 12 * i}" font-size="10">{esc(line.label)}</text>')
     for x, anchor in ((lo, "start"), ((lo + hi) / 2, "middle"), (hi, "end")):
         parts.append(f'<text x="{sx(x):.1f}" y="{top + ph + 13}" font-size="10" text-anchor="{anchor}">{x:.3g}</text>')
     for i, (label, color, _) in enumerate(series):
@@ -275,8 +322,12 @@ def gallery(title: str, note: str, cards: Sequence[Card], total: int) -> str:
 
 # ---- eval ---------------------------------------------------------------------------------------
 
-def eval_report(evaluation: Evaluation, points: Sequence[OperatingPoint] = (), title: str = "clipn eval report") -> str:
-    """The HTML report of an evaluation: metrics, ROC (log false-alarm axis), histograms, galleries."""
+def eval_report(evaluation: Evaluation, points: Sequence[OperatingPoint] = (), title: str = "clipn eval report",
+                provenance: Mapping[str, Any] | None = None) -> str:
+    """The HTML report of an evaluation: metrics, ROC (log FPR axis), histograms, galleries.
+
+    `provenance`: what made it (weights, classes, version, date, options), shown at the top.
+    """
     from .evaluation import METHODS
 
     id_set = evaluation.sets[0]
@@ -289,31 +340,42 @@ def eval_report(evaluation: Evaluation, points: Sequence[OperatingPoint] = (), t
     body.append("<h2>Metrics (%)</h2>" + _metrics_table(evaluation))
     if points:
         body.append(_points_table(points))
-    body.append("<h2>ROC curves</h2><p class=\"note\">OOD images as positives: x = share of ID images called OOD (log scale, so "
-                "the region of few false alarms is visible), y = share of OOD images caught. Circles: the threshold-free "
-                "CTW/ATD verdicts" + (" and the calibrated ATD verdict at alpha (conformal, on the held-out ID half)" if points else "") + ".</p>")
+    body.append("<h2>ROC curves</h2><p class=\"note\">Oriented as the --plots ROC (ID images as positives, the clipn FPR95 "
+                "convention): x = share of OOD images accepted as ID (FPR; log scale, so the region of few misses is visible), "
+                "y = share of ID images accepted (TPR); FPR95 is where a curve crosses the dashed 95% line. Circles: the "
+                "threshold-free CTW/ATD verdicts" + (" and the calibrated ATD verdict at alpha (conformal, on the held-out ID half)" if points else "") + ".</p>")
     charts = []
+    methods = [m for m in METHODS if m in id_set.scores]
+    rules = [r for r in ("ctw", "atd") if r in id_set.flagged]
     for ood in ood_sets:
-        x_min = 10.0 ** math.floor(math.log10(1.0 / max(len(id_set.paths), 1)))
+        x_min = 10.0 ** math.floor(math.log10(1.0 / max(len(ood.paths), 1)))
         curves = [Curve(METHOD_NAMES.get(m, m), COLORS.get(m, "#555"), *roc_curve_log(id_set.scores[m], ood.scores[m], x_min),
-                        width=2.4 if m in ("ctw", "atd") else 1.4) for m in METHODS]
-        markers = [Marker(f"{METHOD_NAMES[r]} rule", COLORS[r], float(id_set.flagged[r].mean()), float(ood.flagged[r].mean())) for r in ("ctw", "atd")]
-        markers += [Marker(f"ATD calibrated, alpha {p.alpha:g}", "#000", max(p.id_flagged, x_min), p.ood_caught[ood.name])
+                        width=2.4 if m in ("ctw", "atd") else 1.4) for m in methods]
+        markers = [Marker(f"{METHOD_NAMES[r]} rule", COLORS[r], 1 - float(ood.flagged[r].mean()), 1 - float(id_set.flagged[r].mean())) for r in rules]
+        markers += [Marker(f"ATD calibrated, alpha {p.alpha:g}", "#000", 1 - p.ood_caught[ood.name], 1 - p.id_flagged)
                     for p in points if p.method == "atd"]
         charts.append(roc_svg(f"ID ({len(id_set.paths)}) vs {ood.name} ({len(ood.paths)})", curves, markers, x_min))
     body.append("<div class=\"charts\">" + "".join(f"<div class=\"chart\">{c}</div>" for c in charts) + "</div>")
-    body.append("<h2>Score histograms</h2><p class=\"note\">Share of images per bin; OOD = every OOD set together.</p><div class=\"charts\">")
-    pooled = {m: np.concatenate([s.scores[m] for s in ood_sets]) for m in METHODS}
-    for m in METHODS:
-        lines = [("CTW 0.5", 0.5)] if m == "ctw" else []
-        body.append("<div class=\"chart\">" + histogram_svg(f"{METHOD_NAMES.get(m, m)} score", [("ID", ID_COLOR, id_set.scores[m]), ("OOD", OOD_COLOR, pooled[m])], lines) + "</div>")
+    body.append("<h2>Score histograms</h2><p class=\"note\">Share of each group's images per bin; OOD = every OOD set together. "
+                "Marked as in the --plots histograms: grey dashes, the threshold keeping 95% of ID images (thr@95%ID); black, "
+                "a rule's own boundary (CTW at 0.5; ATD where its margin max_c p_yes&middot;p &minus; p_ood crosses 0).</p><div class=\"charts\">")
+    pooled = {m: np.concatenate([s.scores[m] for s in ood_sets]) for m in methods}
+    thresholds = {r.method: r.threshold_95 for r in evaluation.results}
+    panels = [(m, f"{METHOD_NAMES.get(m, m)} score", id_set.scores[m], pooled[m]) for m in methods]
+    if "atd" in rules and np.isfinite(id_set.atd_margin).any():
+        at = [i for i, (m, *_) in enumerate(panels) if m == "atd"][0] + 1
+        panels.insert(at, ("atd_margin", "ATD margin (OOD below 0)", id_set.atd_margin, np.concatenate([s.atd_margin for s in ood_sets])))
+    for m, label, id_values, ood_values in panels:
+        lines = [Line("thr@95%ID", thresholds[m])] if m in thresholds else []
+        lines += [Line("CTW rule 0.5", 0.5, True)] if m == "ctw" else [Line("ATD rule 0", 0.0, True)] if m == "atd_margin" else []
+        body.append("<div class=\"chart\">" + histogram_svg(label, [("ID", ID_COLOR, id_values), ("OOD", OOD_COLOR, ood_values)], lines) + "</div>")
     calibrated = next((p for p in points if p.method == "atd"), None)
     how = ("Verdicts of the ATD rule (threshold-free)" if calibrated is None else
            f"Calibrated ATD verdicts at alpha {calibrated.alpha:g}, as in the table above: ID images are those of the held-out half "
            f"({calibrated.id_test_size}; the {calibrated.calibration_size} calibration images have no verdict of their own)")
     body.append(f"</div><h2>Galleries</h2><p class=\"note\">{esc(how)}. Class = the predicted class.</p>")
     body.append(_eval_galleries(evaluation, calibrated))
-    return page(title, f"{sum(len(s.paths) for s in evaluation.sets)} images scored by CLIPN (CTW, ATD) and baselines", body)
+    return page(title, f"{sum(len(s.paths) for s in evaluation.sets)} images scored by CLIPN (CTW, ATD) and baselines", body, provenance)
 
 
 def _metrics_table(evaluation: Evaluation) -> str:
@@ -385,7 +447,12 @@ def _eval_galleries(evaluation: Evaluation, calibrated: OperatingPoint | None = 
 
 @dataclass
 class DetectReport:
-    """What a detect run's report needs, gathered record by record in bounded memory."""
+    """What a detect run's report needs, gathered record by record in bounded memory.
+
+    The histogram and gallery rank images by p_ood (1 − ATD score) when the records have it. Records
+    without it (a plain CLIP has no "no" tower, so no p_ood nor ATD score) are ranked by the rule's own
+    score instead, lowest (most OOD) first, and its histogram is drawn from a bounded uniform sample.
+    """
 
     classes: list[str]
     calibrated: bool = False
@@ -394,9 +461,13 @@ class DetectReport:
     errors: list[tuple[str, str]] = field(default_factory=list)
     error_count: int = 0
     hist: dict[str, np.ndarray] = field(default_factory=lambda: {"ID": np.zeros(HIST_BINS, np.int64), "OOD": np.zeros(HIST_BINS, np.int64)})
-    top: list[tuple[float, int, dict[str, Any]]] = field(default_factory=list)  # min-heap of the highest p_ood
+    samples: dict[str, list[float]] = field(default_factory=lambda: {"ID": [], "OOD": []})  # rule scores, without p_ood
+    seen: Counter = field(default_factory=Counter)  # rule scores per verdict, sampled or not
+    top: list[tuple[float, int, dict[str, Any]]] = field(default_factory=list)  # min-heap of the most OOD
     rule: str | None = None
+    key: str | None = None  # "p_ood", or the rule's record field when the records have no p_ood
     _order: itertools.count = field(default_factory=itertools.count)
+    _rng: random.Random = field(default_factory=lambda: random.Random(0))
 
     def add(self, record: dict[str, Any]) -> None:
         if "error" in record:
@@ -408,47 +479,85 @@ class DetectReport:
         self.rule = record.get("rule")
         self.verdicts[verdict] += 1
         self.per_class[(record["class"], verdict)] += 1
-        p_ood = float(record["p_ood"])
-        self.hist[verdict][min(int(p_ood * HIST_BINS), HIST_BINS - 1)] += 1
-        keep = {k: record.get(k) for k in ("path", "verdict", "class", "p_ood", "atd_score", "ctw_score", "p_value", "q_value")}
-        entry = (p_ood, -next(self._order), keep)  # equal p_ood: the earlier input wins
+        if self.key is None:
+            method = method_table.BY_NAME.get(self.rule or "atd")
+            self.key = "p_ood" if record.get("p_ood") is not None else method.record if method is not None else None
+        value = record.get(self.key) if self.key else None
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return  # counted above; nothing to rank it by
+        if self.key == "p_ood":
+            self.hist[verdict][min(max(int(value * HIST_BINS), 0), HIST_BINS - 1)] += 1
+            rank = float(value)
+        else:
+            self._sample(verdict, float(value))
+            rank = -float(value)  # higher = more ID: the lowest score is the most OOD
+        keep = {k: record.get(k) for k in ("path", "verdict", "class", "p_ood", "atd_score", "ctw_score", "p_value", "q_value", self.key)}
+        entry = (rank, -next(self._order), keep)  # equal rank: the earlier input wins
         if len(self.top) < GALLERY_SIZE:
             heapq.heappush(self.top, entry)
         elif entry[:2] > self.top[0][:2]:
             heapq.heapreplace(self.top, entry)
 
-    def render(self, verdicts: CalibratedVerdicts | None = None, title: str = "clipn detect report") -> str:
+    def _sample(self, verdict: str, value: float) -> None:
+        """Reservoir sampling: every score seen has the same chance to be among the HIST_SAMPLE kept."""
+        self.seen[verdict] += 1
+        kept = self.samples[verdict]
+        if len(kept) < HIST_SAMPLE:
+            kept.append(value)
+        elif (j := self._rng.randrange(self.seen[verdict])) < HIST_SAMPLE:
+            kept[j] = value
+
+    def render(self, verdicts: CalibratedVerdicts | None = None, title: str = "clipn detect report",
+               provenance: Mapping[str, Any] | None = None) -> str:
+        """The page; `provenance` (weights, classes, version, date, options) is shown at the top."""
         scored = sum(self.verdicts.values())
         total = scored + self.error_count
+        rule = method_table.BY_NAME.get(self.rule or "atd")
+        rule_name = METHOD_NAMES.get(self.rule or "atd", (self.rule or "atd").upper())
         if verdicts is None:
-            how = f"Verdicts: the {esc((self.rule or 'atd').upper())} rule (threshold-free)."
+            how = (f"Verdicts: the {esc(rule_name)} rule (threshold-free)." if rule is None or rule.threshold_free else
+                   f"Verdicts: OOD when the {esc(rule_name)} score is below the threshold.")
         elif verdicts.fdr is None:
             how = (f"Verdicts: calibrated {esc(METHOD_NAMES.get(verdicts.method, verdicts.method))} score, OOD when p_value &le; alpha = {verdicts.alpha:g} "
                    f"(calibration: {verdicts.calibration.count} ID images); an ID image is flagged with probability &le; alpha.")
         else:
             how = (f"Verdicts: Benjamini-Hochberg at FDR {verdicts.fdr:g} over this run's p-values of the {esc(METHOD_NAMES.get(verdicts.method, verdicts.method))} score "
-                   f"(calibration: {verdicts.calibration.count} ID images); expected share of ID images among the OOD verdicts &le; {verdicts.fdr:g}.")
+                   f"(calibration: {verdicts.calibration.count} ID images); expected share of ID among the OOD verdicts &le; {verdicts.fdr:g}.")
         body = [f"<p class=\"note\">{how}</p><div class=\"kpi\">"]
         for label, value in (("images", total), ("ID", self.verdicts["ID"]), ("OOD", self.verdicts["OOD"]), ("errors", self.error_count)):
             share = f" ({100 * value / total:.1f}%)" if total and label != "images" else ""
             body.append(f"<div>{esc(label)}<b>{value}{share}</b></div>")
         body.append("</div>")
         body.append(_class_table(self.per_class))
-        body.append("<h2>p_ood by verdict</h2><div class=\"charts\"><div class=\"chart\">"
-                    + histogram_svg("p_ood = 1 - ATD score", [("ID verdicts", ID_COLOR, np.empty(0)), ("OOD verdicts", OOD_COLOR, np.empty(0))],
-                                    bounds=(0.0, 1.0), counts=[self.hist["ID"], self.hist["OOD"]], width=560, height=240)
-                    + "</div></div>")
+        if self.key in (None, "p_ood"):
+            body.append("<h2>p_ood by verdict</h2><div class=\"charts\"><div class=\"chart\">"
+                        + histogram_svg("p_ood = 1 - ATD score", [("ID verdicts", ID_COLOR, np.empty(0)), ("OOD verdicts", OOD_COLOR, np.empty(0))],
+                                        bounds=(0.0, 1.0), counts=[self.hist["ID"], self.hist["OOD"]], width=560, height=240)
+                        + "</div></div>")
+            order, note = "Highest p_ood first", "every scored image, sorted by p_ood"
+        else:
+            sampled = {v: n for v, n in self.seen.items() if n > HIST_SAMPLE}
+            cut = "".join(f" The {v} histogram is drawn from a uniform sample of {HIST_SAMPLE} of its {n} scores." for v, n in sampled.items())
+            body.append(f"<h2>{esc(self.key)} by verdict</h2><p class=\"note\">These records have no p_ood (a plain CLIP has no \"no\" "
+                        f"tower, so no ATD score): the histogram and the gallery use the {esc(rule_name)} score, the rule's own "
+                        f"(higher = more ID).{esc(cut)}</p><div class=\"charts\"><div class=\"chart\">"
+                        + histogram_svg(f"{rule_name} score ({self.key})", [("ID verdicts", ID_COLOR, np.asarray(self.samples["ID"])),
+                                        ("OOD verdicts", OOD_COLOR, np.asarray(self.samples["OOD"]))], width=560, height=240)
+                        + "</div></div>")
+            order, note = f"Lowest {self.key} first", f"every scored image, sorted by {self.key} (most OOD first)"
         cards = []
-        for p_ood, _, r in sorted(self.top, key=lambda e: e[:2], reverse=True):
-            caption = [("class", r["class"]), ("p_ood", fmt(p_ood)), ("ATD", fmt(r["atd_score"])), ("CTW", fmt(r["ctw_score"]))]
-            caption += [(k, fmt(r[k])) for k in ("p_value", "q_value") if r.get(k) is not None]
+        for _, _, r in sorted(self.top, key=lambda e: e[:2], reverse=True):
+            caption = [("class", r["class"])]
+            shown = ("p_ood", "p_ood"), ("ATD", "atd_score"), ("CTW", "ctw_score"), *(((self.key, self.key),) if self.key not in ("p_ood", None) else ()), \
+                ("p_value", "p_value"), ("q_value", "q_value")
+            caption += [(label, fmt(r[k])) for label, k in shown if r.get(k) is not None]
             cards.append(Card(r["path"], r["verdict"], caption))
-        body.append("<h2>Gallery</h2>" + gallery("Highest p_ood first", "every scored image, sorted by p_ood", cards, scored))
+        body.append("<h2>Gallery</h2>" + gallery(order, note, cards, scored))
         if self.error_count:
             rows = "".join(f"<tr><td class=\"l\">{esc(p)}</td><td class=\"l\">{esc(e)}</td></tr>" for p, e in self.errors)
             body.append(f"<h2>Errors</h2><p class=\"note\">showing {len(self.errors)} of {self.error_count}</p>"
                         f"<table><tr><th class=\"l\">path</th><th class=\"l\">error</th></tr>{rows}</table>")
-        return page(title, f"{total} inputs, {len(self.classes)} classes", body)
+        return page(title, f"{total} inputs, {len(self.classes)} classes", body, provenance)
 
 
 def _class_table(per_class: Counter) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import importlib.util
 import json
+import math
 import os
 import re
 import select
@@ -82,7 +83,7 @@ def test_eval_report_escapes_every_string_and_cuts_galleries(tmp_path: Path) -> 
     assert len(sources) <= 3 * GALLERY_SIZE
     assert re.search(rf"showing {GALLERY_SIZE} of \d+ \(cut to the top {GALLERY_SIZE}\)", text)
     assert not re.search(r"(src|href)=\"(?!data:)", text) and "@import" not in text and "url(" not in text
-    assert text.count("<svg") == 1 + len(METHODS)  # one ROC per OOD set, one histogram per method
+    assert text.count("<svg") == 1 + len(METHODS) + 1  # one ROC per OOD set, one histogram per method and ATD's margin
 
 
 def test_eval_report_galleries_follow_the_calibrated_verdict_with_alpha(tmp_path: Path) -> None:
@@ -311,3 +312,138 @@ def test_resumed_detect_report_covers_the_whole_file(tmp_path: Path) -> None:
     assert "<div>images<b>6</b></div>" in text
     ood = sum(r["verdict"] == "OOD" for r in records)
     assert f"<div>OOD<b>{ood} (" in text and all(html.escape(p) in text for p in images)
+
+
+# ---------------------------------------------------------------- provenance, ROC orientation, histograms, plain CLIP
+
+
+def test_reports_say_what_made_them(tmp_path: Path) -> None:
+    """Weights (name, fingerprint), classes, version, UTC date and options, from the CLI, escaped like the rest."""
+    import clipn_cli
+    from clipn_cli.weights import read_info
+
+    fingerprint = read_info(WEIGHTS).fingerprint
+    id_dir, ood_dir = tmp_path / "id", tmp_path / "ood"
+    for folder, prefixes in ((id_dir, ("zero", "one", "two", "three", "four")), (ood_dir, ("five", "six", "seven", "eight", "nine"))):
+        folder.mkdir()
+        for png in DIGITS.glob("*.png"):
+            if png.name.startswith(prefixes):
+                shutil.copy(png, folder / png.name)
+    detect_html, eval_html = tmp_path / "detect.html", tmp_path / "eval.html"
+    assert invoke("detect", "-w", WEIGHTS, "--classes", CLASSES, "--precision", "fp32", "-f", "jsonl", "-o", tmp_path / "d.jsonl",
+                  "--report", detect_html, id_dir).exit_code == 0
+    assert invoke("eval", "-w", WEIGHTS, "--classes", CLASSES, "--id", id_dir, "--ood", f"digits={ood_dir}", "-f", "json",
+                  "-o", tmp_path / "e.json", "--report", eval_html).exit_code == 0
+    for page, options in ((detect_html, ("<th>rule</th><td>atd</td>", "<th>precision</th><td>fp32</td>")),
+                          (eval_html, ("<th>FPR95 convention</th><td>clipn</td>", "<th>precision</th><td>fp32</td>"))):
+        block = re.search(r'<table class="prov">(.*?)</table>', page.read_text()).group(1)
+        assert f"<th>weights fingerprint</th><td>{fingerprint}</td>" in block and str(WEIGHTS) in block
+        assert f"<th>classes</th><td>{CLASSES.replace(',', ', ')}</td>" in block
+        assert f"<th>clipn version</th><td>{clipn_cli.__version__}</td>" in block and "<th>templates</th><td>clipn</td>" in block
+        assert re.search(r"<th>date \(UTC\)</th><td>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00</td>", block)
+        assert all(option in block for option in options)
+    hostile = DetectReport(["<b>x</b>"]).render(provenance={"classes": ["<script>alert(1)</script>"] * 60, "weights": "<img src=x>", "fdr": None})
+    assert "<script>alert" not in hostile and "<img src=x>" not in hostile and "fdr" not in hostile
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;, " in hostile and "… (60 in all)" in hostile
+
+
+def test_eval_roc_is_oriented_as_the_plots_roc() -> None:
+    """ID positive, as plots.roc_figure: x = OOD accepted as ID (FPR), y = ID accepted (TPR).
+
+    ID [1, 2, 3, 4], OOD [0, 3.5]: with no OOD accepted, 1 of 4 ID images is (score 4); from half the
+    OOD accepted (3.5) all ID images are. The old orientation (x = ID flagged, y = OOD caught) gives
+    0.5 below x = 0.75 instead.
+    """
+    from clipn_cli.report import Curve, roc_curve_log, roc_svg
+
+    id_scores, ood_scores = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 3.5])
+    xs, ys = roc_curve_log(id_scores, ood_scores, 0.01)
+    assert xs[0] == pytest.approx(0.01) and xs[-1] == pytest.approx(1.0)
+    assert np.all(ys[xs < 0.5 - 1e-12] == 0.25) and np.all(ys[xs >= 0.5] == 1.0)
+    svg = roc_svg("t", [Curve("ATD", "#000", xs, ys)], [], 0.01)
+    points = [tuple(map(float, p.split(","))) for p in re.search(r'points="([^"]*)"', svg).group(1).split()]
+    # plot area: x from 56 to 56 + 314 (log10 0.01 .. 0), y from 26 + 330 (0) to 26 (1)
+    assert points[0] == (56.0, pytest.approx(26 + 330 * 0.75, abs=0.06)) and points[-1] == (370.0, 26.0)
+    assert "OOD images accepted as ID (FPR, log scale)" in svg and "ID images accepted as ID (TPR)" in svg
+
+    mpl = pytest.importorskip("matplotlib")
+    assert mpl
+    from clipn_cli.plots import roc_figure
+
+    evaluation = fake_evaluation([f"{i}.png" for i in range(300)], 200, np.random.default_rng(3))
+    id_set, ood = evaluation.sets
+    results = {r.method: r for r in evaluation.results if r.ood == ood.name}
+    axes = roc_figure(id_set, ood, results, list(METHODS)).axes[0]
+    x_min = 0.01
+    for line, method in zip(axes.lines, METHODS):  # the plots draw the methods' curves first, in this order
+        xs, ys = roc_curve_log(id_set.scores[method], ood.scores[method], x_min)
+        fpr, tpr = line.get_xdata(), line.get_ydata()
+        assert np.allclose(ys, [tpr[fpr <= x].max() for x in xs]), method
+    text = eval_report(evaluation)
+    r = results["atd"]
+    x_min = 10.0 ** math.floor(math.log10(1 / len(ood.paths)))
+    sx = 56 + 314 * (math.log10(max(1 - r.ood_caught, x_min)) - math.log10(x_min)) / -math.log10(x_min)
+    circles = [(float(x), float(y)) for x, y in re.findall(r'<circle cx="([0-9.]+)" cy="([0-9.]+)" r="5"', text)]
+    assert circles and all(abs(x - sx) <= 0.06 and abs(y - (26 + 330 * r.id_flagged)) <= 0.06 for x, y in circles)  # plots: (1 - caught, 1 - flagged)
+
+
+def test_eval_histograms_have_a_y_scale_and_the_plots_markers() -> None:
+    from clipn_cli.report import Line, histogram_svg
+
+    svg = histogram_svg("t", [("ID", "#00f", np.array([0.0, 0.01, 0.9, 1.0]))], [Line("rule", 0.5, True), Line("thr", 0.25)])
+    assert "share per bin" in svg and '>0%</text>' in svg and '>25%</text>' in svg and '>50%</text>' in svg  # peak: 2 of 4 in a bin
+    # plot area x 52..350 over [0, 1]: the boundary solid black at 0.5, the threshold grey dashed at 0.25
+    assert '<line x1="201.0" y1="24" x2="201.0" y2="166" stroke="#000" stroke-width="2"/>' in svg
+    assert '<line x1="126.5" y1="24" x2="126.5" y2="166" stroke="#718096" stroke-width="1.2" stroke-dasharray="4 3"/>' in svg
+
+    evaluation = fake_evaluation([f"{i}.png" for i in range(300)], 200, np.random.default_rng(4))
+    text = eval_report(evaluation)
+    histograms = re.findall(r"<svg[^>]*>(?:(?!</svg>).)*share per bin.*?</svg>", text)
+    assert len(histograms) == len(METHODS) + 1  # every method and ATD's margin
+    thresholds = {r.method: r.threshold_95 for r in evaluation.results if r.ood == evaluation.sets[1].name}
+    for method, svg in zip(["ctw", "atd", "atd_margin", *list(METHODS)[2:]], histograms):
+        assert ("thr@95%ID" in svg) == (method != "atd_margin"), method
+        assert ("CTW rule 0.5" in svg) == (method == "ctw") and ("ATD rule 0<" in svg) == (method == "atd_margin"), method
+    ctw = histograms[0]
+    lo = min(evaluation.sets[0].scores["ctw"].min(), evaluation.sets[1].scores["ctw"].min())
+    hi = max(evaluation.sets[0].scores["ctw"].max(), evaluation.sets[1].scores["ctw"].max())
+    assert f'<line x1="{52 + 298 * (thresholds["ctw"] - lo) / (hi - lo):.1f}" y1="24"' in ctw  # thr@95%ID where the plots put it
+
+
+def test_detect_report_without_p_ood_ranks_by_the_rule_score(tmp_path: Path) -> None:
+    """A plain CLIP has no p_ood nor ATD score: the report ranks by the rule's score, lowest first, and says so."""
+    report = DetectReport(["cat", "dog"])
+    msp = np.random.default_rng(5).random(200)
+    for i, value in enumerate(msp):
+        report.add({"path": f"img-{i:03d}.png", "verdict": "OOD" if value < 0.3 else "ID", "rule": "msp", "class": "cat",
+                    "ctw_score": None, "atd_score": None, "p_ood": None, "msp": float(value), "max_logit": 1.0, "energy": 1.0})
+    text = report.render(provenance={"threshold": 0.3})
+    assert "Lowest msp first" in text and "These records have no p_ood" in text and "OOD when the MSP score is below the threshold" in text
+    shown = [int(i) for i in re.findall(r"img-(\d{3})\.png</div>", text)]
+    assert shown == list(np.argsort(msp, kind="stable")[:GALLERY_SIZE])
+    assert "ATD:" not in text and "p_ood:" not in text and "share per bin" in text
+    assert f"showing {GALLERY_SIZE} of 200" in text
+
+
+def test_plain_clip_detect_report_from_the_cli(tmp_path: Path) -> None:
+    """`detect --report` with a plain CLIP (records with p_ood null) writes the report, exit 0."""
+    torch = pytest.importorskip("torch")
+    import open_clip
+
+    fixtures = ROOT / "tests" / "fixtures"
+    cfg = json.loads((fixtures / "clipn-tiny-config.json").read_text())
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
+    checkpoint = tmp_path / "tiny-clip.pt"
+    torch.save(model.state_dict(), checkpoint)
+    page = tmp_path / "r.html"
+    images = [fixtures / "images" / n for n in ("chelsea.png", "coffee.png", "astronaut.png")]
+    result = invoke("detect", "-w", f"{fixtures / 'clipn-tiny-config.json'}:{checkpoint}", "--classes", "cat,coffee", "-t", "simple",
+                    "--rule", "msp", "--threshold", "0.6", "-f", "jsonl", "-o", tmp_path / "out.jsonl", "--report", page, *images)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert all(r["p_ood"] is None for r in records)
+    text = page.read_text()
+    order = [r["path"] for r in sorted(records, key=lambda r: r["msp"])]
+    assert [m for m in re.findall(r'<div class="path">(?:<span[^>]*>[^<]*</span> )?([^<]*)</div>', text)] == [html.escape(p) for p in order]
+    assert "<th>rule</th><td>msp</td>" in text and "<th>threshold</th><td>0.6</td>" in text

@@ -19,7 +19,9 @@ from .common import (
     stdout_is_terminal,
 )
 from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ShardSizeOpt, ray_options_given
-from .runtime import add_negatives, calibrated_verdicts, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight
+from .runtime import (
+    add_negatives, calibrated_verdicts, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight, report_provenance,
+)
 
 if TYPE_CHECKING:
     from ..calibration import CalibratedVerdicts
@@ -168,7 +170,12 @@ def detect(
         if report_data is not None and report is not None:
             from ..report import write_html
 
-            write_html(report, report_data.render(verdicts))
+            made_by = report_provenance(
+                weights_info.path, weights_info.fingerprint, heads, rule=rule, threshold=threshold, calibration=calibration,
+                alpha=verdicts.alpha if verdicts is not None and fdr is None else None, fdr=fdr, precision=precision,
+                embeddings=embeddings, quantize=quantize, draft=draft or None,
+            )
+            write_html(report, report_data.render(verdicts, provenance=made_by))
             info(f"wrote the report to {report}")
         if failed:
             info(f"{failed} of {done} inputs could not be scored (see their error records)")

@@ -18,7 +18,7 @@ from .common import (
     warn,
 )
 from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ray_options_given
-from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight
+from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight, report_provenance
 
 if TYPE_CHECKING:
     from ..calibration import OperatingPoint
@@ -123,7 +123,9 @@ def evaluate(
         if report is not None:
             from ..report import eval_report, write_html
 
-            write_html(report, eval_report(evaluation, points))
+            made_by = report_provenance(weights_info.path, weights_info.fingerprint, heads, precision=precision, embeddings=embeddings,
+                                        **{"FPR95 convention": fpr_convention, "alpha": alpha, "seed": seed if alpha is not None else None})
+            write_html(report, eval_report(evaluation, points, provenance=made_by))
             info(f"wrote the report to {report}")
         if save_scores is not None:
             from ..evaluation import write_scores

@@ -222,3 +222,26 @@ def text_progress(total: int) -> Iterator[Callable[[int], None] | None]:
     with Progress(console=stderr, transient=True) as progress:
         task = progress.add_task("encoding class prompts", total=total)
         yield lambda n: progress.advance(task, n)
+
+
+def report_provenance(weights_path: Path, fingerprint: str, heads: ClassEmbeddings, **options: object) -> dict[str, object]:
+    """What made an HTML report, as plain values (`report.py` imports neither torch nor the CLI):
+    the weights (their name in the weights home when registered there, and the file), their
+    fingerprint, the classes, clipn's version, the date (UTC, ISO 8601) and the options given
+    (None: not given, left out)."""
+    from datetime import datetime, timezone
+
+    from .. import __version__
+    from ..home import list_weights
+
+    named = [entry.name for entry in list_weights() if entry.fingerprint == fingerprint and entry.present] if fingerprint else []
+    return {
+        "weights": f"{named[0]} ({weights_path})" if named else str(weights_path),
+        "weights fingerprint": fingerprint or "unknown (file from before fingerprints)",
+        "classes": list(heads.classes),
+        "clipn version": __version__,
+        "date (UTC)": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "templates": heads.templates,
+        "negative labels": ", ".join(heads.negatives) or None,
+        **{name: value for name, value in options.items() if value is not None},
+    }

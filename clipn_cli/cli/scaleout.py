@@ -83,7 +83,14 @@ def detect_on_ray(
     if manifest.inputs == 0:
         fail("no images found in the given inputs")
     if report is not None:
-        _write_report(report, output, heads.classes, verdicts)
+        from .runtime import report_provenance
+
+        made_by = report_provenance(
+            weights_path, fingerprint, heads, rule=options.rule, threshold=options.threshold, calibration=calibration,
+            alpha=verdicts.alpha if verdicts is not None and fdr is None else None, fdr=fdr, precision=options.precision,
+            embeddings=embeddings, quantize=options.quantize, draft=options.draft or None, engine="ray",
+        )
+        _write_report(report, output, heads.classes, verdicts, made_by)
     info(f"{manifest.records} records ({manifest.errors} errors) in {len(manifest.shards)} shards in {output}"
          + (f"; {progress.shards} shards scored now" if resume else ""))
     if manifest.errors:
@@ -92,7 +99,7 @@ def detect_on_ray(
     raise typer.Exit(EXIT_OK)
 
 
-def _write_report(report: Path, output: str, classes: list[str], verdicts) -> None:
+def _write_report(report: Path, output: str, classes: list[str], verdicts, provenance: dict | None = None) -> None:
     """The detect report of a whole Ray run, gathered record by record from its shards in bounded memory."""
     from ..report import DetectReport, write_html
     from ..scale import read_output
@@ -100,7 +107,7 @@ def _write_report(report: Path, output: str, classes: list[str], verdicts) -> No
     gathered = DetectReport(list(classes), calibrated=verdicts is not None)
     for record in read_output(output):
         gathered.add(record)
-    write_html(report, gathered.render(verdicts))
+    write_html(report, gathered.render(verdicts, provenance=provenance))
     info(f"wrote the report to {report}")
 
 
