@@ -150,3 +150,19 @@ def test_an_interrupted_table_ends_with_the_summary_and_machine_formats_do_not()
             assert last == "interrupted: 1 input: 1 ID, 0 OOD, 0 errors"
         else:
             assert "interrupted" not in out.getvalue() and "a.png" in last
+
+
+def test_the_total_counts_folders_and_files_and_leaves_out_resumed_inputs() -> None:
+    from clipn_cli.progress import NoStatus, _count, input_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    status = StatusLine(Terminal())
+    _count(status, [str(DIGIT_IMAGES), "missing.png"], skip={str(DIGIT_IMAGES / "one-0070.png")})
+    assert status.total == 20  # 20 images + the missing file's record - the one already done
+    with input_progress(Terminal(), ["-"]) as on_stdin:
+        assert on_stdin.total is None  # paths on stdin: counted as they come, no total
+    with input_progress(io.StringIO(), [str(DIGIT_IMAGES)]) as piped:
+        assert isinstance(piped, NoStatus)
