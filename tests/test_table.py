@@ -19,6 +19,7 @@ from conftest import cli
 ROOT = Path(__file__).resolve().parents[1]
 DIGIT_IMAGES = ROOT / "examples" / "digits" / "images"
 ID_DIGITS = "zero,one,two,three,four"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours, line clearing, cursor hiding
 
 
 class _Pty:
@@ -39,11 +40,17 @@ class _Pty:
         self.process.stdin.write(f"{path}\n".encode())
         self.process.stdin.flush()
 
-    def read_until(self, text: str) -> str:
-        """Everything shown so far, once `text` is on screen (blocks while the process runs; fails if it ends first)."""
-        while text not in self.seen:
+    def read_until_scored(self, count: int) -> str:
+        """Everything shown so far, once the progress line on stderr counts `count` inputs scored.
+
+        The records are written before the count moves on, so the rows of these inputs are on
+        screen by then, if they are shown as they are scored. (The count is read in clipn's earlier
+        progress format too, `images 2/?`, so that a table shown only at the end fails, not hangs.)
+        """
+        scored = re.compile(r"(\d+)(?:/\d+)? images|images (\d+)/")
+        while not any(int(a or b) >= count for a, b in scored.findall(ANSI.sub("", self.seen))):
             chunk = self._read()
-            assert chunk, f"the process ended before showing {text!r}; it showed:\n{self.seen}"
+            assert chunk, f"the process ended before scoring {count} inputs; it showed:\n{self.seen}"
             self.seen += chunk
         return self.seen
 
@@ -61,7 +68,7 @@ class _Pty:
 
 def _lines(screen: str) -> list[str]:
     """The lines a terminal shows: colours taken out, and of a line redrawn after `\\r`, its last drawing."""
-    plain = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", screen.replace("\r\n", "\n"))
+    plain = ANSI.sub("", screen.replace("\r\n", "\n"))
     return [line.split("\r")[-1] for line in plain.split("\n")]
 
 
@@ -75,10 +82,9 @@ def test_rows_appear_while_the_run_goes_on_and_ctrl_c_keeps_them() -> None:
     try:
         for image in images:
             run.feed(image)
-        run.read_until(images[0].name)
+        screen = run.read_until_scored(2)
         assert run.process.poll() is None  # stdin is still open: the run cannot have ended
-        screen = run.read_until(images[1].name)
-        assert run.process.poll() is None
+        assert [r.split()[0] for r in _rows(screen)][:2] == [str(images[0]), str(images[1])]
         header = [line for line in _lines(screen) if "verdict" in line]
         assert len(header) == 1 and header[0].split() == ["image", "verdict", "class", "CTW", "ATD"]
         assert "images · " in screen  # the progress line; no total: the paths come from stdin
