@@ -53,3 +53,22 @@ def class_warnings(names: list[str]) -> list[str]:
     if len(names) == 1:
         warnings.append("a single class: ATD equals CTW (the class softmax is 1), both rules give the same verdict")
     return warnings
+
+
+def vocabulary_warning(names: list[str], vocabulary: tuple[str, ...] | None, weights: str) -> str | None:
+    """One line when classes fall outside the closed vocabulary the weights were trained on.
+
+    Such a model (the `digits` demo knows ten digit names) still gives every image a confident
+    verdict for any class name: its scores for names it never saw mean nothing. Names match
+    ignoring case and surrounding spaces.
+    """
+    if vocabulary is None:
+        return None
+    known = {n.strip().casefold() for n in vocabulary}
+    outside = list(dict.fromkeys(n for n in names if n.strip().casefold() not in known))
+    if not outside:
+        return None
+    shown = ", ".join(repr(n) for n in outside[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
+    listed = ", ".join(vocabulary[:10]) + (" …" if len(vocabulary) > 10 else "")
+    return (f"{weights} was trained on {len(vocabulary)} class names only ({listed}); {shown} "
+            f"{'is' if len(outside) == 1 else 'are'} outside them: verdicts for such classes mean nothing")

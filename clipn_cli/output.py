@@ -1,4 +1,4 @@
-"""Writers for detection records: JSON Lines, JSON, CSV (for machines) and a Rich table (for people).
+"""Writers for detection records: JSON Lines, JSON, CSV (for machines) and a streamed table (for people).
 
 Machine formats stream record by record, so memory stays flat for any number of inputs.
 Written to a file, JSON and CSV appear atomically (complete or absent); JSON Lines is
@@ -107,7 +107,10 @@ class Writer:
         raise NotImplementedError
 
     def finish(self) -> None:
-        """Write any trailer (closing bracket, table)."""
+        """Write any trailer (closing bracket, summary)."""
+
+    def stop(self) -> None:
+        """The run was cut (Ctrl-C, an error): say so where people read (a table's summary)."""
 
 
 class JsonlWriter(Writer):
@@ -143,33 +146,101 @@ class CsvWriter(Writer):
 
 
 class TableWriter(Writer):
-    """Collects rows and prints one Rich table at the end (for a terminal, not for pipes)."""
+    """Rows for people, printed as each record arrives, in aligned columns; a summary line at the end.
 
-    def __init__(self, stream: IO[str]) -> None:
+    The columns are laid out before the first row (from the class names and the terminal width), so
+    each row is printed alone: a long run shows its rows as they are scored, and Ctrl-C leaves them
+    on screen followed by the summary. On a terminal a long path keeps its end (`…/name.png`) and a
+    long class name or error its start; in a file nothing is cut. `--top-k` adds a column of the K
+    most probable classes, `--details` a line per row with p_yes, logits_yes and logits_no per class.
+    """
+
+    def __init__(self, stream: IO[str], details: bool = False, top_k: int = 0, extra: tuple[str, ...] = (),
+                 classes: list[str] | tuple[str, ...] = (), status: Any = None) -> None:
+        from rich.console import Console
+
         super().__init__(stream)
-        self._rows: list[dict[str, Any]] = []
+        terminal = stream.isatty()
+        self._console = Console(file=stream, highlight=False, width=None if terminal else 10_000, soft_wrap=not terminal)
+        self._terminal, self._details, self._extra, self._status = terminal, details, extra, status
+        self._classes = list(classes)
+        self._top_k = min(top_k, len(classes)) if classes else top_k
+        class_width = min(max([len(c) for c in classes] + [5]), 24)
+        fixed = [("verdict", 7, "^"), ("class", class_width, "<"), ("CTW", 6, ">"), ("ATD", 6, ">"), *((k, 9, ">") for k in extra)]
+        rest = self._console.width - sum(w + 1 for _, w, _ in fixed) - (min(self._top_k * (class_width + 7), 40) if self._top_k else 0)
+        self._columns = [("image", max(12, min(rest - 1, 64)), "<"), *fixed]
+        self._counts = {"ID": 0, "OOD": 0, "ERROR": 0}
+        self._header = False
 
     def write(self, record: dict[str, Any]) -> None:
-        self._rows.append(record)
-
-    def finish(self) -> None:
-        from rich.console import Console
-        from rich.table import Table
         from rich.text import Text
 
-        table = Table(show_edge=False, header_style="bold")
-        calibrated = [k for k in ("p_value", "q_value") if any(k in r for r in self._rows)]  # `detect --calibration`
-        for name, justify in (("image", "left"), ("verdict", "center"), ("class", "left"), ("CTW", "right"), ("ATD", "right"), *((k, "right") for k in calibrated)):
-            table.add_column(name, justify=justify)  # type: ignore[arg-type]
-        for r in self._rows:
-            if "error" in r:
-                table.add_row(Text(r["path"]), Text("ERROR", style="bold yellow"), Text(r["error"], style="yellow"), "", "", *("" for _ in calibrated))
-                continue
-            style = "bold red" if r["verdict"] == "OOD" else "bold green"
-            table.add_row(Text(r["path"]), Text(r["verdict"], style=style), Text(r["class"]), _score(r["ctw_score"]), _score(r["atd_score"]),
-                          *(f"{r[k]:.4g}" for k in calibrated))
-        width = None if self.stream.isatty() else 200  # a table saved to a file keeps full paths
-        Console(file=self.stream, width=width).print(table)
+        line = Text()
+        if "error" in record:
+            self._cells(line, [(record["path"], None), ("ERROR", "bold yellow")])
+            line.append(" " + record["error"], style="yellow")
+            self._counts["ERROR"] += 1
+        else:
+            verdict = record["verdict"]
+            cells = [(record["path"], None), (verdict, "bold red" if verdict == "OOD" else "bold green"), (record["class"], None),
+                     (_score(record.get("ctw_score")), None), (_score(record.get("atd_score")), None),
+                     *((f"{record[k]:.4g}" if record.get(k) is not None else "", None) for k in self._extra)]
+            self._cells(line, cells)
+            if self._top_k:
+                line.append(" " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in record.get("top_k", [])))
+            self._counts[verdict] = self._counts.get(verdict, 0) + 1
+        lines = [line]
+        if self._details and "error" not in record:
+            lines += [Text(f"    {name}: " + _per_class(record.get(name), self._classes), style="dim") for name in ("p_yes", "logits_yes", "logits_no")]
+        self._print(*lines)
+
+    def finish(self) -> None:
+        self._summary("")
+
+    def stop(self) -> None:
+        self._summary("interrupted: ")
+
+    def _summary(self, prefix: str) -> None:
+        from rich.text import Text
+
+        total = sum(self._counts.values())
+        if total:
+            counts = f"{self._counts['ID']} ID, {self._counts['OOD']} OOD, {self._counts['ERROR']} error{'s' * (self._counts['ERROR'] != 1)}"
+            self._print(Text(f"{prefix}{total} input{'s' * (total != 1)}: {counts}", style="bold"))
+
+    def _cells(self, line: Any, cells: list[tuple[str, str | None]]) -> None:
+        for i, ((text, style), (_, width, align)) in enumerate(zip(cells, self._columns)):
+            if self._terminal and len(text) > width:
+                text = "…" + text[-(width - 1):] if i == 0 else text[: width - 1] + "…"
+            pad = max(width - len(text), 0)
+            left = {"<": 0, ">": pad, "^": pad // 2}[align]
+            line.append(" " * left)
+            line.append(text, style=style)
+            line.append(" " * (pad - left + 1))
+
+    def _print(self, *lines: Any) -> None:
+        from contextlib import nullcontext
+
+        from rich.text import Text
+
+        with self._status.suspended() if self._status is not None and self._terminal else nullcontext():
+            if not self._header:
+                head = Text()
+                self._cells(head, [(name, None) for name, _, _ in self._columns])
+                if self._top_k:
+                    head.append(f"top {self._top_k}")
+                self._console.print(Text(head.plain.rstrip(), style="bold"), overflow="ellipsis", no_wrap=self._terminal)
+                self._header = True
+            for line in lines:
+                line.rstrip()
+                self._console.print(line, overflow="ellipsis", no_wrap=self._terminal)
+            self.stream.flush()
+
+
+def _per_class(values: list[float] | None, names: list[str]) -> str:
+    if values is None:
+        return "–"  # a plain CLIP has no "no" tower
+    return ", ".join(f"{name} {v:.3f}" for name, v in zip(names or [f"#{i}" for i in range(len(values))], values))
 
 
 def _score(value: float | None) -> str:
@@ -184,10 +255,14 @@ def open_writer(
     append: bool = False,
     stdout: IO[str] | None = None,
     columns: tuple[str, ...] = (),
+    top_k: int = 0,
+    classes: list[str] | tuple[str, ...] = (),
+    status: Any = None,
 ) -> Iterator[Writer]:
     """A writer for `fmt` to `output` (a file) or stdout, finished when the block ends normally.
 
-    `columns`: extra CSV columns after the standard ones (`p_value` of calibrated runs).
+    `columns`: extra CSV and table columns after the standard ones (`p_value` of calibrated runs).
+    `top_k`, `classes` and `status` (a progress line to hide while a row is printed) lay out a table.
 
     If the block raises (an error, Ctrl-C), an atomic JSON/CSV/table file is discarded and a
     JSON Lines file keeps the complete lines written so far.
@@ -211,8 +286,13 @@ def open_writer(
         elif fmt == "csv":
             writer = CsvWriter(stream, details, columns)
         else:
-            writer = TableWriter(stream)
-        yield writer
+            writer = TableWriter(stream, details, top_k, columns, classes, status)
+        try:
+            yield writer
+        except BaseException:
+            with contextlib.suppress(OSError):  # the reader of stdout may be gone: the first error is the one to report
+                writer.stop()
+            raise
         writer.finish()
         stream.flush()
 

@@ -34,6 +34,8 @@ MAX_PROMPTS = 4096
 ZIP_INFLATION_LIMIT = 2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STORAGE_DTYPES = (*DTYPES, "int16")  # int16: fixed point with per-row scales, see fixedpoint.py
+VOCABULARY = "vocabulary"  # metadata: JSON list of the only class names a closed-vocabulary model knows
+MAX_VOCABULARY = 100_000
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,17 @@ class WeightsInfo:
     num_prompts: int
     fingerprint: str
     metadata: dict[str, str]
+
+    @property
+    def vocabulary(self) -> tuple[str, ...] | None:
+        """The class names the model was trained on, when it knows no others (None: open vocabulary)."""
+        text = self.metadata.get(VOCABULARY)
+        return None if text is None else tuple(json.loads(text))
+
+
+def vocabulary_metadata(names: list[str] | tuple[str, ...] | None) -> dict[str, str]:
+    """The metadata entry recording a closed vocabulary (none for an open one)."""
+    return {} if names is None else {VOCABULARY: json.dumps(list(names), ensure_ascii=False)}
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -276,6 +289,13 @@ def open_weights(path: str | os.PathLike[str]) -> SafetensorsFile:
         raise WeightsError(f"{path}: not a valid safetensors file: {detail}{hint}") from None
 
 
+def _json_or_none(text: str) -> Any:
+    try:
+        return loads_json(text, "metadata", max_depth=2)
+    except SafetensorsError:
+        return None
+
+
 def read_info(path: str | os.PathLike[str]) -> WeightsInfo:
     """Read a weights file's metadata (no tensors loaded); refuse anything that is not our format."""
     with open_weights(path) as sf:
@@ -300,6 +320,10 @@ def info_of(sf: SafetensorsFile) -> WeightsInfo:
         raise WeightsError(f"{path}: damaged metadata (num_prompts {num_prompts} is not from 1 to {MAX_PROMPTS})")
     if "prompt_no" not in sf.entries:
         raise WeightsError(f"{path}: missing tensor 'prompt_no'")
+    if VOCABULARY in meta:
+        names = _json_or_none(meta[VOCABULARY])
+        if not (isinstance(names, list) and 0 < len(names) <= MAX_VOCABULARY and all(isinstance(n, str) and n.strip() for n in names)):
+            raise WeightsError(f"{path}: damaged metadata ({VOCABULARY} is not a list of 1 to {MAX_VOCABULARY} class names)")
     return WeightsInfo(path, model_cfg, meta.get("model_name", ""), num_prompts, meta.get("fingerprint", ""), meta)
 
 

@@ -113,6 +113,7 @@ def detect(
         from ..detection import detect as run_detect
         from ..inputs import iter_inputs
         from ..output import open_writer, resume_jsonl
+        from ..progress import input_progress
 
         report_data = None
         if report is not None:
@@ -137,7 +138,9 @@ def detect(
         last = None
         buffered: list[dict] = []
         try:
-            with open_writer(fmt, output, details=details, append=resume, columns=_extra_columns(verdicts)) as writer, _progress() as tick:
+            with input_progress(sys.stderr, paths, already) as status, open_writer(
+                fmt, output, details=details, append=resume, columns=_extra_columns(verdicts), top_k=top_k, classes=heads.classes, status=status,
+            ) as writer:
 
                 def emit(record: dict) -> None:
                     writer.write(record)
@@ -155,7 +158,7 @@ def detect(
                     done += 1
                     failed += not result.ok
                     last = result.path
-                    tick()
+                    status.advance()
                 if fdr is not None and verdicts is not None:
                     verdicts.apply_fdr(buffered)
                     for record in buffered:
@@ -263,20 +266,3 @@ def _few_malloc_arenas(limit: int = 2) -> None:
     except (OSError, AttributeError, TypeError):
         pass
 
-
-def _progress():
-    """A spinner with a count on a terminal's stderr; a no-op in pipelines and tests."""
-    import contextlib
-
-    if not sys.stderr.isatty():
-        return contextlib.nullcontext(lambda: None)
-
-    @contextlib.contextmanager
-    def bar():
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TimeElapsedColumn
-
-        with Progress(SpinnerColumn(), "images", MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(), console=stderr, transient=True) as progress:
-            task = progress.add_task("images", total=None)
-            yield lambda: progress.advance(task)
-
-    return bar()

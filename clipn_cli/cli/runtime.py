@@ -150,7 +150,11 @@ def class_embeddings(
     embeddings: Path | None,
     templates: str,
 ) -> ClassEmbeddings:
-    """Load `--embeddings` (refusing other weights) or build heads from class names now."""
+    """Load `--embeddings` (refusing other weights) or build heads from class names now.
+
+    Here classes meet the model in every command: classes outside the weights' closed vocabulary
+    get their one warning here.
+    """
     from ..classes import class_warnings
     from ..embeddings import ClassEmbeddings, embed_classes, tokenizer_for, truncated_names
     from ..prompts import load_templates
@@ -160,13 +164,23 @@ def class_embeddings(
         loaded.check_weights(weights_info.fingerprint, str(embeddings), embed_dim=int(weights_info.model_cfg["embed_dim"]))
         for message in class_warnings(loaded.classes):
             warn(message)
+        _warn_vocabulary(loaded.classes, weights_info)
         return loaded
+    _warn_vocabulary(names, weights_info)
     template_set = load_templates(templates)
     cut = truncated_names(names, template_set, model.context_length, tokenizer_for(model))
     if cut:
         warn(f"{len(cut)} class name(s) longer than the {model.context_length}-token context are truncated, as the official tokenizer does: {cut[0][:40]!r}…")
     with text_progress(len(names) * len(template_set.templates)) as advance:
         return embed_classes(model, names, template_set, weights_info.fingerprint, progress=advance)
+
+
+def _warn_vocabulary(names: list[str], weights_info: WeightsInfo) -> None:
+    from ..classes import vocabulary_warning
+
+    message = vocabulary_warning(names, weights_info.vocabulary, weights_info.path.name)
+    if message is not None:
+        warn(message)
 
 
 def parse_negatives(option: str | None, rule: str | None = None) -> tuple[str, ...]:

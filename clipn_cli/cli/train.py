@@ -46,6 +46,7 @@ def train(
     checkpoint_every: Annotated[int, Opt("--checkpoint-every", min=0, help="Save a resumable checkpoint every N steps (0: never).")] = 0,
     checkpoint: Annotated[Path | None, Opt("--checkpoint", help="Checkpoint file. Default: OUTPUT.ckpt.", show_default=False)] = None,
     resume: Annotated[Path | None, Opt("--resume", help="Continue an interrupted run from its checkpoint (same options).", show_default=False)] = None,
+    vocabulary: Annotated[str | None, Opt("--vocabulary", help="Comma-separated class names, when the base knows no others (a CLIP trained on a closed set): recorded in the output, and clipn warns when asked about other classes. Default: a CLIPN base's own.", show_default=False)] = None,
 ) -> None:
     """Train the "no" text tower of a CLIP on (image, caption) pairs (CLIPN losses, official settings).
 
@@ -66,6 +67,11 @@ def train(
         from ..training import TrainConfig, load_base, open_data
         from ..training import train as run_train
 
+        known = None
+        if vocabulary is not None:
+            known = tuple(dict.fromkeys(n.strip() for n in vocabulary.split(",") if n.strip()))
+            if not known:
+                fail("--vocabulary: no class names given")
         main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
         source = open_data(data, image_key, caption_key, shuffle_buffer)
         if source.skipped and main_process:
@@ -76,7 +82,7 @@ def train(
             output=output, steps=steps, epochs=epochs, samples_per_epoch=samples_per_epoch, batch_size=batch_size,
             lr=lr, weight_decay=weight_decay, warmup=warmup, seed=seed,
             cache_features=cache_features, augment=augment, device=device, precision=precision, workers=workers,
-            checkpoint_every=checkpoint_every, checkpoint=checkpoint, resume=resume, **options,
+            checkpoint_every=checkpoint_every, checkpoint=checkpoint, resume=resume, vocabulary=known, **options,
         )
         with _monitor(main_process) as monitor:
             result = run_train(start, source, settings, monitor)

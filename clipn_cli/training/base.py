@@ -29,6 +29,7 @@ class Base:
     model: CLIPN
     model_name: str
     description: str
+    vocabulary: tuple[str, ...] | None = None  # a CLIPN base's closed vocabulary, kept by what is trained from it
 
 
 def load_base(base: str, pretrained: str | None = None, config: str | None = None, num_prompts: int | None = None) -> Base:
@@ -152,7 +153,7 @@ def _from_file(path: Path, config: str | None, num_prompts: int | None) -> Base:
             if sf.metadata.get("format") == FORMAT:
                 model, info = model_from_file(sf)
                 _check_prompts(path, info.num_prompts, num_prompts)
-                return Base(model, info.model_name, f"clipn:{path.name}:{info.fingerprint[:16]}")
+                return Base(model, info.model_name, f"clipn:{path.name}:{info.fingerprint[:16]}", info.vocabulary)
             tensors = {k.removeprefix("module."): v for k, v in sf.tensors().items()}
     else:
         tensors = read_checkpoint(path)

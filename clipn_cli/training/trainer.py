@@ -27,7 +27,7 @@ from ..errors import TrainError
 from ..inference import resolve_device
 from ..losses import clipn_loss
 from ..model import CLIPN
-from ..weights import WeightsInfo, fingerprint, save_weights
+from ..weights import WeightsInfo, fingerprint, save_weights, vocabulary_metadata
 from . import distributed as dist_utils
 from .base import Base
 from .batches import CachedBatches, StreamBatches, build_feature_table, pair_stream
@@ -62,6 +62,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     checkpoint: Path | None = None  # default: OUTPUT.ckpt
     resume: Path | None = None
+    vocabulary: tuple[str, ...] | None = None  # the only class names the base knows (default: the base's own, if any)
 
     def checkpoint_path(self) -> Path:
         return self.checkpoint or self.output.with_name(self.output.name + ".ckpt")
@@ -315,7 +316,7 @@ def _checkpoint(config: TrainConfig, model: CLIPN, optimizer: torch.optim.Optimi
 
 
 def _save_output(base: Base, model: CLIPN, config: TrainConfig, data_description: str, steps: int, losses: dict[str, float], cached: bool, world: dist_utils.World) -> WeightsInfo:
-    run = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items() if k not in ("output", "checkpoint", "resume", "device", "workers")}
+    run = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items() if k not in ("output", "checkpoint", "resume", "device", "workers", "vocabulary")}
     extra = {
         "trained_by": "clipn train",
         "base": base.description,
@@ -325,5 +326,6 @@ def _save_output(base: Base, model: CLIPN, config: TrainConfig, data_description
         "losses": json.dumps({k: round(v, 6) for k, v in losses.items()}, sort_keys=True),
         "train_config": json.dumps({**run, "cached_features": cached, "world_size": world.size}, sort_keys=True),
     }
+    extra.update(vocabulary_metadata(config.vocabulary or base.vocabulary))
     tensors = model.state_dict()
     return save_weights(tensors, config.output, model.model_cfg, base.model_name, extra)

@@ -234,7 +234,7 @@ def main() -> None:
         base = load_base(str(work / "digits-clip.pt"), config=str(work / "digits-clip.json"))
         config = TrainConfig(
             output=args.output, steps=args.clipn_steps, batch_size=args.batch_size, seed=args.seed,
-            exclude_same_caption=not args.include_same_caption, device="cpu", workers=2,
+            exclude_same_caption=not args.include_same_caption, device="cpu", workers=2, vocabulary=NAMES,
         )
         result = train(base, open_data(str(index)), config)
     total_seconds = time.perf_counter() - began
