@@ -179,7 +179,7 @@ class TableWriter(Writer):
         if "error" in record:
             self._cells(line, [(record["path"], None), ("ERROR", "bold yellow")])
             line.append(" " + record["error"], style="yellow")
-            self._counts["ERROR"] += 1
+            verdict = "ERROR"
         else:
             verdict = record["verdict"]
             cells = [(record["path"], None), (verdict, "bold red" if verdict == "OOD" else "bold green"), (record["class"], None),
@@ -188,11 +188,10 @@ class TableWriter(Writer):
             self._cells(line, cells)
             if self._top_k:
                 line.append(" " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in record.get("top_k", [])))
-            self._counts[verdict] = self._counts.get(verdict, 0) + 1
         lines = [line]
         if self._details and "error" not in record:
             lines += [Text(f"    {name}: " + _per_class(record.get(name), self._classes), style="dim") for name in ("p_yes", "logits_yes", "logits_no")]
-        self._print(*lines)
+        self._print(*lines, counted=verdict)
 
     def finish(self) -> None:
         self._summary("")
@@ -209,16 +208,19 @@ class TableWriter(Writer):
             self._print(Text(f"{prefix}{total} input{'s' * (total != 1)}: {counts}", style="bold"))
 
     def _cells(self, line: Any, cells: list[tuple[str, str | None]]) -> None:
+        from rich.cells import cell_len
+
         for i, ((text, style), (_, width, align)) in enumerate(zip(cells, self._columns)):
             if self._terminal and len(text) > width:
                 text = "…" + text[-(width - 1):] if i == 0 else text[: width - 1] + "…"
-            pad = max(width - len(text), 0)
+            pad = max(width - cell_len(text), 0)  # a wide character (CJK) takes two columns
             left = {"<": 0, ">": pad, "^": pad // 2}[align]
             line.append(" " * left)
             line.append(text, style=style)
             line.append(" " * (pad - left + 1))
 
-    def _print(self, *lines: Any) -> None:
+    def _print(self, *lines: Any, counted: str | None = None) -> None:
+        """Print lines (the header first, once) with the progress line hidden; `counted`: the verdict a row adds to the summary."""
         from contextlib import nullcontext
 
         from rich.text import Text
@@ -234,6 +236,8 @@ class TableWriter(Writer):
             for line in lines:
                 line.rstrip()
                 self._console.print(line, overflow="ellipsis", no_wrap=self._terminal)
+            if counted is not None:  # right after the row: the summary counts the rows on screen
+                self._counts[counted] = self._counts.get(counted, 0) + 1
             self.stream.flush()
 
 
