@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .embeddings import ClassEmbeddings
-from .inputs import InputItem
-from .inference import EncodedImage, encode_images, pipeline_sizes
-from . import methods
-from .model import CLIPN
-from .scoring import Heads, Scores, score_heads
+from .heads.embeddings import ClassEmbeddings
+from .inputs.sources import InputItem
+from .model.encode import EncodedImage, encode_images, pipeline_sizes
+from .scores import methods
+from .model.clipn import CLIPN
+from .scores.scoring import Heads, Scores, score_heads
 
 if TYPE_CHECKING:
-    from .cache import FeatureCache
+    from .model.feature_cache import FeatureCache
 
 SCORE_FIELDS = methods.record_fields(methods.available())  # always present; negative-label methods add theirs
 

@@ -17,18 +17,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import methods as method_table
-from . import metrics
+from .scores import methods as method_table
+from .scores import metrics
 from .errors import EvaluationError
 from .files import UnicodeTextError, atomic_open, decode_utf8, read_bounded
-from .inputs import GLOB_CHARS, IMAGE_EXTENSIONS, InputItem, iter_inputs, iter_table
-from .tables import TableError, is_table
-from .output import TEXT_ERRORS, json_text
+from .inputs.sources import GLOB_CHARS, IMAGE_EXTENSIONS, InputItem, iter_inputs, iter_table
+from .inputs.tables import TableError, is_table
+from .outputs.writers import TEXT_ERRORS, json_text
 
 if TYPE_CHECKING:
-    from .cache import FeatureCache
-    from .embeddings import ClassEmbeddings
-    from .model import CLIPN
+    from .model.feature_cache import FeatureCache
+    from .heads.embeddings import ClassEmbeddings
+    from .model.clipn import CLIPN
 
 METHODS = {m.name: m.label for m in method_table.TABLE if m.name in method_table.CLASSIC}  # every evaluation has these
 LABELS = {m.name: m.label for m in method_table.TABLE}
@@ -241,8 +241,8 @@ def score_set(
     """
     import torch
 
-    from .inference import encode_images, pipeline_sizes
-    from .scoring import Heads, score_heads
+    from .model.encode import encode_images, pipeline_sizes
+    from .scores.scoring import Heads, score_heads
 
     batch_size, workers = pipeline_sizes(model, batch_size, workers)
     prepared = Heads.prepare(heads, next(model.parameters()).device)

@@ -63,7 +63,7 @@ def golden() -> dict:
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny official checkpoint converted to clipn's safetensors format."""
-    from clipn_cli.weights import convert_checkpoint
+    from clipn_cli.weights.checkpoints import convert_checkpoint
 
     out = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
     convert_checkpoint(OFFICIAL_CHECKPOINT, out, config=str(TINY_CONFIG))

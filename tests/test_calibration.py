@@ -13,8 +13,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from clipn_cli.calibration import (
-    CalibratedVerdicts, Calibration, benjamini_hochberg, check_size, min_calibration_size, operating_points, p_values,
+from clipn_cli.scores.calibration import (
+    CalibratedVerdicts,
+    Calibration,
+    benjamini_hochberg,
+    check_size,
+    min_calibration_size,
+    operating_points,
+    p_values,
 )
 from clipn_cli.cli.app import app
 from clipn_cli.errors import CalibrationError

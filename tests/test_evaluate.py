@@ -16,7 +16,7 @@ from scipy.interpolate import interp1d
 from sklearn.metrics import roc_auc_score, roc_curve
 from typer.testing import CliRunner
 
-from clipn_cli import metrics
+from clipn_cli.scores import metrics
 from clipn_cli.cli.app import app
 from clipn_cli.errors import EvaluationError
 from clipn_cli.evaluation import (
@@ -207,7 +207,7 @@ def test_eval_equals_metrics_from_detect_scores(tiny_weights: Path, sets: tuple[
 
 
 def test_cached_rerun_encodes_nothing(tiny_weights: Path, sets: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import clipn_cli.inference as inference
+    import clipn_cli.model.encode as inference
 
     encoded: list[int] = []
     real = inference.encode_batch

@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clipn_cli import methods
+from clipn_cli.scores import methods
 from clipn_cli.cli.app import app
 from clipn_cli.detection import SCORE_FIELDS, check_rule, detections_from_scores
 from clipn_cli.evaluation import METHODS, SetScores, compute_results
-from clipn_cli.output import CSV_COLUMNS
-from clipn_cli.scoring import Heads, score, score_heads
+from clipn_cli.outputs.writers import CSV_COLUMNS
+from clipn_cli.scores.scoring import Heads, score, score_heads
 
 
 def test_table_entries_are_complete_and_unique() -> None:
@@ -41,7 +41,7 @@ def test_existing_record_fields_columns_and_eval_methods_are_unchanged() -> None
 def test_scores_and_verdicts_come_from_the_table() -> None:
     g = torch.Generator().manual_seed(0)
     f, yes, no = torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
-    from clipn_cli.embeddings import ClassEmbeddings
+    from clipn_cli.heads.embeddings import ClassEmbeddings
 
     heads = Heads.prepare(ClassEmbeddings(["a", "b", "c"], yes, no, "", "", ""))
     s = score_heads(f, heads)
@@ -74,7 +74,7 @@ def fake_set(name: str, role: str, names: list[str], rules: list[str], shift: fl
 def test_eval_and_plots_handle_every_method_of_the_table(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     from clipn_cli.evaluation import Evaluation
-    from clipn_cli.plots import COLUMNS, histogram_figure, write_plots
+    from clipn_cli.outputs.plots import COLUMNS, histogram_figure, write_plots
 
     names = [m.name for m in methods.TABLE]
     rules = list(methods.VERDICT_RULES)

@@ -13,13 +13,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clipn_cli import negatives, wordpool
+from clipn_cli.scores import negatives
+from clipn_cli.heads import wordpool
 from clipn_cli.cli.app import app
-from clipn_cli.embeddings import ClassEmbeddings, embed_classes
+from clipn_cli.heads.embeddings import ClassEmbeddings, embed_classes
 from clipn_cli.errors import ClipnError
-from clipn_cli.prompts import load_templates
-from clipn_cli.scoring import Heads, score_heads
-from clipn_cli.weights import load_model
+from clipn_cli.heads.prompts import load_templates
+from clipn_cli.scores.scoring import Heads, score_heads
+from clipn_cli.weights.checkpoints import load_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 WORDS = FIXTURES / "words-small.txt"
@@ -187,7 +188,7 @@ def test_shipped_word_list_rebuilds_byte_for_byte(tmp_path: Path) -> None:
 
     out = tmp_path / "words.txt.gz"
     assert build_words.build(Path("/usr/share/wordnet"), out) == 80389
-    assert out.read_bytes() == (Path(wordpool.__file__).parent / "data" / wordpool.WORDS_FILE).read_bytes()
+    assert out.read_bytes() == (Path(wordpool.__file__).parents[1] / "data" / wordpool.WORDS_FILE).read_bytes()
 
 
 def test_shipped_word_list_is_wordnet_3() -> None:
@@ -199,7 +200,7 @@ def test_shipped_word_list_is_wordnet_3() -> None:
         found = wordpool.candidates(pool, pairs)  # official: 10,499 NegLabel and ~8,400 CSP labels for ImageNet-1K
         assert (int((~found.is_adjective).sum()), int(found.is_adjective.sum())) == (nouns, adjectives)
         assert int(nouns * 0.15) + int(adjectives * 0.15) == kept
-    assert (Path(wordpool.__file__).parent / "data" / "WORDNET-LICENSE.txt").read_text().count("Princeton University") >= 3
+    assert (Path(wordpool.__file__).parents[1] / "data" / "WORDNET-LICENSE.txt").read_text().count("Princeton University") >= 3
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +212,7 @@ def tiny(tiny_weights: Path):
 def test_mining_on_the_tiny_model_equals_a_reference(tiny, tmp_path: Path) -> None:
     """Prompts encoded in input order at full context length (no length sorting), averaged and
     normalised, then the reference mining."""
-    from clipn_cli.embeddings import tokenizer_for
+    from clipn_cli.heads.embeddings import tokenizer_for
 
     model, info = tiny
     tokenizer = tokenizer_for(model)
@@ -264,8 +265,8 @@ def test_detect_neglabel_and_csp_end_to_end(tiny, tiny_weights: Path, tmp_path: 
     heads = embed_classes(model, CLASSES, load_templates("clipn"), info.fingerprint)
     pairs = wordpool.read_words(WORDS)
     heads.negatives = {p: wordpool.mine(model, CLASSES, p, info.fingerprint, pairs) for p in ("neglabel", "csp")}
-    from clipn_cli.inference import encode_images
-    from clipn_cli.inputs import iter_inputs
+    from clipn_cli.model.encode import encode_images
+    from clipn_cli.inputs.sources import iter_inputs
 
     features = torch.stack([e.feature for e in encode_images(model, iter_inputs(images), batch_size=4, workers=0)])
     scores = score_heads(features, Heads.prepare(heads))
@@ -342,7 +343,7 @@ def test_eval_reports_and_plots_the_new_methods(tiny_weights: Path, tmp_path: Pa
 def test_calibrated_neglabel_verdicts(tiny_weights: Path, tmp_path: Path) -> None:
     """calibrate --negatives stores NegLabel/CSP scores with their word lists' digests; detect --rule
     neglabel --calibration gives p-values of the stored scores and refuses other negative labels."""
-    from clipn_cli.calibration import Calibration, p_values
+    from clipn_cli.scores.calibration import Calibration, p_values
 
     images = [str(IMAGES / n) for n in sorted(os.listdir(IMAGES))]
     calib = tmp_path / "calib.json"

@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from clipn_cli.cli.app import app
-from clipn_cli.plainclip import parse_spec
-from clipn_cli.weights import load_model
+from clipn_cli.weights.plainclip import parse_spec
+from clipn_cli.weights.checkpoints import load_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIG = FIXTURES / "clipn-tiny-config.json"

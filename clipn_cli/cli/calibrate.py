@@ -41,7 +41,7 @@ def calibrate(
     Exit codes: 0 all images scored, 1 some could not be read (left out, file still written), 2 usage or setup error.
     """
     with handle_errors():
-        from ..calibration import Calibration, check_alpha, check_size
+        from ..scores.calibration import Calibration, check_alpha, check_size
 
         check_alpha(alpha)
         check_choice("--precision", precision, PRECISIONS)
@@ -58,7 +58,7 @@ def calibrate(
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
 
         from ..evaluation import ImageSet, score_set
-        from ..inputs import iter_inputs
+        from ..inputs.sources import iter_inputs
 
         items = list(iter_inputs(paths, sys.stdin))
         scored = score_set(model, heads, ImageSet("ID", "id", items, [None] * len(items)), batch_size=batch_size,

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..methods import RULES, VERDICT_RULES
-from ..output import FORMATS
+from ..scores.methods import RULES, VERDICT_RULES
+from ..outputs.writers import FORMATS
 from .common import (
     INPUTS, MODEL, RULE, OUTPUT, CALIBRATION,
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
@@ -24,7 +24,7 @@ from .runtime import (
 )
 
 if TYPE_CHECKING:
-    from ..calibration import CalibratedVerdicts
+    from ..scores.calibration import CalibratedVerdicts
 
 
 def detect(
@@ -102,22 +102,22 @@ def detect(
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
         verdicts = calibrated_verdicts(calibration, alpha, fdr, rule, heads, weights_info.fingerprint)
         if quantize:
-            from ..inference import quantize_image_tower
+            from ..model.encode import quantize_image_tower
 
             quantize_image_tower(model)
         # Modules, model and heads live until exit: freezing them spares the garbage collector from
         # walking torch's millions of objects during the run and at exit (exit 1.1 s → 0.2 s).
         gc.freeze()
 
-        from ..cache import FeatureCache
+        from ..model.feature_cache import FeatureCache
         from ..detection import detect as run_detect
-        from ..inputs import iter_inputs
-        from ..output import open_writer, resume_jsonl
-        from ..progress import input_progress
+        from ..inputs.sources import iter_inputs
+        from ..outputs.writers import open_writer, resume_jsonl
+        from ..outputs.progress import input_progress
 
         report_data = None
         if report is not None:
-            from ..report import DetectReport
+            from ..outputs.report import DetectReport
 
             report_data = DetectReport(heads.classes, calibrated=verdicts is not None)
         items = iter_inputs(paths, sys.stdin)
@@ -171,7 +171,7 @@ def detect(
         if done == 0 and not already:
             fail("no images found in the given inputs")
         if report_data is not None and report is not None:
-            from ..report import write_html
+            from ..outputs.report import write_html
 
             made_by = report_provenance(
                 weights_info.path, weights_info.fingerprint, heads, rule=rule, threshold=threshold, calibration=calibration,

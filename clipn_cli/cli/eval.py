@@ -21,7 +21,7 @@ from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerAct
 from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight, report_provenance
 
 if TYPE_CHECKING:
-    from ..calibration import OperatingPoint
+    from ..scores.calibration import OperatingPoint
     from ..evaluation import Evaluation
 
 FORMATS = ("table", "json", "csv")
@@ -82,14 +82,14 @@ def evaluate(
         check_output("--plots", plots, directory=True)
         check_output("--report", report)
         if alpha is not None:
-            from ..calibration import check_alpha
+            from ..scores.calibration import check_alpha
 
             check_alpha(alpha)
         from ..evaluation import check_convention, collect_sets, group_ood_specs
 
         check_convention(fpr_convention)
         if plots is not None:
-            from ..plots import require_matplotlib
+            from ..outputs.plots import require_matplotlib
 
             require_matplotlib()
         pools = parse_negatives(negatives)
@@ -97,14 +97,14 @@ def evaluate(
         preflight(weights, device, embeddings=embeddings, templates=templates, files={"--words": words})
         sets = collect_sets(id_paths, group_ood_specs(ood))
         if alpha is not None:
-            from ..calibration import check_size
+            from ..scores.calibration import check_size
 
             check_size(len(sets[0].items) // 2, alpha, f"--alpha {alpha:g} on a random half of {len(sets[0].items)} ID images")
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
 
-        from ..cache import FeatureCache
+        from ..model.feature_cache import FeatureCache
         from ..evaluation import evaluate as run_evaluation
 
         feature_cache = FeatureCache(cache, weights_info.fingerprint) if cache is not None else None
@@ -121,7 +121,7 @@ def evaluate(
         points = _operating_points(evaluation, alpha, seed) if alpha is not None else []
         _write_report(evaluation, fmt, output, points, seed)
         if report is not None:
-            from ..report import eval_report, write_html
+            from ..outputs.report import eval_report, write_html
 
             made_by = report_provenance(weights_info.path, weights_info.fingerprint, heads, precision=precision, embeddings=embeddings,
                                         **{"FPR95 convention": fpr_convention, "alpha": alpha, "seed": seed if alpha is not None else None})
@@ -133,7 +133,7 @@ def evaluate(
             write_scores(evaluation, save_scores)
             info(f"wrote per-image scores to {save_scores}")
         if plots is not None:
-            from ..plots import write_plots
+            from ..outputs.plots import write_plots
 
             written = write_plots(evaluation, plots)
             info(f"wrote {len(written)} plots to {plots}")
@@ -153,7 +153,7 @@ def evaluate(
 
 def _operating_points(evaluation: Evaluation, alpha: float, seed: int) -> list[OperatingPoint]:
     """Every method calibrated on a seeded random half of the ID set (`calibration.operating_points`)."""
-    from ..calibration import operating_points
+    from ..scores.calibration import operating_points
 
     id_set = evaluation.sets[0]
     ood = {s.name: s.scores for s in evaluation.sets[1:] if s.paths}
@@ -182,7 +182,7 @@ def _engine(engine: str, weights: Path, device: str, batch_size: int | None, wor
 
 def _write_report(evaluation: Evaluation, fmt: str, output: Path | None, points: list[OperatingPoint] | None = None, seed: int = 0) -> None:
     from ..files import atomic_open
-    from ..output import TEXT_ERRORS, json_text
+    from ..outputs.writers import TEXT_ERRORS, json_text
 
     with contextlib.ExitStack() as stack:
         stream: IO[str] = sys.stdout if output is None else stack.enter_context(atomic_open(output, "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
@@ -217,7 +217,7 @@ def _print_table(evaluation: Evaluation, stream: IO[str]) -> None:
     from rich.text import Text
 
     from ..evaluation import LABELS as METHODS
-    from ..metrics import FPR_CONVENTIONS
+    from ..scores.metrics import FPR_CONVENTIONS
 
     def pct(value: float | None) -> str:
         return "" if value is None else f"{100 * value:.2f}"

@@ -43,7 +43,7 @@ def detect_on_ray(
     """
     from ..scale.ray_engine import Cluster, ClusterSpec, detect_job, require_ray, run_detect
     from ..scale.manifest import previous_run
-    from ..scale.records import SHARD_FORMATS
+    from ..outputs.records import SHARD_FORMATS
     from ..scale.store import OutputStore
     from ..scale.worker import WorkerConfig
 
@@ -57,7 +57,7 @@ def detect_on_ray(
     require_ray()
     store = OutputStore.open(output)
     previous_run(store, resume)  # a finished run is refused now, not after a cluster has started
-    from ..inputs import iter_inputs
+    from ..inputs.sources import iter_inputs
 
     weights_path, heads, fingerprint = _heads_on_driver(weights, device, names, embeddings, templates, pools, words)
     verdicts = calibrated_verdicts(calibration, alpha, fdr, options.rule, heads, fingerprint)
@@ -101,7 +101,7 @@ def detect_on_ray(
 
 def _write_report(report: Path, output: str, classes: list[str], verdicts, provenance: dict | None = None) -> None:
     """The detect report of a whole Ray run, gathered record by record from its shards in bounded memory."""
-    from ..report import DetectReport, write_html
+    from ..outputs.report import DetectReport, write_html
     from ..scale import read_output
 
     gathered = DetectReport(list(classes), calibrated=verdicts is not None)
@@ -121,9 +121,9 @@ def _heads_on_driver(
     With --embeddings the driver reads only the weights' header (for the fingerprint check), unless
     the file predates stored fingerprints; its negative labels must then be stored in it, as locally.
     """
-    from ..embeddings import ClassEmbeddings
-    from ..home import resolve_weights
-    from ..weights import read_info
+    from ..heads.embeddings import ClassEmbeddings
+    from ..weights.home import resolve_weights
+    from ..weights.checkpoints import read_info
     from .runtime import add_negatives, class_embeddings, load_weights_for_cli
 
     if embeddings is not None and (weights_info := read_info(resolve_weights(weights))).fingerprint:

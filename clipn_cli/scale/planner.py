@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from ..inputs import InputItem
+from ..inputs.sources import InputItem
 
 DEFAULT_SHARD_SIZE = 10_000
 

@@ -26,10 +26,10 @@ from .planner import DEFAULT_SHARD_SIZE, plan_shards
 from .worker import ScoreOptions, Worker, WorkerConfig
 
 if TYPE_CHECKING:
-    from ..calibration import CalibratedVerdicts
-    from ..embeddings import ClassEmbeddings
-    from ..inputs import InputItem
-    from ..inference import EncodedImage
+    from ..scores.calibration import CalibratedVerdicts
+    from ..heads.embeddings import ClassEmbeddings
+    from ..inputs.sources import InputItem
+    from ..model.encode import EncodedImage
     from .store import OutputStore
 
 INSTALL_HINT = "pip install 'clipn-cli[ray]'"
@@ -397,7 +397,7 @@ class ClusterEncoder:
 
     def __call__(self, model: Any, items: Iterable[InputItem], batch_size: int | None = None, workers: int | None = None,
                  precision: str = "fp32", exif_transpose: bool = False, on_loaded: Any = None, draft: bool = False) -> Iterator[EncodedImage]:
-        from ..inference import EncodedImage
+        from ..model.encode import EncodedImage
 
         asked = (precision, exif_transpose, draft)
         if asked != (self.options.precision, self.options.exif_transpose, self.options.draft):
@@ -438,8 +438,8 @@ class DatasetScorer:
         self.bytes_column = bytes_column
 
     def __call__(self, batch: dict[str, Any]) -> Any:
-        from ..inputs import InputItem
-        from .records import to_table
+        from ..inputs.sources import InputItem
+        from ..outputs.records import to_table
 
         paths = [str(p) for p in batch[self.path_column]]
         if self.bytes_column is not None:

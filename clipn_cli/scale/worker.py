@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from ..calibration import CalibratedVerdicts
-    from ..embeddings import ClassEmbeddings
-    from ..inputs import InputItem
+    from ..scores.calibration import CalibratedVerdicts
+    from ..heads.embeddings import ClassEmbeddings
+    from ..inputs.sources import InputItem
     from .store import OutputStore
 
 
@@ -57,8 +57,8 @@ class Worker:
     ) -> None:
         import torch
 
-        from ..inference import quantize_image_tower, resolve_device
-        from ..weights import load_model
+        from ..model.encode import quantize_image_tower, resolve_device
+        from ..weights.checkpoints import load_model
 
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -108,7 +108,7 @@ class Worker:
 
     def encode(self, items: Sequence[InputItem]) -> list[tuple[str, torch.Tensor | None, str | None]]:
         """(path, normalized feature or None, error) per input, in order: `inference.encode_images`."""
-        from ..inference import encode_images
+        from ..model.encode import encode_images
 
         o = self.options
         encoded = encode_images(
@@ -120,7 +120,7 @@ class Worker:
     def write_shard(self, index: int, items: Sequence[InputItem], store: OutputStore, fmt: str) -> dict[str, Any]:
         """Score one shard and write its file; returns the summary the manifest records."""
         from .planner import shard_digest, shard_name
-        from .records import encode_shard
+        from ..outputs.records import encode_shard
 
         records = self.detect(items)
         name = f"{shard_name(index)}.{fmt}"

@@ -15,17 +15,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import methods as method_table
-from . import metrics
-from .errors import ClipnError
-from .evaluation import LABELS as METHODS
-from .files import atomic_path
+from ..scores import methods as method_table
+from ..scores import metrics
+from ..errors import ClipnError
+from ..evaluation import LABELS as METHODS
+from ..files import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from .evaluation import Evaluation, MethodResult, SetScores
+    from ..evaluation import Evaluation, MethodResult, SetScores
 
 ID_COLOR, OOD_COLOR = "#1f77b4", "#d62728"
 METHOD_COLORS = {m.name: m.color for m in method_table.TABLE}

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import ClipnError, WeightsError
+from ..errors import ClipnError, WeightsError
 
 KIND = "open_clip"
 
@@ -63,12 +63,12 @@ def parse_spec(weights: str | os.PathLike[str] | None) -> tuple[str, str] | None
 def model_config(model: str) -> dict[str, Any]:
     """The open_clip config of a model name, or of a JSON config file."""
     if model.endswith(".json"):
-        from .configs import resolve_config
+        from ..model.configs import resolve_config
 
         return resolve_config(model)  # bounded, depth-limited read; types and sizes checked (ConfigError names the file)
     import open_clip
 
-    from .configs import validate_config
+    from ..model.configs import validate_config
 
     cfg = open_clip.get_model_config(model)
     if cfg is None:
@@ -78,14 +78,14 @@ def model_config(model: str) -> dict[str, Any]:
 
 def load_plain_clip(spec: tuple[str, str], device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """(model in eval mode, WeightsInfo) of a plain open_clip CLIP; the fingerprint hashes its tensors."""
-    from .weights import WeightsInfo, _all_finite, fingerprint, read_checkpoint
+    from .checkpoints import WeightsInfo, _all_finite, fingerprint, read_checkpoint
 
     name, source = spec
     cfg = model_config(name)
     PlainCLIP = _clip_class()
     if Path(source).is_file() or Path(source).suffix in (".pt", ".pth", ".bin", ".safetensors"):
         if Path(source).suffix == ".safetensors":
-            from .safetensors_file import SafetensorsError, SafetensorsFile
+            from ..safetensors_file import SafetensorsError, SafetensorsFile
 
             try:
                 with SafetensorsFile(source) as sf:  # bounded, depth-limited header, one descriptor
@@ -96,7 +96,7 @@ def load_plain_clip(spec: tuple[str, str], device: str | torch.device = "cpu") -
             tensors = read_checkpoint(source)
         if "prompt_no" in tensors:
             raise WeightsError(f"{source}: a CLIPN checkpoint, not a plain CLIP: convert it with 'clipn convert'")
-        from .configs import check_config_fits, validate_config
+        from ..model.configs import check_config_fits, validate_config
 
         # before building: a config declaring more than the file holds would build for minutes
         check_config_fits(validate_config(cfg, name), {k: tuple(v.shape) for k, v in tensors.items()}, source)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import TemplatesError
-from .files import decode_utf8, parse_json, read_bounded
+from ..errors import TemplatesError
+from ..files import decode_utf8, parse_json, read_bounded
 
 SIMPLE = ("a photo of a {}.",)
 MAX_TEMPLATE_FILE_BYTES = 16 << 20

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import methods as method_table
-from . import metrics
-from .calibration import p_values
-from .files import atomic_open
+from ..scores import methods as method_table
+from ..scores import metrics
+from ..scores.calibration import p_values
+from ..files import atomic_open
 
 if TYPE_CHECKING:
-    from .calibration import CalibratedVerdicts, OperatingPoint
-    from .evaluation import Evaluation
+    from ..scores.calibration import CalibratedVerdicts, OperatingPoint
+    from ..evaluation import Evaluation
 
 GALLERY_SIZE = 48  # thumbnails per gallery
 THUMB_PIXELS = 112  # longest side of a thumbnail
@@ -87,7 +87,7 @@ def thumbnail_uri(path: str, size: int = THUMB_PIXELS) -> str | None:
     """A small PNG or JPEG (whichever is smaller) of an image file as a data: URI; None if unreadable."""
     from PIL import Image
 
-    from .images import open_image
+    from ..inputs.decode import open_image
 
     try:
         img = open_image(path, draft=size)
@@ -328,7 +328,7 @@ def eval_report(evaluation: Evaluation, points: Sequence[OperatingPoint] = (), t
 
     `provenance`: what made it (weights, classes, version, date, options), shown at the top.
     """
-    from .evaluation import METHODS
+    from ..evaluation import METHODS
 
     id_set = evaluation.sets[0]
     ood_sets = [s for s in evaluation.sets[1:] if s.paths]

@@ -14,7 +14,7 @@ import torch
 from . import methods, negatives
 
 if TYPE_CHECKING:
-    from .embeddings import ClassEmbeddings
+    from ..heads.embeddings import ClassEmbeddings
 
 INFERENCE_SCALE = 100.0  # hard-coded in the official inference, not the checkpoint's logit_scale
 RULES = methods.VERDICT_RULES

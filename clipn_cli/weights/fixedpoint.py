@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import WeightsError
+from ..errors import WeightsError
 
 SCALE_SUFFIX = ":int16_scale"
 LEVELS = 32767

@@ -29,12 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import ClipnError, ConfigError, FetchError
-from .files import atomic_path, sha256_file
+from .. import __version__
+from ..errors import ClipnError, ConfigError, FetchError
+from ..files import atomic_path, sha256_file
 from .home import (
-    BUNDLED, FORMAT, KNOWN, check_name, downloads_dir, fix_hint, get_default, known_model, locate, read_header,
-    set_default, target_path,
+    BUNDLED,
+    FORMAT,
+    KNOWN,
+    check_name,
+    downloads_dir,
+    fix_hint,
+    get_default,
+    known_model,
+    locate,
+    read_header,
+    set_default,
+    target_path,
 )
 
 Progress = Callable[[int, int | None], None]
@@ -545,7 +555,7 @@ def add_weights(file: str | os.PathLike[str], name: str | None = None, config: s
 
 def _install(src: Path, name: str, config: str | None, metadata: dict[str, str], move: bool) -> Installed:
     """Convert or check `src` and place it at the name's path atomically."""
-    from .weights import convert_checkpoint, load_model
+    from .checkpoints import convert_checkpoint, load_model
 
     target = target_path(name)
     if read_header(src).get("format") == FORMAT:

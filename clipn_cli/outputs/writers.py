@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import OutputError
-from .files import LineFile, atomic_open
-from .methods import record_fields
+from ..errors import OutputError
+from ..files import LineFile, atomic_open
+from ..scores.methods import record_fields
 
 FORMATS = ("table", "json", "jsonl", "csv")
 RECORD_START = b'{"path": '  # every record's first key, as JsonlWriter writes it

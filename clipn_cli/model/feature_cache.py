@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import CacheError
+from ..errors import CacheError
 
 MAGIC = b"CLIPNF1\n"
 DIGEST_SIZE = 32

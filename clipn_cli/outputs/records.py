@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..output import CSV_COLUMNS, DETAIL_COLUMNS, MAX_RECORD_LINE, json_text, record_problem
+from .writers import CSV_COLUMNS, DETAIL_COLUMNS, MAX_RECORD_LINE, json_text, record_problem
 
 SHARD_FORMATS = ("parquet", "jsonl")
 MAX_SHARD_BYTES = 256 << 20  # a shard file read back (--report, --fdr); a Parquet shard's declared uncompressed size too

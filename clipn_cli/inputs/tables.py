@@ -14,8 +14,8 @@ import os
 from collections.abc import Iterator
 from typing import IO, Any
 
-from .errors import ClipnError
-from .files import NotRegularFileError, UnicodeTextError, decode_utf8, open_regular
+from ..errors import ClipnError
+from ..files import NotRegularFileError, UnicodeTextError, decode_utf8, open_regular
 
 TABLE_SUFFIXES = (".parquet", ".csv")
 PATH_COLUMN = "path"

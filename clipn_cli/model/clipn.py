@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ClipnError, ConfigError
+from ..errors import ClipnError, ConfigError
 
 NUM_PROMPTS = 16  # learnable "no" prompts in the official model
 TEXT_PARTS = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection")

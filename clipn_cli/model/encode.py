@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .images import LoadedImage, image_size_of, load_images, make_transform
-from .inputs import InputItem
-from .model import CLIPN
+from ..inputs.decode import LoadedImage, image_size_of, load_images, make_transform
+from ..inputs.sources import InputItem
+from .clipn import CLIPN
 
 if TYPE_CHECKING:
-    from .cache import FeatureCache
+    from .feature_cache import FeatureCache
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

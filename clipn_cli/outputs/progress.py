@@ -108,7 +108,7 @@ def input_progress(stream: IO[str] | None, paths: Iterable[str], skip: Collectio
 
 
 def _count(status: StatusLine, paths: list[str], skip: Collection[str]) -> None:
-    from .inputs import iter_inputs
+    from ..inputs.sources import iter_inputs
 
     try:
         status.total = sum(1 for item in iter_inputs(paths) if item.path not in skip)

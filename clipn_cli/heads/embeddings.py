@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .errors import EmbeddingsError
-from .files import JSONLimits, atomic_path
-from .model import CLIPN
-from .negatives import GROUPS, NegativePool
+from ..errors import EmbeddingsError
+from ..files import JSONLimits, atomic_path
+from ..model.clipn import CLIPN
+from ..scores.negatives import GROUPS, NegativePool
 from .prompts import TemplateSet
-from .safetensors_file import SafetensorsError, SafetensorsFile, loads_json
+from ..safetensors_file import SafetensorsError, SafetensorsFile, loads_json
 
 if TYPE_CHECKING:
     from open_clip.tokenizer import SimpleTokenizer
 
-from .home import EMBEDDINGS_FORMAT as FORMAT
+from ..weights.home import EMBEDDINGS_FORMAT as FORMAT
 FORMAT_VERSION = "1"
 NEGATIVES_FORMAT_VERSION = "1.1"  # written only when negative labels are stored; clipn-cli before them refuses such files (it reads "1" only)
 READ_VERSIONS = (FORMAT_VERSION, NEGATIVES_FORMAT_VERSION)

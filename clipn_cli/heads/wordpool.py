@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import negatives
-from .errors import ClipnError
-from .files import UnicodeTextError, decode_utf8, read_bounded
+from ..scores import negatives
+from ..errors import ClipnError
+from ..files import UnicodeTextError, decode_utf8, read_bounded
 
 if TYPE_CHECKING:
-    from .model import CLIPN
+    from ..model.clipn import CLIPN
 
 WORDS_FILE = "wordnet-words.txt.gz"
 NEGLABEL_NOUN = "the nice {}"
@@ -241,7 +241,7 @@ def embed_prompts(model: CLIPN, prompts: list[list[str]], progress: Callable[[in
 
 def cache_path(weights_fingerprint: str, found: Candidates, root: Path | None = None) -> Path:
     """Where the candidates' embeddings for these weights live: `<home>/negatives/<fp[:16]>/<pool>-<key[:16]>.safetensors`."""
-    from .home import weights_home
+    from ..weights.home import weights_home
 
     return (root or weights_home() / "negatives") / weights_fingerprint[:16] / f"{found.pool}-{found.key[:16]}.safetensors"
 
@@ -252,7 +252,7 @@ def candidate_embeddings(
     """The candidates' unit embeddings, from the cache when these weights made them before."""
     from safetensors.torch import save_file
 
-    from .files import atomic_path
+    from ..files import atomic_path
 
     path = cache_path(weights_fingerprint, found)
     if cache and _in_cache_folder(path.parent) and not path.is_symlink():  # a link is ignored, and replaced below
@@ -277,7 +277,7 @@ def candidate_embeddings(
 def _in_cache_folder(folder: Path) -> bool:
     """`folder` lies inside the home's `negatives/` folder once links are followed: a cache folder
     that links out of the home is neither read nor written (the embeddings are encoded afresh)."""
-    from .home import weights_home
+    from ..weights.home import weights_home
 
     return os.path.realpath(folder).startswith(os.path.realpath(weights_home() / "negatives") + os.sep)
 
@@ -288,7 +288,7 @@ def _cached(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
     Read through the bounded, one-descriptor reader (a FIFO or device there is not waited on, a
     hostile header is refused); anything damaged, of another shape or not finite is rebuilt, never trusted.
     """
-    from .safetensors_file import SafetensorsError, SafetensorsFile
+    from ..safetensors_file import SafetensorsError, SafetensorsFile
 
     try:
         with SafetensorsFile(path) as sf:

@@ -29,8 +29,8 @@ from typing import IO, Any
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ClipnError, ImageError
-from .inputs import InputItem, os_reason
+from ..errors import ClipnError, ImageError
+from .sources import InputItem, os_reason
 
 # Formats Pillow decodes in-process with its own or a linked library; nothing that hands the file
 # to an external program (EPS/PostScript/PDF go to Ghostscript) and no icon containers. MPO (the

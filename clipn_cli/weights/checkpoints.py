@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from .configs import check_config_fits, infer_config, resolve_config, validate_config
-from .errors import ClipnError, WeightsError
-from .files import atomic_path, sha256_file
+from ..model.configs import check_config_fits, infer_config, resolve_config, validate_config
+from ..errors import ClipnError, WeightsError
+from ..files import atomic_path, sha256_file
 from .fixedpoint import pack, split_scales, unpack
 from .home import FORMAT, resolve_weights
-from .model import CLIPN, build_model, causal_mask, expected_shapes, is_text_key
-from .safetensors_file import SafetensorsError, SafetensorsFile, loads_json
+from ..model.clipn import CLIPN, build_model, causal_mask, expected_shapes, is_text_key
+from ..safetensors_file import SafetensorsError, SafetensorsFile, loads_json
 
 FORMAT_VERSION = "1"
 MAX_PROMPTS = 4096

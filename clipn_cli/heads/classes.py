@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .errors import ClassesError
-from .files import UnicodeTextError, decode_utf8, read_bounded
+from ..errors import ClassesError
+from ..files import UnicodeTextError, decode_utf8, read_bounded
 
 MAX_CLASS_FILE_BYTES = 16 << 20  # 16 MiB: a million class names; a class file is a regular file of at most this size
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import open_clip
 
-from .errors import ConfigError
-from .files import read_bounded
+from ..errors import ConfigError
+from ..files import read_bounded
 
 MAX_CONFIG_FILE_BYTES = 1 << 20  # open_clip's configs are under 1 KB
 
@@ -91,7 +91,7 @@ def validate_config(cfg: Any, source: str) -> dict[str, Any]:
     if not _is_plain_clip(cfg):
         raise ConfigError(f"{source}: only open_clip's built-in CLIP towers are supported (no HF/timm towers)")
     _check_arithmetic(cfg, source)
-    from .images import _env_number
+    from ..inputs.decode import _env_number
 
     cap = _env_number("CLIPN_MAX_PARAMS", MAX_PARAMETERS)
     if (count := estimate_parameters(cfg)) > cap:
@@ -200,7 +200,7 @@ def resolve_config(name_or_file: str) -> dict[str, Any]:
     """An open_clip model name (`ViT-B-16`) or a path to an open_clip model-config JSON file."""
     path = Path(name_or_file)
     if path.suffix == ".json" or path.is_file():
-        from .safetensors_file import loads_json
+        from ..safetensors_file import loads_json
 
         try:
             data = loads_json(read_bounded(path, MAX_CONFIG_FILE_BYTES), "the model config")
@@ -233,7 +233,7 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], num_prompts: int) -> tup
     Head counts leave no trace in shapes, so two configs can fit the same tensors; then the
     user must choose with `--config`.
     """
-    from .model import expected_shapes
+    from .clipn import expected_shapes
 
     width = shapes.get("text_projection", (None, None))
     candidates = candidate_configs()

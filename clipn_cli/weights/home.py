@@ -19,8 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import WeightsError
-from .files import JSONLimits, atomic_open, open_regular, parse_json, read_json
+from ..errors import WeightsError
+from ..files import JSONLimits, atomic_open, open_regular, parse_json, read_json
 
 HOME_ENV = "CLIPN_HOME"
 WEIGHTS_ENV = "CLIPN_WEIGHTS"
@@ -72,7 +72,7 @@ KNOWN: tuple[KnownModel, ...] = (
 )
 BEST = max(KNOWN, key=lambda m: m.rank)
 ALIASES = {"vitb16": "vitb16-rep2"}
-BUNDLED = {"digits": Path(__file__).resolve().parent / "data" / "clipn-digits.safetensors"}  # package data: in every install
+BUNDLED = {"digits": Path(__file__).resolve().parents[1] / "data" / "clipn-digits.safetensors"}  # package data: in every install
 
 
 @dataclass(frozen=True)
