@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ..scores.calibration import CalibratedVerdicts
     from ..heads.embeddings import ClassEmbeddings
     from ..model.clipn import CLIPN
-    from ..weights.checkpoints import WeightsInfo
+    from ..weights.format import WeightsInfo
 
 
 def load_classes(
