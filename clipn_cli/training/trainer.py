@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import TrainError
-from ..model.encode import resolve_device
+from ..model.devices import resolve_device
 from .losses import clipn_loss
 from ..model.clipn import CLIPN
 from ..weights.checkpoints import save_weights

@@ -19,6 +19,7 @@ from ..errors import ClipnError, WeightsError
 from ..files import atomic_path, sha256_file
 from ..model.clipn import CLIPN, build_model, causal_mask, is_text_key
 from ..model.configs import infer_config, resolve_config, validate_config
+from ..model.devices import resolve_device
 from ..safetensors_file import SafetensorsError, SafetensorsFile, loads_json
 from .fixedpoint import pack, split_scales, unpack
 from .format import (
@@ -190,9 +191,12 @@ def load_model(
     The model is built on the `meta` device and the file's tensors are assigned in place, so
     no time is spent on a random initialisation that would be thrown away. `text=False` loads
     the image side only (see `CLIPN.drop_text_towers`); the whole file is still checked.
+    `device` is resolved as the CLI's --device is: `auto` picks CUDA, MPS or the CPU, and a device
+    that is misspelt or absent is a `DeviceError`.
     """
     from .plainclip import load_plain_clip, parse_spec
 
+    device = resolve_device(device)
     if (plain := parse_spec(weights)) is not None:  # `MODEL:TAG` / `MODEL:FILE`: a plain open_clip CLIP
         return load_plain_clip(plain, device)
     with open_weights(resolve_weights(weights)) as sf:
