@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 
 from ..errors import ClipnError
-from ..model.devices import PRECISIONS  # noqa: F401  the choices of --precision, for the commands
+from ..model.devices import CPU_DECODE_WORKERS, CPU_FORWARD_BATCH, CUDA_FORWARD_BATCH, PRECISIONS  # noqa: F401  PRECISIONS: for the commands
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM = 130, 141, 143
@@ -225,11 +225,11 @@ ClassesFileOpt = Annotated[
     Path | None, typer.Option("--classes-file", rich_help_panel=INPUTS, help="Text file: one class per line, '#' comments.", show_default=False)
 ]
 BatchSizeOpt = Annotated[
-    int | None, typer.Option("--batch-size", "-b", rich_help_panel=MODEL, min=1, help="Images per forward pass. Default: 12 on CPU, 128 on CUDA.", show_default=False)
+    int | None, typer.Option("--batch-size", "-b", rich_help_panel=MODEL, min=1, help=f"Images per forward pass. Default: {CPU_FORWARD_BATCH} on CPU, {CUDA_FORWARD_BATCH} on CUDA.", show_default=False)
 ]
 WorkersOpt = Annotated[
     int | None,
-    typer.Option("--workers", "-j", rich_help_panel=MODEL, min=0, help="Decoding threads (0 = decode in the main thread). Default: min(4, CPUs); all CPUs with CUDA.", show_default=False),
+    typer.Option("--workers", "-j", rich_help_panel=MODEL, min=0, help=f"Decoding threads (0 = decode in the main thread). Default: min({CPU_DECODE_WORKERS}, CPUs); all CPUs with CUDA.", show_default=False),
 ]
 PrecisionOpt = Annotated[str, typer.Option("--precision", rich_help_panel=MODEL, help="fp32 (exact), fp16 or bf16 (autocast).")]
 ExifOpt = Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", rich_help_panel=MODEL, help="Rotate by EXIF orientation first (the official pipeline does not).")]
