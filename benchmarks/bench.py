@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
-from clipn_cli.model.encode import default_batch_size
+from clipn_cli.model.devices import default_forward_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 CLI = [sys.executable, "-m", "clipn_cli"]
-BATCH = default_batch_size(torch.device("cpu"))  # what `clipn detect` uses on a CPU when not told
+BATCH = default_forward_batch(torch.device("cpu"))  # what `clipn detect` uses on a CPU when not told
 DRAFT_IMAGES = 32
 HALF_DTYPES = ("fp16", "bf16", "int16")  # `clipn convert --dtype` choices that halve the file
 N_IMAGES = 256

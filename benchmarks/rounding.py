@@ -25,7 +25,8 @@ from clipn_cli.inputs.sources import iter_inputs
 from clipn_cli.model.encode import encode_images
 from clipn_cli.heads.prompts import load_templates
 from clipn_cli.scores.scoring import score
-from clipn_cli.weights.checkpoints import DTYPES, convert_checkpoint, load_model
+from clipn_cli.weights.checkpoints import convert_checkpoint, load_model
+from clipn_cli.weights.format import DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -23,7 +23,7 @@ _API = {
     "load_model": "weights.checkpoints",
     "convert_checkpoint": "weights.checkpoints",
     "read_info": "weights.checkpoints",
-    "WeightsInfo": "weights.checkpoints",
+    "WeightsInfo": "weights.format",
     "CLIPN": "model.clipn",
     "build_model": "model.clipn",
     "load_templates": "heads.prompts",

@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .errors import RuleError
 from .heads.embeddings import ClassEmbeddings
 from .inputs.sources import InputItem
-from .model.encode import EncodedImage, encode_images, pipeline_sizes
+from .model.devices import pipeline_sizes
+from .model.encode import EncodedImage, encode_images
 from .scores import methods
 from .model.clipn import CLIPN
 from .scores.scoring import Heads, Scores, score_heads
@@ -73,7 +75,7 @@ def verdicts(scores: Scores, rule: str, threshold: float | None = None) -> torch
     if threshold is not None:
         return method.value(scores) < threshold
     if method.verdict is None:
-        raise ValueError(f"rule '{rule}' has no threshold-free verdict: give a threshold (e.g. thr@95%ID from 'clipn eval')")
+        raise RuleError(f"rule '{rule}' has no threshold-free verdict: give a threshold (e.g. thr@95%ID from 'clipn eval')")
     return method.verdict(scores)
 
 
@@ -165,15 +167,15 @@ def check_rule(rule: str, pools: tuple[str, ...], threshold: float | None = None
     """A ValueError unless `rule` can give verdicts with these negative-label pools (and `threshold`)."""
     method = methods.get(rule)
     if method.needs_no and not has_no:
-        raise ValueError(f"rule '{rule}' needs CLIPN's \"no\" tower, which a plain CLIP does not have: "
+        raise RuleError(f"rule '{rule}' needs CLIPN's \"no\" tower, which a plain CLIP does not have: "
                          f"use --rule {' or '.join(m.name for m in methods.available(methods.POOLS, has_no=False) if m.record)} with --threshold")
     if method.record is None:
-        raise ValueError(f"'{rule}' is an evaluation score, not a detection rule (choose one of {', '.join(methods.RULES)})")
+        raise RuleError(f"'{rule}' is an evaluation score, not a detection rule (choose one of {', '.join(methods.RULES)})")
     if method.pool is not None and method.pool not in pools:
-        raise ValueError(f"rule '{rule}' needs the '{method.pool}' negative labels: build them with --negatives {method.pool} "
+        raise RuleError(f"rule '{rule}' needs the '{method.pool}' negative labels: build them with --negatives {method.pool} "
                          "(or 'clipn embed-classes --negatives')")
     if method.verdict is None and threshold is None:
-        raise ValueError(f"rule '{rule}' has no threshold-free verdict: give --threshold T (e.g. thr@95%ID from 'clipn eval')")
+        raise RuleError(f"rule '{rule}' has no threshold-free verdict: give --threshold T (e.g. thr@95%ID from 'clipn eval')")
 
 
 def detect(
@@ -195,7 +197,7 @@ def detect(
 
     `cache` reuses image features stored for these weights; `draft` decodes large JPEGs at
     reduced scale (faster, not exact). `batch_size`/`workers` default to the model's device's
-    (`inference.pipeline_sizes`). See `encode_images`.
+    (`devices.RunOptions`). See `encode_images`.
     """
     batch_size, workers = pipeline_sizes(model, batch_size, workers)
     check_rule(rule, tuple(embeddings.negatives), threshold, has_no=embeddings.text_no is not None)  # before any image is read

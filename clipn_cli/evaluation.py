@@ -241,7 +241,8 @@ def score_set(
     """
     import torch
 
-    from .model.encode import encode_images, pipeline_sizes
+    from .model.devices import pipeline_sizes
+    from .model.encode import encode_images
     from .scores.scoring import Heads, score_heads
 
     batch_size, workers = pipeline_sizes(model, batch_size, workers)

@@ -31,7 +31,8 @@ from clipn_cli.heads.embeddings import embed_classes, encode_texts, tokenizer_fo
 from clipn_cli.errors import ClipnError, WeightsError
 from clipn_cli.inputs.decode import load_images, make_transform, open_image
 from clipn_cli.inputs.sources import InputItem, iter_inputs
-from clipn_cli.model.encode import encode_images, pipeline_sizes
+from clipn_cli.model.devices import pipeline_sizes
+from clipn_cli.model.encode import encode_images
 from clipn_cli.heads.prompts import load_templates
 from clipn_cli.weights.fixedpoint import SCALE_SUFFIX, pack, split_scales, unpack
 from clipn_cli.model.clipn import is_text_key
@@ -143,12 +144,13 @@ def test_parallel_encoding_matches_sequential(model, mixed_inputs: list[InputIte
 
 
 def test_library_uses_the_devices_pipeline_defaults(model, images_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import clipn_cli.model.devices as devices
     import clipn_cli.model.encode as inference
     from clipn_cli.detection import detect
 
     assert pipeline_sizes(model) == (12, min(4, os.cpu_count() or 1))  # what `clipn detect` uses on a CPU
     assert pipeline_sizes(model, 5, 0) == (5, 0)  # 0 threads (decode in the caller's thread) is a choice, not "unset"
-    monkeypatch.setattr(inference, "default_batch_size", lambda device: 5)
+    monkeypatch.setattr(devices, "default_forward_batch", lambda device: 5)
     sizes: list[int] = []
     real = inference.encode_batch
     monkeypatch.setattr(inference, "encode_batch", lambda m, pixels, *a, **k: sizes.append(len(pixels)) or real(m, pixels, *a, **k))

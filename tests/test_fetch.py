@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from clipn_cli.cli.app import app
 from clipn_cli.errors import FetchError
-from clipn_cli.weights.fetch import FetchLimits, download, pick_checkpoint
+from clipn_cli.weights.fetch import pick_checkpoint
+from clipn_cli.weights.http import FetchLimits, download
 from clipn_cli.weights.home import downloads_dir, get_default, read_header, weights_dir
 
 DATA = OFFICIAL_CHECKPOINT.read_bytes()

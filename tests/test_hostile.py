@@ -575,7 +575,7 @@ def test_loading_opens_each_file_once(tiny_weights: Path, tmp_path: Path, monkey
 
 
 def test_zip_bomb_checkpoint_is_refused_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from clipn_cli.weights.checkpoints import read_checkpoint
+    from clipn_cli.weights.format import read_checkpoint
 
     bomb = tmp_path / "bomb.pt"
     with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:

@@ -11,7 +11,8 @@ import typer
 from . import calibrate, convert, detect, embed, weights
 from . import eval as eval_command
 from . import train as train_command
-from .common import HELP_OPTIONS, error, examples
+from .common import HELP_OPTIONS, error, examples, set_debug
+
 
 def _flags_take_no_value() -> None:
     """Typer's help labels every option with its type, flags included (`--details <bool>`), as if a
@@ -55,8 +56,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error too (also CLIPN_DEBUG=1); for bug reports.")] = False,
 ) -> None:
     """Zero-shot out-of-distribution detection with CLIPN: is an image one of your classes, or something else?"""
+    set_debug(debug)
 
 
 DETECT_EXAMPLES = examples(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import gc
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..model.devices import tune_process
 from ..scores.methods import RULES, VERDICT_RULES
 from ..outputs.writers import FORMATS
 from .common import (
@@ -66,8 +66,7 @@ def detect(
 
     Exit codes: 0 all inputs scored, 1 some inputs failed (error records), 2 usage or setup error.
     """
-    _huge_pages_for_activations()
-    _few_malloc_arenas()
+    tune_process()
     with handle_errors():
         check_choice("--rule", rule, RULES)
         check_choice("--engine", engine, ENGINES)
@@ -237,32 +236,3 @@ def _detect_on_ray(args: dict) -> None:
         shard_size=args["shard_size"], pools=pools, words=args["words"], calibration=args["calibration"], alpha=args["alpha"],
         report=args["report"], fdr=args["fdr"],
     )
-
-
-def _huge_pages_for_activations() -> None:
-    """Let torch back large CPU tensors with transparent huge pages (Linux), unless the user chose.
-
-    A ViT-B-16 forward pass at batch 32 allocates and frees gigabytes of activations, and with
-    4 KB pages every batch faults them in afresh: huge pages make the CPU forward ~12% faster at no
-    extra peak memory (benchmarks/). torch reads the variable at its first allocation, which in
-    this process comes later: commands import torch only when they run.
-    """
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-
-def _few_malloc_arenas(limit: int = 2) -> None:
-    """Cap glibc's malloc arenas before the decoding threads start (Linux; no-op elsewhere).
-
-    Each thread otherwise gets its own arena that keeps freed image buffers: with 2 decoding
-    threads, a 256-image ViT-B-16 run peaked at 1418 MB, and at 1355 MB with the cap, at the
-    same speed (measured on 2 cores).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).mallopt(-8, limit)  # -8 = M_ARENA_MAX
-    except (OSError, AttributeError, TypeError):
-        pass
-

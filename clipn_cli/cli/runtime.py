@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ..scores.calibration import CalibratedVerdicts
     from ..heads.embeddings import ClassEmbeddings
     from ..model.clipn import CLIPN
-    from ..weights.checkpoints import WeightsInfo
+    from ..weights.format import WeightsInfo
 
 
 def load_classes(
@@ -133,7 +133,7 @@ def load_weights_for_cli(weights: Path | None, device: str, text: bool = True) -
     With no weights at all, a terminal is offered the official download first (see firstrun).
     """
     from ..weights.home import EMBEDDINGS_FORMAT, read_header, resolve_weights
-    from ..model.encode import resolve_device
+    from ..model.devices import resolve_device
     from ..weights.checkpoints import load_model
     from .firstrun import first_run_weights
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..scores import negatives
-from ..errors import ClipnError
+from ..errors import ClipnError, OptionsError
 from ..files import UnicodeTextError, decode_utf8, read_bounded
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ def _read_word_dir(directory: Path) -> list[tuple[str, str]]:
 def candidates(pool: str, words: list[tuple[str, str]]) -> Candidates:
     """The candidates of `pool` ("neglabel" or "csp") from (file, word) pairs grouped by file, in mining order."""
     if pool not in ("neglabel", "csp"):
-        raise ValueError(f"unknown negative-label pool '{pool}' (expected neglabel or csp)")
+        raise OptionsError(f"unknown negative-label pool '{pool}' (expected neglabel or csp)")
     seen: dict[str, bool] = {}
     for name, word in words:  # in the reader's order: the first file that lists a word decides its kind
         if pool == "csp":

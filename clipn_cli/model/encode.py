@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -13,13 +11,12 @@ import torch
 
 from ..inputs.decode import LoadedImage, image_size_of, load_images, make_transform
 from ..inputs.sources import InputItem
+from ..errors import DeviceError
 from .clipn import CLIPN
+from .devices import RunOptions, autocast
 
 if TYPE_CHECKING:
     from .feature_cache import FeatureCache
-
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @dataclass(frozen=True)
 class EncodedImage:
@@ -28,60 +25,6 @@ class EncodedImage:
     path: str
     feature: torch.Tensor | None
     error: str | None
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple MPS, then CPU; anything else is passed to torch."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device '{device}': {exc}") from None
-    if resolved.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device '{device}' (expected auto, cpu, cuda, cuda:N or mps)")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' requested but CUDA is not available")
-    if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"device '{device}' requested but Apple MPS is not available")
-    return resolved
-
-
-def default_batch_size(device: torch.device) -> int:
-    """Images per forward pass when the user gives none.
-
-    On a CPU a ViT-B-16 forward runs at 5.0-5.3 img/s at any batch from 4 to 32 (2 cores,
-    interleaved), but the whole `detect` command does not: on 256 JPEGs batch 8 ran 4-8% below the
-    bare forward and batch 12 and 16 ~2% faster than 8. Memory grows with the batch (glibc keeps
-    freed activations for reuse): peaks of 1.24-1.28 GB at 8, 1.32 at 12, 1.34-1.45 at 16. Batch 12
-    is as fast as 16 with less memory. A GPU wants large batches to stay busy.
-    """
-    return 128 if device.type == "cuda" else 12
-
-
-def default_workers(device: torch.device) -> int:
-    """Decoding threads when the user gives none: a few beside a CPU forward pass, all cores for a GPU."""
-    cpus = os.cpu_count() or 1
-    return cpus if device.type == "cuda" else min(4, cpus)
-
-
-def pipeline_sizes(model: CLIPN, batch_size: int | None = None, workers: int | None = None) -> tuple[int, int]:
-    """The given batch size and decoding threads, or the defaults for the model's device."""
-    device = next(model.parameters()).device
-    return batch_size or default_batch_size(device), default_workers(device) if workers is None else workers
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward pass; fp32 runs exactly as the official code."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision '{precision}' (expected one of {', '.join(PRECISIONS)})")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
 
 
 @torch.inference_mode()
@@ -107,7 +50,7 @@ def quantize_image_tower(model: CLIPN) -> CLIPN:
     from torch.ao.quantization import quantize_dynamic
 
     if next(model.visual.parameters()).device.type != "cpu":
-        raise ValueError("int8 quantisation runs on the CPU only; drop --quantize or use --device cpu")
+        raise DeviceError("int8 quantisation runs on the CPU only; drop --quantize or use --device cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's eager quantisation announces its move to torchao
         quantize_dynamic(model.visual, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
@@ -130,13 +73,15 @@ def encode_images(
     """Encode images in batches, yielding one EncodedImage per input, in input order.
 
     Failed inputs are carried along in their place so that output order never changes.
-    `batch_size` and `workers` default to what suits the model's device (`pipeline_sizes`).
+    `batch_size` (the forward batch) and `workers` (decoding threads) default to what suits the
+    model's device (`devices.RunOptions`).
     With `cache`, stored features are used instead of decoding and encoding (see `_encode_cached`).
     `draft` decodes large JPEGs at reduced scale, keeping at least twice the model's input size
     on both sides: faster, not exact (see `images.open_image`). `encoder` (same arguments as this
     function) encodes instead of `model` what the cache does not hold: a remote engine's workers.
     """
-    batch_size, workers = pipeline_sizes(model, batch_size, workers)
+    run = RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)
+    batch_size, workers = run.forward_batch, run.decode_workers
     if cache is not None:
         yield from _encode_cached(model, items, cache, batch_size, workers, precision, exif_transpose, on_loaded, draft, encoder)
         return
@@ -148,7 +93,7 @@ def encode_images(
     transform = make_transform(size)
     batch: list[LoadedImage] = []
     loaded = load_images(
-        items, transform, workers=workers, exif_transpose=exif_transpose, prefetch=max(2 * batch_size, 8), draft=2 * size if draft else 0
+        items, transform, workers=workers, exif_transpose=exif_transpose, prefetch=run.prefetch, draft=2 * size if draft else 0
     )
 
     def flush() -> Iterator[EncodedImage]:

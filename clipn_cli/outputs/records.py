@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from ..errors import OptionsError
 from .writers import CSV_COLUMNS, DETAIL_COLUMNS, MAX_RECORD_LINE, json_text, record_problem
 
 SHARD_FORMATS = ("parquet", "jsonl")
@@ -83,7 +84,7 @@ def encode_shard(records: Sequence[dict[str, Any]], fmt: str, details: bool = Fa
         sink = io.BytesIO()
         pq.write_table(to_table(records, details, extra), sink, compression="zstd")
         return sink.getvalue()
-    raise ValueError(f"unknown shard format '{fmt}' (expected one of {', '.join(SHARD_FORMATS)})")
+    raise OptionsError(f"unknown shard format '{fmt}' (expected one of {', '.join(SHARD_FORMATS)})")
 
 
 class ShardError(ValueError):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import OutputError
+from ..errors import OptionsError, OutputError
 from ..files import LineFile, atomic_open
 from ..scores.methods import record_fields
 
@@ -272,7 +272,7 @@ def open_writer(
     JSON Lines file keeps the complete lines written so far.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format '{fmt}' (expected one of {', '.join(FORMATS)})")
+        raise OptionsError(f"unknown format '{fmt}' (expected one of {', '.join(FORMATS)})")
     with contextlib.ExitStack() as stack:
         if output is None:
             stream: IO[str] = stdout or sys.stdout

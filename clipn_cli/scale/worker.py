@@ -57,7 +57,8 @@ class Worker:
     ) -> None:
         import torch
 
-        from ..model.encode import quantize_image_tower, resolve_device
+        from ..model.devices import resolve_device
+        from ..model.encode import quantize_image_tower
         from ..weights.checkpoints import load_model
 
         if config.threads:

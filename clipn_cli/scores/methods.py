@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..errors import RuleError
+
 if TYPE_CHECKING:
     from .scoring import Scores
 
@@ -71,7 +73,7 @@ def get(name: str) -> Method:
     try:
         return BY_NAME[name]
     except KeyError:
-        raise ValueError(f"unknown method '{name}' (expected one of {', '.join(BY_NAME)})") from None
+        raise RuleError(f"unknown method '{name}' (expected one of {', '.join(BY_NAME)})") from None
 
 
 def available(pools: tuple[str, ...] | list[str] = (), has_no: bool = True) -> tuple[Method, ...]:

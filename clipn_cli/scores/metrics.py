@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import OptionsError, ScoresError
+
 FPR_CONVENTIONS = {
     "clipn": "ID positive: fraction of OOD images accepted at 95% ID recall, ROC linearly interpolated (CLIPN/MCM code)",
     "openood": "OOD positive: fraction of ID images rejected at the first ROC point with >= 95% of OOD caught (OpenOOD)",
@@ -40,9 +42,9 @@ class RocCounts:
 def _check(scores: np.ndarray, name: str) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if scores.size == 0:
-        raise ValueError(f"no {name} scores")
+        raise ScoresError(f"no {name} scores")
     if not np.isfinite(scores).all():
-        raise ValueError(f"{name} scores contain NaN or Inf")
+        raise ScoresError(f"{name} scores contain NaN or Inf")
     return scores
 
 
@@ -129,7 +131,7 @@ def fpr95(id_scores: np.ndarray, ood_scores: np.ndarray, convention: str = "clip
         return fpr_at_tpr_interpolated(id_scores, ood_scores, recall)
     if convention == "openood":
         return fpr_at_tpr_first(-_check(ood_scores, "OOD"), -_check(id_scores, "ID"), recall)
-    raise ValueError(f"unknown FPR95 convention '{convention}' (expected one of {', '.join(FPR_CONVENTIONS)})")
+    raise OptionsError(f"unknown FPR95 convention '{convention}' (expected one of {', '.join(FPR_CONVENTIONS)})")
 
 
 def threshold_at_recall(id_scores: np.ndarray, recall: float = 0.95) -> float:

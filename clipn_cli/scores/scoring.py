@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import RuleError
 from . import methods, negatives
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class Scores:
         """Threshold-free verdicts (`methods.TABLE`): True where the image is out of distribution."""
         method = methods.BY_NAME.get(rule)
         if method is None or method.verdict is None:
-            raise ValueError(f"unknown rule '{rule}' (expected one of {', '.join(RULES)})")
+            raise RuleError(f"unknown rule '{rule}' (expected one of {', '.join(RULES)})")
         return method.verdict(self)
 
     def value(self, method: str) -> torch.Tensor:

@@ -24,7 +24,8 @@ import torch
 from ..errors import DataError, ImageError
 from ..inputs.decode import _DecodePool, image_size_of, load_one
 from ..inputs.sources import InputItem
-from ..model.encode import autocast, encode_batch, encode_images
+from ..model.devices import autocast
+from ..model.encode import encode_batch, encode_images
 from ..model.clipn import CLIPN
 from .data import IndexedData, Pair, ShardData, caption_id
 from .distributed import World, all_objects, gather_rows, share

@@ -78,7 +78,7 @@ def model_config(model: str) -> dict[str, Any]:
 
 def load_plain_clip(spec: tuple[str, str], device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """(model in eval mode, WeightsInfo) of a plain open_clip CLIP; the fingerprint hashes its tensors."""
-    from .checkpoints import WeightsInfo, _all_finite, fingerprint, read_checkpoint
+    from .format import WeightsInfo, _all_finite, fingerprint, read_checkpoint
 
     name, source = spec
     cfg = model_config(name)
