@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import traceback
@@ -120,6 +121,10 @@ class Terminated(BaseException):
     """Raised in the main thread when SIGTERM arrives, so cleanup runs as for Ctrl-C."""
 
 
+# torch's messages for a device that ran out of memory or whose driver failed: not bugs of ours
+DEVICE_FAILURE = re.compile(r"out of memory|^(CUDA|MPS|HIP|XPU) (error|driver)", re.IGNORECASE)
+
+
 @contextlib.contextmanager
 def handle_errors() -> Iterator[None]:
     """User conditions (`ClipnError`, a full disk, a closed pipe, an interrupt) become one line and
@@ -156,10 +161,11 @@ def handle_errors() -> Iterator[None]:
         fail(f"{exc.filename or 'stdout'}: the disk is full (no space left on the device)")
     except MemoryError:
         fail("out of memory: lower --batch-size or --workers")
-    except RuntimeError as exc:  # torch's OutOfMemoryError is a RuntimeError; any other one is a bug
-        if type(exc).__name__ != "OutOfMemoryError":
+    except RuntimeError as exc:  # the device's own failures (memory, driver) are conditions; any other one is a bug
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if type(exc).__name__ != "OutOfMemoryError" and not DEVICE_FAILURE.search(first):
             raise
-        fail("out of memory on the device: lower --batch-size")
+        fail(first or "out of memory on the device: lower --batch-size")
     except KeyboardInterrupt:
         stderr.print("clipn: interrupted", markup=False)
         raise typer.Exit(EXIT_SIGINT) from None
