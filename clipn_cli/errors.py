@@ -57,3 +57,7 @@ class TrainError(ClipnError):
 
 class CalibrationError(ClipnError):
     """A calibration file is unreadable, made for other weights/classes/templates, or too small for α."""
+
+
+class VerdictError(ClipnError):
+    """A verdict cannot be given as asked: a rule without a threshold-free verdict and no cut, or two cuts at once."""
