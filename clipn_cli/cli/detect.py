@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from ..scores.methods import RULES, VERDICT_RULES
-from ..outputs.writers import FORMATS
+from ..outputs.writers import FORMATS, check_writer
 from ..verdicts import VerdictStep, check_verdict_options
 from .common import (
     INPUTS, MODEL, RULE, OUTPUT, CALIBRATION,
@@ -38,7 +38,7 @@ def detect(
     threshold: Annotated[float | None, typer.Option("--threshold", rich_help_panel=RULE, help="Call an image OOD when the rule's score is below T (needed by rules without a threshold-free verdict, e.g. thr@95%ID from 'clipn eval').", show_default=False)] = None,
     negatives: NegativesOpt = None,
     words: WordsOpt = None,
-    fmt: Annotated[str | None, typer.Option("--format", "-f", rich_help_panel=OUTPUT, help="table, json, jsonl or csv. Default: table on a terminal, jsonl otherwise.", show_default=False)] = None,
+    fmt: Annotated[str | None, typer.Option("--format", "-f", rich_help_panel=OUTPUT, help="table, json, jsonl, csv or parquet (needs --output FILE). Default: table on a terminal, jsonl otherwise.", show_default=False)] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", rich_help_panel=OUTPUT, help="Write results to this file instead of stdout (with --engine ray: a folder or URI for shards and manifest).", show_default=False)] = None,
     details: Annotated[bool, typer.Option("--details", rich_help_panel=OUTPUT, help="Add p_yes, logits_yes and logits_no (per class) to each record.")] = False,
     top_k: Annotated[int, typer.Option("--top-k", rich_help_panel=OUTPUT, min=0, help="Add the K most probable classes to each record.")] = 0,
@@ -84,6 +84,7 @@ def detect(
             fail("no inputs: give image files, directories, globs, or - for paths on stdin")
         check_output("--output", output)
         check_stdout(output)
+        check_writer(fmt, output)
         if resume and (output is None or fmt != "jsonl"):
             fail("--resume needs --format jsonl and --output FILE (the file to continue)")
         if quantize and precision != "fp32":
