@@ -73,3 +73,7 @@ class RuleError(OptionsError):
 
 class ScoresError(ClipnError, ValueError):
     """Scores cannot give a metric: there are none, or some are NaN or Inf."""
+
+
+class VerdictError(ClipnError):
+    """A verdict cannot be given as asked: a rule without a threshold-free verdict and no cut, or two cuts at once."""

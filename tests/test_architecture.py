@@ -14,7 +14,7 @@ MAX_LINES = 400
 RANKS = {
     "cli": 7,
     "scale": 6, "serve": 6,
-    "detection": 5, "evaluation": 5, "training": 5,
+    "detection": 5, "evaluation": 5, "training": 5, "verdicts": 5,
     "heads": 4,
     "weights": 3,
     "model": 2, "outputs": 2,

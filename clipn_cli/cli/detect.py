@@ -5,13 +5,15 @@ from __future__ import annotations
 import gc
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import Iterator
+from typing import Annotated
 
 import typer
 
 from ..model.devices import tune_process
 from ..scores.methods import RULES, VERDICT_RULES
-from ..outputs.writers import FORMATS
+from ..outputs.writers import FORMATS, check_writer
+from ..verdicts import VerdictStep, check_verdict_options
 from .common import (
     INPUTS, MODEL, RULE, OUTPUT, CALIBRATION,
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
@@ -23,8 +25,6 @@ from .runtime import (
     add_negatives, calibrated_verdicts, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight, report_provenance,
 )
 
-if TYPE_CHECKING:
-    from ..scores.calibration import CalibratedVerdicts
 
 
 def detect(
@@ -38,7 +38,7 @@ def detect(
     threshold: Annotated[float | None, typer.Option("--threshold", rich_help_panel=RULE, help="Call an image OOD when the rule's score is below T (needed by rules without a threshold-free verdict, e.g. thr@95%ID from 'clipn eval').", show_default=False)] = None,
     negatives: NegativesOpt = None,
     words: WordsOpt = None,
-    fmt: Annotated[str | None, typer.Option("--format", "-f", rich_help_panel=OUTPUT, help="table, json, jsonl or csv. Default: table on a terminal, jsonl otherwise.", show_default=False)] = None,
+    fmt: Annotated[str | None, typer.Option("--format", "-f", rich_help_panel=OUTPUT, help="table, json, jsonl, csv or parquet (needs --output FILE). Default: table on a terminal, jsonl otherwise.", show_default=False)] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", rich_help_panel=OUTPUT, help="Write results to this file instead of stdout (with --engine ray: a folder or URI for shards and manifest).", show_default=False)] = None,
     details: Annotated[bool, typer.Option("--details", rich_help_panel=OUTPUT, help="Add p_yes, logits_yes and logits_no (per class) to each record.")] = False,
     top_k: Annotated[int, typer.Option("--top-k", rich_help_panel=OUTPUT, min=0, help="Add the K most probable classes to each record.")] = 0,
@@ -83,23 +83,22 @@ def detect(
             fail("no inputs: give image files, directories, globs, or - for paths on stdin")
         check_output("--output", output)
         check_stdout(output)
+        check_writer(fmt, output)
         if resume and (output is None or fmt != "jsonl"):
             fail("--resume needs --format jsonl and --output FILE (the file to continue)")
         if quantize and precision != "fp32":
             fail("--quantize int8 computes in fp32: it cannot be combined with --precision fp16 or bf16")
         check_output("--report", report)
         _check_calibration_options(calibration, alpha, fdr, fmt, output, resume)
-        if calibration is not None and threshold is not None:
-            fail("give --threshold (a fixed score cut) or --calibration (a false-alarm rate), not both")
         pools = parse_negatives(negatives, rule)
-        if threshold is None and calibration is None and rule not in VERDICT_RULES:
-            fail(f"--rule {rule} has no threshold-free verdict: give --threshold T (e.g. its thr@95%ID from 'clipn eval') or --calibration FILE")
+        check_verdict_options(rule, threshold, calibration is not None)
         names = load_classes(classes, classes_file, embeddings)
         preflight(weights, device, embeddings=embeddings, templates=templates, inputs=paths, files={"--calibration": calibration, "--words": words})
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
         verdicts = calibrated_verdicts(calibration, alpha, fdr, rule, heads, weights_info.fingerprint)
+        step = VerdictStep(rule, threshold=threshold, calibrated=verdicts, report_classes=heads.classes if report is not None else None)
         if quantize:
             from ..model.encode import quantize_image_tower
 
@@ -111,65 +110,23 @@ def detect(
         from ..model.feature_cache import FeatureCache
         from ..detection import detect as run_detect
         from ..inputs.sources import iter_inputs
-        from ..outputs.writers import open_writer, resume_jsonl
-        from ..outputs.progress import input_progress
+        from ..outputs.writers import resume_jsonl
 
-        report_data = None
-        if report is not None:
-            from ..outputs.report import DetectReport
-
-            report_data = DetectReport(heads.classes, calibrated=verdicts is not None)
         items = iter_inputs(paths, sys.stdin)
-        already = resume_jsonl(output, report_data.add if report_data is not None else None) if resume and output is not None else set()
+        already = resume_jsonl(output, step.gather) if resume and output is not None else set()
         if already:
             info(f"resuming: {len(already)} inputs already in {output} are skipped")
             items = (item for item in items if item.path not in already)
-        feature_cache = FeatureCache(cache, weights_info.fingerprint) if cache is not None else None
         results = run_detect(
-            model, heads, items, rule=rule, batch_size=batch_size,
-            workers=workers,
-            precision=precision, exif_transpose=exif_transpose, details=details, top_k=top_k,
-            cache=feature_cache, draft=draft,
-            # calibrated verdicts replace the engine's: a cut no score is below keeps it from needing a threshold
-            threshold=threshold if verdicts is None else float("-inf"),
+            model, heads, items, rule=rule, batch_size=batch_size, workers=workers, precision=precision, exif_transpose=exif_transpose,
+            details=details, top_k=top_k, cache=FeatureCache(cache, weights_info.fingerprint) if cache is not None else None,
+            draft=draft, threshold=step.engine_threshold,
         )
-        done = failed = 0
-        last = None
-        buffered: list[dict] = []
-        try:
-            with input_progress(sys.stderr, paths, already) as status, open_writer(
-                fmt, output, details=details, append=resume, columns=_extra_columns(verdicts), top_k=top_k, classes=heads.classes, status=status,
-            ) as writer:
-
-                def emit(record: dict) -> None:
-                    writer.write(record)
-                    if report_data is not None:
-                        report_data.add(record)
-
-                for result in results:
-                    record = result.as_dict(details)
-                    if verdicts is not None:
-                        verdicts.apply(record)
-                    if fdr is not None:
-                        buffered.append(record)
-                    else:
-                        emit(record)
-                    done += 1
-                    failed += not result.ok
-                    last = result.path
-                    status.advance()
-                if fdr is not None and verdicts is not None:
-                    verdicts.apply_fdr(buffered)
-                    for record in buffered:
-                        emit(record)
-        except (KeyboardInterrupt, Terminated):
-            where = f"after {done} inputs (last: {last})" if last else "before any input was finished"
-            kept = f"; {output} keeps every finished line, continue with --resume" if output is not None and fmt == "jsonl" else ""
-            info(f"stopped {where}{kept}")
-            raise
-        if done == 0 and not already:
+        _write_records(step, (result.as_dict(details) for result in results), fmt, output, paths, already, details=details,
+                       top_k=top_k, classes=heads.classes, resume=resume)
+        if step.done == 0 and not already:
             fail("no images found in the given inputs")
-        if report_data is not None and report is not None:
+        if report is not None:
             from ..outputs.report import write_html
 
             made_by = report_provenance(
@@ -177,12 +134,34 @@ def detect(
                 alpha=verdicts.alpha if verdicts is not None and fdr is None else None, fdr=fdr, precision=precision,
                 embeddings=embeddings, quantize=quantize, draft=draft or None,
             )
-            write_html(report, report_data.render(verdicts, provenance=made_by))
+            write_html(report, step.render_report(made_by))
             info(f"wrote the report to {report}")
-        if failed:
-            info(f"{failed} of {done} inputs could not be scored (see their error records)")
+        if step.failed:
+            info(f"{step.failed} of {step.done} inputs could not be scored (see their error records)")
             raise typer.Exit(EXIT_PARTIAL)
         raise typer.Exit(EXIT_OK)
+
+
+def _write_records(
+    step: VerdictStep, records: Iterator[dict], fmt: str, output: Path | None, paths: list[str], already: set[str], *,
+    details: bool, top_k: int, classes: list[str], resume: bool,
+) -> None:
+    """Feed the records through the verdict step into the writer, with a progress line; on Ctrl-C or
+    SIGTERM say how far the run got (and how to continue it) before the CLI exits."""
+    from ..outputs.progress import input_progress
+    from ..outputs.writers import open_writer
+
+    try:
+        with input_progress(sys.stderr, paths, already) as status, open_writer(
+            fmt, output, details=details, append=resume, columns=step.columns, top_k=top_k, classes=classes, status=status,
+        ) as writer:
+            for record in step.run(records, status.advance):
+                writer.write(record)
+    except (KeyboardInterrupt, Terminated):
+        where = f"after {step.done} inputs (last: {step.last})" if step.last else "before any input was finished"
+        kept = f"; {output} keeps every finished line, continue with --resume" if output is not None and fmt == "jsonl" else ""
+        info(f"stopped {where}{kept}")
+        raise
 
 
 def _check_calibration_options(calibration: Path | None, alpha: float | None, fdr: float | None, fmt: str, output: str | Path | None, resume: bool) -> None:
@@ -193,12 +172,6 @@ def _check_calibration_options(calibration: Path | None, alpha: float | None, fd
         fail("give --alpha (a false-alarm rate per image) or --fdr (a false-discovery rate over the run), not both")
     if fdr is not None and (resume or (fmt == "jsonl" and output is None)):
         fail("--fdr needs every p-value of the run before it writes: use --format json, csv or table, or --output FILE (not --resume)")
-
-
-def _extra_columns(verdicts: CalibratedVerdicts | None) -> tuple[str, ...]:
-    if verdicts is None:
-        return ()
-    return ("p_value",) if verdicts.fdr is None else ("p_value", "q_value")
 
 
 def _detect_on_ray(args: dict) -> None:
@@ -213,11 +186,8 @@ def _detect_on_ray(args: dict) -> None:
         check_output("--output", Path(args["output"]), directory=True)
     # shards are written as they finish and --fdr rewrites them at the end: resuming is allowed here
     _check_calibration_options(args["calibration"], args["alpha"], args["fdr"], args["fmt"] or "parquet", args["output"], False)
-    if args["calibration"] is not None and args["threshold"] is not None:
-        fail("give --threshold (a fixed score cut) or --calibration (a false-alarm rate), not both")
-    if args["threshold"] is None and args["calibration"] is None and args["rule"] not in VERDICT_RULES:
-        fail(f"--rule {args['rule']} has no threshold-free verdict: give --threshold T (e.g. its thr@95%ID from 'clipn eval') or --calibration FILE")
     pools = parse_negatives(args["negatives"], args["rule"])
+    check_verdict_options(args["rule"], args["threshold"], args["calibration"] is not None)
     check_choice("--precision", args["precision"], PRECISIONS)
     check_choice("--quantize", args["quantize"], ("int8",))
     if not args["paths"]:

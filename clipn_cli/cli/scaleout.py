@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from .common import ENGINE, EXIT_OK, EXIT_PARTIAL, fail, info, warn
+from ..verdicts import VerdictStep
 from .runtime import calibrated_verdicts
 
 ENGINES = ("local", "ray")
@@ -61,6 +62,8 @@ def detect_on_ray(
 
     weights_path, heads, fingerprint = _heads_on_driver(weights, device, names, embeddings, templates, pools, words)
     verdicts = calibrated_verdicts(calibration, alpha, fdr, options.rule, heads, fingerprint)
+    step = VerdictStep(options.rule, threshold=options.threshold, calibrated=verdicts,
+                       report_classes=heads.classes if report is not None else None)
     job = detect_job(fingerprint, heads, options, fmt, shard_size, verdicts)
     spec = ClusterSpec(ray_address, actors, cpus_per_actor, gpus_per_actor)
     config = WorkerConfig(str(weights_path), device, batch_size, workers)
@@ -90,7 +93,7 @@ def detect_on_ray(
             alpha=verdicts.alpha if verdicts is not None and fdr is None else None, fdr=fdr, precision=options.precision,
             embeddings=embeddings, quantize=options.quantize, draft=options.draft or None, engine="ray",
         )
-        _write_report(report, output, heads.classes, verdicts, made_by)
+        _write_report(report, output, step, made_by)
     info(f"{manifest.records} records ({manifest.errors} errors) in {len(manifest.shards)} shards in {output}"
          + (f"; {progress.shards} shards scored now" if resume else ""))
     if manifest.errors:
@@ -99,15 +102,14 @@ def detect_on_ray(
     raise typer.Exit(EXIT_OK)
 
 
-def _write_report(report: Path, output: str, classes: list[str], verdicts, provenance: dict | None = None) -> None:
+def _write_report(report: Path, output: str, step: VerdictStep, provenance: dict | None = None) -> None:
     """The detect report of a whole Ray run, gathered record by record from its shards in bounded memory."""
-    from ..outputs.report import DetectReport, write_html
+    from ..outputs.report import write_html
     from ..scale import read_output
 
-    gathered = DetectReport(list(classes), calibrated=verdicts is not None)
     for record in read_output(output):
-        gathered.add(record)
-    write_html(report, gathered.render(verdicts, provenance=provenance))
+        step.gather(record)
+    write_html(report, step.render_report(provenance))
     info(f"wrote the report to {report}")
 
 

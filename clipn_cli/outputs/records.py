@@ -1,23 +1,97 @@
-"""Shard files: detect's records as Parquet or JSON Lines bytes, and back.
+"""Detect's records: their fields and checks, their JSON text, and the one Arrow schema of local
+`--format parquet` files and Ray's shards; shard files as Parquet or JSON Lines bytes, and back.
 
-The fields are detect's own (`Detection.as_dict`, columns in `output.CSV_COLUMNS` order, detail
-columns from `output.DETAIL_COLUMNS`). A JSON Lines shard holds the very lines `clipn detect
---format jsonl` writes; a Parquet shard has one column per field, null where a record lacks it
-(an error record has only `path` and `error`).
+The fields are detect's own (`Detection.as_dict`, columns in `CSV_COLUMNS` order, detail columns
+from `DETAIL_COLUMNS`). A JSON Lines shard holds the very lines `clipn detect --format jsonl`
+writes; a Parquet file has one column per field, null where a record lacks it (an error record has
+only `path` and `error`). Torch-free, like all of `outputs/`.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..errors import OptionsError
-from .writers import CSV_COLUMNS, DETAIL_COLUMNS, MAX_RECORD_LINE, json_text, record_problem
+from ..scores.methods import record_fields
 
 SHARD_FORMATS = ("parquet", "jsonl")
 MAX_SHARD_BYTES = 256 << 20  # a shard file read back (--report, --fdr); a Parquet shard's declared uncompressed size too
+MAX_RECORD_LINE = 64 << 20  # bytes of one JSON Lines record read back by --resume (--details at 50,000 classes: ~3 MB)
+CSV_COLUMNS = ("path", "error", "verdict", "rule", "class", "class_index", *record_fields())  # empty where a method was not computed
+DETAIL_COLUMNS = ("p_yes", "logits_yes", "logits_no", "top_k")
+
+
+VERDICTS = ("ID", "OOD")
+PROBABILITIES = ("p_ood", "p_value", "q_value")  # in [0, 1]
+NUMBER_LISTS = ("p_yes", "logits_yes", "logits_no")
+
+
+def record_problem(record: Any, required: tuple[str, ...] = ()) -> str | None:
+    """What makes `record` not one of detect's records, or None: every reader of records written
+    earlier (a JSON Lines file to --resume, a Ray run's shards) checks each with this before use,
+    since the file may have been edited. `required`: fields the run's records all carry (`p_value`
+    of a calibrated run)."""
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    if not isinstance(record.get("path"), str):
+        return "has no path"
+    if "error" in record:
+        return None if isinstance(record["error"], str) else "has an error that is not text"
+    if record.get("verdict") not in VERDICTS:
+        return f"has the verdict {_shown(record.get('verdict'))}, not ID or OOD"
+    for key in ("rule", "class"):
+        if not isinstance(record.get(key), str):
+            return f"has the {key} {_shown(record.get(key))}, not text"
+    if not _count(record.get("class_index")):
+        return f"has the class_index {_shown(record.get('class_index'))}, not a count"
+    for key in (*CSV_COLUMNS[6:], "p_value", "q_value"):
+        value = record.get(key)
+        if value is None:
+            # a plain CLIP has no ATD score nor p_ood; any other record has both
+            if key in required or (key == "p_ood" and record.get("atd_score") is not None):
+                return f"has no {key}"
+        elif not _finite(value) or (key in PROBABILITIES and not 0.0 <= value <= 1.0):
+            return f"has the {key} {_shown(value)}, not a {'probability' if key in PROBABILITIES else 'finite number'}"
+    for key in NUMBER_LISTS:
+        if key in record and not (isinstance(record[key], list) and all(_finite(v) for v in record[key])):
+            return f"has a {key} that is not a list of finite numbers"
+    top_k = record.get("top_k", [])
+    if not (isinstance(top_k, list) and all(isinstance(t, dict) and isinstance(t.get("class"), str) and _count(t.get("class_index"))
+                                            and _finite(t.get("probability")) for t in top_k)):
+        return "has a top_k that is not a list of {class, class_index, probability}"
+    return None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 53
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, type(None))) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def json_text(value: Any, **kwargs: Any) -> str:
+    """JSON that is valid UTF-8 whatever the paths hold.
+
+    A file name with bytes that are not UTF-8 reaches Python as lone surrogates ('\\udce9'):
+    they cannot be written as UTF-8, so such a record is written with \\u escapes, which
+    `json.loads` turns back into the same str (and `os.fsencode` into the same bytes).
+    """
+    text = json.dumps(value, ensure_ascii=False, **kwargs)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, **kwargs)
+    return text
 
 
 def _arrow_types() -> dict[str, Any]:
@@ -45,13 +119,14 @@ def columns_for(records: Sequence[dict[str, Any]], details: bool, extra: Sequenc
     return columns
 
 
-def to_table(records: Sequence[dict[str, Any]], details: bool = False, extra: Sequence[str] = ()):
-    """A pyarrow Table of records with a fixed schema (the same for every shard of a run)."""
+def to_table(records: Sequence[dict[str, Any]], details: bool = False, extra: Sequence[str] = (), columns: Sequence[str] | None = None):
+    """A pyarrow Table of records with a fixed schema (the same for every shard of a run); `columns`:
+    exactly these (a later row group of one file), else `columns_for` the records."""
     import pyarrow as pa
 
     types = _arrow_types()
     arrays, fields = [], []
-    for name in columns_for(records, details, extra):
+    for name in columns if columns is not None else columns_for(records, details, extra):
         values = [_utf8(r.get(name)) for r in records]
         kind = types.get(name)
         array = pa.array(values, type=kind) if kind is not None else pa.array(values)

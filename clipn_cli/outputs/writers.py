@@ -1,7 +1,7 @@
-"""Writers for detection records: JSON Lines, JSON, CSV (for machines) and a streamed table (for people).
+"""Writers for detection records: JSON Lines, JSON, CSV, Parquet (for machines) and a streamed table (for people).
 
-Machine formats stream record by record, so memory stays flat for any number of inputs.
-Written to a file, JSON and CSV appear atomically (complete or absent); JSON Lines is
+Machine formats stream record by record (Parquet a row group at a time), so memory stays flat for
+any number of inputs. Written to a file, JSON, CSV and Parquet appear atomically (complete or absent); JSON Lines is
 written a whole line at a time, so a cut run (or a full disk) keeps every finished line and no partial one.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,83 +17,13 @@ from typing import IO, Any
 
 from ..errors import OptionsError, OutputError
 from ..files import LineFile, atomic_open
-from ..scores.methods import record_fields
+from .records import CSV_COLUMNS, DETAIL_COLUMNS, MAX_RECORD_LINE, json_text, record_problem, to_table
 
-FORMATS = ("table", "json", "jsonl", "csv")
+FORMATS = ("table", "json", "jsonl", "csv", "parquet")
+FILE_ONLY = ("parquet",)  # binary: written to --output FILE, never to stdout
+PARQUET_ROW_GROUP = 1024  # records held before a row group is written (--details at 50,000 classes: ~3 MB each)
 RECORD_START = b'{"path": '  # every record's first key, as JsonlWriter writes it
-MAX_RECORD_LINE = 64 << 20  # bytes of one JSON Lines record read back by --resume (--details at 50,000 classes: ~3 MB)
 TEXT_ERRORS = "surrogateescape"  # CSV and tables write a non-UTF-8 file name's bytes as they are, as `ls` does
-CSV_COLUMNS = ("path", "error", "verdict", "rule", "class", "class_index", *record_fields())  # empty where a method was not computed
-DETAIL_COLUMNS = ("p_yes", "logits_yes", "logits_no", "top_k")
-
-
-VERDICTS = ("ID", "OOD")
-PROBABILITIES = ("p_ood", "p_value", "q_value")  # in [0, 1]
-NUMBER_LISTS = ("p_yes", "logits_yes", "logits_no")
-
-
-def record_problem(record: Any, required: tuple[str, ...] = ()) -> str | None:
-    """What makes `record` not one of detect's records, or None: every reader of records written
-    earlier (a JSON Lines file to --resume, a Ray run's shards) checks each with this before use,
-    since the file may have been edited. `required`: fields the run's records all carry (`p_value`
-    of a calibrated run)."""
-    if not isinstance(record, dict):
-        return "is not a JSON object"
-    if not isinstance(record.get("path"), str):
-        return "has no path"
-    if "error" in record:
-        return None if isinstance(record["error"], str) else "has an error that is not text"
-    if record.get("verdict") not in VERDICTS:
-        return f"has the verdict {_shown(record.get('verdict'))}, not ID or OOD"
-    for key in ("rule", "class"):
-        if not isinstance(record.get(key), str):
-            return f"has the {key} {_shown(record.get(key))}, not text"
-    if not _count(record.get("class_index")):
-        return f"has the class_index {_shown(record.get('class_index'))}, not a count"
-    for key in (*CSV_COLUMNS[6:], "p_value", "q_value"):
-        value = record.get(key)
-        if value is None:
-            # a plain CLIP has no ATD score nor p_ood; any other record has both
-            if key in required or (key == "p_ood" and record.get("atd_score") is not None):
-                return f"has no {key}"
-        elif not _finite(value) or (key in PROBABILITIES and not 0.0 <= value <= 1.0):
-            return f"has the {key} {_shown(value)}, not a {'probability' if key in PROBABILITIES else 'finite number'}"
-    for key in NUMBER_LISTS:
-        if key in record and not (isinstance(record[key], list) and all(_finite(v) for v in record[key])):
-            return f"has a {key} that is not a list of finite numbers"
-    top_k = record.get("top_k", [])
-    if not (isinstance(top_k, list) and all(isinstance(t, dict) and isinstance(t.get("class"), str) and _count(t.get("class_index"))
-                                            and _finite(t.get("probability")) for t in top_k)):
-        return "has a top_k that is not a list of {class, class_index, probability}"
-    return None
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 53
-
-
-def _shown(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (str, int, float, type(None))) else type(value).__name__
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def json_text(value: Any, **kwargs: Any) -> str:
-    """JSON that is valid UTF-8 whatever the paths hold.
-
-    A file name with bytes that are not UTF-8 reaches Python as lone surrogates ('\\udce9'):
-    they cannot be written as UTF-8, so such a record is written with \\u escapes, which
-    `json.loads` turns back into the same str (and `os.fsencode` into the same bytes).
-    """
-    text = json.dumps(value, ensure_ascii=False, **kwargs)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(value, ensure_ascii=True, **kwargs)
-    return text
 
 
 class Writer:
@@ -143,6 +72,44 @@ class CsvWriter(Writer):
     def write(self, record: dict[str, Any]) -> None:
         row = {k: json_text(v) if isinstance(v, (list, dict)) else v for k, v in record.items()}
         self._csv.writerow(row)
+
+
+class ParquetWriter(Writer):
+    """Parquet with the Arrow schema of a Ray run's shards (`records.to_table`): one column per
+    field, null where a record lacks it, the same columns for the whole file."""
+
+    def __init__(self, stream: IO[bytes], details: bool = False, extra: tuple[str, ...] = ()) -> None:
+        self.stream = stream  # type: ignore[assignment]
+        self._details, self._extra = details, extra
+        self._rows: list[dict[str, Any]] = []
+        self._file: Any = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._rows.append(record)
+        if len(self._rows) >= PARQUET_ROW_GROUP:
+            self._flush()
+
+    def finish(self) -> None:
+        if self._rows or self._file is None:  # a run without records still gets a file with the schema
+            self._flush()
+        self._file.close()
+
+    def stop(self) -> None:
+        """Close the Parquet file now, while its stream is open: the file itself is discarded."""
+        if self._file is not None:
+            with contextlib.suppress(Exception):
+                self._file.close()
+
+    def _flush(self) -> None:
+        import pyarrow.parquet as pq
+
+        if self._file is None:
+            table = to_table(self._rows, self._details, self._extra)
+            self._file = pq.ParquetWriter(self.stream, table.schema, compression="zstd")
+        else:
+            table = to_table(self._rows, self._details, self._extra, columns=self._file.schema.names).cast(self._file.schema)
+        self._file.write_table(table)
+        self._rows = []
 
 
 class TableWriter(Writer):
@@ -251,6 +218,20 @@ def _score(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"  # None: a plain CLIP has no CTW/ATD
 
 
+def check_writer(fmt: str, output: str | Path | None) -> None:
+    """Refuse a format that cannot be written as asked, before any work: Parquet (binary) needs a
+    file and pyarrow."""
+    if fmt not in FORMATS:
+        raise OptionsError(f"unknown format '{fmt}' (expected one of {', '.join(FORMATS)})")
+    if fmt in FILE_ONLY and output is None:
+        raise OutputError(f"--format {fmt} is binary: give --output FILE")
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise OutputError("--format parquet needs pyarrow: pip install pyarrow (or 'clipn-cli[ray]')") from None
+
+
 @contextlib.contextmanager
 def open_writer(
     fmt: str,
@@ -268,13 +249,14 @@ def open_writer(
     `columns`: extra CSV and table columns after the standard ones (`p_value` of calibrated runs).
     `top_k`, `classes` and `status` (a progress line to hide while a row is printed) lay out a table.
 
-    If the block raises (an error, Ctrl-C), an atomic JSON/CSV/table file is discarded and a
+    If the block raises (an error, Ctrl-C), an atomic JSON/CSV/Parquet/table file is discarded and a
     JSON Lines file keeps the complete lines written so far.
     """
-    if fmt not in FORMATS:
-        raise OptionsError(f"unknown format '{fmt}' (expected one of {', '.join(FORMATS)})")
+    check_writer(fmt, output)
     with contextlib.ExitStack() as stack:
-        if output is None:
+        if fmt == "parquet":
+            stream = stack.enter_context(atomic_open(output, "wb"))
+        elif output is None:
             stream: IO[str] = stdout or sys.stdout
             if stream is None:  # started with stdout closed (`>&-`)
                 raise OutputError("stdout is closed: results would be lost; write them to a file instead")
@@ -289,6 +271,8 @@ def open_writer(
             writer = JsonWriter(stream)
         elif fmt == "csv":
             writer = CsvWriter(stream, details, columns)
+        elif fmt == "parquet":
+            writer = ParquetWriter(stream, details, columns)
         else:
             writer = TableWriter(stream, details, top_k, columns, classes, status)
         try:
