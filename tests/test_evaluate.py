@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 from clipn_cli.scores import metrics
 from clipn_cli.cli.app import app
 from clipn_cli.errors import EvaluationError
-from clipn_cli.evaluation import (
-    METHODS, SetScores, collect, collect_sets, compute_results, group_ood_specs, id_accuracy, parse_ood_spec,
-)
+from clipn_cli.evaluation import compute_results, id_accuracy
+from clipn_cli.inputs.sets import collect, collect_sets, group_ood_specs, parse_ood_spec
+from clipn_cli.outputs.results import METHODS, SetScores
 from conftest import cli
 
 CLASSES = "cat,horse,rocket,coffee"
