@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 from clipn_cli.scores.calibration import min_calibration_size, operating_points  # noqa: E402
 from clipn_cli.heads.embeddings import embed_classes  # noqa: E402
 from clipn_cli.errors import CalibrationError  # noqa: E402
-from clipn_cli.evaluation import collect_sets, evaluate  # noqa: E402
+from clipn_cli.evaluation import evaluate  # noqa: E402
+from clipn_cli.inputs.sets import collect_sets  # noqa: E402
 from clipn_cli.heads.prompts import clipn_templates  # noqa: E402
 from clipn_cli.weights.checkpoints import load_model  # noqa: E402
 

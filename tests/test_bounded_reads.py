@@ -241,7 +241,7 @@ def test_text_decoders_name_the_true_offset_and_line(tmp_path: Path) -> None:
 
     from clipn_cli.heads.classes import read_class_file
     from clipn_cli.errors import ClipnError, EvaluationError
-    from clipn_cli.evaluation import collect
+    from clipn_cli.inputs.sets import collect
     from clipn_cli.heads.prompts import load_templates
     from clipn_cli.heads.wordpool import read_words
 

@@ -33,7 +33,8 @@ from clipn_cli.inputs import decode as images
 from clipn_cli.cli.app import app
 from clipn_cli.heads.embeddings import ClassEmbeddings
 from clipn_cli.errors import ClassesError, ClipnError, EmbeddingsError, OutputError, WeightsError
-from clipn_cli.inputs.decode import DecodeLimits, jpeg_scans, load_images, load_one, open_image
+from clipn_cli.inputs.decode import load_images, load_one, open_image
+from clipn_cli.inputs.limits import DecodeLimits, jpeg_scans
 from clipn_cli.inputs.sources import InputItem, iter_inputs
 
 IMAGES = Path(__file__).parent / "fixtures" / "images"

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from clipn_cli.scores import methods
 from clipn_cli.cli.app import app
 from clipn_cli.detection import SCORE_FIELDS, check_rule, detections_from_scores
-from clipn_cli.evaluation import METHODS, SetScores, compute_results
+from clipn_cli.evaluation import compute_results
+from clipn_cli.outputs.results import METHODS, SetScores
 from clipn_cli.outputs.writers import CSV_COLUMNS
 from clipn_cli.scores.scoring import Heads, score, score_heads
 
@@ -73,7 +74,7 @@ def fake_set(name: str, role: str, names: list[str], rules: list[str], shift: fl
 
 def test_eval_and_plots_handle_every_method_of_the_table(tmp_path) -> None:
     pytest.importorskip("matplotlib")
-    from clipn_cli.evaluation import Evaluation
+    from clipn_cli.outputs.results import Evaluation
     from clipn_cli.outputs.plots import COLUMNS, histogram_figure, write_plots
 
     names = [m.name for m in methods.TABLE]

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+
+from conftest import cli
 
 from clipn_cli.scores import negatives
 from clipn_cli.heads import wordpool
-from clipn_cli.cli.app import app
 from clipn_cli.heads.embeddings import ClassEmbeddings, embed_classes
 from clipn_cli.errors import ClipnError
 from clipn_cli.heads.prompts import load_templates
@@ -246,15 +246,11 @@ def test_too_few_candidates_is_one_clear_error(tiny) -> None:
         wordpool.mine(model, CLASSES, "neglabel", info.fingerprint, [("noun.artifact", f"thing {i}") for i in range(50)])
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
-
-
 def test_detect_neglabel_and_csp_end_to_end(tiny, tiny_weights: Path, tmp_path: Path) -> None:
     model, info = tiny
     images = [str(IMAGES / name) for name in ("chelsea.png", "rocket.jpg", "coffee.png", "retina.jpg")]
     common = ["detect", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "--words", str(WORDS), "--format", "jsonl"]
-    result = invoke(*common, "--rule", "neglabel", "--threshold", "0.5", "--negatives", "csp", *images)
+    result = cli(*common, "--rule", "neglabel", "--threshold", "0.5", "--negatives", "csp", *images)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["rule"] for r in records] == ["neglabel"] * 4
@@ -274,22 +270,22 @@ def test_detect_neglabel_and_csp_end_to_end(tiny, tiny_weights: Path, tmp_path: 
     assert [r["csp_score"] for r in records] == pytest.approx(scores.extra["csp"].tolist(), abs=1e-6)
     assert [r["atd_score"] for r in records] == pytest.approx(scores.atd.tolist(), abs=1e-6)
 
-    csp = invoke(*common, "--rule", "csp", "--threshold", "0.9", images[0])
+    csp = cli(*common, "--rule", "csp", "--threshold", "0.9", images[0])
     assert csp.exit_code == 0 and json.loads(csp.stdout)["verdict"] in ("ID", "OOD") and "neglabel_score" not in json.loads(csp.stdout)
-    combined = invoke(*common, "--rule", "atd_neg", images[0])  # threshold-free
+    combined = cli(*common, "--rule", "atd_neg", images[0])  # threshold-free
     record = json.loads(combined.stdout)
     assert record["verdict"] == ("OOD" if 1 - record["atd_neg_score"] > scores.extra["atd_neg_best"][0] else "ID")
 
 
 def test_detect_refuses_a_rule_without_verdict_or_negatives(tiny_weights: Path, tmp_path: Path) -> None:
     image = str(IMAGES / "chelsea.png")
-    result = invoke("detect", "-w", str(tiny_weights), "--classes", "cat,dog", "--rule", "neglabel", image)
+    result = cli("detect", "-w", str(tiny_weights), "--classes", "cat,dog", "--rule", "neglabel", image)
     assert result.exit_code == 2 and "no threshold-free verdict: give --threshold" in result.stderr
-    result = invoke("detect", "-w", str(tiny_weights), "--classes", "cat,dog", "--negatives", "bogus", image)
+    result = cli("detect", "-w", str(tiny_weights), "--classes", "cat,dog", "--negatives", "bogus", image)
     assert result.exit_code == 2 and "--negatives must be neglabel or csp" in result.stderr
     plain = tmp_path / "plain.safetensors"
-    assert invoke("embed-classes", "-w", str(tiny_weights), "--classes", "cat,dog", "-o", str(plain), "-t", "simple").exit_code == 0
-    result = invoke("detect", "-w", str(tiny_weights), "-e", str(plain), "--rule", "csp", "--threshold", "0.5", image)
+    assert cli("embed-classes", "-w", str(tiny_weights), "--classes", "cat,dog", "-o", str(plain), "-t", "simple").exit_code == 0
+    result = cli("detect", "-w", str(tiny_weights), "-e", str(plain), "--rule", "csp", "--threshold", "0.5", image)
     assert result.exit_code == 2 and "holds no 'csp' negative labels: rebuild it with 'clipn embed-classes --negatives csp'" in result.stderr
 
 
@@ -297,7 +293,7 @@ def test_embed_classes_stores_negatives_and_old_files_still_load(tiny_weights: P
     from safetensors import safe_open
 
     out = tmp_path / "heads.safetensors"
-    result = invoke("embed-classes", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-o", str(out), "-t", "simple",
+    result = cli("embed-classes", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-o", str(out), "-t", "simple",
                     "--negatives", "neglabel,csp", "--words", str(WORDS))
     assert result.exit_code == 0, result.output
     with safe_open(str(out), framework="pt") as fh:
@@ -305,12 +301,12 @@ def test_embed_classes_stores_negatives_and_old_files_still_load(tiny_weights: P
     loaded = ClassEmbeddings.load(out)
     assert set(loaded.negatives) == {"neglabel", "csp"} and len(loaded.negatives["neglabel"].words) >= 100
     image = str(IMAGES / "chelsea.png")
-    stored = invoke("detect", "-w", str(tiny_weights), "-e", str(out), "--rule", "neglabel", "--threshold", "0.5", "--format", "jsonl", image)
-    fresh = invoke("detect", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-t", "simple", "--words", str(WORDS),
+    stored = cli("detect", "-w", str(tiny_weights), "-e", str(out), "--rule", "neglabel", "--threshold", "0.5", "--format", "jsonl", image)
+    fresh = cli("detect", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-t", "simple", "--words", str(WORDS),
                    "--negatives", "neglabel,csp", "--rule", "neglabel", "--threshold", "0.5", "--format", "jsonl", image)
     assert json.loads(stored.stdout) == json.loads(fresh.stdout)
     plain = tmp_path / "plain.safetensors"
-    invoke("embed-classes", "-w", str(tiny_weights), "--classes", "cat", "-o", str(plain), "-t", "simple")
+    cli("embed-classes", "-w", str(tiny_weights), "--classes", "cat", "-o", str(plain), "-t", "simple")
     with safe_open(str(plain), framework="pt") as fh:
         assert fh.metadata()["format_version"] == "1"  # no negatives: readable by clipn-cli before them
     assert ClassEmbeddings.load(plain).negatives == {}
@@ -323,7 +319,7 @@ def test_eval_reports_and_plots_the_new_methods(tiny_weights: Path, tmp_path: Pa
         folder.mkdir()
         for name in names:
             (folder / name).write_bytes((IMAGES / name).read_bytes())
-    result = invoke("eval", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-t", "simple", "--id", str(id_dir),
+    result = cli("eval", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-t", "simple", "--id", str(id_dir),
                     "--ood", f"misc={ood_dir}", "--negatives", "neglabel,csp", "--words", str(WORDS), "--format", "json",
                     "--plots", str(tmp_path / "plots"), "--save-scores", str(tmp_path / "scores.csv"))
     assert result.exit_code == 0, result.output
@@ -335,7 +331,7 @@ def test_eval_reports_and_plots_the_new_methods(tiny_weights: Path, tmp_path: Pa
     header = (tmp_path / "scores.csv").read_text().splitlines()[0].split(",")
     assert header[5:] == ["ctw", "atd", "msp", "max_logit", "energy", "mcm", "neglabel", "csp", "atd_neg", "ctw_ood", "atd_ood", "atd_neg_ood", "error"]
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["roc-misc.png", "scores-misc.png"]
-    table = invoke("eval", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-t", "simple", "--id", str(id_dir),
+    table = cli("eval", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-t", "simple", "--id", str(id_dir),
                    "--ood", f"misc={ood_dir}", "--negatives", "neglabel", "--words", str(WORDS), "--format", "table")
     assert "NegLabel" in table.stdout and "ATD+NegLabel" in table.stdout and "CSP" not in table.stdout
 
@@ -348,12 +344,12 @@ def test_calibrated_neglabel_verdicts(tiny_weights: Path, tmp_path: Path) -> Non
     images = [str(IMAGES / n) for n in sorted(os.listdir(IMAGES))]
     calib = tmp_path / "calib.json"
     common = ["-w", str(tiny_weights), "--classes", ",".join(CLASSES)]
-    made = invoke("calibrate", *common, "--negatives", "neglabel,csp", "--words", str(WORDS), "--alpha", "0.2", "-o", str(calib), *images)
+    made = cli("calibrate", *common, "--negatives", "neglabel,csp", "--words", str(WORDS), "--alpha", "0.2", "-o", str(calib), *images)
     assert made.exit_code == 0, made.output
     stored = Calibration.load(calib)
     assert {"neglabel", "csp", "atd_neg", "atd"} <= set(stored.scores) and set(stored.negatives) == {"neglabel", "csp"}
 
-    result = invoke("detect", *common, "--words", str(WORDS), "--rule", "neglabel", "--calibration", str(calib), "--format", "jsonl", *images[:4])
+    result = cli("detect", *common, "--words", str(WORDS), "--rule", "neglabel", "--calibration", str(calib), "--format", "jsonl", *images[:4])
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     want = p_values(stored.scores["neglabel"], [r["neglabel_score"] for r in records])
@@ -362,15 +358,15 @@ def test_calibrated_neglabel_verdicts(tiny_weights: Path, tmp_path: Path) -> Non
 
     fewer = tmp_path / "fewer.txt"  # another word list: other negatives, other scores
     fewer.write_text("".join(WORDS.read_text().splitlines(keepends=True)[10:]))
-    other = invoke("detect", *common, "--words", str(fewer), "--rule", "neglabel", "--calibration", str(calib), images[0])
+    other = cli("detect", *common, "--words", str(fewer), "--rule", "neglabel", "--calibration", str(calib), images[0])
     assert other.exit_code == 2 and "other 'neglabel' negative labels" in other.output
     plain = tmp_path / "plain.json"
-    assert invoke("calibrate", *common, "--alpha", "0.2", "-o", str(plain), *images).exit_code == 0
-    missing = invoke("detect", *common, "--words", str(WORDS), "--rule", "neglabel", "--calibration", str(plain), images[0])
+    assert cli("calibrate", *common, "--alpha", "0.2", "-o", str(plain), *images).exit_code == 0
+    missing = cli("detect", *common, "--words", str(WORDS), "--rule", "neglabel", "--calibration", str(plain), images[0])
     assert missing.exit_code == 2 and "calibrate --negatives neglabel" in missing.output
 
     data = json.loads(calib.read_text())
     del data["negatives"]
     calib.write_text(json.dumps(data))
-    damaged = invoke("detect", *common, "--words", str(WORDS), "--rule", "neglabel", "--calibration", str(calib), images[0])
+    damaged = cli("detect", *common, "--words", str(WORDS), "--rule", "neglabel", "--calibration", str(calib), images[0])
     assert damaged.exit_code == 2 and "without the digest of its negative labels" in damaged.output

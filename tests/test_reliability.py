@@ -294,7 +294,8 @@ def test_exit_while_a_thread_holds_the_last_reference_to_a_tensor(tmp_path: Path
 
 
 def test_transform_section_refuses_new_entries_once_closed() -> None:
-    from clipn_cli.inputs.decode import _Section, _Stopped
+    from clipn_cli.inputs.limits import Section as _Section
+    from clipn_cli.inputs.limits import Stopped as _Stopped
 
     section = _Section()
     with section.inside():

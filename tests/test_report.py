@@ -26,7 +26,8 @@ import pytest
 from typer.testing import CliRunner
 
 from clipn_cli.cli.app import app
-from clipn_cli.evaluation import METHODS, Evaluation, SetScores, compute_results
+from clipn_cli.evaluation import compute_results
+from clipn_cli.outputs.results import METHODS, Evaluation, SetScores
 from clipn_cli.outputs.report import GALLERY_SIZE, DetectReport, eval_report, thumbnail_uri
 
 ROOT = Path(__file__).resolve().parents[1]

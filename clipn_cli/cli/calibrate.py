@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from ..inputs.sources import INPUT_KINDS_HELP
 from .common import (
     INPUTS, OUTPUT, CALIBRATION,
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
@@ -18,7 +19,7 @@ from .runtime import add_negatives, class_embeddings, load_classes, load_weights
 
 
 def calibrate(
-    paths: Annotated[list[str] | None, typer.Argument(help="Images known to be ID (no labels needed): files, directories, globs, .csv/.parquet tables, or - for paths on stdin.", show_default=False)] = None,
+    paths: Annotated[list[str] | None, typer.Argument(help=f"Images known to be ID (no labels needed): {INPUT_KINDS_HELP}.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", rich_help_panel=OUTPUT, help="The calibration file to write (JSON).", show_default=False)] = None,
     classes: ClassesOpt = None,
     classes_file: ClassesFileOpt = None,
@@ -57,7 +58,8 @@ def calibrate(
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
 
-        from ..evaluation import ImageSet, score_set
+        from ..evaluation import score_set
+        from ..inputs.sets import ImageSet
         from ..inputs.sources import iter_inputs
 
         items = list(iter_inputs(paths, sys.stdin))

@@ -12,6 +12,7 @@ import typer
 
 from ..model.devices import tune_process
 from ..scores.methods import RULES, VERDICT_RULES
+from ..inputs.sources import INPUT_KINDS_HELP
 from ..outputs.writers import FORMATS, check_writer
 from ..verdicts import VerdictStep, check_verdict_options
 from .common import (
@@ -28,7 +29,7 @@ from .runtime import (
 
 
 def detect(
-    paths: Annotated[list[str] | None, typer.Argument(help="Image files, directories (recursive), glob patterns, .csv/.parquet tables with a path column, or - to read paths from stdin.", show_default=False)] = None,
+    paths: Annotated[list[str] | None, typer.Argument(help=f"Inputs: {INPUT_KINDS_HELP}.", show_default=False)] = None,
     classes: ClassesOpt = None,
     classes_file: ClassesFileOpt = None,
     embeddings: Annotated[Path | None, typer.Option("--embeddings", "-e", rich_help_panel=INPUTS, help="Class embeddings from 'clipn embed-classes'.", show_default=False)] = None,

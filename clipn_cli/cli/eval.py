@@ -11,6 +11,7 @@ from typing import IO, TYPE_CHECKING, Annotated
 
 import typer
 
+from ..inputs.sources import INPUT_KINDS_HELP
 from .common import (
     INPUTS, MODEL, RULE, OUTPUT, CALIBRATION,
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
@@ -22,14 +23,14 @@ from .runtime import add_negatives, class_embeddings, load_classes, load_weights
 
 if TYPE_CHECKING:
     from ..scores.calibration import OperatingPoint
-    from ..evaluation import Evaluation
+    from ..outputs.results import Evaluation
 
 FORMATS = ("table", "json", "csv")
 CSV_COLUMNS = ("ood", "method", "auroc", "fpr95", "aupr_in", "aupr_out", "id_flagged", "ood_caught", "threshold_95", "fpr95_convention")
 
 
 def evaluate(
-    id_paths: Annotated[list[str], typer.Option("--id", rich_help_panel=INPUTS, help="ID images: a directory (recursive; class-named sub-folders give ID accuracy), a glob, a .csv/.parquet table with a path column, or a text file listing paths. Repeatable: one class-named folder per --id also gives ID accuracy.", show_default=False)],
+    id_paths: Annotated[list[str], typer.Option("--id", rich_help_panel=INPUTS, help=f"ID images: {INPUT_KINDS_HELP} (one - among all --id/--ood). A directory's class-named sub-folders give ID accuracy. Repeatable: one class-named folder per --id also gives ID accuracy.", show_default=False)],
     ood: Annotated[list[str], typer.Option("--ood", rich_help_panel=INPUTS, help="OOD images as NAME=PATH (PATH as for --id). Repeatable; a repeated NAME merges its paths.", show_default=False)],
     classes: ClassesOpt = None,
     classes_file: ClassesFileOpt = None,
@@ -85,7 +86,8 @@ def evaluate(
             from ..scores.calibration import check_alpha
 
             check_alpha(alpha)
-        from ..evaluation import check_convention, collect_sets, group_ood_specs
+        from ..evaluation import check_convention
+        from ..inputs.sets import collect_sets, group_ood_specs
 
         check_convention(fpr_convention)
         if plots is not None:
@@ -95,7 +97,7 @@ def evaluate(
         pools = parse_negatives(negatives)
         names = load_classes(classes, classes_file, embeddings)
         preflight(weights, device, embeddings=embeddings, templates=templates, files={"--words": words})
-        sets = collect_sets(id_paths, group_ood_specs(ood))
+        sets = collect_sets(id_paths, group_ood_specs(ood), sys.stdin)
         if alpha is not None:
             from ..scores.calibration import check_size
 
@@ -128,7 +130,7 @@ def evaluate(
             write_html(report, eval_report(evaluation, points, provenance=made_by))
             info(f"wrote the report to {report}")
         if save_scores is not None:
-            from ..evaluation import write_scores
+            from ..outputs.results import write_scores
 
             write_scores(evaluation, save_scores)
             info(f"wrote per-image scores to {save_scores}")
@@ -216,7 +218,7 @@ def _print_table(evaluation: Evaluation, stream: IO[str]) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from ..evaluation import LABELS as METHODS
+    from ..outputs.results import LABELS as METHODS
     from ..scores.metrics import FPR_CONVENTIONS
 
     def pct(value: float | None) -> str:
@@ -249,7 +251,7 @@ def _print_points(points: list[OperatingPoint], stream: IO[str]) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from ..evaluation import METHODS
+    from ..outputs.results import METHODS
 
     first = points[0]
     table = Table(header_style="bold", title_justify="left", title=f"Calibrated verdicts at alpha {first.alpha:g} (%)", caption_justify="left",

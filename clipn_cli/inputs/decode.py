@@ -8,12 +8,9 @@ with the OpenAI mean/std. EXIF orientation is ignored by default, as in the offi
 from __future__ import annotations
 
 import atexit
-import contextlib
 import io
-import mmap
 import os
 import queue
-import re
 import stat
 import struct
 import threading
@@ -29,7 +26,11 @@ from typing import IO, Any
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ClipnError, ImageError
+from ..errors import ImageError
+from .limits import (
+    BUDGET, GIVE_UP_AFTER, TRANSFORM_EXIT_WAIT, DecodeLimits, Guard, Section, Stopped, decode_estimate, jpeg_scans_of,
+    limit_aspect,
+)
 from .sources import InputItem, os_reason
 
 # Formats Pillow decodes in-process with its own or a linked library; nothing that hands the file
@@ -37,10 +38,6 @@ from .sources import InputItem, os_reason
 # multi-picture JPEG of many cameras) is what Pillow's JPEG reader reports for such files.
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
 _OPENED_FORMATS = frozenset({*ALLOWED_FORMATS, "MPO"})
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own decompression-bomb limit
-MAX_ASPECT = 100  # longer side / shorter side beyond which the long side is centre-cropped first
-GIVE_UP_AFTER = 5.0  # seconds past a decode's time limit after which it is abandoned inside a C call
-TRANSFORM_EXIT_WAIT = 60.0  # at exit, the longest wait for transforms under way (one bounded image each)
 # What other formats look like, so that a refusal can name the format it refuses.
 _SIGNATURES = (
     (b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"), (b"\x00\x00\x01\x00", "ICO"),
@@ -50,108 +47,7 @@ _SIGNATURES = (
 )
 
 
-def _env_number(name: str, default: float, kind: type = int) -> Any:
-    """A positive number from the environment, or the default (a bad value is an error naming the variable)."""
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ClipnError(f"${name} must be a positive number, not {raw[:40]!r}") from None
-    if value <= 0:
-        raise ClipnError(f"${name} must be a positive number, not {raw[:40]!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Bounds on the work one untrusted image may cost; defaults can be changed by environment variables.
-
-    - `max_pixels` (CLIPN_MAX_PIXELS): width × height of the frame that is decoded.
-    - `memory_mb` (CLIPN_DECODE_MEMORY_MB): the estimated memory one decode may take, and the total that
-      all decoding threads together may hold at once (larger images wait their turn).
-    - `max_jpeg_scans` (CLIPN_MAX_JPEG_SCANS): scans of a progressive JPEG; each one is a pass over the
-      whole image, so thousands of tiny scans take minutes to decode.
-    - `timeout` (CLIPN_DECODE_TIMEOUT, seconds): decoding time per image, waits for memory not counted.
-    """
-
-    max_pixels: int = MAX_PIXELS
-    memory_mb: int = 512
-    max_jpeg_scans: int = 100
-    timeout: float = 10.0
-
-    @classmethod
-    def from_env(cls) -> DecodeLimits:
-        return cls(
-            max_pixels=_env_number("CLIPN_MAX_PIXELS", MAX_PIXELS),
-            memory_mb=_env_number("CLIPN_DECODE_MEMORY_MB", 512),
-            max_jpeg_scans=_env_number("CLIPN_MAX_JPEG_SCANS", 100),
-            timeout=_env_number("CLIPN_DECODE_TIMEOUT", 10.0, float),
-        )
-
-
-class _Stopped(Exception):
-    """Raised from a read inside the decoder: the run is stopping or the image ran out of time."""
-
-
-class _Guard:
-    """Checked on every read Pillow makes: a decode stops at its next read when time is up or the run ends."""
-
-    def __init__(self, timeout: float, stop: threading.Event | None) -> None:
-        self.timeout = timeout
-        self.stop = stop
-        self.deadline = float("inf")  # set when the decode starts, not while it waits in a queue
-
-    def start(self) -> None:
-        self.deadline = time.monotonic() + self.timeout
-
-    def extend(self, seconds: float) -> None:
-        self.deadline += seconds
-
-    def check(self) -> None:
-        if self.stop is not None and self.stop.is_set():
-            raise _Stopped("the run is stopping")
-        if time.monotonic() > self.deadline:
-            raise _Stopped(f"decoding took longer than {self.timeout:g} s (limit CLIPN_DECODE_TIMEOUT); a decoding-time bomb?")
-
-
-class _Section:
-    """Code no thread may be inside while the interpreter ends (torch's C++): counted entries, and a
-    `close` that refuses new ones and waits for those inside to leave."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._inside = 0
-        self._closed = False
-
-    def enter(self) -> None:
-        with self._changed:
-            if self._closed:
-                raise _Stopped("the run is stopping")
-            self._inside += 1
-
-    def leave(self) -> None:
-        with self._changed:
-            self._inside -= 1
-            self._changed.notify_all()
-
-    @contextlib.contextmanager
-    def inside(self) -> Iterator[None]:
-        self.enter()
-        try:
-            yield
-        finally:
-            self.leave()
-
-    def close(self, timeout: float) -> bool:
-        """Refuse new entries; True once nobody is inside, False if `timeout` seconds passed first."""
-        with self._changed:
-            self._closed = True
-            return self._changed.wait_for(lambda: self._inside == 0, timeout)
-
-
-_TRANSFORMS = _Section()
+_TRANSFORMS = Section()
 # A decoding thread stays inside _TRANSFORMS from its transform until it has let go of the result:
 # freeing a tensor's last reference is torch C++ too (it releases the GIL), and it happens in
 # whichever thread drops that reference last.
@@ -159,97 +55,13 @@ _POOL_THREAD = threading.local()
 
 
 class _GuardedReader(io.BufferedReader):
-    def __init__(self, raw: io.RawIOBase, guard: _Guard) -> None:
+    def __init__(self, raw: io.RawIOBase, guard: Guard) -> None:
         super().__init__(raw, buffer_size=1 << 16)
         self._guard = guard
 
     def read(self, size: int | None = -1) -> bytes:
         self._guard.check()
         return super().read(size)
-
-
-class _MemoryBudget:
-    """Estimated bytes of images being decoded, shared by every decoding thread of the process."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._used = 0
-
-    @contextlib.contextmanager
-    def hold(self, nbytes: int, capacity: int, guard: _Guard) -> Iterator[None]:
-        waited_from = time.monotonic()
-        with self._cond:
-            while self._used and self._used + nbytes > capacity:
-                guard.check()
-                self._cond.wait(0.05)
-                guard.extend(time.monotonic() - waited_from)
-                waited_from = time.monotonic()
-            self._used += nbytes
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._used -= nbytes
-                self._cond.notify_all()
-
-
-_BUDGET = _MemoryBudget()
-# Pillow allocates pixels in blocks (16 MB by default) that glibc serves from its heap arenas, which
-# keep freed memory: with several decoding threads, each arena kept a large image's worth. Blocks
-# above glibc's largest mmap threshold (32 MB) are always mapped and unmapped, so a decoded image's
-# memory goes back to the system when it is freed (a bomb folder: +480 MB of peak memory → +170 MB).
-if "PILLOW_BLOCK_SIZE" not in os.environ:
-    Image.core.set_block_size(64 << 20)
-_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-_MAX_JPEG_SEGMENTS = 10_000
-
-
-def jpeg_scans(data: bytes | mmap.mmap, limit: int) -> int:
-    """Count the scans (SOS markers) of a JPEG from its markers, stopping past `limit`; decodes nothing.
-
-    Segments are skipped by their lengths and entropy-coded data by searching for the next marker,
-    so a thumbnail inside EXIF is not counted. Too many segments of any kind also count as over the limit.
-    """
-    pos, scans, segments, size = 2, 0, 0, len(data)
-    while pos + 4 <= size and scans <= limit:
-        segments += 1
-        if segments > _MAX_JPEG_SEGMENTS:
-            return limit + 1
-        if data[pos] != 0xFF:
-            found = _JPEG_MARKER.search(data, pos)
-            if not found:
-                break
-            pos = found.start()
-            continue
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-        elif marker == 0xD9:
-            break
-        elif 0xD0 <= marker <= 0xD7 or marker in (0x01, 0xD8):
-            pos += 2
-        else:
-            end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-            if marker != 0xDA:
-                pos = end
-                continue
-            scans += 1
-            found = _JPEG_MARKER.search(data, end)
-            if not found:
-                break
-            pos = found.start()
-    return scans
-
-
-def jpeg_scans_of(fp: IO[bytes], limit: int) -> int:
-    """`jpeg_scans` of an open file (through a read-only map of its descriptor) or an in-memory one."""
-    try:
-        fd = fp.fileno()
-    except (OSError, io.UnsupportedOperation):
-        raw = getattr(fp, "raw", fp)
-        return jpeg_scans(raw.getvalue(), limit)
-    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as data:
-        return jpeg_scans(data, limit)
 
 
 def _refused_format(head: bytes) -> str:
@@ -291,23 +103,12 @@ def _open_descriptor(path: str) -> io.RawIOBase:
         raise
 
 
-def _decode_estimate(img: Image.Image, exif_transpose: bool) -> int:
-    """Bytes a decode of `img` holds at its peak: Pillow's pixel buffer (4 bytes a pixel for RGB), a
-    second full-size copy where one is made, and a progressive JPEG's coefficients (2 bytes per sample)."""
-    pixels = img.width * img.height
-    per_pixel = 1 if img.mode in ("1", "L", "P") else 2 if img.mode.startswith("I;16") else 4
-    short, long = sorted(img.size)
-    copies = 2 if img.mode in ("RGBA", "LA", "PA") or exif_transpose or long > short * MAX_ASPECT else 1
-    coefficients = 2 * pixels * len(img.getbands()) if img.info.get("progressive") else 0
-    return pixels * per_pixel * copies + coefficients
-
-
 def _decode(
     fp: IO[bytes],
     exif_transpose: bool,
     draft: int,
     limits: DecodeLimits,
-    guard: _Guard,
+    guard: Guard,
     transform: Callable[[Image.Image], Any] | None,
 ) -> Any:
     """Identify (allowed formats only), check the frame to be decoded, decode within the budget, transform."""
@@ -331,14 +132,14 @@ def _decode(
                 raise ImageError(f"progressive JPEG with more than {limits.max_jpeg_scans} scans (limit CLIPN_MAX_JPEG_SCANS); a decoding-time bomb?")
         if draft and img.format == "JPEG":
             img.draft(img.mode, (draft, draft))
-        need = _decode_estimate(img, exif_transpose)
+        need = decode_estimate(img, exif_transpose)
         capacity = limits.memory_mb << 20
         if need > capacity:
             raise ImageError(
                 f"image needs about {need >> 20} MB to decode (limit {limits.memory_mb} MB, CLIPN_DECODE_MEMORY_MB): "
                 f"{img.width}x{img.height} {img.mode}; possible decompression bomb"
             )
-        with _BUDGET.hold(need, capacity, guard):
+        with BUDGET.hold(need, capacity, guard):
             img.load()
             out = limit_aspect(ImageOps.exif_transpose(img) if exif_transpose else img)
             if transform is None:
@@ -358,7 +159,7 @@ def _read_image(
     limits: DecodeLimits | None,
     stop: threading.Event | None,
     transform: Callable[[Image.Image], Any] | None,
-    guard: _Guard | None = None,
+    guard: Guard | None = None,
     data: bytes | None = None,
 ) -> Any:
     """Open, check and decode one image file (then `transform` it); every failure is an ImageError.
@@ -366,7 +167,7 @@ def _read_image(
     `data`: the file's bytes, already read (a remote engine's input); `path` then only names it.
     """
     limits = limits or DecodeLimits.from_env()
-    guard = guard or _Guard(limits.timeout, stop)
+    guard = guard or Guard(limits.timeout, stop)
     guard.start()
     try:
         if data is not None and not data:
@@ -376,7 +177,7 @@ def _read_image(
             return _decode(fp, exif_transpose, draft, limits, guard, transform)
     except ImageError:
         raise
-    except _Stopped as exc:
+    except Stopped as exc:
         raise ImageError(str(exc)) from None
     except ValueError as exc:
         if "null byte" in str(exc):
@@ -416,24 +217,6 @@ def open_image(
     return _read_image(path, exif_transpose, draft, limits, None, None, data=data)
 
 
-def limit_aspect(img: Image.Image, max_aspect: int = MAX_ASPECT) -> Image.Image:
-    """Centre-crop the long side of extreme panoramas/strips to `max_aspect` × the short side.
-
-    Resizing the short side to 224 would otherwise blow a 1×20000 strip up to 224×4,480,000
-    pixels (3 GB) just to keep its central 224×224 crop. Images within the limit (all normal
-    photos) are untouched, so parity with the official pipeline holds for them.
-    """
-    short, long = sorted(img.size)
-    if long <= short * max_aspect:
-        return img
-    keep = short * max_aspect
-    if img.width > img.height:
-        left = (img.width - keep) // 2
-        return img.crop((left, 0, left + keep, img.height))
-    top = (img.height - keep) // 2
-    return img.crop((0, top, img.width, top + keep))
-
-
 def make_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """open_clip's eval transform (the one the official inference uses) at the model's size."""
     import open_clip
@@ -462,7 +245,7 @@ def load_one(
     draft: int = 0,
     limits: DecodeLimits | None = None,
     stop: threading.Event | None = None,
-    _guard: _Guard | None = None,
+    _guard: Guard | None = None,
 ) -> LoadedImage:
     """Open, check, decode and preprocess one input; never raises for a bad file.
 
@@ -568,10 +351,10 @@ def load_images(
             yield load_one(item, transform, exif_transpose, draft, limits, stop)
         return
     pool = _DecodePool(workers, stop)
-    pending: deque[tuple[InputItem, _Guard, Future[LoadedImage]]] = deque()
+    pending: deque[tuple[InputItem, Guard, Future[LoadedImage]]] = deque()
 
     def submit(item: InputItem) -> None:
-        guard = _Guard(limits.timeout, stop)
+        guard = Guard(limits.timeout, stop)
         pending.append((item, guard, pool.submit(lambda: load_one(item, transform, exif_transpose, draft, limits, stop, guard))))
 
     def next_result() -> LoadedImage:

@@ -1,5 +1,7 @@
 """What the user named as inputs, expanded into one InputItem per image: files, folders (recursive,
-image extensions), globs, paths on stdin and path tables. Nothing here decodes an image (`images`).
+image extensions), globs, paths on stdin, path tables and path lists. Nothing here decodes an image
+(`decode`). Every command (detect, eval, calibrate, the Ray engine) reads its inputs here, so they all
+accept the kinds `INPUT_KINDS_HELP` lists.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
 GLOB_CHARS = frozenset("*?[")
+# The input kinds every command accepts, as its help text names them (one place for all of them).
+INPUT_KINDS_HELP = (
+    "image files, directories (recursive), glob patterns, .csv/.parquet tables with a path column, "
+    ".txt/.lst lists of paths (one per line), or - for paths on stdin"
+)
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,7 @@ class InputItem:
 
 def iter_inputs(args: Iterable[str], stdin: IO[str] | IO[bytes] | None = None) -> Iterator[InputItem]:
     """Expand files, directories (recursive, image extensions), globs, `-` (paths on stdin) and
-    tables (a .parquet or .csv file: its `path` column, see `iter_table`).
+    tables (a .parquet or .csv file's `path` column, a .txt or .lst list's lines, see `iter_table`).
 
     Lazy: paths from stdin and tables are yielded as they are read, so millions of them stream through.
     Path lines are read as bytes and decoded as the file system does (`os.fsdecode`), so a file
@@ -73,8 +80,8 @@ def iter_inputs(args: Iterable[str], stdin: IO[str] | IO[bytes] | None = None) -
 def iter_table(path: str, batch_rows: int = 65_536) -> Iterator[InputItem]:
     """The inputs a table names, streamed; raises TableError when it cannot be read as a table.
 
-    Relative paths in a table are taken relative to the table's folder (as `eval` path lists are),
-    so a table and its images can move together.
+    Relative paths in a table or list are taken relative to its folder, so a table and its images
+    can move together.
     """
     base = os.path.dirname(path)
     for row, value in enumerate(table_paths(path, batch_rows), 1):

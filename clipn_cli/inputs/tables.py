@@ -1,6 +1,7 @@
-"""Tables of image paths (.parquet, .csv with a `path` column) given as inputs.
+"""Tables of image paths given as inputs: .parquet or .csv with a `path` column, and path lists
+(.txt or .lst: one path per line, blank lines and `#` comments skipped).
 
-Only the column is read here, streamed and bounded (a CSV line at most 1 MiB, a Parquet row group's
+Only the column is read here, streamed and bounded (a CSV or list line at most 1 MiB, a Parquet row group's
 path column at most 256 MiB uncompressed as its metadata declares it, each path at most 64 KiB as
 its dictionary expands it, the table opened as a regular file only); `inputs.iter_inputs` makes
 inputs of its values.
@@ -17,7 +18,8 @@ from typing import IO, Any
 from ..errors import ClipnError
 from ..files import NotRegularFileError, UnicodeTextError, decode_utf8, open_regular
 
-TABLE_SUFFIXES = (".parquet", ".csv")
+LIST_SUFFIXES = (".txt", ".lst")
+TABLE_SUFFIXES = (".parquet", ".csv", *LIST_SUFFIXES)
 PATH_COLUMN = "path"
 MAX_CSV_LINE = 1 << 20  # a CSV line of paths; the csv module refuses a field over 128 KiB in any case
 MAX_PARQUET_CHUNK = 256 << 20  # uncompressed bytes of the path column in one row group (read whole at once)
@@ -36,9 +38,13 @@ def is_table(arg: str) -> bool:
 
 
 def table_paths(path: str, batch_rows: int = 65_536) -> Iterator[str | None]:
-    """The `path` column of a Parquet or CSV file, streamed (one row group / CSV line at a time);
-    None or "" where a row has no name. A file that cannot be read as a table raises TableError."""
-    return _parquet_paths(path, batch_rows) if path.lower().endswith(".parquet") else _csv_paths(path)
+    """The `path` column of a Parquet or CSV file, or the lines of a path list, streamed (one row
+    group / line at a time); None or "" where a table's row has no name. A file that cannot be read
+    as a table raises TableError."""
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        return _parquet_paths(path, batch_rows)
+    return _list_paths(path) if lower.endswith(LIST_SUFFIXES) else _csv_paths(path)
 
 
 def _parquet_paths(path: str, batch_rows: int) -> Iterator[str | None]:
@@ -121,6 +127,23 @@ def _csv_paths(path: str) -> Iterator[str | None]:
         raise TableError(f"{path}: not a readable CSV table ({line}{str(exc)[:160]})") from None
     except OSError as exc:
         raise TableError(f"{path}: cannot read the table: {exc.strerror or exc}") from None
+
+
+def _list_paths(path: str) -> Iterator[str]:
+    """The paths of a UTF-8 list, one per line, stripped; blank lines and `#` comments are not inputs."""
+    try:
+        with _open_regular(path) as raw:
+            for line in _bounded_lines(raw):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    yield line
+    except UnicodeTextError as exc:
+        raise TableError(f"{path}: not a UTF-8 list of image paths (byte {exc.offset}, line {exc.line}); "
+                         "is it an image with an unknown extension?") from None
+    except ValueError as exc:  # a line past the limit
+        raise TableError(f"{path}: not a readable list of image paths ({str(exc)[:160]})") from None
+    except OSError as exc:
+        raise TableError(f"{path}: cannot read the path list: {exc.strerror or exc}") from None
 
 
 def _open_regular(path: str) -> IO[bytes]:

@@ -91,7 +91,7 @@ def validate_config(cfg: Any, source: str) -> dict[str, Any]:
     if not _is_plain_clip(cfg):
         raise ConfigError(f"{source}: only open_clip's built-in CLIP towers are supported (no HF/timm towers)")
     _check_arithmetic(cfg, source)
-    from ..inputs.decode import _env_number
+    from ..inputs.limits import env_number as _env_number
 
     cap = _env_number("CLIPN_MAX_PARAMS", MAX_PARAMETERS)
     if (count := estimate_parameters(cfg)) > cap:

@@ -18,14 +18,14 @@ import numpy as np
 from ..scores import methods as method_table
 from ..scores import metrics
 from ..errors import ClipnError
-from ..evaluation import LABELS as METHODS
+from .results import LABELS as METHODS
 from ..files import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ..evaluation import Evaluation, MethodResult, SetScores
+    from .results import Evaluation, MethodResult, SetScores
 
 ID_COLOR, OOD_COLOR = "#1f77b4", "#d62728"
 METHOD_COLORS = {m.name: m.color for m in method_table.TABLE}

@@ -31,7 +31,7 @@ from ..files import atomic_open
 
 if TYPE_CHECKING:
     from ..scores.calibration import CalibratedVerdicts, OperatingPoint
-    from ..evaluation import Evaluation
+    from .results import Evaluation
 
 GALLERY_SIZE = 48  # thumbnails per gallery
 THUMB_PIXELS = 112  # longest side of a thumbnail
@@ -328,7 +328,7 @@ def eval_report(evaluation: Evaluation, points: Sequence[OperatingPoint] = (), t
 
     `provenance`: what made it (weights, classes, version, date, options), shown at the top.
     """
-    from ..evaluation import METHODS
+    from .results import METHODS
 
     id_set = evaluation.sets[0]
     ood_sets = [s for s in evaluation.sets[1:] if s.paths]
