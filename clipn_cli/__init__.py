@@ -34,7 +34,7 @@ _API = {
     "score": "scores.scoring",
     "score_heads": "scores.scoring",
     "Heads": "scores.scoring",
-    "Scores": "scores.scoring",
+    "Scores": "scores.methods",
     "mine": "heads.wordpool",
     "iter_inputs": "inputs.sources",
     "load_one": "inputs.decode",

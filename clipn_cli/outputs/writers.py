@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from ..errors import OutputError
 from ..files import LineFile, atomic_open
+from ..jsonsafe import json_text
 from ..scores.methods import record_fields
 
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -80,21 +81,6 @@ def _count(value: Any) -> bool:
 def _shown(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (str, int, float, type(None))) else type(value).__name__
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def json_text(value: Any, **kwargs: Any) -> str:
-    """JSON that is valid UTF-8 whatever the paths hold.
-
-    A file name with bytes that are not UTF-8 reaches Python as lone surrogates ('\\udce9'):
-    they cannot be written as UTF-8, so such a record is written with \\u escapes, which
-    `json.loads` turns back into the same str (and `os.fsencode` into the same bytes).
-    """
-    text = json.dumps(value, ensure_ascii=False, **kwargs)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(value, ensure_ascii=True, **kwargs)
-    return text
 
 
 class Writer:

@@ -4,17 +4,48 @@ the CLI's `--rule` choices all read it, so a new method is one entry here plus i
 Every score is "higher = more ID". A method with a `verdict` says ID/OOD by itself (threshold-free);
 the others need a threshold (`clipn detect --threshold`, e.g. `thr@95%ID` from `clipn eval`).
 `needs_no` methods use CLIPN's "no" tower; `pool` names the negative-label pool a method uses.
-No torch here: the table is read by `--help` and option checks.
+`Scores`, what a method reads, lives here too so that `scoring` (which makes it) and this table
+(which reads it) need no circle. No torch imported here: the table is read by `--help` and option checks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .scoring import Scores
+    import torch
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Every per-image quantity of CLIPN and the baselines; leading dimension = images."""
+
+    logits_yes: torch.Tensor  # (N, C) scale · cos(f, yes_c)
+    logits_no: torch.Tensor | None  # (N, C) scale · cos(f, no_c); None (and so the CLIPN rules) for a plain CLIP
+    p_yes: torch.Tensor | None  # (N, C) softmax over the (yes, no) pair, "yes" entry
+    probs: torch.Tensor  # (N, C) softmax over classes of logits_yes
+    pred: torch.Tensor  # (N,) argmax class of the yes head
+    ctw: torch.Tensor | None  # (N,) p_yes at the predicted class; OOD iff < 0.5
+    atd: torch.Tensor | None  # (N,) Σ_c p_yes_c · p_c
+    p_ood: torch.Tensor | None  # (N,) 1 − atd, the (C+1)-th "unknown" probability of ATD
+    atd_best: torch.Tensor | None  # (N,) max_c p_yes_c · p_c; ATD says OOD iff p_ood > this
+    msp: torch.Tensor  # (N,) max softmax probability
+    max_logit: torch.Tensor  # (N,) max of logits_yes
+    energy: torch.Tensor  # (N,) logsumexp of logits_yes (higher = more ID)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # (N,) scores of the other methods (mcm, neglabel, ...)
+
+    def is_ood(self, rule: str) -> torch.Tensor:
+        """Threshold-free verdicts (`TABLE`): True where the image is out of distribution."""
+        method = BY_NAME.get(rule)
+        if method is None or method.verdict is None:
+            raise ValueError(f"unknown rule '{rule}' (expected one of {', '.join(VERDICT_RULES)})")
+        return method.verdict(self)
+
+    def value(self, method: str) -> torch.Tensor:
+        """(N,) the score of `method` (higher = more ID)."""
+        return get(method).value(self)
 
 
 @dataclass(frozen=True)
