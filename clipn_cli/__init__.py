@@ -41,7 +41,7 @@ _API = {
     "DecodeLimits": "inputs.decode",
     "encode_images": "model.encode",
     "detect": "detection",
-    "Detection": "detection",
+    "Detection": "outputs.records",
     "ClassEmbeddings": "heads.embeddings",
     "FeatureCache": "model.feature_cache",
     "collect_sets": "evaluation",

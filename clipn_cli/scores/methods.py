@@ -105,6 +105,11 @@ def get(name: str) -> Method:
         raise ValueError(f"unknown method '{name}' (expected one of {', '.join(BY_NAME)})") from None
 
 
+def label(name: str) -> str:
+    """What tables and plots call method `name` (the name itself if the table lacks it)."""
+    return BY_NAME[name].label if name in BY_NAME else name
+
+
 def available(pools: tuple[str, ...] | list[str] = (), has_no: bool = True) -> tuple[Method, ...]:
     """The methods that can be computed with these negative-label pools and model."""
     return tuple(m for m in TABLE if (m.pool is None or m.pool in pools) and (has_no or not m.needs_no))
