@@ -68,6 +68,13 @@ class Method:
         return self.verdict is not None
 
 
+def gen(probs: torch.Tensor, gamma: float = 0.1, top: int = 100) -> torch.Tensor:
+    """GEN (Liu et al., CVPR 2023): −Σ p_j^γ (1 − p_j)^γ over the min(`top`, classes) largest softmax
+    probabilities, the negated generalized entropy (higher = more ID); γ = 0.1, M = 100 as the paper's ImageNet setting."""
+    p = probs.double().topk(min(top, probs.shape[-1]), dim=-1).values
+    return -(p.pow(gamma) * (1.0 - p).pow(gamma)).sum(dim=-1)
+
+
 def _extra(name: str) -> Callable[[Scores], Any]:
     return lambda s: s.extra[name]
 
@@ -80,6 +87,8 @@ TABLE: tuple[Method, ...] = (
     Method("msp", "MSP", "#ff7f0e", lambda s: s.msp, "msp", description="max softmax probability (logits 100·cos)"),
     Method("max_logit", "MaxLogit", "#8c564b", lambda s: s.max_logit, "max_logit", description="max logit"),
     Method("energy", "Energy", "#e377c2", lambda s: s.energy, "energy", description="logsumexp of the logits"),
+    Method("gen", "GEN", "#393b79", lambda s: gen(s.probs), "gen_score",
+           description="generalized entropy of the top-100 softmax probabilities, γ = 0.1 (CVPR 2023)"),
     Method("mcm", "MCM", "#17becf", _extra("mcm"), description="max softmax of cosines (temperature 1)"),
     Method("neglabel", "NegLabel", "#bcbd22", _extra("neglabel"), "neglabel_score", pool="neglabel",
            description="grouped ID probability mass against ~10k WordNet negative labels (ICLR 2024)"),
