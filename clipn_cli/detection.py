@@ -3,70 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import RuleError
 from .heads.embeddings import ClassEmbeddings
 from .inputs.sources import InputItem
+from .model.clipn import CLIPN
 from .model.devices import pipeline_sizes
 from .model.encode import EncodedImage, encode_images
+from .outputs.records import SCORE_FIELDS, Detection  # re-exported: clipn_cli.detection.Detection stays
 from .scores import methods
-from .model.clipn import CLIPN
 from .scores.scoring import Heads, Scores, score_heads
 
 if TYPE_CHECKING:
     from .model.feature_cache import FeatureCache
 
-SCORE_FIELDS = methods.record_fields(methods.available())  # always present; negative-label methods add theirs
-
-
-@dataclass
-class Detection:
-    """The verdict for one input, or the error that prevented one."""
-
-    path: str
-    error: str | None = None
-    verdict: str | None = None  # "ID" or "OOD"
-    rule: str | None = None
-    class_name: str | None = None
-    class_index: int | None = None
-    ctw_score: float | None = None
-    atd_score: float | None = None
-    p_ood: float | None = None
-    msp: float | None = None
-    max_logit: float | None = None
-    energy: float | None = None
-    p_yes: list[float] | None = None
-    logits_yes: list[float] | None = None
-    logits_no: list[float] | None = None
-    top_k: list[dict[str, Any]] = field(default_factory=list)
-    extra_scores: dict[str, float] = field(default_factory=dict)  # fields of methods with negative labels
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def as_dict(self, details: bool = False) -> dict[str, Any]:
-        """The JSON record: `path` and `error`, or the verdict and scores (plus details if asked)."""
-        if self.error is not None:
-            return {"path": self.path, "error": self.error}
-        record: dict[str, Any] = {
-            "path": self.path,
-            "verdict": self.verdict,
-            "rule": self.rule,
-            "class": self.class_name,
-            "class_index": self.class_index,
-        }
-        record.update({name: getattr(self, name) for name in SCORE_FIELDS})
-        record.update(self.extra_scores)
-        if details:
-            record.update(p_yes=self.p_yes, logits_yes=self.logits_yes, logits_no=self.logits_no)
-        if self.top_k:
-            record["top_k"] = self.top_k
-        return record
+__all__ = ["SCORE_FIELDS", "Detection", "check_rule", "detect", "detections_from_scores", "record_columns", "score_encoded", "verdicts"]
 
 
 def verdicts(scores: Scores, rule: str, threshold: float | None = None) -> torch.Tensor:
@@ -100,7 +54,6 @@ def detections_from_scores(
     ood = verdicts(scores, rule, threshold).tolist()
     pred = scores.pred.tolist()
     columns = record_columns(scores)
-    extra = [name for name in columns if name not in SCORE_FIELDS]
     k = min(top_k, len(classes))
     top = torch.topk(scores.probs, k, dim=-1) if k else None
     out = []
@@ -111,8 +64,7 @@ def detections_from_scores(
             rule=rule,
             class_name=classes[pred[i]],
             class_index=pred[i],
-            **{name: columns[name][i] for name in SCORE_FIELDS if name in columns},  # CLIPN's are None for a plain CLIP
-            extra_scores={name: columns[name][i] for name in extra},
+            scores={name: values[i] for name, values in columns.items()},  # no CLIPN scores for a plain CLIP
         )
         if details:
             det.p_yes = None if scores.p_yes is None else scores.p_yes[i].tolist()

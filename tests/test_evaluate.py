@@ -15,6 +15,7 @@ from PIL import Image
 from scipy.interpolate import interp1d
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from clipn_cli.scores import methods as method_table
 from clipn_cli.scores import metrics
 from clipn_cli.errors import EvaluationError
 from clipn_cli.evaluation import compute_results, id_accuracy
@@ -26,6 +27,8 @@ CLASSES = "cat,horse,rocket,coffee"
 ID_LAYOUT = {"cat": ["chelsea.png"], "Horse": ["horse.png", "astronaut.png"], "rocket": ["rocket.jpg", "motorcycle_left.png"], "coffee": ["coffee.png"]}
 OOD_IMAGES = ["brick.png", "camera.png", "hubble_deep_field.jpg", "logo.png", "retina.jpg", "no_time_for_that_tiny.gif"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+RECORDED = [(m.name, m.record) for m in method_table.available() if m.record]  # method -> its detection-record field
 
 
 def make_sets(root: Path, images: Path) -> tuple[Path, Path]:
@@ -165,7 +168,7 @@ def test_eval_equals_metrics_from_detect_scores(tiny_weights: Path, sets: tuple[
     assert report["fpr95_convention"] == "clipn" and "95% ID recall" in report["fpr95_definition"]
     assert report["images"] == {"ID": 6, "misc": 6} and report["failed"] == []
     results = {(r["ood"], r["method"]): r for r in report["results"]}
-    for method, field in (("ctw", "ctw_score"), ("atd", "atd_score"), ("msp", "msp"), ("max_logit", "max_logit"), ("energy", "energy")):
+    for method, field in RECORDED:
         id_scores = [r[field] for r, i in zip(records, is_id) if i]
         ood_scores = [r[field] for r, i in zip(records, is_id) if not i]
         labels = [1] * 6 + [0] * 6
@@ -187,7 +190,7 @@ def test_eval_equals_metrics_from_detect_scores(tiny_weights: Path, sets: tuple[
     by_path = {r["path"]: r for r in records}
     for row in rows:  # same features, scored in the same chunks: the very same numbers
         record = by_path[row["path"]]
-        for method, field in (("ctw", "ctw_score"), ("atd", "atd_score"), ("msp", "msp"), ("max_logit", "max_logit"), ("energy", "energy")):
+        for method, field in RECORDED:
             assert float(row[method]) == record[field]
         assert row["pred"] == record["class"] and row["atd_ood"] == str(record["verdict"] == "OOD")
 

@@ -19,6 +19,7 @@ from clipn_cli.heads import wordpool
 from clipn_cli.heads.embeddings import ClassEmbeddings, embed_classes
 from clipn_cli.errors import ClipnError
 from clipn_cli.heads.prompts import load_templates
+from clipn_cli.scores import methods as method_table
 from clipn_cli.scores.scoring import Heads, score_heads
 from clipn_cli.weights.checkpoints import load_model
 
@@ -325,11 +326,11 @@ def test_eval_reports_and_plots_the_new_methods(tiny_weights: Path, tmp_path: Pa
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     methods = [r["method"] for r in report["results"] if r["ood"] == "misc"]
-    assert methods == ["ctw", "atd", "msp", "max_logit", "energy", "mcm", "neglabel", "csp", "atd_neg"]
+    assert methods == [m.name for m in method_table.TABLE]  # every method, in table order
     atd_neg = next(r for r in report["results"] if r["method"] == "atd_neg")
     assert "id_flagged" in atd_neg and "id_flagged" not in next(r for r in report["results"] if r["method"] == "neglabel")
     header = (tmp_path / "scores.csv").read_text().splitlines()[0].split(",")
-    assert header[5:] == ["ctw", "atd", "msp", "max_logit", "energy", "mcm", "neglabel", "csp", "atd_neg", "ctw_ood", "atd_ood", "atd_neg_ood", "error"]
+    assert header[5:] == [*methods, *(f"{r}_ood" for r in method_table.VERDICT_RULES), "error"]
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["roc-misc.png", "scores-misc.png"]
     table = cli("eval", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-t", "simple", "--id", str(id_dir),
                    "--ood", f"misc={ood_dir}", "--negatives", "neglabel", "--words", str(WORDS), "--format", "table")

@@ -355,7 +355,7 @@ def test_eval_roc_is_oriented_as_the_plots_roc() -> None:
     OOD accepted (3.5) all ID images are. The old orientation (x = ID flagged, y = OOD caught) gives
     0.5 below x = 0.75 instead.
     """
-    from clipn_cli.outputs.report import Curve, roc_curve_log, roc_svg
+    from clipn_cli.outputs.report_svg import Curve, roc_curve_log, roc_svg
 
     id_scores, ood_scores = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 3.5])
     xs, ys = roc_curve_log(id_scores, ood_scores, 0.01)
@@ -389,7 +389,7 @@ def test_eval_roc_is_oriented_as_the_plots_roc() -> None:
 
 
 def test_eval_histograms_have_a_y_scale_and_the_plots_markers() -> None:
-    from clipn_cli.outputs.report import Line, histogram_svg
+    from clipn_cli.outputs.report_svg import Line, histogram_svg
 
     svg = histogram_svg("t", [("ID", "#00f", np.array([0.0, 0.01, 0.9, 1.0]))], [Line("rule", 0.5, True), Line("thr", 0.25)])
     assert "share per bin" in svg and '>0%</text>' in svg and '>25%</text>' in svg and '>50%</text>' in svg  # peak: 2 of 4 in a bin

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..scores import methods as method_table
+from ..scores.methods import label
 from ..scores import metrics
 from ..errors import ClipnError
-from .results import LABELS as METHODS
 from ..files import atomic_path
 
 if TYPE_CHECKING:
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from .results import Evaluation, MethodResult, SetScores
 
 ID_COLOR, OOD_COLOR = "#1f77b4", "#d62728"
-METHOD_COLORS = {m.name: m.color for m in method_table.TABLE}
 RULE_MARKERS = "soD^vP"  # ROC markers of the threshold-free rules, in table order
 COLUMNS = 4  # histogram panels per row
 
@@ -80,13 +79,13 @@ def roc_figure(id_set: SetScores, ood: SetScores, results: dict[str, MethodResul
     for method in methods:
         fpr, tpr, _ = metrics.roc_curve(id_set.scores[method], ood.scores[method])
         r = results[method]
-        ax.plot(fpr, tpr, color=METHOD_COLORS[method], lw=2 if method_table.get(method).threshold_free else 1.3,
-                label=f"{METHODS[method]}  AUROC {100 * r.auroc:.1f}%  FPR95 {100 * r.fpr95:.1f}%")
+        ax.plot(fpr, tpr, color=method_table.get(method).color, lw=2 if method_table.get(method).threshold_free else 1.3,
+                label=f"{label(method)}  AUROC {100 * r.auroc:.1f}%  FPR95 {100 * r.fpr95:.1f}%")
     rules = [m for m in methods if method_table.get(m).threshold_free]
     for method, marker in zip(rules, RULE_MARKERS):
         r = results[method]
         ax.plot([1 - r.ood_caught], [1 - r.id_flagged], marker=marker, ms=9, ls="none", mfc="white", mew=2,
-                color=METHOD_COLORS[method], label=f"{METHODS[method]} rule (threshold-free)")
+                color=method_table.get(method).color, label=f"{label(method)} rule (threshold-free)")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="chance")
     ax.axhline(0.95, color="black", lw=0.8, ls="--", label="95% of ID accepted")
     ax.set_xlim(-0.01, 1.01)
@@ -105,7 +104,7 @@ def histogram_figure(id_set: SetScores, ood: SetScores, results: dict[str, Metho
 
     panels: list[tuple[str, np.ndarray, np.ndarray, str]] = []
     for method in methods:
-        panels.append((method, id_set.scores[method], ood.scores[method], f"{METHODS[method]} score (higher = more ID)"))
+        panels.append((method, id_set.scores[method], ood.scores[method], f"{label(method)} score (higher = more ID)"))
         if method == "atd":
             panels.append(("atd_margin", id_set.atd_margin, ood.atd_margin, "max_c p_yes·p − p_ood (ATD: OOD below 0)"))
     rows = math.ceil((len(panels) + 1) / COLUMNS)  # + the summary panel
@@ -122,7 +121,7 @@ def histogram_figure(id_set: SetScores, ood: SetScores, results: dict[str, Metho
             ax.axvline(r.threshold_95, color="grey", lw=1.2, ls="--", label="threshold at 95% ID recall")
             if method == "ctw":
                 ax.axvline(0.5, color="black", lw=2, label="CTW rule boundary (0.5)")
-            ax.set_title(f"{METHODS[method]}: AUROC {100 * r.auroc:.1f}%, FPR95 {100 * r.fpr95:.1f}%")
+            ax.set_title(f"{label(method)}: AUROC {100 * r.auroc:.1f}%, FPR95 {100 * r.fpr95:.1f}%")
         ax.legend(fontsize=7, loc="best")
     for ax in axes[len(panels):]:
         ax.axis("off")
@@ -148,7 +147,7 @@ def _summary(id_set: SetScores, ood: SetScores, results: dict[str, MethodResult]
     lines = ["Threshold-free rules", ""]
     for rule in id_set.flagged:
         r = results[rule]
-        lines.append(f"{METHODS[rule]}: flags {100 * r.id_flagged:5.1f}% of ID")
+        lines.append(f"{label(rule)}: flags {100 * r.id_flagged:5.1f}% of ID")
         lines.append(f"     catches {100 * r.ood_caught:5.1f}% of OOD")
     lines += ["", f"ID images:  {len(id_set.paths)}", f"OOD images: {len(ood.paths)}"]
     return "\n".join(lines)

@@ -1,5 +1,6 @@
-"""Detect's records: their fields and checks, their JSON text, and the one Arrow schema of local
-`--format parquet` files and Ray's shards; shard files as Parquet or JSON Lines bytes, and back.
+"""Detect's records: the `Detection` of one input, their fields and checks, their JSON text, and the
+one Arrow schema of local `--format parquet` files and Ray's shards; shard files as Parquet or JSON
+Lines bytes, and back.
 
 The fields are detect's own (`Detection.as_dict`, columns in `CSV_COLUMNS` order, detail columns
 from `DETAIL_COLUMNS`). A JSON Lines shard holds the very lines `clipn detect --format jsonl`
@@ -13,9 +14,12 @@ import io
 import json
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import OptionsError
+from ..jsonsafe import json_text  # re-exported: the JSON text of a record
+from ..scores import methods
 from ..scores.methods import record_fields
 
 SHARD_FORMATS = ("parquet", "jsonl")
@@ -79,19 +83,63 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def json_text(value: Any, **kwargs: Any) -> str:
-    """JSON that is valid UTF-8 whatever the paths hold.
+SCORE_FIELDS = methods.record_fields(methods.available())  # always in a record (null if not computed); pool methods add theirs
+_SCORE_ATTRIBUTES = frozenset(methods.record_fields())
 
-    A file name with bytes that are not UTF-8 reaches Python as lone surrogates ('\\udce9'):
-    they cannot be written as UTF-8, so such a record is written with \\u escapes, which
-    `json.loads` turns back into the same str (and `os.fsencode` into the same bytes).
+
+@dataclass
+class Detection:
+    """The verdict for one input, or the error that prevented one.
+
+    `scores` maps the record fields of the methods table (`methods.record_fields`) to this image's
+    values, in table order: a new method is a new key, not a new attribute. `r.atd_score`,
+    `r.p_ood`, ... read it (None where the run did not compute that score).
     """
-    text = json.dumps(value, ensure_ascii=False, **kwargs)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(value, ensure_ascii=True, **kwargs)
-    return text
+
+    path: str
+    error: str | None = None
+    verdict: str | None = None  # "ID" or "OOD"
+    rule: str | None = None
+    class_name: str | None = None
+    class_index: int | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    p_yes: list[float] | None = None
+    logits_yes: list[float] | None = None
+    logits_no: list[float] | None = None
+    top_k: list[dict[str, Any]] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> float | None:
+        if name in _SCORE_ATTRIBUTES:
+            return self.__dict__.get("scores", {}).get(name)
+        raise AttributeError(f"'Detection' object has no attribute '{name}'")
+
+    @property
+    def extra_scores(self) -> dict[str, float]:
+        """The scores of methods that are not always computed (negative-label pools)."""
+        return {name: value for name, value in self.scores.items() if name not in SCORE_FIELDS}
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def as_dict(self, details: bool = False) -> dict[str, Any]:
+        """The JSON record: `path` and `error`, or the verdict and scores (plus details if asked)."""
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        record: dict[str, Any] = {
+            "path": self.path,
+            "verdict": self.verdict,
+            "rule": self.rule,
+            "class": self.class_name,
+            "class_index": self.class_index,
+        }
+        record.update({name: self.scores.get(name) for name in SCORE_FIELDS})
+        record.update(self.extra_scores)
+        if details:
+            record.update(p_yes=self.p_yes, logits_yes=self.logits_yes, logits_no=self.logits_no)
+        if self.top_k:
+            record["top_k"] = self.top_k
+        return record
 
 
 def _arrow_types() -> dict[str, Any]:

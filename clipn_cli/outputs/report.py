@@ -1,6 +1,6 @@
 """Self-contained HTML reports for `eval` and `detect`: one file, no network, no script.
 
-Everything is inline: CSS, charts (SVG drawn here, so no plotting library is needed) and
+Everything is inline: CSS, charts (SVG drawn by `report_svg`, so no plotting library is needed) and
 thumbnails (small PNG/JPEG as data: URIs). A Content-Security-Policy forbids every script and
 every non-data resource, and every string from the data (paths, class and set names) is
 HTML-escaped, so a file named `<script>...</script>.jpg` is shown as text. Galleries and tables
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import heapq
-import html
 import io
 import itertools
 import math
@@ -25,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..scores import methods as method_table
-from ..scores import metrics
 from ..scores.calibration import p_values
 from ..files import atomic_open
+from .report_svg import HIST_BINS, ID_COLOR, OOD_COLOR, Curve, Line, Marker, class_table, esc, histogram_svg, roc_curve_log, roc_svg
 
 if TYPE_CHECKING:
     from ..scores.calibration import CalibratedVerdicts, OperatingPoint
@@ -35,15 +34,9 @@ if TYPE_CHECKING:
 
 GALLERY_SIZE = 48  # thumbnails per gallery
 THUMB_PIXELS = 112  # longest side of a thumbnail
-CLASS_ROWS = 50  # rows of the per-class table
 ERROR_ROWS = 20
-HIST_BINS = 40
-ROC_POINTS = 240  # points per ROC curve, log-spaced on the false-alarm axis
 HIST_SAMPLE = 20_000  # scores per verdict kept (a uniform sample beyond) for a detect histogram without p_ood
 PROVENANCE_CLASSES = 50  # class names listed in the provenance block
-METHOD_NAMES = {"ctw": "CTW", "atd": "ATD", "msp": "MSP", "max_logit": "MaxLogit", "energy": "Energy", "mcm": "MCM"}
-COLORS = {"ctw": "#7b3fb3", "atd": "#1a8a3a", "msp": "#e07b00", "max_logit": "#8c564b", "energy": "#d6338a", "mcm": "#1496a8"}
-ID_COLOR, OOD_COLOR = "#2b6cb0", "#c53030"
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 CSS = """
@@ -63,16 +56,6 @@ th{background:#f7fafc;font-weight:600}td.l,th.l{text-align:left}tr.avg td{font-w
 .kpi div{border:1px solid #e2e8f0;border-radius:6px;padding:8px 14px;background:#f7fafc}.kpi b{display:block;font-size:20px}
 table.prov{font-size:12px;margin:0 0 8px}table.prov th,table.prov td{text-align:left;padding:1px 10px 1px 0;background:none;border:0;vertical-align:top}
 """
-
-
-def esc(value: Any) -> str:
-    """HTML-escaped text; a file name's non-UTF-8 bytes (lone surrogates) are shown as U+FFFD."""
-    text = str(value)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return html.escape(text, quote=True)
 
 
 def fmt(value: float | None, digits: int = 4) -> str:
@@ -145,154 +128,6 @@ def write_html(path: str | os.PathLike[str], text: str) -> None:
         fh.write(text)
 
 
-# ---- charts -------------------------------------------------------------------------------------
-
-@dataclass
-class Curve:
-    label: str
-    color: str
-    x: np.ndarray
-    y: np.ndarray
-    width: float = 1.6
-
-
-@dataclass
-class Marker:
-    label: str
-    color: str
-    x: float
-    y: float
-
-
-def roc_svg(title: str, curves: Sequence[Curve], markers: Sequence[Marker], x_min: float, width: int = 560, height: int = 400) -> str:
-    """ROC oriented as the `--plots` ROC (ID positive): x = OOD accepted as ID (FPR, log scale from
-    `x_min` to 1), y = ID accepted as ID (TPR, linear), with the 95%-of-ID line of FPR95."""
-    left, right, top, bottom = 56, 190, 26, 44
-    pw, ph = width - left - right, height - top - bottom
-    lo = math.log10(x_min)
-
-    def sx(x: float) -> float:
-        return left + pw * (math.log10(min(max(x, x_min), 1.0)) - lo) / -lo
-
-    def sy(y: float) -> float:
-        return top + ph * (1 - y)
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
-             f'<text x="{left}" y="16" font-size="13" font-weight="600">{esc(title)}</text>']
-    for exponent in range(int(round(lo)), 1):
-        x = sx(10.0 ** exponent)
-        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#e2e8f0"/>'
-                     f'<text x="{x:.1f}" y="{top + ph + 14}" font-size="11" text-anchor="middle">{_pow10(exponent)}</text>')
-    for tick in (0, 0.25, 0.5, 0.75, 1.0):
-        y = sy(tick)
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#e2e8f0"/>'
-                     f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{tick:g}</text>')
-    parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#a0aec0"/>')
-    parts.append(f'<line x1="{left}" y1="{sy(0.95):.1f}" x2="{left + pw}" y2="{sy(0.95):.1f}" stroke="#1a202c" stroke-dasharray="5 3"/>'
-                 f'<text x="{left + 4}" y="{sy(0.95) + 12:.1f}" font-size="10">95% of ID accepted</text>')
-    parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" font-size="12" text-anchor="middle">OOD images accepted as ID (FPR, log scale)</text>')
-    parts.append(f'<text x="14" y="{top + ph / 2}" font-size="12" text-anchor="middle" transform="rotate(-90 14 {top + ph / 2})">ID images accepted as ID (TPR)</text>')
-    for c in curves:
-        points = " ".join(f"{sx(float(x)):.1f},{sy(float(y)):.1f}" for x, y in zip(c.x, c.y))
-        parts.append(f'<polyline fill="none" stroke="{c.color}" stroke-width="{c.width}" points="{points}"/>')
-    for m in markers:
-        parts.append(f'<circle cx="{sx(m.x):.1f}" cy="{sy(m.y):.1f}" r="5" fill="#fff" stroke="{m.color}" stroke-width="2.2"/>')
-    legend = [(c.label, c.color, "line") for c in curves] + [(m.label, m.color, "dot") for m in markers]
-    for i, (label, color, kind) in enumerate(legend):
-        y = top + 10 + 17 * i
-        x = left + pw + 12
-        shape = (f'<line x1="{x}" y1="{y}" x2="{x + 18}" y2="{y}" stroke="{color}" stroke-width="2.5"/>' if kind == "line"
-                 else f'<circle cx="{x + 9}" cy="{y}" r="4.5" fill="#fff" stroke="{color}" stroke-width="2"/>')
-        parts.append(f'{shape}<text x="{x + 24}" y="{y + 4}" font-size="11">{esc(label)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _pow10(exponent: int) -> str:
-    return {0: "1", -1: "0.1", -2: "0.01"}.get(exponent, f"1e{exponent}")
-
-
-def roc_curve_log(id_scores: np.ndarray, ood_scores: np.ndarray, x_min: float) -> tuple[np.ndarray, np.ndarray]:
-    """(OOD accepted as ID, ID accepted) at `ROC_POINTS` log-spaced FPRs: ID positive, as `plots.roc_figure`
-    and the clipn FPR95 convention (a score at or above the threshold is accepted as ID).
-
-    The curve is resampled, so its size does not grow with the number of images.
-    """
-    fpr, tpr, _ = metrics.roc_curve(np.asarray(id_scores), np.asarray(ood_scores))
-    xs = np.logspace(math.log10(x_min), 0, ROC_POINTS)
-    # a step up at one FPR: take the highest ID acceptance reached there
-    order = np.lexsort((tpr, fpr))
-    return xs, np.interp(xs, fpr[order], tpr[order])
-
-
-@dataclass
-class Line:
-    """A marked value on a histogram: a rule's boundary (solid black) or a threshold (grey dashes)."""
-
-    label: str
-    value: float
-    boundary: bool = False
-
-
-def histogram_svg(title: str, series: Sequence[tuple[str, str, np.ndarray]], lines: Sequence[Line] = (),
-                  bounds: tuple[float, float] | None = None, counts: Sequence[np.ndarray] | None = None,
-                  width: int = 360, height: int = 210) -> str:
-    """Overlaid histograms (step outlines, light fill) of several score arrays, with marked values.
-
-    The y axis is each series' share of its images per bin (ticks at 0, half the peak and the peak).
-    `counts` (pre-binned, HIST_BINS-long arrays over `bounds`) replaces the raw arrays when given.
-    """
-    left, right, top, bottom = 52, 10, 24, 44
-    pw, ph = width - left - right, height - top - bottom
-    if counts is None:
-        series = [(label, color, v[np.isfinite(v)]) for label, color, v in series]  # NaN: a score this model lacks
-        values = [v for _, _, v in series if v.size]
-        lo = bounds[0] if bounds else float(min(v.min() for v in values)) if values else 0.0
-        hi = bounds[1] if bounds else float(max(v.max() for v in values)) if values else 1.0
-        if hi <= lo:
-            lo, hi = lo - 0.5, hi + 0.5
-        edges = np.linspace(lo, hi, HIST_BINS + 1)
-        counts = [np.histogram(v, bins=edges)[0] for _, _, v in series]
-    else:
-        lo, hi = bounds or (0.0, 1.0)
-    densities = [c / max(int(c.sum()), 1) for c in counts]
-    peak = max((float(d.max()) for d in densities if d.size), default=1.0) or 1.0
-
-    def sx(x: float) -> float:
-        return left + pw * (x - lo) / (hi - lo)
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
-             f'<text x="{left}" y="15" font-size="12" font-weight="600">{esc(title)}</text>',
-             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#a0aec0"/>']
-    bin_width = pw / HIST_BINS
-    for (label, color, _), density in zip(series, densities):
-        d = [f"M{left},{top + ph}"]
-        for i, value in enumerate(density):
-            y = top + ph * (1 - float(value) / peak)
-            d.append(f"L{left + i * bin_width:.1f},{y:.1f}L{left + (i + 1) * bin_width:.1f},{y:.1f}")
-        d.append(f"L{left + pw},{top + ph}Z")
-        parts.append(f'<path d="{"".join(d)}" fill="{color}" fill-opacity="0.18" stroke="{color}" stroke-width="1.4"/>')
-    for tick in (0.0, peak / 2, peak):
-        y = top + ph * (1 - tick / peak)
-        parts.append(f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="#a0aec0"/>'
-                     f'<text x="{left - 6}" y="{y + 3.5:.1f}" font-size="10" text-anchor="end">{100 * tick:.3g}%</text>')
-    parts.append(f'<text x="10" y="{top + ph / 2}" font-size="10" text-anchor="middle" transform="rotate(-90 10 {top + ph / 2})">share per bin</text>')
-    for i, line in enumerate(lines):
-        if lo <= line.value <= hi:
-            x = sx(line.value)
-            style = 'stroke="#000" stroke-width="2"' if line.boundary else 'stroke="#718096" stroke-width="1.2" stroke-dasharray="4 3"'
-            parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" {style}/>'
-                         f'<text x="{x + 3:.1f}" y="{top + 11 + 12 * i}" font-size="10">{esc(line.label)}</text>')
-    for x, anchor in ((lo, "start"), ((lo + hi) / 2, "middle"), (hi, "end")):
-        parts.append(f'<text x="{sx(x):.1f}" y="{top + ph + 13}" font-size="10" text-anchor="{anchor}">{x:.3g}</text>')
-    for i, (label, color, _) in enumerate(series):
-        x = left + 4 + 120 * i
-        parts.append(f'<rect x="{x}" y="{height - 14}" width="10" height="10" fill="{color}" fill-opacity="0.5"/>'
-                     f'<text x="{x + 14}" y="{height - 5}" font-size="10">{esc(label)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
 # ---- galleries ----------------------------------------------------------------------------------
 
 @dataclass
@@ -328,8 +163,6 @@ def eval_report(evaluation: Evaluation, points: Sequence[OperatingPoint] = (), t
 
     `provenance`: what made it (weights, classes, version, date, options), shown at the top.
     """
-    from .results import METHODS
-
     id_set = evaluation.sets[0]
     ood_sets = [s for s in evaluation.sets[1:] if s.paths]
     counts = ", ".join(f"{s.name}: {len(s.paths)}" for s in evaluation.sets)
@@ -345,13 +178,13 @@ def eval_report(evaluation: Evaluation, points: Sequence[OperatingPoint] = (), t
                 "y = share of ID images accepted (TPR); FPR95 is where a curve crosses the dashed 95% line. Circles: the "
                 "threshold-free CTW/ATD verdicts" + (" and the calibrated ATD verdict at alpha (conformal, on the held-out ID half)" if points else "") + ".</p>")
     charts = []
-    methods = [m for m in METHODS if m in id_set.scores]
-    rules = [r for r in ("ctw", "atd") if r in id_set.flagged]
+    methods = list(id_set.scores)  # the methods this evaluation computed, in table order
+    rules = list(id_set.flagged)  # its threshold-free rules
     for ood in ood_sets:
         x_min = 10.0 ** math.floor(math.log10(1.0 / max(len(ood.paths), 1)))
-        curves = [Curve(METHOD_NAMES.get(m, m), COLORS.get(m, "#555"), *roc_curve_log(id_set.scores[m], ood.scores[m], x_min),
-                        width=2.4 if m in ("ctw", "atd") else 1.4) for m in methods]
-        markers = [Marker(f"{METHOD_NAMES[r]} rule", COLORS[r], 1 - float(ood.flagged[r].mean()), 1 - float(id_set.flagged[r].mean())) for r in rules]
+        curves = [Curve(method_table.label(m), method_table.get(m).color, *roc_curve_log(id_set.scores[m], ood.scores[m], x_min),
+                        width=2.4 if m in rules else 1.4) for m in methods]
+        markers = [Marker(f"{method_table.label(r)} rule", method_table.get(r).color, 1 - float(ood.flagged[r].mean()), 1 - float(id_set.flagged[r].mean())) for r in rules]
         markers += [Marker(f"ATD calibrated, alpha {p.alpha:g}", "#000", 1 - p.ood_caught[ood.name], 1 - p.id_flagged)
                     for p in points if p.method == "atd"]
         charts.append(roc_svg(f"ID ({len(id_set.paths)}) vs {ood.name} ({len(ood.paths)})", curves, markers, x_min))
@@ -361,7 +194,7 @@ def eval_report(evaluation: Evaluation, points: Sequence[OperatingPoint] = (), t
                 "a rule's own boundary (CTW at 0.5; ATD where its margin max_c p_yes&middot;p &minus; p_ood crosses 0).</p><div class=\"charts\">")
     pooled = {m: np.concatenate([s.scores[m] for s in ood_sets]) for m in methods}
     thresholds = {r.method: r.threshold_95 for r in evaluation.results}
-    panels = [(m, f"{METHOD_NAMES.get(m, m)} score", id_set.scores[m], pooled[m]) for m in methods]
+    panels = [(m, f"{method_table.label(m)} score", id_set.scores[m], pooled[m]) for m in methods]
     if "atd" in rules and np.isfinite(id_set.atd_margin).any():
         at = [i for i, (m, *_) in enumerate(panels) if m == "atd"][0] + 1
         panels.insert(at, ("atd_margin", "ATD margin (OOD below 0)", id_set.atd_margin, np.concatenate([s.atd_margin for s in ood_sets])))
@@ -383,7 +216,7 @@ def _metrics_table(evaluation: Evaluation) -> str:
             "<th>AUPR-Out</th><th>ID flagged</th><th>OOD caught</th><th>thr@95%ID</th></tr>"]
     for r in evaluation.results:
         cls = ' class="avg"' if r.ood == "average" else ""
-        rows.append(f"<tr{cls}><td class=\"l\">{esc(r.ood)}</td><td class=\"l\">{esc(METHOD_NAMES.get(r.method, r.method))}</td>"
+        rows.append(f"<tr{cls}><td class=\"l\">{esc(r.ood)}</td><td class=\"l\">{esc(method_table.label(r.method))}</td>"
                     f"<td>{pct(r.auroc)}</td><td>{pct(r.fpr95)}</td><td>{pct(r.aupr_in)}</td><td>{pct(r.aupr_out)}</td>"
                     f"<td>{pct(r.id_flagged)}</td><td>{pct(r.ood_caught)}</td><td>{fmt(r.threshold_95)}</td></tr>")
     return "".join(rows) + "</table>"
@@ -398,7 +231,7 @@ def _points_table(points: Sequence[OperatingPoint]) -> str:
             f"ID flagged &le; alpha in expectation.</p><table><tr><th class=\"l\">method</th><th>ID flagged</th>{head}</tr>"]
     for p in points:
         cells = "".join(f"<td>{pct(p.ood_caught[s])}</td>" for s in sets)
-        rows.append(f"<tr><td class=\"l\">{esc(METHOD_NAMES.get(p.method, p.method))}</td><td>{pct(p.id_flagged)}</td>{cells}</tr>")
+        rows.append(f"<tr><td class=\"l\">{esc(method_table.label(p.method))}</td><td>{pct(p.id_flagged)}</td>{cells}</tr>")
     return "".join(rows) + "</table>"
 
 
@@ -513,22 +346,22 @@ class DetectReport:
         scored = sum(self.verdicts.values())
         total = scored + self.error_count
         rule = method_table.BY_NAME.get(self.rule or "atd")
-        rule_name = METHOD_NAMES.get(self.rule or "atd", (self.rule or "atd").upper())
+        rule_name = method_table.label(self.rule or "atd")
         if verdicts is None:
             how = (f"Verdicts: the {esc(rule_name)} rule (threshold-free)." if rule is None or rule.threshold_free else
                    f"Verdicts: OOD when the {esc(rule_name)} score is below the threshold.")
         elif verdicts.fdr is None:
-            how = (f"Verdicts: calibrated {esc(METHOD_NAMES.get(verdicts.method, verdicts.method))} score, OOD when p_value &le; alpha = {verdicts.alpha:g} "
+            how = (f"Verdicts: calibrated {esc(method_table.label(verdicts.method))} score, OOD when p_value &le; alpha = {verdicts.alpha:g} "
                    f"(calibration: {verdicts.calibration.count} ID images); an ID image is flagged with probability &le; alpha.")
         else:
-            how = (f"Verdicts: Benjamini-Hochberg at FDR {verdicts.fdr:g} over this run's p-values of the {esc(METHOD_NAMES.get(verdicts.method, verdicts.method))} score "
+            how = (f"Verdicts: Benjamini-Hochberg at FDR {verdicts.fdr:g} over this run's p-values of the {esc(method_table.label(verdicts.method))} score "
                    f"(calibration: {verdicts.calibration.count} ID images); expected share of ID among the OOD verdicts &le; {verdicts.fdr:g}.")
         body = [f"<p class=\"note\">{how}</p><div class=\"kpi\">"]
         for label, value in (("images", total), ("ID", self.verdicts["ID"]), ("OOD", self.verdicts["OOD"]), ("errors", self.error_count)):
             share = f" ({100 * value / total:.1f}%)" if total and label != "images" else ""
             body.append(f"<div>{esc(label)}<b>{value}{share}</b></div>")
         body.append("</div>")
-        body.append(_class_table(self.per_class))
+        body.append(class_table(self.per_class))
         if self.key in (None, "p_ood"):
             body.append("<h2>p_ood by verdict</h2><div class=\"charts\"><div class=\"chart\">"
                         + histogram_svg("p_ood = 1 - ATD score", [("ID verdicts", ID_COLOR, np.empty(0)), ("OOD verdicts", OOD_COLOR, np.empty(0))],
@@ -558,20 +391,3 @@ class DetectReport:
             body.append(f"<h2>Errors</h2><p class=\"note\">showing {len(self.errors)} of {self.error_count}</p>"
                         f"<table><tr><th class=\"l\">path</th><th class=\"l\">error</th></tr>{rows}</table>")
         return page(title, f"{total} inputs, {len(self.classes)} classes", body, provenance)
-
-
-def _class_table(per_class: Counter) -> str:
-    totals: Counter = Counter()
-    for (name, _), count in per_class.items():
-        totals[name] += count
-    ranked = totals.most_common(CLASS_ROWS)
-    peak = max(totals.values(), default=1)
-    cut = f"; the {CLASS_ROWS} most frequent of {len(totals)} shown" if len(totals) > CLASS_ROWS else ""
-    rows = [f"<h2>Counts per predicted class</h2><p class=\"note\">Predicted class of each image and its verdict{esc(cut)}.</p>"
-            "<table><tr><th class=\"l\">class</th><th>ID</th><th>OOD</th><th class=\"l\"></th></tr>"]
-    for name, total in ranked:
-        n_id, n_ood = per_class[(name, "ID")], per_class[(name, "OOD")]
-        bars = (f'<span class="bar" style="width:{160 * n_id / peak:.0f}px;background:{ID_COLOR}"></span>'
-                f'<span class="bar" style="width:{160 * n_ood / peak:.0f}px;background:{OOD_COLOR}"></span>')
-        rows.append(f"<tr><td class=\"l\">{esc(name)}</td><td>{n_id}</td><td>{n_ood}</td><td class=\"l\">{bars}</td></tr>")
-    return "".join(rows) + "</table>"

@@ -29,6 +29,7 @@ import numpy as np
 from . import methods
 from ..errors import CalibrationError
 from ..files import FileTooLargeError, JSONLimitError, JSONLimits, NotRegularFileError, atomic_open, read_json
+from ..jsonsafe import json_text
 
 FORMAT = "clipn-cli.calibration"
 FORMAT_VERSION = "1"
@@ -164,8 +165,6 @@ class Calibration:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the JSON file atomically (floats round-trip exactly)."""
-        from ..outputs.writers import json_text
-
         with atomic_open(path, "w", encoding="utf-8") as fh:
             fh.write(json_text(self.as_dict()) + "\n")
 

@@ -4,19 +4,50 @@ the CLI's `--rule` choices all read it, so a new method is one entry here plus i
 Every score is "higher = more ID". A method with a `verdict` says ID/OOD by itself (threshold-free);
 the others need a threshold (`clipn detect --threshold`, e.g. `thr@95%ID` from `clipn eval`).
 `needs_no` methods use CLIPN's "no" tower; `pool` names the negative-label pool a method uses.
-No torch here: the table is read by `--help` and option checks.
+`Scores`, what a method reads, lives here too so that `scoring` (which makes it) and this table
+(which reads it) need no circle. No torch imported here: the table is read by `--help` and option checks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RuleError
 
 if TYPE_CHECKING:
-    from .scoring import Scores
+    import torch
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Every per-image quantity of CLIPN and the baselines; leading dimension = images."""
+
+    logits_yes: torch.Tensor  # (N, C) scale · cos(f, yes_c)
+    logits_no: torch.Tensor | None  # (N, C) scale · cos(f, no_c); None (and so the CLIPN rules) for a plain CLIP
+    p_yes: torch.Tensor | None  # (N, C) softmax over the (yes, no) pair, "yes" entry
+    probs: torch.Tensor  # (N, C) softmax over classes of logits_yes
+    pred: torch.Tensor  # (N,) argmax class of the yes head
+    ctw: torch.Tensor | None  # (N,) p_yes at the predicted class; OOD iff < 0.5
+    atd: torch.Tensor | None  # (N,) Σ_c p_yes_c · p_c
+    p_ood: torch.Tensor | None  # (N,) 1 − atd, the (C+1)-th "unknown" probability of ATD
+    atd_best: torch.Tensor | None  # (N,) max_c p_yes_c · p_c; ATD says OOD iff p_ood > this
+    msp: torch.Tensor  # (N,) max softmax probability
+    max_logit: torch.Tensor  # (N,) max of logits_yes
+    energy: torch.Tensor  # (N,) logsumexp of logits_yes (higher = more ID)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # (N,) scores of the other methods (mcm, neglabel, ...)
+
+    def is_ood(self, rule: str) -> torch.Tensor:
+        """Threshold-free verdicts (`TABLE`): True where the image is out of distribution."""
+        method = BY_NAME.get(rule)
+        if method is None or method.verdict is None:
+            raise RuleError(f"unknown rule '{rule}' (expected one of {', '.join(VERDICT_RULES)})")
+        return method.verdict(self)
+
+    def value(self, method: str) -> torch.Tensor:
+        """(N,) the score of `method` (higher = more ID)."""
+        return get(method).value(self)
 
 
 @dataclass(frozen=True)
@@ -39,6 +70,13 @@ class Method:
         return self.verdict is not None
 
 
+def gen(probs: torch.Tensor, gamma: float = 0.1, top: int = 100) -> torch.Tensor:
+    """GEN (Liu et al., CVPR 2023): −Σ p_j^γ (1 − p_j)^γ over the min(`top`, classes) largest softmax
+    probabilities, the negated generalized entropy (higher = more ID); γ = 0.1, M = 100 as the paper's ImageNet setting."""
+    p = probs.double().topk(min(top, probs.shape[-1]), dim=-1).values
+    return -(p.pow(gamma) * (1.0 - p).pow(gamma)).sum(dim=-1)
+
+
 def _extra(name: str) -> Callable[[Scores], Any]:
     return lambda s: s.extra[name]
 
@@ -51,6 +89,8 @@ TABLE: tuple[Method, ...] = (
     Method("msp", "MSP", "#ff7f0e", lambda s: s.msp, "msp", description="max softmax probability (logits 100·cos)"),
     Method("max_logit", "MaxLogit", "#8c564b", lambda s: s.max_logit, "max_logit", description="max logit"),
     Method("energy", "Energy", "#e377c2", lambda s: s.energy, "energy", description="logsumexp of the logits"),
+    Method("gen", "GEN", "#393b79", lambda s: gen(s.probs), "gen_score",
+           description="generalized entropy of the top-100 softmax probabilities, γ = 0.1 (CVPR 2023)"),
     Method("mcm", "MCM", "#17becf", _extra("mcm"), description="max softmax of cosines (temperature 1)"),
     Method("neglabel", "NegLabel", "#bcbd22", _extra("neglabel"), "neglabel_score", pool="neglabel",
            description="grouped ID probability mass against ~10k WordNet negative labels (ICLR 2024)"),
@@ -74,6 +114,11 @@ def get(name: str) -> Method:
         return BY_NAME[name]
     except KeyError:
         raise RuleError(f"unknown method '{name}' (expected one of {', '.join(BY_NAME)})") from None
+
+
+def label(name: str) -> str:
+    """What tables and plots call method `name` (the name itself if the table lacks it)."""
+    return BY_NAME[name].label if name in BY_NAME else name
 
 
 def available(pools: tuple[str, ...] | list[str] = (), has_no: bool = True) -> tuple[Method, ...]:

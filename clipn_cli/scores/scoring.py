@@ -6,49 +6,35 @@ s̄ = cos(f, no). Logits are `scale`·s and `scale`·s̄ with the official infer
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from ..errors import RuleError
 from . import methods, negatives
-
-if TYPE_CHECKING:
-    from ..heads.embeddings import ClassEmbeddings
+from .methods import Scores  # made here, read by the table: it lives there (no import circle)
 
 INFERENCE_SCALE = 100.0  # hard-coded in the official inference, not the checkpoint's logit_scale
 RULES = methods.VERDICT_RULES
 
 
-@dataclass(frozen=True)
-class Scores:
-    """Every per-image quantity of CLIPN and the baselines; leading dimension = images."""
+class PoolSource(Protocol):
+    """A negative-label pool as `heads.embeddings` builds it: what `Heads.prepare` reads of it."""
 
-    logits_yes: torch.Tensor  # (N, C) scale · cos(f, yes_c)
-    logits_no: torch.Tensor | None  # (N, C) scale · cos(f, no_c); None (and so the CLIPN rules) for a plain CLIP
-    p_yes: torch.Tensor | None  # (N, C) softmax over the (yes, no) pair, "yes" entry
-    probs: torch.Tensor  # (N, C) softmax over classes of logits_yes
-    pred: torch.Tensor  # (N,) argmax class of the yes head
-    ctw: torch.Tensor | None  # (N,) p_yes at the predicted class; OOD iff < 0.5
-    atd: torch.Tensor | None  # (N,) Σ_c p_yes_c · p_c
-    p_ood: torch.Tensor | None  # (N,) 1 − atd, the (C+1)-th "unknown" probability of ATD
-    atd_best: torch.Tensor | None  # (N,) max_c p_yes_c · p_c; ATD says OOD iff p_ood > this
-    msp: torch.Tensor  # (N,) max softmax probability
-    max_logit: torch.Tensor  # (N,) max of logits_yes
-    energy: torch.Tensor  # (N,) logsumexp of logits_yes (higher = more ID)
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # (N,) scores of the other methods (mcm, neglabel, ...)
+    negatives: torch.Tensor  # (M, D)
+    id_heads: torch.Tensor  # (C, D)
 
-    def is_ood(self, rule: str) -> torch.Tensor:
-        """Threshold-free verdicts (`methods.TABLE`): True where the image is out of distribution."""
-        method = methods.BY_NAME.get(rule)
-        if method is None or method.verdict is None:
-            raise RuleError(f"unknown rule '{rule}' (expected one of {', '.join(RULES)})")
-        return method.verdict(self)
 
-    def value(self, method: str) -> torch.Tensor:
-        """(N,) the score of `method` (higher = more ID)."""
-        return methods.get(method).value(self)
+class HeadSource(Protocol):
+    """Class heads as `heads.embeddings.ClassEmbeddings` holds them (scores/ does not import heads/)."""
+
+    text_yes: torch.Tensor  # (C, D)
+    text_no: torch.Tensor | None  # None for a plain CLIP
+
+    @property
+    def negatives(self) -> Mapping[str, PoolSource]: ...
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -136,10 +122,10 @@ class Heads:
     pools: dict[str, PreparedPool]
 
     @classmethod
-    def prepare(cls, embeddings: ClassEmbeddings, permutation_device: str | torch.device = "cpu") -> Heads:
+    def prepare(cls, embeddings: HeadSource, permutation_device: str | torch.device = "cpu") -> Heads:
         pools = {
             name: PreparedPool(unit(pool.negatives), unit(pool.id_heads), negatives.group_permutation(len(pool.negatives), device=permutation_device))
-            for name, pool in getattr(embeddings, "negatives", {}).items()
+            for name, pool in embeddings.negatives.items()
         }
         return cls(unit(embeddings.text_yes), None if embeddings.text_no is None else unit(embeddings.text_no), pools)
 
