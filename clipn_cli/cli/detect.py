@@ -243,7 +243,7 @@ def _detect_on_ray(args: dict) -> None:
 
 
 SERVER_DECIDES = ("classes", "classes_file", "embeddings", "weights", "threshold", "negatives", "words", "calibration", "alpha", "fdr",
-                  "cache", "quantize", "report", "resume", "ray_address", "actors", "shard_size")
+                  "cache", "quantize", "report", "resume", "ray_address", "actors")
 
 
 def _detect_on_server(args: dict) -> None:
