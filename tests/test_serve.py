@@ -330,3 +330,87 @@ def test_a_key_is_needed_when_the_server_has_one(gated_server: tuple[str, Gated]
             assert status == 401 and got["www-authenticate"] == "Bearer", (path, headers)
     assert request(url + "/v1/detect", body, {"Content-Type": "application/json", "Authorization": "Bearer s3cret"})[0] == 200
     assert request(url + "/healthz")[0] == 200
+
+
+# ---------------------------------------------------------------- the drop page in headless Chromium
+
+PAGE_ROWS = """new Promise(done => {
+  const out = document.getElementById('out'), ready = () => out.rows.length >= %d;
+  const give = () => done(JSON.stringify([...out.rows].map(r => ({
+    cells: [...r.cells].slice(1).map(c => c.textContent), cls: r.cells[2].className,
+    thumb: r.querySelector('img').src.slice(0, 5)}))));
+  if (ready()) give(); else new MutationObserver((_, o) => { if (ready()) { o.disconnect(); give(); } }).observe(out, {childList: true});
+})"""
+
+DROP = """(() => {
+  const bytes = Uint8Array.from(atob('%s'), c => c.charCodeAt(0)), data = new DataTransfer();
+  data.items.add(new File([bytes], '%s', {type: 'image/png'}));
+  document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));
+})()"""
+
+
+def page_rows(browser: Any, session: str, count: int) -> list[dict[str, Any]]:
+    """The page's result rows, newest first, once there are `count` of them (the page awaits the server)."""
+    found = browser.call("Runtime.evaluate", {"expression": PAGE_ROWS % count, "awaitPromise": True, "returnByValue": True}, session=session)
+    return json.loads(found["result"]["value"])
+
+
+def browser_errors(events: list[dict[str, Any]]) -> list[str]:
+    """Console errors, exceptions and dialogs among the DevTools events."""
+    errors = []
+    for event in events:
+        method, params = event.get("method"), event.get("params", {})
+        if method == "Log.entryAdded" and params["entry"]["level"] == "error":
+            errors.append(params["entry"]["text"])
+        elif method == "Runtime.exceptionThrown":
+            errors.append(str(params["exceptionDetails"]))
+        elif method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
+            errors.append(str(params["args"]))
+        elif method == "Page.javascriptDialogOpening":
+            errors.append(f"dialog: {params.get('message')}")
+    return errors
+
+
+def test_the_drop_page_shows_each_verdict_in_headless_chromium(atd_server: Served, tmp_path: Path) -> None:
+    from test_report import CHROMIUM, DevTools
+
+    if CHROMIUM is None:
+        pytest.skip("chromium not found on PATH (Debian: apt-get install chromium); the page test needs it")
+    picked = [tmp_path / "three.png", tmp_path / "notes.txt"]
+    digits = digit_images()
+    picked[0].write_bytes(digits[3][1])
+    picked[1].write_bytes(b"hello, not an image")
+    want = [dict(r, path=Path(r["path"]).name) for r in detect_json(atd_server.url, [(p.name, p.read_bytes()) for p in picked] + [("dropped.png", digits[17][1])])]
+
+    browser = DevTools(CHROMIUM, tmp_path / "profile")
+    try:
+        target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page.enable", "Runtime.enable", "Log.enable", "Network.enable", "DOM.enable"):
+            browser.call(domain, session=session)
+        browser.call("Page.navigate", {"url": atd_server.url + "/"}, session=session)
+        browser.wait(lambda m: m.get("method") == "Page.loadEventFired")
+        root = browser.call("DOM.getDocument", session=session)["root"]["nodeId"]
+        pick = browser.call("DOM.querySelector", {"nodeId": root, "selector": "#pick"}, session=session)["nodeId"]
+        browser.call("DOM.setFileInputFiles", {"nodeId": pick, "files": [str(p) for p in picked]}, session=session)
+        shown = page_rows(browser, session, 2)
+        browser.call("Runtime.evaluate", {"expression": DROP % (base64.b64encode(digits[17][1]).decode(), "dropped.png")}, session=session)
+        shown = page_rows(browser, session, 3)
+    finally:
+        browser.close()
+
+    # newest first: the dropped image, then the picked ones in reverse
+    for row, record in zip(shown, [want[2], want[1], want[0]]):
+        verdict = record.get("verdict", "error")
+        assert row["cells"][:2] == [record["path"], verdict] and row["cls"] == ("err" if "error" in record else verdict), (row, record)
+        assert row["thumb"] == "blob:"
+        if "error" in record:
+            assert row["cells"][2] == record["error"]
+        else:  # the page's numbers come from another batch than `want`'s: equal within the grouping bounds
+            cls, p_ood, atd = re.fullmatch(r"(\S+)  p_ood (\S+)  atd (\S+)", row["cells"][2]).groups()
+            assert_close_records({"class": cls, "p_ood": float(p_ood), "atd_score": float(atd)},
+                                 {k: record[k] for k in ("class", "p_ood", "atd_score")})
+    assert browser_errors(browser.events) == []
+    fetched = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
+    assert atd_server.url + "/v1/detect" in fetched
+    assert all(url.startswith((atd_server.url + "/", "blob:")) for url in fetched), fetched
