@@ -29,6 +29,7 @@ from conftest import assert_close_records, cli, spawn  # noqa: E402
 
 DIGITS = Path(__file__).parent.parent / "examples" / "digits" / "images"
 CLASSES = "zero,one,two,three,four"
+WORDS = Path(__file__).parent / "fixtures" / "words-small.txt"  # a small word list: mining takes a moment
 
 
 def request(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -129,6 +130,20 @@ def test_calibrated_records_equal_local_detect(home: Path, tmp_path: Path) -> No
     assert all("p_value" in r for r in got)
     assert_close_records(got, want)
     assert json.loads(info)["calibration_alpha"] == 0.2
+
+
+def test_negative_label_records_equal_local_detect(home: Path) -> None:
+    neg = ["--negatives", "neglabel", "--words", str(WORDS), "--rule", "neglabel", "--threshold", "0.5"]
+    served = Served(["-w", "digits", "-c", CLASSES, *neg], home)
+    try:
+        got = detect_json(served.url, digit_images())
+        info = json.loads(request(served.url + "/v1/info")[2])
+    finally:
+        assert served.stop() == 0
+    want = local_detect(*neg)
+    assert {r["verdict"] for r in got} == {"ID", "OOD"} and all("neglabel_score" in r and "atd_neg_score" in r for r in got)
+    assert_close_records(got, want)
+    assert info["negatives"] == ["neglabel"] and info["rule"] == "neglabel" and info["threshold"] == 0.5
 
 
 def test_multipart_uploads_are_named_by_their_file_names(atd_server: Served) -> None:
