@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from pathlib import Path
 from collections.abc import Iterator
@@ -249,32 +250,3 @@ def _detect_on_server(args: dict) -> None:
         info(f"{failed} of {done} inputs could not be scored (see their error records)")
         raise typer.Exit(EXIT_PARTIAL)
     raise typer.Exit(EXIT_OK)
-
-
-def _huge_pages_for_activations() -> None:
-    """Let torch back large CPU tensors with transparent huge pages (Linux), unless the user chose.
-
-    A ViT-B-16 forward pass at batch 32 allocates and frees gigabytes of activations, and with
-    4 KB pages every batch faults them in afresh: huge pages make the CPU forward ~12% faster at no
-    extra peak memory (benchmarks/). torch reads the variable at its first allocation, which in
-    this process comes later: commands import torch only when they run.
-    """
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-
-def _few_malloc_arenas(limit: int = 2) -> None:
-    """Cap glibc's malloc arenas before the decoding threads start (Linux; no-op elsewhere).
-
-    Each thread otherwise gets its own arena that keeps freed image buffers: with 2 decoding
-    threads, a 256-image ViT-B-16 run peaked at 1418 MB, and at 1355 MB with the cap, at the
-    same speed (measured on 2 cores).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).mallopt(-8, limit)  # -8 = M_ARENA_MAX
-    except (OSError, AttributeError, TypeError):
-        pass
-

@@ -78,7 +78,7 @@ def serve(
         from .. import __version__
         from ..detection import check_rule
         from ..inputs.decode import make_transform, image_size_of
-        from ..model.encode import pipeline_sizes
+        from ..model.devices import pipeline_sizes
         from ..serve.app import Service
         from ..serve.engine import Batcher, ModelScorer, ServeLimits
         from ..serve.metrics import ServeMetrics
