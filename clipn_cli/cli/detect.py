@@ -15,9 +15,10 @@ from ..outputs.writers import FORMATS
 from .common import (
     INPUTS, MODEL, RULE, OUTPUT, CALIBRATION,
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
-    TemplatesOpt, Terminated, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, check_stdout, fail, handle_errors, info, stderr,
+    RuntimeOpt, TemplatesOpt, Terminated, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, check_stdout, fail, handle_errors, info, stderr,
     stdout_is_terminal,
 )
+from .export import check_runtime_option, use_runtime
 from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ShardSizeOpt, ray_options_given
 from .runtime import (
     add_negatives, calibrated_verdicts, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight, report_provenance,
@@ -46,6 +47,7 @@ def detect(
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
+    runtime: RuntimeOpt = "torch",
     exif_transpose: ExifOpt = False,
     resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT, help="With --format jsonl --output F: skip inputs already in F and append the rest (with --engine ray: score only unfinished shards).")] = False,
     cache: Annotated[Path | None, typer.Option("--cache", rich_help_panel=MODEL, help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
@@ -72,6 +74,8 @@ def detect(
         check_choice("--rule", rule, RULES)
         check_choice("--engine", engine, ENGINES)
         if engine == "ray":
+            if runtime != "torch":
+                fail("--runtime onnx/openvino runs with --engine local only (Ray workers use torch)")
             return _detect_on_ray(locals())
         if ray_options_given(ray_address, actors, gpus_per_actor, cpus_per_actor, shard_size):
             fail("--ray-address, --actors, --gpus-per-actor, --cpus-per-actor and --shard-size need --engine ray")
@@ -80,6 +84,9 @@ def detect(
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
         check_choice("--quantize", quantize, ("int8",))
+        check_runtime_option(runtime, precision)
+        if quantize and runtime != "torch":
+            fail("--quantize int8 quantises torch's image tower: it cannot be combined with --runtime " + runtime)
         if not paths:
             fail("no inputs: give image files, directories, globs, or - for paths on stdin")
         check_output("--output", output)
@@ -105,6 +112,7 @@ def detect(
             from ..model.encode import quantize_image_tower
 
             quantize_image_tower(model)
+        use_runtime(model, weights_info, runtime, precision)
         # Modules, model and heads live until exit: freezing them spares the garbage collector from
         # walking torch's millions of objects during the run and at exit (exit 1.1 s → 0.2 s).
         gc.freeze()

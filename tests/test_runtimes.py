@@ -1,0 +1,131 @@
+"""Other image-tower runtimes (README "Runtimes"): ONNX export with the weights fingerprint, and
+ONNX Runtime / OpenVINO fp32 giving CTW/ATD within 1e-5 of torch fp32."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import IMAGES, cli
+
+onnx = pytest.importorskip("onnx")
+CLASSES = "cat,horse,rocket,coffee"
+PICTURES = [str(IMAGES / name) for name in ("chelsea.png", "horse.png", "rocket.jpg", "coffee.png", "astronaut.png")]
+EXACT = 1e-5  # README "Runtimes": fp32 on any runtime
+INSTALLED = [r for r, module in (("onnx", "onnxruntime"), ("openvino", "openvino")) if __import__("importlib").util.find_spec(module)]
+
+
+def records(*args: str) -> list[dict]:
+    result = cli("detect", *args, "--format", "jsonl", *PICTURES)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("runtime", INSTALLED)
+def test_fp32_runtime_scores_as_torch(tiny_weights: Path, runtime: str) -> None:
+    want = records("-w", str(tiny_weights), "-c", CLASSES, "--details")
+    got = records("-w", str(tiny_weights), "-c", CLASSES, "--details", "--runtime", runtime)
+    assert [r["path"] for r in got] == PICTURES
+    for a, b in zip(got, want):
+        assert a["ctw_score"] == pytest.approx(b["ctw_score"], abs=EXACT)
+        assert a["atd_score"] == pytest.approx(b["atd_score"], abs=EXACT)
+        assert a["p_yes"] == pytest.approx(b["p_yes"], abs=EXACT)
+        assert a["class"] == b["class"]
+
+
+def test_export_writes_fingerprinted_dynamic_batch(tiny_weights: Path, tmp_path: Path) -> None:
+    from clipn_cli.runtimes.onnx_export import read_fingerprint
+    from clipn_cli.weights.checkpoints import load_model
+
+    out = tmp_path / "tower.onnx"
+    result = cli("export", str(tiny_weights), str(out))
+    assert result.returncode == 0, result.stderr
+    model, info = load_model(tiny_weights, device=torch.device("cpu"), text=False)
+    assert read_fingerprint(out) == info.fingerprint
+    graph = onnx.load(str(out)).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # batch is symbolic, not fixed
+    if "onnx" in INSTALLED:
+        from clipn_cli.runtimes.towers import OnnxTower
+
+        pixels = torch.randn(3, 3, *model.visual.image_size)
+        want = model.encode_image(pixels, normalize=True).detach().numpy()
+        assert abs(OnnxTower(out)(pixels.numpy()) - want).max() < EXACT
+
+
+def test_export_is_cached_in_the_home_and_reused(tiny_weights: Path, tmp_path: Path) -> None:
+    from clipn_cli.runtimes.onnx_export import cached_export
+    from clipn_cli.weights.checkpoints import load_model
+
+    model, info = load_model(tiny_weights, device=torch.device("cpu"), text=False)
+    path = cached_export(model, tmp_path / "runtimes", info.fingerprint)
+    assert path == tmp_path / "runtimes" / f"{info.fingerprint[:16]}.onnx"
+    stamp = path.stat().st_mtime_ns
+    assert cached_export(model, tmp_path / "runtimes", info.fingerprint) == path
+    assert path.stat().st_mtime_ns == stamp  # reused, not exported again
+
+
+@pytest.mark.skipif("onnx" not in INSTALLED, reason="needs onnxruntime")
+def test_export_from_other_weights_is_refused(tiny_weights: Path, tmp_path: Path) -> None:
+    from clipn_cli.runtimes.onnx_export import export_image_tower
+    from clipn_cli.weights.checkpoints import load_model
+    from clipn_cli.weights.home import weights_home
+
+    model, info = load_model(tiny_weights, device=torch.device("cpu"), text=False)
+    cached = weights_home() / "runtimes" / f"{info.fingerprint[:16]}.onnx"
+    export_image_tower(model, cached, "0" * 64)
+    result = cli("detect", "-w", str(tiny_weights), "-c", CLASSES, "--runtime", "onnx", PICTURES[0])
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert "exported from other weights (fingerprint 000000000000" in result.stderr
+    cached.write_bytes(b"not onnx at all")
+    result = cli("detect", "-w", str(tiny_weights), "-c", CLASSES, "--runtime", "onnx", PICTURES[0])
+    assert result.returncode == 2 and "not an ONNX file" in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--runtime", "tensorrt"), "--runtime must be torch, onnx or openvino, not 'tensorrt'"),
+    (("--runtime", "onnx", "--precision", "bf16"), "--runtime onnx computes in fp32, not --precision bf16"),
+    (("--runtime", "openvino", "--precision", "fp16"), "--runtime openvino computes in fp32 or bf16, not --precision fp16"),
+])
+def test_runtime_options_refused_before_loading(args: tuple[str, ...], message: str) -> None:
+    result = cli("detect", "-w", "/no/such/weights.safetensors", "-c", CLASSES, *args, PICTURES[0])
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_missing_runtime_package_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    result = cli("eval", "-w", "/no/such/weights.safetensors", "-c", CLASSES, "--id", str(IMAGES), "--ood", str(IMAGES), "--runtime", "onnx")
+    assert result.returncode == 2
+    assert "--runtime onnx needs onnxruntime: pip install 'clipn-cli[onnx]'" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", INSTALLED)
+def test_vitb16_sized_fp32_runtime_scores_as_torch(runtime: str, tmp_path: Path) -> None:
+    """A ViT-B-16-shaped image tower with random weights: depth and width where rounding adds up."""
+    import open_clip
+
+    from clipn_cli.model.clipn import build_model
+    from clipn_cli.runtimes.towers import attach_runtime
+    from clipn_cli.scores.scoring import score
+
+    torch.manual_seed(0)
+    model = build_model(open_clip.get_model_config("ViT-B-16")).eval()
+    model.drop_text_towers()
+    pixels = torch.randn(4, 3, 224, 224)
+    with torch.inference_mode():
+        want_features = model.encode_image(pixels, normalize=True)
+    attach_runtime(model, runtime, "fp32", tmp_path, "f" * 64)
+    got_features = model.image_runtime.encode(pixels)
+    yes, no = torch.nn.functional.normalize(torch.randn(2, 10, 512), dim=-1)
+    want, got = score(want_features, yes, no), score(got_features, yes, no)
+    assert torch.allclose(got.ctw, want.ctw, atol=EXACT, rtol=0)
+    assert torch.allclose(got.atd, want.atd, atol=EXACT, rtol=0)
