@@ -36,6 +36,34 @@ def test_fp32_runtime_scores_as_torch(tiny_weights: Path, runtime: str) -> None:
         assert a["class"] == b["class"]
 
 
+INEXACT = 0.02  # README "Runtimes": opt-in lower precisions on the tiny official model
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(("--runtime", "onnx", "--quantize", "int8"), marks=pytest.mark.skipif("onnx" not in INSTALLED, reason="needs onnxruntime")),
+    pytest.param(("--runtime", "openvino", "--precision", "bf16"), marks=pytest.mark.skipif("openvino" not in INSTALLED, reason="needs openvino")),
+])
+def test_lower_precision_runtime_within_its_bound(tiny_weights: Path, args: tuple[str, ...]) -> None:
+    want = records("-w", str(tiny_weights), "-c", CLASSES)
+    got = records("-w", str(tiny_weights), "-c", CLASSES, *args)
+    changes = [max(abs(a["ctw_score"] - b["ctw_score"]), abs(a["atd_score"] - b["atd_score"])) for a, b in zip(got, want)]
+    assert 0 < max(changes) <= INEXACT  # not the fp32 tower, and within the stated bound
+
+
+@pytest.mark.skipif("onnx" not in INSTALLED, reason="needs onnxruntime")
+def test_int8_export_is_cached_fingerprinted_and_cached_features_keyed_apart(tiny_weights: Path, tmp_path: Path) -> None:
+    from clipn_cli.runtimes.onnx_export import read_fingerprint
+    from clipn_cli.weights.checkpoints import load_model
+    from clipn_cli.weights.home import weights_home
+
+    cache = tmp_path / "features"
+    fp32 = records("-w", str(tiny_weights), "-c", CLASSES, "--runtime", "onnx", "--cache", str(cache))
+    int8 = records("-w", str(tiny_weights), "-c", CLASSES, "--runtime", "onnx", "--quantize", "int8", "--cache", str(cache))
+    _, info = load_model(tiny_weights, device=torch.device("cpu"), text=False)
+    assert read_fingerprint(weights_home() / "runtimes" / f"{info.fingerprint[:16]}-int8.onnx") == info.fingerprint
+    assert [a["atd_score"] for a in int8] != [b["atd_score"] for b in fp32]  # not served the fp32 features from the cache
+
+
 def test_export_writes_fingerprinted_dynamic_batch(tiny_weights: Path, tmp_path: Path) -> None:
     from clipn_cli.runtimes.onnx_export import read_fingerprint
     from clipn_cli.weights.checkpoints import load_model
@@ -90,6 +118,7 @@ def test_export_from_other_weights_is_refused(tiny_weights: Path, tmp_path: Path
     (("--runtime", "tensorrt"), "--runtime must be torch, onnx or openvino, not 'tensorrt'"),
     (("--runtime", "onnx", "--precision", "bf16"), "--runtime onnx computes in fp32, not --precision bf16"),
     (("--runtime", "openvino", "--precision", "fp16"), "--runtime openvino computes in fp32 or bf16, not --precision fp16"),
+    (("--runtime", "openvino", "--quantize", "int8"), "--quantize int8 runs with --runtime onnx (ONNX Runtime's int8) or torch, not --runtime openvino"),
 ])
 def test_runtime_options_refused_before_loading(args: tuple[str, ...], message: str) -> None:
     result = cli("detect", "-w", "/no/such/weights.safetensors", "-c", CLASSES, *args, PICTURES[0])

@@ -85,8 +85,8 @@ def detect(
         check_choice("--precision", precision, PRECISIONS)
         check_choice("--quantize", quantize, ("int8",))
         check_runtime_option(runtime, precision)
-        if quantize and runtime != "torch":
-            fail("--quantize int8 quantises torch's image tower: it cannot be combined with --runtime " + runtime)
+        if quantize and runtime == "openvino":
+            fail("--quantize int8 runs with --runtime onnx (ONNX Runtime's int8) or torch, not --runtime openvino")
         if not paths:
             fail("no inputs: give image files, directories, globs, or - for paths on stdin")
         check_output("--output", output)
@@ -108,11 +108,11 @@ def detect(
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
         verdicts = calibrated_verdicts(calibration, alpha, fdr, rule, heads, weights_info.fingerprint)
-        if quantize:
+        if quantize and runtime == "torch":
             from ..model.encode import quantize_image_tower
 
             quantize_image_tower(model)
-        use_runtime(model, weights_info, runtime, precision)
+        use_runtime(model, weights_info, runtime, precision, quantize)
         # Modules, model and heads live until exit: freezing them spares the garbage collector from
         # walking torch's millions of objects during the run and at exit (exit 1.1 s → 0.2 s).
         gc.freeze()

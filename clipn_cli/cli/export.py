@@ -45,11 +45,11 @@ def check_runtime_option(runtime: str, precision: str) -> None:
     check_runtime(runtime, precision)
 
 
-def use_runtime(model: CLIPN, weights_info: WeightsInfo, runtime: str, precision: str) -> None:
+def use_runtime(model: CLIPN, weights_info: WeightsInfo, runtime: str, precision: str, quantize: str | None = None) -> None:
     """Run the image tower with `runtime`, its export cached in `<weights home>/runtimes/`."""
     if runtime == "torch":
         return
     from ..runtimes.towers import attach_runtime
     from ..weights.home import weights_home
 
-    attach_runtime(model, runtime, precision, weights_home() / "runtimes", weights_info.fingerprint)
+    attach_runtime(model, runtime, precision, weights_home() / "runtimes", weights_info.fingerprint, quantize)

@@ -82,10 +82,36 @@ def check_fingerprint(path: str | os.PathLike[str], fingerprint: str) -> None:
         )
 
 
-def cached_export(model: CLIPN, folder: str | os.PathLike[str], fingerprint: str) -> Path:
-    """`folder/<fingerprint[:16]>.onnx`, exported on first use and reused after (checked each time)."""
+def cached_export(model: CLIPN, folder: str | os.PathLike[str], fingerprint: str, quantize: str | None = None) -> Path:
+    """`folder/<fingerprint[:16]>.onnx`, exported on first use and reused after (checked each time);
+    with `quantize="int8"` its ONNX Runtime dynamic int8 quantisation, `<fingerprint[:16]>-int8.onnx`."""
     path = Path(folder) / f"{fingerprint[:16]}.onnx"
     if not path.exists():
         export_image_tower(model, path, fingerprint)
     check_fingerprint(path, fingerprint)
-    return path
+    if quantize is None:
+        return path
+    quantized = path.with_name(f"{fingerprint[:16]}-{quantize}.onnx")
+    if not quantized.exists():
+        quantize_int8(path, quantized, fingerprint)
+    check_fingerprint(quantized, fingerprint)
+    return quantized
+
+
+def quantize_int8(source: Path, target: Path, fingerprint: str) -> None:
+    """ONNX Runtime's dynamic quantisation (int8 weights of the matrix products, activations
+    quantised on the fly): what `--quantize int8` was in torch, without torch's deprecated API."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # its advice to pre-process is noise here
+    import onnx
+
+    with atomic_path(target) as tmp:
+        quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8)
+        proto = onnx.load(str(tmp))
+        del proto.metadata_props[:]
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = FINGERPRINT_KEY, fingerprint
+        onnx.save(proto, str(tmp))

@@ -54,17 +54,24 @@ class ImageRuntime:
     @property
     def variant(self) -> str:
         """How features cached by this runtime are keyed apart from torch's."""
-        return f"runtime={self.name}"
+        return f"runtime={self.name}" + (";int8" if self.precision == "int8" else "")
 
 
-def attach_runtime(model: CLIPN, runtime: str, precision: str, folder: str | os.PathLike[str], fingerprint: str) -> CLIPN:
-    """Make `model` encode images with `runtime` (torch: unchanged); the export is cached in `folder`."""
+def attach_runtime(
+    model: CLIPN, runtime: str, precision: str, folder: str | os.PathLike[str], fingerprint: str, quantize: str | None = None,
+) -> CLIPN:
+    """Make `model` encode images with `runtime` (torch: unchanged); the export is cached in `folder`.
+
+    `quantize="int8"` (ONNX Runtime only) runs its dynamic int8 quantisation of the export: faster, not exact.
+    """
     check_runtime(runtime, precision)
     if runtime == "torch":
         return model
+    if quantize is not None and runtime != "onnx":
+        raise ValueError(f"--quantize {quantize} runs with --runtime onnx or torch, not --runtime {runtime}")
     if next(model.visual.parameters()).device.type != "cpu":
         raise ValueError(f"--runtime {runtime} runs on the CPU: give --device cpu, or --runtime torch for a GPU")
-    path = cached_export(model, folder, fingerprint)
+    path = cached_export(model, folder, fingerprint, quantize)
     tower = OnnxTower(path) if runtime == "onnx" else OpenVinoTower(path, precision)
-    model.image_runtime = ImageRuntime(runtime, precision, tower)
+    model.image_runtime = ImageRuntime(runtime, "int8" if quantize else precision, tower)
     return model
