@@ -158,3 +158,46 @@ def test_vitb16_sized_fp32_runtime_scores_as_torch(runtime: str, tmp_path: Path)
     want, got = score(want_features, yes, no), score(got_features, yes, no)
     assert torch.allclose(got.ctw, want.ctw, atol=EXACT, rtol=0)
     assert torch.allclose(got.atd, want.atd, atol=EXACT, rtol=0)
+
+
+def odd_images() -> list[tuple[str, "object"]]:
+    """The fixture images and the modes and shapes a decoder can hand over (tall, wide, tiny, exact size)."""
+    from PIL import Image
+
+    found = []
+    for path in sorted(IMAGES.iterdir()):
+        try:
+            with Image.open(path) as image:
+                image.load()
+                found.append((path.name, image.copy()))
+        except OSError:
+            continue
+    base = found[0][1].convert("RGB")
+    for mode in ("L", "RGBA", "P", "1", "I", "F", "CMYK", "LA"):
+        found.append((f"mode {mode}", base.convert(mode)))
+    for size in ((31, 517), (517, 31), (5, 5), (224, 224), (225, 223), (3000, 224)):
+        found.append((f"size {size}", base.resize(size)))
+    return found
+
+
+def test_numpy_preprocessing_gives_the_exact_pixels_of_the_torch_transform() -> None:
+    import numpy as np
+
+    from clipn_cli.inputs.decode import make_transform
+    from clipn_cli.runtimes.preprocess import preprocess
+
+    transform = make_transform(224)
+    for name, image in odd_images():
+        want = transform(image).numpy()
+        got = preprocess(image, 224)
+        assert got.dtype == np.float32 and got.shape == want.shape, name
+        assert np.array_equal(got, want), f"{name}: {np.abs(got - want).max()}"
+
+
+def test_numpy_preprocessing_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys; import clipn_cli.runtimes.preprocess; print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
