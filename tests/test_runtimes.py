@@ -201,3 +201,21 @@ def test_numpy_preprocessing_imports_no_torch() -> None:
     code = "import sys; import clipn_cli.runtimes.preprocess; print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif("onnx" not in INSTALLED, reason="needs onnxruntime")
+def test_calibrate_and_eval_take_the_runtime(tiny_weights: Path, tmp_path: Path) -> None:
+    from clipn_cli.scores.calibration import Calibration
+
+    files = {}
+    for runtime in ("torch", "onnx"):
+        files[runtime] = tmp_path / f"{runtime}.json"
+        result = cli("calibrate", *PICTURES, "-w", str(tiny_weights), "-c", CLASSES, "--alpha", "0.5", "--runtime", runtime,
+                     "--output", str(files[runtime]))
+        assert result.returncode == 0, result.stderr
+    want, got = Calibration.load(files["torch"]), Calibration.load(files["onnx"])
+    for method in ("ctw", "atd"):
+        assert got.scores[method] == pytest.approx(want.scores[method], abs=EXACT)
+    result = cli("eval", "-w", str(tiny_weights), "-c", CLASSES, *(x for p in PICTURES[:3] for x in ("--id", p)), "--ood", f"other={PICTURES[3]}",
+                 "--runtime", "onnx", "--format", "json")
+    assert result.returncode == 0, result.stderr
