@@ -84,9 +84,9 @@ def detect(
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
         check_choice("--quantize", quantize, ("int8",))
-        check_runtime_option(runtime, precision)
         if quantize and runtime == "openvino":
             fail("--quantize int8 runs with --runtime onnx (ONNX Runtime's int8) or torch, not --runtime openvino")
+        check_runtime_option(runtime, precision)
         if not paths:
             fail("no inputs: give image files, directories, globs, or - for paths on stdin")
         check_output("--output", output)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .common import check_output, handle_errors, info
+from .common import check_output, fail, handle_errors, info
 
 if TYPE_CHECKING:
     from ..model.clipn import CLIPN
@@ -25,10 +25,10 @@ def export(
     """
     with handle_errors():
         check_output("OUTPUT", output)
-        from ..runtimes import missing
+        import importlib.util
 
-        if reason := missing("onnx"):
-            raise ValueError(reason.replace("--runtime onnx", "clipn export"))
+        if importlib.util.find_spec("onnx") is None:
+            fail("clipn export needs onnx: pip install 'clipn-cli[onnx]'")
         from ..runtimes.onnx_export import export_image_tower
         from .runtime import load_weights_for_cli, preflight
 

@@ -33,8 +33,8 @@ def check_runtime(runtime: str, precision: str) -> None:
     """Refuse a runtime that is not installed or a precision it does not compute, before anything loads."""
     if runtime not in RUNTIMES:
         raise ClipnError(f"--runtime must be {', '.join(RUNTIMES[:-1])} or {RUNTIMES[-1]}, not '{runtime}'")
-    if reason := missing(runtime):
-        raise ClipnError(reason)
     allowed = RUNTIME_PRECISIONS[runtime]
     if precision not in allowed:
         raise ClipnError(f"--runtime {runtime} computes in {' or '.join(allowed)}, not --precision {precision}")
+    if reason := missing(runtime):
+        raise ClipnError(reason)
