@@ -47,7 +47,7 @@ def calibrate(
 
         check_alpha(alpha)
         check_choice("--precision", precision, PRECISIONS)
-        check_runtime_option(runtime, precision)
+        device = check_runtime_option(runtime, precision, device)
         if output is None:
             fail("--output FILE is required: where to write the calibration")
         if not paths:

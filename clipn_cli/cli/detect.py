@@ -86,7 +86,7 @@ def detect(
         check_choice("--quantize", quantize, ("int8",))
         if quantize and runtime == "openvino":
             fail("--quantize int8 runs with --runtime onnx (ONNX Runtime's int8) or torch, not --runtime openvino")
-        check_runtime_option(runtime, precision)
+        device = check_runtime_option(runtime, precision, device)
         if not paths:
             fail("no inputs: give image files, directories, globs, or - for paths on stdin")
         check_output("--output", output)

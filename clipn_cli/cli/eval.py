@@ -72,7 +72,7 @@ def evaluate(
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
         check_choice("--engine", engine, ENGINES)
-        check_runtime_option(runtime, precision)
+        device = check_runtime_option(runtime, precision, device)
         if engine == "ray" and runtime != "torch":
             fail("--runtime onnx/openvino runs with --engine local only (Ray workers use torch)")
         if engine == "ray":

@@ -38,11 +38,13 @@ def export(
         info(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB, image tower of {weights_info.model_name}, fingerprint {weights_info.fingerprint[:12]})")
 
 
-def check_runtime_option(runtime: str, precision: str) -> None:
-    """--runtime and --precision together, before torch is imported (a missing package costs a line)."""
+def check_runtime_option(runtime: str, precision: str, device: str) -> str:
+    """--runtime and --precision together, before torch is imported (a missing package costs a line);
+    returns the device to load on: `auto` means the CPU for the CPU-only runtimes."""
     from ..runtimes import check_runtime
 
     check_runtime(runtime, precision)
+    return "cpu" if runtime != "torch" and device == "auto" else device
 
 
 def use_runtime(model: CLIPN, weights_info: WeightsInfo, runtime: str, precision: str, quantize: str | None = None) -> None:
