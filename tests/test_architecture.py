@@ -20,6 +20,7 @@ RANKS = {
     "detection": 5, "evaluation": 5, "training": 5, "verdicts": 5,
     "heads": 4,
     "weights": 3,
+    "runtimes": 2.5,  # other image-tower runtimes: above model/, below weights/ (fingerprints come as arguments)
     "model": 2, "outputs": 2,
     "inputs": 1, "scores": 1,
     "errors": 0, "files": 0.2, "jsonsafe": 0.4, "safetensors_file": 0.6, "__init__": 0, "__main__": 8,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from . import calibrate, convert, detect, embed, serve, weights
+from . import calibrate, convert, detect, embed, export, serve, weights
 from . import eval as eval_command
 from . import train as train_command
 from .common import HELP_OPTIONS, error, examples, set_debug
@@ -88,6 +88,7 @@ app.command("train")(train_command.train)
 app.command("eval", epilog=EVAL_EXAMPLES)(eval_command.evaluate)
 app.command("calibrate", epilog=CALIBRATE_EXAMPLES)(calibrate.calibrate)
 app.command("serve", epilog=SERVE_EXAMPLES)(serve.serve)
+app.command("export")(export.export)
 app.add_typer(weights.app, name="weights")
 
 

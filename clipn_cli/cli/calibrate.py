@@ -12,9 +12,10 @@ import typer
 from ..inputs.sources import INPUT_KINDS_HELP
 from .common import (
     INPUTS, OUTPUT, CALIBRATION,
-    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
+    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt, RuntimeOpt,
     TemplatesOpt, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, warn,
 )
+from .export import check_runtime_option, use_runtime
 from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight
 
 
@@ -33,6 +34,7 @@ def calibrate(
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
+    runtime: RuntimeOpt = "torch",
     exif_transpose: ExifOpt = False,
 ) -> None:
     """Score ID images with every method and store the sorted scores (no image paths) in a JSON file.
@@ -46,6 +48,7 @@ def calibrate(
 
         check_alpha(alpha)
         check_choice("--precision", precision, PRECISIONS)
+        device = check_runtime_option(runtime, precision, device)
         if output is None:
             fail("--output FILE is required: where to write the calibration")
         if not paths:
@@ -57,6 +60,7 @@ def calibrate(
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
+        use_runtime(model, weights_info, runtime, precision)
 
         from ..evaluation import score_set
         from ..inputs.sets import ImageSet

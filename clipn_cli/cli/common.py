@@ -238,6 +238,10 @@ WorkersOpt = Annotated[
     typer.Option("--workers", "-j", rich_help_panel=MODEL, min=0, help=f"Decoding threads (0 = decode in the main thread). Default: min({CPU_DECODE_WORKERS}, CPUs); all CPUs with CUDA.", show_default=False),
 ]
 PrecisionOpt = Annotated[str, typer.Option("--precision", rich_help_panel=MODEL, help="fp32 (exact), fp16 or bf16 (autocast).")]
+RuntimeOpt = Annotated[
+    str,
+    typer.Option("--runtime", rich_help_panel=MODEL, help="Image tower runtime: torch, onnx (ONNX Runtime, fp32) or openvino (fp32, bf16); CPU only, exported once per weights (README \"Runtimes\")."),
+]
 ExifOpt = Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", rich_help_panel=MODEL, help="Rotate by EXIF orientation first (the official pipeline does not).")]
 NegativesOpt = Annotated[
     str | None,

@@ -19,9 +19,10 @@ from ..verdicts import VerdictStep, check_verdict_options
 from .common import (
     INPUTS, MODEL, RULE, OUTPUT, CALIBRATION, ENGINE,
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
-    TemplatesOpt, Terminated, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, check_stdout, fail, handle_errors, info, stderr,
+    RuntimeOpt, TemplatesOpt, Terminated, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, check_stdout, fail, handle_errors, info, stderr,
     stdout_is_terminal,
 )
+from .export import check_runtime_option, use_runtime
 from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ShardSizeOpt, ray_options_given
 from .runtime import (
     add_negatives, calibrated_verdicts, check_inputs, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight, report_provenance,
@@ -48,11 +49,12 @@ def detect(
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
+    runtime: RuntimeOpt = "torch",
     exif_transpose: ExifOpt = False,
     resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT, help="With --format jsonl --output F: skip inputs already in F and append the rest (with --engine ray: score only unfinished shards).")] = False,
     cache: Annotated[Path | None, typer.Option("--cache", rich_help_panel=MODEL, help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
     draft: Annotated[bool, typer.Option("--draft", rich_help_panel=MODEL, help="Decode large JPEGs at reduced scale: several times faster for big photos, not exact.")] = False,
-    quantize: Annotated[str | None, typer.Option("--quantize", rich_help_panel=MODEL, help="int8: quantise the image tower's linear layers (CPU only): faster, not exact.", show_default=False)] = None,
+    quantize: Annotated[str | None, typer.Option("--quantize", rich_help_panel=MODEL, help="int8: quantise the image tower's linear layers (CPU only; with --runtime onnx, ONNX Runtime's int8): faster, not exact.", show_default=False)] = None,
     calibration: Annotated[Path | None, typer.Option("--calibration", rich_help_panel=CALIBRATION, help="A file from 'clipn calibrate': add p_value per image and call OOD when p_value <= alpha.", show_default=False)] = None,
     alpha: Annotated[float | None, typer.Option("--alpha", rich_help_panel=CALIBRATION, help="With --calibration: the false-alarm rate on ID images (default: the one the file was made with).", show_default=False)] = None,
     fdr: Annotated[float | None, typer.Option("--fdr", rich_help_panel=CALIBRATION, help="With --calibration: Benjamini-Hochberg over the whole run, expected share of ID among OOD verdicts <= Q (adds q_value). Needs the whole run before writing: --format json/csv/table or --output FILE (with --engine ray: a last pass rewrites the shards).", show_default=False)] = None,
@@ -76,6 +78,8 @@ def detect(
         if server is not None:
             return _detect_on_server(locals())
         if engine == "ray":
+            if runtime != "torch":
+                fail("--runtime onnx/openvino runs with --engine local only (Ray workers use torch)")
             return _detect_on_ray(locals())
         if ray_options_given(ray_address, actors, gpus_per_actor, cpus_per_actor, shard_size):
             fail("--ray-address, --actors, --gpus-per-actor, --cpus-per-actor and --shard-size need --engine ray")
@@ -84,6 +88,9 @@ def detect(
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
         check_choice("--quantize", quantize, ("int8",))
+        if quantize and runtime == "openvino":
+            fail("--quantize int8 runs with --runtime onnx (ONNX Runtime's int8) or torch, not --runtime openvino")
+        device = check_runtime_option(runtime, precision, device)
         if not paths:
             fail("no inputs: give image files, directories, globs, or - for paths on stdin")
         check_output("--output", output)
@@ -104,10 +111,11 @@ def detect(
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
         verdicts = calibrated_verdicts(calibration, alpha, fdr, rule, heads, weights_info.fingerprint)
         step = VerdictStep(rule, threshold=threshold, calibrated=verdicts, report_classes=heads.classes if report is not None else None)
-        if quantize:
+        if quantize and runtime == "torch":
             from ..model.encode import quantize_image_tower
 
             quantize_image_tower(model)
+        use_runtime(model, weights_info, runtime, precision, quantize)
         # Modules, model and heads live until exit: freezing them spares the garbage collector from
         # walking torch's millions of objects during the run and at exit (exit 1.1 s → 0.2 s).
         gc.freeze()

@@ -14,11 +14,12 @@ import typer
 from ..inputs.sources import INPUT_KINDS_HELP
 from .common import (
     INPUTS, MODEL, RULE, OUTPUT, CALIBRATION,
-    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
+    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt, RuntimeOpt,
     TemplatesOpt, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, check_stdout, fail, handle_errors, info, stderr, stdout_is_terminal,
     warn,
 )
 from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ray_options_given
+from .export import check_runtime_option, use_runtime
 from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight, report_provenance
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ def evaluate(
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
+    runtime: RuntimeOpt = "torch",
     exif_transpose: ExifOpt = False,
     alpha: Annotated[float | None, typer.Option("--alpha", rich_help_panel=CALIBRATION, help="Also report calibrated verdicts: calibrate every method on a seeded random half of the ID images, report ID flagged on the other half and OOD caught per set.", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", rich_help_panel=CALIBRATION, help="Seed of the random ID half for --alpha.")] = 0,
@@ -71,6 +73,9 @@ def evaluate(
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
         check_choice("--engine", engine, ENGINES)
+        device = check_runtime_option(runtime, precision, device)
+        if engine == "ray" and runtime != "torch":
+            fail("--runtime onnx/openvino runs with --engine local only (Ray workers use torch)")
         if engine == "ray":
             from ..scale.ray_engine import require_ray
 
@@ -105,6 +110,7 @@ def evaluate(
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
+        use_runtime(model, weights_info, runtime, precision)
 
         from ..model.feature_cache import FeatureCache
         from ..evaluation import evaluate as run_evaluation

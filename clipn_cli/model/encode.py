@@ -29,7 +29,9 @@ class EncodedImage:
 
 @torch.inference_mode()
 def encode_batch(model: CLIPN, pixels: torch.Tensor, device: torch.device, precision: str = "fp32") -> torch.Tensor:
-    """Normalized float32 image features of a preprocessed batch."""
+    """Normalized float32 image features of a preprocessed batch (by `model.image_runtime` when one is attached)."""
+    if (runtime := getattr(model, "image_runtime", None)) is not None:
+        return runtime.encode(pixels)
     non_blocking = device.type == "cuda"
     if non_blocking:
         pixels = pixels.pin_memory()
@@ -136,6 +138,8 @@ def _encode_cached(
         variant += ";draft"
     if quantized := getattr(model, "image_quantization", None):
         variant += f";quantized={quantized}"
+    if (runtime := getattr(model, "image_runtime", None)) is not None:
+        variant += f";{runtime.variant}"
     stream = iter(items)
     while block := list(itertools.islice(stream, 8 * batch_size)):
         keys = [cache.key(item.path, variant) if item.error is None else None for item in block]
