@@ -14,7 +14,7 @@ import typer
 from ..model.devices import tune_process
 from ..scores.methods import RULES, VERDICT_RULES
 from ..inputs.sources import INPUT_KINDS_HELP
-from ..outputs.writers import FORMATS, check_writer
+from ..outputs.writers import FILE_ONLY, FORMATS, check_writer
 from ..verdicts import VerdictStep, check_verdict_options
 from .common import (
     INPUTS, MODEL, RULE, OUTPUT, CALIBRATION, ENGINE,
@@ -41,7 +41,7 @@ def detect(
     threshold: Annotated[float | None, typer.Option("--threshold", rich_help_panel=RULE, help="Call an image OOD when the rule's score is below T (needed by rules without a threshold-free verdict, e.g. thr@95%ID from 'clipn eval').", show_default=False)] = None,
     negatives: NegativesOpt = None,
     words: WordsOpt = None,
-    fmt: Annotated[str | None, typer.Option("--format", "-f", rich_help_panel=OUTPUT, help="table, json, jsonl, csv or parquet (needs --output FILE). Default: table on a terminal, jsonl otherwise.", show_default=False)] = None,
+    fmt: Annotated[str | None, typer.Option("--format", "-f", rich_help_panel=OUTPUT, help=f"{', '.join(FORMATS[:-1])} or {FORMATS[-1]} (written to --output FILE only: {', '.join(FILE_ONLY)}). Default: table on a terminal, jsonl otherwise.", show_default=False)] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", rich_help_panel=OUTPUT, help="Write results to this file instead of stdout (with --engine ray: a folder or URI for shards and manifest).", show_default=False)] = None,
     details: Annotated[bool, typer.Option("--details", rich_help_panel=OUTPUT, help="Add p_yes, logits_yes and logits_no (per class) to each record.")] = False,
     top_k: Annotated[int, typer.Option("--top-k", rich_help_panel=OUTPUT, min=0, help="Add the K most probable classes to each record.")] = 0,

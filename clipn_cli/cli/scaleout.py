@@ -50,7 +50,7 @@ def detect_on_ray(
 
     fmt = fmt or "parquet"
     if fmt not in SHARD_FORMATS:
-        fail(f"--engine ray writes shards as parquet or jsonl, not '{fmt}' (--format parquet|jsonl)")
+        fail(f"--engine ray writes shards as {' or '.join(SHARD_FORMATS)}, not '{fmt}' (--format {'|'.join(SHARD_FORMATS)})")
     if output is None:
         fail("--engine ray needs --output DIR (a folder or a URI such as s3://bucket/run) for its shards and manifest")
     if cache is not None:
