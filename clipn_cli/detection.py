@@ -11,7 +11,7 @@ from .errors import RuleError
 from .heads.embeddings import ClassEmbeddings
 from .inputs.sources import InputItem
 from .model.clipn import CLIPN
-from .model.devices import pipeline_sizes
+from .model.devices import RunOptions
 from .model.encode import EncodedImage, encode_images
 from .outputs.records import SCORE_FIELDS, Detection  # re-exported: clipn_cli.detection.Detection stays
 from .scores import methods
@@ -144,19 +144,16 @@ def detect(
     cache: FeatureCache | None = None,
     draft: bool = False,
     threshold: float | None = None,
+    options: RunOptions | None = None,
 ) -> Iterator[Detection]:
     """Verdicts for a stream of inputs: decode, encode, score; one Detection per input, in order.
 
     `cache` reuses image features stored for these weights; `draft` decodes large JPEGs at
     reduced scale (faster, not exact). `batch_size`/`workers` default to the model's device's
-    (`devices.RunOptions`). See `encode_images`.
+    (`devices.RunOptions`); `options`, the run's resolved `RunOptions`, replaces the three. See `encode_images`.
     """
-    batch_size, workers = pipeline_sizes(model, batch_size, workers)
+    run = options or RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)
     check_rule(rule, tuple(embeddings.negatives), threshold, has_no=embeddings.text_no is not None)  # before any image is read
-    encoded = encode_images(
-        model, items, batch_size=batch_size, workers=workers, precision=precision,
-        exif_transpose=exif_transpose, cache=cache, draft=draft,
-    )
-    device = next(model.parameters()).device
-    return score_encoded(encoded, embeddings, rule=rule, details=details, top_k=top_k, chunk=batch_size,
-                         threshold=threshold, permutation_device=device)
+    encoded = encode_images(model, items, exif_transpose=exif_transpose, cache=cache, draft=draft, options=run)
+    return score_encoded(encoded, embeddings, rule=rule, details=details, top_k=top_k, chunk=run.score_chunk,
+                         threshold=threshold, permutation_device=run.device)

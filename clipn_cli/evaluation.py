@@ -18,6 +18,7 @@ from .outputs.results import Evaluation, MethodResult, SetScores
 from .scores import metrics
 
 if TYPE_CHECKING:
+    from .model.devices import RunOptions
     from .model.feature_cache import FeatureCache
     from .heads.embeddings import ClassEmbeddings
     from .model.clipn import CLIPN
@@ -46,6 +47,7 @@ def score_set(
     exif_transpose: bool = False,
     progress: Callable[[int], None] | None = None,
     encoder: Callable[..., Iterable[Any]] | None = None,
+    options: RunOptions | None = None,
 ) -> SetScores:
     """Encode a set (through `cache`) and score every readable image with every method.
 
@@ -53,18 +55,16 @@ def score_set(
     """
     import torch
 
-    from .model.devices import pipeline_sizes
+    from .model.devices import RunOptions
     from .model.encode import encode_images
     from .scores.scoring import Heads, score_heads
 
-    batch_size, workers = pipeline_sizes(model, batch_size, workers)
-    prepared = Heads.prepare(heads, next(model.parameters()).device)
+    run = options or RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)
+    chunk = run.score_chunk
+    prepared = Heads.prepare(heads, run.device)
     names = [m.name for m in prepared.methods]
     rules = [m.name for m in prepared.methods if m.threshold_free]
-    encoded = encode_images(
-        model, image_set.items, batch_size=batch_size, workers=workers, precision=precision,
-        exif_transpose=exif_transpose, cache=cache, encoder=encoder,
-    )
+    encoded = encode_images(model, image_set.items, exif_transpose=exif_transpose, cache=cache, encoder=encoder, options=run)
     paths: list[str] = []
     labels: list[str | None] = []
     features: list[torch.Tensor] = []
@@ -89,7 +89,7 @@ def score_set(
             paths.append(item.path)
             labels.append(label)
             features.append(item.feature)
-            if len(features) >= batch_size:  # the chunks `detect` scores in: bit-identical scores
+            if len(features) >= chunk:  # the chunks `detect` scores in: bit-identical scores
                 flush()
         if progress:
             progress(1)
@@ -161,8 +161,11 @@ def evaluate(
     exif_transpose: bool = False,
     progress: Callable[[int], None] | None = None,
     encoder: Callable[..., Iterable[Any]] | None = None,
+    options: RunOptions | None = None,
 ) -> Evaluation:
     """Score every set and compute every metric; `sets` as `inputs.sets.collect_sets` returns them (ID first).
+
+    `options` (a run's resolved `RunOptions`) replaces `batch_size`, `workers` and `precision`.
 
     An OOD set with no readable image is left out of the metrics (with a note) rather than
     losing the others; with no readable ID image, or none in any OOD set, nothing can be measured.
@@ -171,7 +174,7 @@ def evaluate(
 
     def run(image_set: ImageSet) -> SetScores:
         return score_set(model, heads, image_set, cache=cache, batch_size=batch_size, workers=workers,
-                         precision=precision, exif_transpose=exif_transpose, progress=progress, encoder=encoder)
+                         precision=precision, exif_transpose=exif_transpose, progress=progress, encoder=encoder, options=options)
 
     id_scores = run(sets[0])
     if not id_scores.paths:  # stop before encoding the OOD sets

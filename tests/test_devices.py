@@ -52,3 +52,40 @@ def test_run_options_take_the_device_of_a_model(tiny_weights: Path) -> None:
 def test_run_options_refuse_bad_sizes_in_one_line(kwargs: dict, message: str) -> None:
     with pytest.raises(OptionsError, match=message):
         RunOptions.resolve("cpu", **kwargs)
+
+
+@pytest.mark.parametrize("command", ["detect", "eval", "calibrate"])
+def test_a_command_resolves_its_run_options_once_and_passes_them_down(
+    tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str,
+) -> None:
+    from conftest import IMAGES, cli
+
+    made: list[RunOptions] = []
+    real = RunOptions.resolve.__func__
+
+    def counted(cls: type[RunOptions], *args: object, **kwargs: object) -> RunOptions:
+        made.append(real(cls, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(RunOptions, "resolve", classmethod(counted))
+    images = sorted(str(p) for p in IMAGES.iterdir())
+    args = {
+        "detect": ["detect", *images],
+        "eval": ["eval", "--id", images[0], "--id", images[1], "--ood", f"o={images[2]}", "-f", "json"],
+        "calibrate": ["calibrate", "-o", str(tmp_path / "c.json"), "--alpha", "0.5", *images],
+    }[command]
+    result = cli(args[0], "-w", str(tiny_weights), "--classes", "cat,dog", "-b", "3", "-j", "0", *args[1:])
+    assert result.returncode == 0, result.stderr
+    assert len(made) == 1 and (made[0].forward_batch, made[0].decode_workers, made[0].score_chunk) == (3, 0, 3)
+
+
+def test_detect_takes_a_run_options_object(tiny_weights: Path) -> None:
+    import clipn_cli as clipn
+    from conftest import IMAGES
+
+    model, info = load_model(tiny_weights)
+    heads = clipn.embed_classes(model, ["cat", "dog"], clipn.load_templates("clipn"), info.fingerprint)
+    items = list(clipn.iter_inputs([str(IMAGES)]))
+    given = [r.as_dict() for r in clipn.detect(model, heads, items, options=RunOptions.resolve(model, forward_batch=1, decode_workers=0))]
+    default = [r.as_dict() for r in clipn.detect(model, heads, items)]
+    assert [r["path"] for r in given] == [r["path"] for r in default] and len(given) == len(items)

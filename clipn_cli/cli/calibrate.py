@@ -63,12 +63,13 @@ def calibrate(
         use_runtime(model, weights_info, runtime, precision)
 
         from ..evaluation import score_set
+        from ..model.devices import RunOptions
         from ..inputs.sets import ImageSet
         from ..inputs.sources import iter_inputs
 
         items = list(iter_inputs(paths, sys.stdin))
-        scored = score_set(model, heads, ImageSet("ID", "id", items, [None] * len(items)), batch_size=batch_size,
-                           workers=workers, precision=precision, exif_transpose=exif_transpose)
+        run = RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)  # once, for the whole run
+        scored = score_set(model, heads, ImageSet("ID", "id", items, [None] * len(items)), exif_transpose=exif_transpose, options=run)
         if not scored.paths:
             fail("no readable image in the given inputs" + (f" (first: {scored.failures[0][0]}: {scored.failures[0][1]})" if scored.failures else ""))
         check_size(len(scored.paths), alpha, "calibrate")

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ..model.devices import tune_process
+from ..model.devices import RunOptions, tune_process
 from ..scores.methods import RULES, VERDICT_RULES
 from ..inputs.sources import INPUT_KINDS_HELP
 from ..outputs.writers import FILE_ONLY, FORMATS, check_writer
@@ -130,8 +130,9 @@ def detect(
         if already:
             info(f"resuming: {len(already)} inputs already in {output} are skipped")
             items = (item for item in items if item.path not in already)
+        run = RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)  # once, for the whole run
         results = run_detect(
-            model, heads, items, rule=rule, batch_size=batch_size, workers=workers, precision=precision, exif_transpose=exif_transpose,
+            model, heads, items, rule=rule, options=run, exif_transpose=exif_transpose,
             details=details, top_k=top_k, cache=FeatureCache(cache, weights_info.fingerprint) if cache is not None else None,
             draft=draft, threshold=step.engine_threshold,
         )

@@ -112,17 +112,18 @@ def evaluate(
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
         use_runtime(model, weights_info, runtime, precision)
 
-        from ..model.feature_cache import FeatureCache
         from ..evaluation import evaluate as run_evaluation
+        from ..model.devices import RunOptions
+        from ..model.feature_cache import FeatureCache
 
         feature_cache = FeatureCache(cache, weights_info.fingerprint) if cache is not None else None
+        run = RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)  # once, for the whole run
         with _engine(engine, weights_info.path, device, batch_size, workers, precision, exif_transpose,
                      ray_address, actors, cpus_per_actor, gpus_per_actor) as encoder, \
                 _progress(sum(len(s.items) for s in sets)) as advance:
             evaluation = run_evaluation(
-                model, heads, sets, convention=fpr_convention, cache=feature_cache, batch_size=batch_size,
-                workers=workers,
-                precision=precision, exif_transpose=exif_transpose, progress=advance, encoder=encoder,
+                model, heads, sets, convention=fpr_convention, cache=feature_cache, exif_transpose=exif_transpose,
+                progress=advance, encoder=encoder, options=run,
             )
         for note in evaluation.notes:
             warn(note)

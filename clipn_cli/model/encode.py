@@ -71,19 +71,20 @@ def encode_images(
     cache: FeatureCache | None = None,
     draft: bool = False,
     encoder: Callable[..., Iterator[EncodedImage]] | None = None,
+    options: RunOptions | None = None,
 ) -> Iterator[EncodedImage]:
     """Encode images in batches, yielding one EncodedImage per input, in input order.
 
     Failed inputs are carried along in their place so that output order never changes.
     `batch_size` (the forward batch) and `workers` (decoding threads) default to what suits the
-    model's device (`devices.RunOptions`).
+    model's device (`devices.RunOptions`); `options`, a run's resolved `RunOptions`, replaces all three.
     With `cache`, stored features are used instead of decoding and encoding (see `_encode_cached`).
     `draft` decodes large JPEGs at reduced scale, keeping at least twice the model's input size
     on both sides: faster, not exact (see `images.open_image`). `encoder` (same arguments as this
     function) encodes instead of `model` what the cache does not hold: a remote engine's workers.
     """
-    run = RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)
-    batch_size, workers = run.forward_batch, run.decode_workers
+    run = options or RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)
+    batch_size, workers, precision = run.forward_batch, run.decode_workers, run.precision
     if cache is not None:
         yield from _encode_cached(model, items, cache, batch_size, workers, precision, exif_transpose, on_loaded, draft, encoder)
         return
