@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
-from clipn_cli.inference import default_batch_size
+from clipn_cli.model.devices import default_forward_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 CLI = [sys.executable, "-m", "clipn_cli"]
-BATCH = default_batch_size(torch.device("cpu"))  # what `clipn detect` uses on a CPU when not told
+BATCH = default_forward_batch(torch.device("cpu"))  # what `clipn detect` uses on a CPU when not told
 DRAFT_IMAGES = 32
 HALF_DTYPES = ("fp16", "bf16", "int16")  # `clipn convert --dtype` choices that halve the file
 N_IMAGES = 256
@@ -83,10 +83,10 @@ BARE_THROUGHPUT = r"""
 import json, sys, time
 from pathlib import Path
 import torch
-from clipn_cli.images import image_size_of, load_one, make_transform
-from clipn_cli.inputs import InputItem
-from clipn_cli.inference import encode_batch
-from clipn_cli.weights import load_model
+from clipn_cli.inputs.decode import image_size_of, load_one, make_transform
+from clipn_cli.inputs.sources import InputItem
+from clipn_cli.model.encode import encode_batch
+from clipn_cli.weights.checkpoints import load_model
 model, _ = load_model(sys.argv[1], text=False)
 transform = make_transform(image_size_of(model))
 paths = sorted(Path(sys.argv[2]).glob("*.jpg"))
@@ -107,12 +107,12 @@ t0 = time.perf_counter()
 import clipn_cli.cli.app
 import torch, open_clip
 from clipn_cli.detection import detections_from_scores
-from clipn_cli.embeddings import ClassEmbeddings
-from clipn_cli.images import image_size_of, load_one, make_transform
-from clipn_cli.inputs import iter_inputs
-from clipn_cli.inference import encode_batch
-from clipn_cli.scoring import score
-from clipn_cli.weights import load_model
+from clipn_cli.heads.embeddings import ClassEmbeddings
+from clipn_cli.inputs.decode import image_size_of, load_one, make_transform
+from clipn_cli.inputs.sources import iter_inputs
+from clipn_cli.model.encode import encode_batch
+from clipn_cli.scores.scoring import score
+from clipn_cli.weights.checkpoints import load_model
 t1 = time.perf_counter()
 model, info = load_model(sys.argv[1])
 heads = ClassEmbeddings.load(sys.argv[2])
@@ -216,8 +216,8 @@ def make_weights(work: Path) -> tuple[Path, Any]:
     """A random ViT-B-16 CLIPN, fp32, with a "no" tower initialised independently of the "yes" tower."""
     import open_clip
 
-    from clipn_cli.model import TEXT_PARTS, build_model
-    from clipn_cli.weights import save_weights
+    from clipn_cli.model.clipn import TEXT_PARTS, build_model
+    from clipn_cli.weights.checkpoints import save_weights
 
     cfg = open_clip.get_model_config("ViT-B-16")
     torch.manual_seed(0)
@@ -236,7 +236,7 @@ def cast_weights(src: Path, dtype: str, out: Path) -> Path:
     """The fp32 file stored as `dtype` exactly as `clipn convert --dtype` stores it."""
     from safetensors.torch import load_file
 
-    from clipn_cli.weights import cast_for_storage, read_info, save_weights
+    from clipn_cli.weights.checkpoints import cast_for_storage, read_info, save_weights
 
     info = read_info(src)
     tensors = cast_for_storage(load_file(str(src)), dtype)
@@ -281,8 +281,8 @@ def make_jpegs(out: Path, count: int, size: tuple[int, int], seed: int = 0, dist
 
 
 def make_embeddings(model: Any, info: Any, path: Path) -> Path:
-    from clipn_cli.embeddings import embed_classes
-    from clipn_cli.prompts import load_templates
+    from clipn_cli.heads.embeddings import embed_classes
+    from clipn_cli.heads.prompts import load_templates
 
     embed_classes(model, CLASSES, load_templates("simple"), info.fingerprint).save(path)
     return path
@@ -300,8 +300,8 @@ def timed_forward(model: Any, pixels: torch.Tensor) -> tuple[float, torch.Tensor
 
 
 def real_batch(model: Any, directory: Path, count: int) -> torch.Tensor:
-    from clipn_cli.images import image_size_of, load_one, make_transform
-    from clipn_cli.inputs import InputItem
+    from clipn_cli.inputs.decode import image_size_of, load_one, make_transform
+    from clipn_cli.inputs.sources import InputItem
 
     transform = make_transform(image_size_of(model))
     paths = sorted(directory.glob("*.jpg"))[:count]
@@ -317,8 +317,8 @@ def figure_throughput(rep: Report, weights: Path, embeddings: Path, jpgs: Path) 
     detect, bare, detect, bare, detect) and each side is judged by its best run; medians are
     reported too, and every run is in results.json.
     """
-    from clipn_cli.images import load_one, make_transform
-    from clipn_cli.inputs import InputItem
+    from clipn_cli.inputs.decode import load_one, make_transform
+    from clipn_cli.inputs.sources import InputItem
 
     bare_cmd = [sys.executable, "-c", BARE_THROUGHPUT, str(weights), str(jpgs), str(BATCH)]
     detect_cmd = [*CLI, "detect", "-w", str(weights), "-e", str(embeddings), str(jpgs), "-f", "jsonl"]  # default batch size
@@ -409,8 +409,8 @@ def figure_text(rep: Report, model: Any) -> None:
     """
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-    from clipn_cli.embeddings import TEXT_BATCH, encode_texts, tokenizer_for
-    from clipn_cli.prompts import load_templates
+    from clipn_cli.heads.embeddings import TEXT_BATCH, encode_texts, tokenizer_for
+    from clipn_cli.heads.prompts import load_templates
 
     templates = load_templates("clipn")
     texts = [t for c in IMAGENET_CLASSNAMES for t in templates.texts(c)]
@@ -598,12 +598,12 @@ def digits_dtypes(rep: Report, work: Path) -> dict[str, Any]:
 
 def figure_options(rep: Report, model: Any, weights: Path, embeddings: Path, jpgs: Path, work: Path) -> None:
     """(5) opt-in speed-ups: --draft on 12-megapixel JPEGs, --quantize int8; each with its deviation."""
-    from clipn_cli.embeddings import ClassEmbeddings
-    from clipn_cli.images import load_one, make_transform
-    from clipn_cli.inputs import InputItem
-    from clipn_cli.inference import quantize_image_tower
-    from clipn_cli.scoring import score
-    from clipn_cli.weights import load_model
+    from clipn_cli.heads.embeddings import ClassEmbeddings
+    from clipn_cli.inputs.decode import load_one, make_transform
+    from clipn_cli.inputs.sources import InputItem
+    from clipn_cli.model.encode import quantize_image_tower
+    from clipn_cli.scores.scoring import score
+    from clipn_cli.weights.checkpoints import load_model
 
     big = make_jpegs(work / "jpg12mp", DRAFT_IMAGES, (4032, 3024), seed=1, distinct=8)
     base = [*CLI, "detect", "-w", str(weights), "-e", str(embeddings), str(big), "-f", "jsonl"]
@@ -651,7 +651,7 @@ def figure_gpu(rep: Report, weights: Path, embeddings: Path, work: Path) -> None
         rep.data["gpu"] = {"skipped": "no CUDA device on this machine"}
         rep.check("GPU: detect vs bare forward, batch 256 fp16", "skipped: no CUDA device", "≥ 0.8×", None)
         return
-    from clipn_cli.weights import load_model
+    from clipn_cli.weights.checkpoints import load_model
 
     count, batch = 4096, 256
     jpgs = make_jpegs(work / "gpu_jpg", count, (500, 375), seed=2)
@@ -797,7 +797,7 @@ def main() -> None:
     rep.data["load_avg_start"] = load_avg()
     print(f"clipn benchmark, scratch in {work}; load average {rep.data['load_avg_start']}", flush=True)
     try:
-        from clipn_cli.weights import load_model
+        from clipn_cli.weights.checkpoints import load_model
 
         weights, _ = make_weights(work)
         jpgs = make_jpegs(work / "jpg", N_IMAGES, (500, 375))

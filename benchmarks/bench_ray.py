@@ -78,7 +78,7 @@ def main() -> None:
             weights, _ = bench.make_weights(work)
         else:
             weights = ROOT / "clipn_cli" / "data" / "clipn-digits.safetensors"
-        from clipn_cli.weights import load_model
+        from clipn_cli.weights.checkpoints import load_model
 
         model, info = load_model(weights)
         embeddings = bench.make_embeddings(model, info, work / "classes.safetensors")

@@ -3,7 +3,7 @@
 ID = zero..four (182 held-out images), OOD = five..nine (178). Features are computed once
 (`clipn_cli.evaluation.evaluate`); then, for each α and each of `--splits` seeded random splits,
 every method is calibrated on part of the ID images and measured on the rest plus every OOD image
-with `clipn_cli.calibration.operating_points`, the function behind `clipn eval --alpha`.
+with `clipn_cli.scores.calibration.operating_points`, the function behind `clipn eval --alpha`.
 
 For continuous scores the expected ID false-alarm rate is exactly floor(α(n+1))/(n+1) <= α
 (n = calibration images): the table prints it as "expected". With half of 182 (n = 91), α = 0.01
@@ -27,12 +27,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clipn_cli.calibration import min_calibration_size, operating_points  # noqa: E402
-from clipn_cli.embeddings import embed_classes  # noqa: E402
+from clipn_cli.scores.calibration import min_calibration_size, operating_points  # noqa: E402
+from clipn_cli.heads.embeddings import embed_classes  # noqa: E402
 from clipn_cli.errors import CalibrationError  # noqa: E402
-from clipn_cli.evaluation import collect_sets, evaluate  # noqa: E402
-from clipn_cli.prompts import clipn_templates  # noqa: E402
-from clipn_cli.weights import load_model  # noqa: E402
+from clipn_cli.evaluation import evaluate  # noqa: E402
+from clipn_cli.inputs.sets import collect_sets  # noqa: E402
+from clipn_cli.heads.prompts import clipn_templates  # noqa: E402
+from clipn_cli.weights.checkpoints import load_model  # noqa: E402
 
 ID_NAMES = ("zero", "one", "two", "three", "four")
 OOD_NAMES = ("five", "six", "seven", "eight", "nine")

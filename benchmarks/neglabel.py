@@ -24,10 +24,10 @@ import time
 import open_clip
 import torch
 
-from clipn_cli import metrics, negatives
-from clipn_cli.embeddings import ClassEmbeddings
-from clipn_cli.negatives import NegativePool
-from clipn_cli.scoring import Heads, clipn_logits, score_heads
+from clipn_cli.scores import metrics, negatives
+from clipn_cli.heads.embeddings import ClassEmbeddings
+from clipn_cli.scores.negatives import NegativePool
+from clipn_cli.scores.scoring import Heads, clipn_logits, score_heads
 
 BATCH, CLASSES, NEGATIVES, DIM = 12, 1000, 10_000, 512
 

@@ -34,11 +34,11 @@ def environment() -> dict:
 
 
 def main(rounds: int = 3) -> None:
-    from clipn_cli.embeddings import ClassEmbeddings
-    from clipn_cli.inputs import iter_inputs
+    from clipn_cli.heads.embeddings import ClassEmbeddings
+    from clipn_cli.inputs.sources import iter_inputs
     from clipn_cli.scale.ray_engine import Cluster, ClusterSpec
     from clipn_cli.scale.worker import ScoreOptions, Worker, WorkerConfig
-    from clipn_cli.weights import load_model
+    from clipn_cli.weights.checkpoints import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

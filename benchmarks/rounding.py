@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 from bench import CLASSES, DIGIT_CLASSES
-from clipn_cli.embeddings import embed_classes
-from clipn_cli.fixedpoint import pack, split_scales, unpack
-from clipn_cli.inputs import iter_inputs
-from clipn_cli.inference import encode_images
-from clipn_cli.prompts import load_templates
-from clipn_cli.scoring import score
-from clipn_cli.weights import DTYPES, convert_checkpoint, load_model
+from clipn_cli.heads.embeddings import embed_classes
+from clipn_cli.weights.fixedpoint import pack, split_scales, unpack
+from clipn_cli.inputs.sources import iter_inputs
+from clipn_cli.model.encode import encode_images
+from clipn_cli.heads.prompts import load_templates
+from clipn_cli.scores.scoring import score
+from clipn_cli.weights.checkpoints import convert_checkpoint, load_model
+from clipn_cli.weights.format import DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"

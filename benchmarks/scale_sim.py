@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
 import json, random, resource, sys, time
-from clipn_cli.inputs import InputItem
+from clipn_cli.inputs.sources import InputItem
 from clipn_cli.scale.manifest import Manifest, ManifestWriter
 from clipn_cli.scale.planner import plan_shards, shard_digest, shard_name
 from clipn_cli.scale.records import encode_shard

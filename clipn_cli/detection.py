@@ -3,68 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from .embeddings import ClassEmbeddings
-from .inputs import InputItem
-from .inference import EncodedImage, encode_images, pipeline_sizes
-from . import methods
-from .model import CLIPN
-from .scoring import Heads, Scores, score_heads
+from .errors import RuleError
+from .heads.embeddings import ClassEmbeddings
+from .inputs.sources import InputItem
+from .model.clipn import CLIPN
+from .model.devices import RunOptions
+from .model.encode import EncodedImage, encode_images
+from .outputs.records import SCORE_FIELDS, Detection  # re-exported: clipn_cli.detection.Detection stays
+from .scores import methods
+from .scores.scoring import Heads, Scores, score_heads
 
 if TYPE_CHECKING:
-    from .cache import FeatureCache
+    from .model.feature_cache import FeatureCache
 
-SCORE_FIELDS = methods.record_fields(methods.available())  # always present; negative-label methods add theirs
-
-
-@dataclass
-class Detection:
-    """The verdict for one input, or the error that prevented one."""
-
-    path: str
-    error: str | None = None
-    verdict: str | None = None  # "ID" or "OOD"
-    rule: str | None = None
-    class_name: str | None = None
-    class_index: int | None = None
-    ctw_score: float | None = None
-    atd_score: float | None = None
-    p_ood: float | None = None
-    msp: float | None = None
-    max_logit: float | None = None
-    energy: float | None = None
-    p_yes: list[float] | None = None
-    logits_yes: list[float] | None = None
-    logits_no: list[float] | None = None
-    top_k: list[dict[str, Any]] = field(default_factory=list)
-    extra_scores: dict[str, float] = field(default_factory=dict)  # fields of methods with negative labels
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def as_dict(self, details: bool = False) -> dict[str, Any]:
-        """The JSON record: `path` and `error`, or the verdict and scores (plus details if asked)."""
-        if self.error is not None:
-            return {"path": self.path, "error": self.error}
-        record: dict[str, Any] = {
-            "path": self.path,
-            "verdict": self.verdict,
-            "rule": self.rule,
-            "class": self.class_name,
-            "class_index": self.class_index,
-        }
-        record.update({name: getattr(self, name) for name in SCORE_FIELDS})
-        record.update(self.extra_scores)
-        if details:
-            record.update(p_yes=self.p_yes, logits_yes=self.logits_yes, logits_no=self.logits_no)
-        if self.top_k:
-            record["top_k"] = self.top_k
-        return record
+__all__ = ["SCORE_FIELDS", "Detection", "check_rule", "detect", "detections_from_scores", "record_columns", "score_encoded", "verdicts"]
 
 
 def verdicts(scores: Scores, rule: str, threshold: float | None = None) -> torch.Tensor:
@@ -73,7 +29,7 @@ def verdicts(scores: Scores, rule: str, threshold: float | None = None) -> torch
     if threshold is not None:
         return method.value(scores) < threshold
     if method.verdict is None:
-        raise ValueError(f"rule '{rule}' has no threshold-free verdict: give a threshold (e.g. thr@95%ID from 'clipn eval')")
+        raise RuleError(f"rule '{rule}' has no threshold-free verdict: give a threshold (e.g. thr@95%ID from 'clipn eval')")
     return method.verdict(scores)
 
 
@@ -98,7 +54,6 @@ def detections_from_scores(
     ood = verdicts(scores, rule, threshold).tolist()
     pred = scores.pred.tolist()
     columns = record_columns(scores)
-    extra = [name for name in columns if name not in SCORE_FIELDS]
     k = min(top_k, len(classes))
     top = torch.topk(scores.probs, k, dim=-1) if k else None
     out = []
@@ -109,8 +64,7 @@ def detections_from_scores(
             rule=rule,
             class_name=classes[pred[i]],
             class_index=pred[i],
-            **{name: columns[name][i] for name in SCORE_FIELDS if name in columns},  # CLIPN's are None for a plain CLIP
-            extra_scores={name: columns[name][i] for name in extra},
+            scores={name: values[i] for name, values in columns.items()},  # no CLIPN scores for a plain CLIP
         )
         if details:
             det.p_yes = None if scores.p_yes is None else scores.p_yes[i].tolist()
@@ -165,15 +119,15 @@ def check_rule(rule: str, pools: tuple[str, ...], threshold: float | None = None
     """A ValueError unless `rule` can give verdicts with these negative-label pools (and `threshold`)."""
     method = methods.get(rule)
     if method.needs_no and not has_no:
-        raise ValueError(f"rule '{rule}' needs CLIPN's \"no\" tower, which a plain CLIP does not have: "
+        raise RuleError(f"rule '{rule}' needs CLIPN's \"no\" tower, which a plain CLIP does not have: "
                          f"use --rule {' or '.join(m.name for m in methods.available(methods.POOLS, has_no=False) if m.record)} with --threshold")
     if method.record is None:
-        raise ValueError(f"'{rule}' is an evaluation score, not a detection rule (choose one of {', '.join(methods.RULES)})")
+        raise RuleError(f"'{rule}' is an evaluation score, not a detection rule (choose one of {', '.join(methods.RULES)})")
     if method.pool is not None and method.pool not in pools:
-        raise ValueError(f"rule '{rule}' needs the '{method.pool}' negative labels: build them with --negatives {method.pool} "
+        raise RuleError(f"rule '{rule}' needs the '{method.pool}' negative labels: build them with --negatives {method.pool} "
                          "(or 'clipn embed-classes --negatives')")
     if method.verdict is None and threshold is None:
-        raise ValueError(f"rule '{rule}' has no threshold-free verdict: give --threshold T (e.g. thr@95%ID from 'clipn eval')")
+        raise RuleError(f"rule '{rule}' has no threshold-free verdict: give --threshold T (e.g. thr@95%ID from 'clipn eval')")
 
 
 def detect(
@@ -190,19 +144,16 @@ def detect(
     cache: FeatureCache | None = None,
     draft: bool = False,
     threshold: float | None = None,
+    options: RunOptions | None = None,
 ) -> Iterator[Detection]:
     """Verdicts for a stream of inputs: decode, encode, score; one Detection per input, in order.
 
     `cache` reuses image features stored for these weights; `draft` decodes large JPEGs at
     reduced scale (faster, not exact). `batch_size`/`workers` default to the model's device's
-    (`inference.pipeline_sizes`). See `encode_images`.
+    (`devices.RunOptions`); `options`, the run's resolved `RunOptions`, replaces the three. See `encode_images`.
     """
-    batch_size, workers = pipeline_sizes(model, batch_size, workers)
+    run = options or RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)
     check_rule(rule, tuple(embeddings.negatives), threshold, has_no=embeddings.text_no is not None)  # before any image is read
-    encoded = encode_images(
-        model, items, batch_size=batch_size, workers=workers, precision=precision,
-        exif_transpose=exif_transpose, cache=cache, draft=draft,
-    )
-    device = next(model.parameters()).device
-    return score_encoded(encoded, embeddings, rule=rule, details=details, top_k=top_k, chunk=batch_size,
-                         threshold=threshold, permutation_device=device)
+    encoded = encode_images(model, items, exif_transpose=exif_transpose, cache=cache, draft=draft, options=run)
+    return score_encoded(encoded, embeddings, rule=rule, details=details, top_k=top_k, chunk=run.score_chunk,
+                         threshold=threshold, permutation_device=run.device)

@@ -57,3 +57,23 @@ class TrainError(ClipnError):
 
 class CalibrationError(ClipnError):
     """A calibration file is unreadable, made for other weights/classes/templates, or too small for α."""
+
+
+class OptionsError(ClipnError, ValueError):
+    """An option's value is outside its choices or range (also a ValueError, as before)."""
+
+
+class DeviceError(OptionsError):
+    """A device is misspelt or not present on this machine."""
+
+
+class RuleError(OptionsError):
+    """A verdict rule or score method is unknown, or cannot run with these weights and heads."""
+
+
+class ScoresError(ClipnError, ValueError):
+    """Scores cannot give a metric: there are none, or some are NaN or Inf."""
+
+
+class VerdictError(ClipnError):
+    """A verdict cannot be given as asked: a rule without a threshold-free verdict and no cut, or two cuts at once."""

@@ -1,8 +1,10 @@
 """Bounded JSON for untrusted text inside other files (safetensors headers, manifests, configs),
-without torch: the manifest of a Ray output folder is read before a command has imported it."""
+without torch: the manifest of a Ray output folder is read before a command has imported it; and
+JSON text that stays valid UTF-8 whatever the paths hold, for every file clipn writes."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -25,3 +27,18 @@ def loads_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH, li
         raise SafetensorsError(f"{what} {exc}") from None
     except ValueError as exc:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
         raise SafetensorsError(f"{what} is not valid JSON ({str(exc)[:120]})") from None
+
+
+def json_text(value: Any, **kwargs: Any) -> str:
+    """JSON that is valid UTF-8 whatever the paths hold.
+
+    A file name with bytes that are not UTF-8 reaches Python as lone surrogates ('\\udce9'):
+    they cannot be written as UTF-8, so such a record is written with \\u escapes, which
+    `json.loads` turns back into the same str (and `os.fsencode` into the same bytes).
+    """
+    text = json.dumps(value, ensure_ascii=False, **kwargs)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, **kwargs)
+    return text

@@ -63,7 +63,7 @@ def golden() -> dict:
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny official checkpoint converted to clipn's safetensors format."""
-    from clipn_cli.weights import convert_checkpoint
+    from clipn_cli.weights.checkpoints import convert_checkpoint
 
     out = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
     convert_checkpoint(OFFICIAL_CHECKPOINT, out, config=str(TINY_CONFIG))
@@ -107,7 +107,20 @@ def run_cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = N
     )
 
 
-def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+class CliResult(subprocess.CompletedProcess):
+    """What `cli` returns: a CompletedProcess, plus click's names for the same things (`exit_code`;
+    `output`, stdout then stderr), so a test written against CliRunner reads the same through `cli`."""
+
+    @property
+    def exit_code(self) -> int:
+        return self.returncode
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def cli(*args: str | os.PathLike[str], stdin: str | None = None, env: dict[str, str] | None = None, cwd: Path | None = None) -> CliResult:
     """Run the command line in this process, through `main()` as the console script does (the same
     one-line option errors and exit codes), with stdout and stderr captured apart. Returns what
     `run_cli` returns, so a test can switch between the two; use `run_cli` only where the process is
@@ -122,7 +135,7 @@ def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
         try:
             if cwd is not None:
                 os.chdir(cwd)
-            main(list(args))
+            main([str(a) for a in args])
         except SystemExit as exc:
             code = exc.code
         finally:
@@ -133,7 +146,7 @@ def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
         stdout = out.getvalue().decode("utf-8", "surrogateescape")
         stderr = err.getvalue().decode("utf-8", "backslashreplace")
     returncode = code if isinstance(code, int) else 0 if code is None else 1
-    return subprocess.CompletedProcess(["clipn", *args], returncode, stdout, stderr)
+    return CliResult(["clipn", *map(str, args)], returncode, stdout, stderr)
 
 
 @contextlib.contextmanager

@@ -68,7 +68,7 @@ def test_read_json_refuses_special_and_sparse_files(tmp_path: Path) -> None:
 
 
 def test_calibration_with_a_24_mb_list_in_an_extra_key_is_refused_before_parsing(tmp_path: Path) -> None:
-    from clipn_cli.calibration import Calibration
+    from clipn_cli.scores.calibration import Calibration
 
     path = tmp_path / "cal.json"
     text = json.dumps(_calibration())
@@ -86,9 +86,9 @@ def test_calibration_with_a_24_mb_list_in_an_extra_key_is_refused_before_parsing
 
 
 def test_safetensors_header_holding_a_24_mb_list_is_refused_before_parsing(tmp_path: Path) -> None:
-    from clipn_cli.embeddings import ClassEmbeddings
+    from clipn_cli.heads.embeddings import ClassEmbeddings
     from clipn_cli.errors import EmbeddingsError
-    from clipn_cli.home import read_header
+    from clipn_cli.weights.home import read_header
     from clipn_cli.safetensors_file import SafetensorsError, SafetensorsFile
 
     header = b'{"__metadata__": {"format": "clipn-cli.embeddings"}, "x": [' + b"0," * 12_000_000 + b"0]}"
@@ -102,7 +102,7 @@ def test_safetensors_header_holding_a_24_mb_list_is_refused_before_parsing(tmp_p
 
 
 def test_embeddings_metadata_json_is_bounded(tmp_path: Path) -> None:
-    from clipn_cli.embeddings import CLASS_LIST_LIMITS
+    from clipn_cli.heads.embeddings import CLASS_LIST_LIMITS
     from clipn_cli.safetensors_file import SafetensorsError, loads_json
 
     with pytest.raises(SafetensorsError, match="class list holds"):
@@ -153,7 +153,7 @@ def test_parquet_dictionary_bomb_is_refused_before_expanding(tmp_path: Path) -> 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from clipn_cli.tables import TableError, table_paths
+    from clipn_cli.inputs.tables import TableError, table_paths
 
     bomb = tmp_path / "bomb.parquet"  # 64 rows sharing one 8 MiB value: a few hundred bytes on disk
     pq.write_table(pa.table({"path": pa.array(["a" * (8 << 20)]).dictionary_encode().take(pa.array([0] * 64))}),
@@ -170,7 +170,7 @@ def test_parquet_dictionary_bomb_is_refused_before_expanding(tmp_path: Path) -> 
 
 
 def test_csv_decode_error_names_the_offset_in_the_file(tmp_path: Path) -> None:
-    from clipn_cli.tables import TableError, table_paths
+    from clipn_cli.inputs.tables import TableError, table_paths
 
     rows = "\ufeffpath\n".encode() + b"".join(b"img%06d.jpg\n" % i for i in range(1000))  # past 8 KiB of rows
     table = tmp_path / "t.csv"
@@ -187,7 +187,7 @@ def test_candidate_cache_linking_out_of_the_home_is_ignored_and_rebuilt(tmp_path
     import torch
     from safetensors.torch import save_file
 
-    from clipn_cli import wordpool
+    from clipn_cli.heads import wordpool
 
     monkeypatch.setenv("CLIPN_HOME", str(tmp_path / "home"))
     found = wordpool.candidates("neglabel", [("noun.x", "cat"), ("noun.x", "dog"), ("adj.x", "red")])
@@ -213,7 +213,7 @@ def test_candidate_cache_linking_out_of_the_home_is_ignored_and_rebuilt(tmp_path
 
 def test_word_lists_are_bounded_by_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from clipn_cli.errors import ClipnError
-    from clipn_cli.wordpool import MAX_WORDS, read_words
+    from clipn_cli.heads.wordpool import MAX_WORDS, read_words
 
     assert MAX_WORDS == 200_000 and len(read_words()) < MAX_WORDS  # the shipped list fits
     monkeypatch.setenv("CLIPN_MAX_WORDS", "100")
@@ -239,11 +239,11 @@ def test_word_lists_are_bounded_by_count(tmp_path: Path, monkeypatch: pytest.Mon
 def test_text_decoders_name_the_true_offset_and_line(tmp_path: Path) -> None:
     import gzip
 
-    from clipn_cli.classes import read_class_file
+    from clipn_cli.heads.classes import read_class_file
     from clipn_cli.errors import ClipnError, EvaluationError
-    from clipn_cli.evaluation import collect
-    from clipn_cli.prompts import load_templates
-    from clipn_cli.wordpool import read_words
+    from clipn_cli.inputs.sets import collect
+    from clipn_cli.heads.prompts import load_templates
+    from clipn_cli.heads.wordpool import read_words
 
     head = "\ufeff".encode() + b"".join(b"name %05d\n" % i for i in range(1000))  # a BOM, then 11 KB of lines
     bad = head + b"caf\xe9\n"

@@ -11,12 +11,12 @@ import torch
 
 from conftest import GROUPING_COSINE
 
-from clipn_cli.cache import FeatureCache
+from clipn_cli.model.feature_cache import FeatureCache
 from clipn_cli.errors import CacheError
-from clipn_cli.images import LoadedImage
-from clipn_cli.inputs import InputItem
-from clipn_cli.inference import encode_images
-from clipn_cli.weights import load_model
+from clipn_cli.inputs.decode import LoadedImage
+from clipn_cli.inputs.sources import InputItem
+from clipn_cli.model.encode import encode_images
+from clipn_cli.weights.checkpoints import load_model
 
 FINGERPRINT = "ab" * 32
 

@@ -229,7 +229,7 @@ def test_duplicate_classes_kept_with_warning(tiny_weights: Path, tmp_path: Path)
     out = tmp_path / "classes.safetensors"
     result = cli("embed-classes", str(classes), "-w", str(tiny_weights))
     assert result.returncode == 0 and "duplicate class names" in result.stderr
-    from clipn_cli.embeddings import ClassEmbeddings
+    from clipn_cli.heads.embeddings import ClassEmbeddings
 
     heads = ClassEmbeddings.load(out)
     assert heads.classes == ["cat", "rocket", "cat"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from clipn_cli.configs import MAX_PARAMETERS, estimate_parameters, validate_config
+from clipn_cli.model.configs import MAX_PARAMETERS, estimate_parameters, validate_config
 from clipn_cli.errors import ClipnError
 
 from conftest import TINY_CONFIG, cli
@@ -41,7 +41,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_config_arithmetic_and_size_from_a_json_file(case: str, tmp_path: Path) -> None:
-    from clipn_cli.configs import resolve_config
+    from clipn_cli.model.configs import resolve_config
 
     cfg, message = BAD[case]
     path = tmp_path / "cfg.json"
@@ -68,7 +68,7 @@ def test_clipn_weights_whose_config_has_5_heads(tiny_weights: Path, tmp_path: Pa
 
 def test_plain_clip_vocab_beyond_the_file_is_refused_before_building(tmp_path: Path) -> None:
     """Within the bounds, but not what the checkpoint holds: refused from the shapes, nothing built."""
-    from clipn_cli.plainclip import load_plain_clip
+    from clipn_cli.weights.plainclip import load_plain_clip
 
     torch.manual_seed(0)
     ckpt = tmp_path / "plain.pt"
@@ -88,7 +88,7 @@ def test_unknown_pretrained_tag_is_one_line_naming_it() -> None:
 
 @pytest.mark.parametrize("name, tolerance", [("ViT-B-16", 0.01), ("ViT-L-14", 0.01), ("RN50", 0.2)])
 def test_parameter_estimate_is_close_to_what_is_built(name: str, tolerance: float) -> None:
-    from clipn_cli.model import build_model
+    from clipn_cli.model.clipn import build_model
 
     cfg = open_clip.get_model_config(name)
     built = sum(p.numel() for p in build_model(cfg, 16, device="meta").parameters())
@@ -96,7 +96,7 @@ def test_parameter_estimate_is_close_to_what_is_built(name: str, tolerance: floa
 
 
 def test_every_bundled_config_fits_the_default_cap_and_the_cap_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from clipn_cli.configs import candidate_configs
+    from clipn_cli.model.configs import candidate_configs
 
     assert all(estimate_parameters(cfg) <= MAX_PARAMETERS for cfg in candidate_configs().values())
     validate_config(open_clip.get_model_config("ViT-B-16"), "ViT-B-16")

@@ -35,11 +35,11 @@ def split(build):
 
 def _held_out_scores(weights: Path, build, images, labels) -> dict[str, dict[str, float]]:
     """AUROC (ID positive) of CTW, ATD and MSP, and ATD verdict rates, per ID/OOD split."""
-    from clipn_cli.embeddings import embed_classes
-    from clipn_cli.images import make_transform
-    from clipn_cli.prompts import clipn_templates
-    from clipn_cli.scoring import score
-    from clipn_cli.weights import load_model
+    from clipn_cli.heads.embeddings import embed_classes
+    from clipn_cli.inputs.decode import make_transform
+    from clipn_cli.heads.prompts import clipn_templates
+    from clipn_cli.scores.scoring import score
+    from clipn_cli.weights.checkpoints import load_model
 
     model, info = load_model(weights)
     transform = make_transform(model.visual.image_size[0])
@@ -75,7 +75,7 @@ def test_committed_weights_meet_the_bars(build, split) -> None:
 
 
 def test_committed_weights_record_their_training() -> None:
-    from clipn_cli.weights import read_info
+    from clipn_cli.weights.checkpoints import read_info
 
     meta = read_info(WEIGHTS).metadata
     assert meta["trained_by"] == "clipn train" and meta["base"] == "clip:digits-clip.pt"

@@ -52,7 +52,7 @@ def _fake_embeddings(path: Path, fingerprint: str) -> Path:
 
 
 def test_every_mistake_is_one_line_before_torch(tmp_path: Path) -> None:
-    from clipn_cli.home import BUNDLED, read_header
+    from clipn_cli.weights.home import BUNDLED, read_header
     from clipn_cli.scale.manifest import Manifest, ManifestWriter
     from clipn_cli.scale.store import OutputStore
 
@@ -138,7 +138,7 @@ def test_dir_lists_the_api() -> None:
 
 def test_train_base_takes_a_weights_name() -> None:
     from clipn_cli.cli.train import _named_base
-    from clipn_cli.home import BUNDLED
+    from clipn_cli.weights.home import BUNDLED
 
     assert _named_base("digits", None) == str(BUNDLED["digits"])
     assert _named_base("ViT-B-16", "laion2b_s34b_b88k") == "ViT-B-16"

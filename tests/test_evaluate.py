@@ -14,20 +14,21 @@ import pytest
 from PIL import Image
 from scipy.interpolate import interp1d
 from sklearn.metrics import roc_auc_score, roc_curve
-from typer.testing import CliRunner
 
-from clipn_cli import metrics
-from clipn_cli.cli.app import app
+from clipn_cli.scores import methods as method_table
+from clipn_cli.scores import metrics
 from clipn_cli.errors import EvaluationError
-from clipn_cli.evaluation import (
-    METHODS, SetScores, collect, collect_sets, compute_results, group_ood_specs, id_accuracy, parse_ood_spec,
-)
+from clipn_cli.evaluation import compute_results, id_accuracy
+from clipn_cli.inputs.sets import collect, collect_sets, group_ood_specs, parse_ood_spec
+from clipn_cli.outputs.results import METHODS, SetScores
 from conftest import cli
 
 CLASSES = "cat,horse,rocket,coffee"
 ID_LAYOUT = {"cat": ["chelsea.png"], "Horse": ["horse.png", "astronaut.png"], "rocket": ["rocket.jpg", "motorcycle_left.png"], "coffee": ["coffee.png"]}
 OOD_IMAGES = ["brick.png", "camera.png", "hubble_deep_field.jpg", "logo.png", "retina.jpg", "no_time_for_that_tiny.gif"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+RECORDED = [(m.name, m.record) for m in method_table.available() if m.record]  # method -> its detection-record field
 
 
 def make_sets(root: Path, images: Path) -> tuple[Path, Path]:
@@ -145,10 +146,6 @@ def test_id_accuracy_matches_names_not_indices() -> None:
 # ---------------------------------------------------------------- the CLI, end to end
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
-
-
 def official_fpr95(id_scores: list[float], ood_scores: list[float]) -> float:
     labels = [1] * len(id_scores) + [0] * len(ood_scores)
     fpr, tpr, _ = roc_curve(labels, id_scores + ood_scores, pos_label=1)
@@ -171,7 +168,7 @@ def test_eval_equals_metrics_from_detect_scores(tiny_weights: Path, sets: tuple[
     assert report["fpr95_convention"] == "clipn" and "95% ID recall" in report["fpr95_definition"]
     assert report["images"] == {"ID": 6, "misc": 6} and report["failed"] == []
     results = {(r["ood"], r["method"]): r for r in report["results"]}
-    for method, field in (("ctw", "ctw_score"), ("atd", "atd_score"), ("msp", "msp"), ("max_logit", "max_logit"), ("energy", "energy")):
+    for method, field in RECORDED:
         id_scores = [r[field] for r, i in zip(records, is_id) if i]
         ood_scores = [r[field] for r, i in zip(records, is_id) if not i]
         labels = [1] * 6 + [0] * 6
@@ -193,7 +190,7 @@ def test_eval_equals_metrics_from_detect_scores(tiny_weights: Path, sets: tuple[
     by_path = {r["path"]: r for r in records}
     for row in rows:  # same features, scored in the same chunks: the very same numbers
         record = by_path[row["path"]]
-        for method, field in (("ctw", "ctw_score"), ("atd", "atd_score"), ("msp", "msp"), ("max_logit", "max_logit"), ("energy", "energy")):
+        for method, field in RECORDED:
             assert float(row[method]) == record[field]
         assert row["pred"] == record["class"] and row["atd_ood"] == str(record["verdict"] == "OOD")
 
@@ -207,7 +204,7 @@ def test_eval_equals_metrics_from_detect_scores(tiny_weights: Path, sets: tuple[
 
 
 def test_cached_rerun_encodes_nothing(tiny_weights: Path, sets: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import clipn_cli.inference as inference
+    import clipn_cli.model.encode as inference
 
     encoded: list[int] = []
     real = inference.encode_batch
@@ -220,7 +217,7 @@ def test_cached_rerun_encodes_nothing(tiny_weights: Path, sets: tuple[Path, Path
     id_dir, ood_dir = sets
     args = ["eval", "-w", str(tiny_weights), "--classes", CLASSES, "--id", str(id_dir), "--ood", f"misc={ood_dir}",
             "--format", "json", "--cache", str(tmp_path / "cache")]
-    first = invoke(*args)
+    first = cli(*args)
     assert first.exit_code == 0, first.output
     assert sum(encoded) == 12 and "0 reused, 12 encoded and stored" in first.stderr
 
@@ -231,13 +228,13 @@ def test_cached_rerun_encodes_nothing(tiny_weights: Path, sets: tuple[Path, Path
         image.write_bytes(b"\0" * st.st_size)
         os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
     encoded.clear()
-    second = invoke(*args)
+    second = cli(*args)
     assert second.exit_code == 0, second.output
     assert encoded == [] and "12 reused, 0 encoded" in second.stderr
     assert json.loads(second.stdout) == json.loads(first.stdout)
 
     # other classes reuse the same features: no image encoded, other numbers
-    third = invoke(*args[:4], "cat,dog", *args[5:])
+    third = cli(*args[:4], "cat,dog", *args[5:])
     assert third.exit_code == 0 and encoded == []
 
 
@@ -245,15 +242,15 @@ def test_table_csv_and_openood(tiny_weights: Path, sets: tuple[Path, Path], tmp_
     id_dir, ood_dir = sets
     base = ["eval", "-w", str(tiny_weights), "--classes", CLASSES, "--id", str(id_dir), "--ood", f"misc={ood_dir}",
             "--ood", f"pngs={ood_dir / '*.png'}", "--cache", str(tmp_path / "cache")]
-    clipn_json = json.loads(invoke(*base, "--format", "json").stdout)
-    out = invoke(*base, "--format", "csv", "--fpr-convention", "openood")
+    clipn_json = json.loads(cli(*base, "--format", "json").stdout)
+    out = cli(*base, "--format", "csv", "--fpr-convention", "openood")
     assert out.exit_code == 0, out.output
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     assert len(rows) == 3 * len(METHODS) and {r["fpr95_convention"] for r in rows} == {"openood"}
     by_key = {(r["ood"], r["method"]): r for r in clipn_json["results"]}
     for row in rows:  # the convention changes FPR95 only
         assert float(row["auroc"]) == by_key[(row["ood"], row["method"])]["auroc"]
-    table = invoke(*base, "--format", "table", "--output", str(tmp_path / "report.txt"))
+    table = cli(*base, "--format", "table", "--output", str(tmp_path / "report.txt"))
     assert table.exit_code == 0 and table.stdout == ""
     text = (tmp_path / "report.txt").read_text(encoding="utf-8")
     for needle in ("AUROC", "FPR95", "MaxLogit", "MCM", "average", "ID top-1 accuracy", "95% ID recall"):
@@ -267,7 +264,7 @@ def test_table_csv_and_openood(tiny_weights: Path, sets: tuple[Path, Path], tmp_
     (["--ood", "x=.", "--format", "xml"], "--format must be table, json or csv"),
 ])
 def test_usage_errors_are_one_line(tiny_weights: Path, sets: tuple[Path, Path], extra: list[str], message: str) -> None:
-    result = invoke("eval", "-w", str(tiny_weights), "--classes", CLASSES, "--id", str(sets[0]), *extra)
+    result = cli("eval", "-w", str(tiny_weights), "--classes", CLASSES, "--id", str(sets[0]), *extra)
     assert result.exit_code == 2
     assert message in result.stderr and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
@@ -276,7 +273,7 @@ def test_usage_errors_are_one_line(tiny_weights: Path, sets: tuple[Path, Path], 
 def test_unreadable_images_are_left_out_with_exit_1(tiny_weights: Path, sets: tuple[Path, Path]) -> None:
     id_dir, ood_dir = sets
     (ood_dir / "broken.png").write_bytes(b"not a png")
-    result = invoke("eval", "-w", str(tiny_weights), "--classes", CLASSES, "--id", str(id_dir), "--ood", f"misc={ood_dir}", "--format", "json")
+    result = cli("eval", "-w", str(tiny_weights), "--classes", CLASSES, "--id", str(id_dir), "--ood", f"misc={ood_dir}", "--format", "json")
     assert result.exit_code == 1
     report = json.loads(result.stdout)
     assert report["images"]["misc"] == 6 and report["failed"][0]["path"].endswith("broken.png")
@@ -290,7 +287,7 @@ def test_an_unreadable_ood_set_is_left_out_not_the_whole_run(tiny_weights: Path,
     for i in range(2):
         (broken / f"b{i}.png").write_bytes(PNG_SIGNATURE + b"cut")
     args = ["eval", "-w", str(tiny_weights), "--classes", CLASSES, "--id", str(id_dir), "--format", "json"]
-    result = invoke(*args, "--ood", f"misc={ood_dir}", "--ood", f"bad={broken}", "--save-scores", str(tmp_path / "s.jsonl"))
+    result = cli(*args, "--ood", f"misc={ood_dir}", "--ood", f"bad={broken}", "--save-scores", str(tmp_path / "s.jsonl"))
     assert result.exit_code == 1, result.output
     report = json.loads(result.stdout)
     assert {r["ood"] for r in report["results"]} == {"misc", "average"}
@@ -298,7 +295,7 @@ def test_an_unreadable_ood_set_is_left_out_not_the_whole_run(tiny_weights: Path,
     assert "bad set: none of its 2 images could be read" in result.stderr and "left out of the metrics" in result.stderr
     rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert sum(r["set"] == "bad" and r["error"] is not None for r in rows) == 2
-    alone = invoke(*args, "--ood", f"bad={broken}")
+    alone = cli(*args, "--ood", f"bad={broken}")
     assert alone.exit_code == 2 and "bad set: none of its 2 images could be read" in alone.stderr
 
 
@@ -311,12 +308,12 @@ def test_one_id_folder_per_class_is_the_labelling(tiny_weights: Path, sets: tupl
     assert built[0].labels == [folder for folder, names in ID_LAYOUT.items() for _ in names]
     assert collect_sets([str(id_dir / "cat")], {"misc": str(ood_dir)})[0].labels == [None]  # one folder alone: no labelling
     common = ["eval", "-w", str(tiny_weights), "--classes", CLASSES, "--ood", f"misc={ood_dir}", "--format", "json"]
-    split = invoke(*common, *[arg for path in per_class for arg in ("--id", path)])
-    nested = invoke(*common, "--id", str(id_dir))
+    split = cli(*common, *[arg for path in per_class for arg in ("--id", path)])
+    nested = cli(*common, "--id", str(id_dir))
     assert split.exit_code == 0 and nested.exit_code == 0, split.output
     accuracy = json.loads(split.stdout)["id_accuracy"]
     assert accuracy is not None and accuracy == json.loads(nested.stdout)["id_accuracy"]
     odd = id_dir.parent / "not-a-class"
     shutil.copytree(id_dir / "cat", odd)
-    mixed = invoke(*common, *[arg for path in [*per_class, str(odd)] for arg in ("--id", path)])
+    mixed = cli(*common, *[arg for path in [*per_class, str(odd)] for arg in ("--id", path)])
     assert json.loads(mixed.stdout)["id_accuracy"] is None and "match no class name: not-a-class" in mixed.stderr

@@ -27,16 +27,17 @@ from typer.testing import CliRunner
 from conftest import GROUPING_COSINE, OFFICIAL_CHECKPOINT, TINY_CONFIG
 
 from clipn_cli.cli.app import app
-from clipn_cli.embeddings import embed_classes, encode_texts, tokenizer_for
+from clipn_cli.heads.embeddings import embed_classes, encode_texts, tokenizer_for
 from clipn_cli.errors import ClipnError, WeightsError
-from clipn_cli.images import load_images, make_transform, open_image
-from clipn_cli.inputs import InputItem, iter_inputs
-from clipn_cli.inference import encode_images, pipeline_sizes
-from clipn_cli.prompts import load_templates
-from clipn_cli.fixedpoint import SCALE_SUFFIX, pack, split_scales, unpack
-from clipn_cli.model import is_text_key
+from clipn_cli.inputs.decode import load_images, make_transform, open_image
+from clipn_cli.inputs.sources import InputItem, iter_inputs
+from clipn_cli.model.devices import pipeline_sizes
+from clipn_cli.model.encode import encode_images
+from clipn_cli.heads.prompts import load_templates
+from clipn_cli.weights.fixedpoint import SCALE_SUFFIX, pack, split_scales, unpack
+from clipn_cli.model.clipn import is_text_key
 from clipn_cli.safetensors_file import SafetensorsFile
-from clipn_cli.weights import check_finite_file, convert_checkpoint, load_model
+from clipn_cli.weights.checkpoints import check_finite_file, convert_checkpoint, load_model
 
 LONG_NAME = " ".join(["extraordinarily"] * 40)  # beyond the 77-token context: cut as the official tokenizer cuts
 CLASSES = ["cat", "great white shark", "a very long and complicated class name with many words", LONG_NAME]
@@ -86,7 +87,7 @@ def test_class_heads_equal_77_token_ensemble(model) -> None:
 
 @torch.inference_mode()
 def test_class_heads_built_in_chunks_equal_one_pass(model, monkeypatch: pytest.MonkeyPatch) -> None:
-    import clipn_cli.embeddings as embeddings
+    import clipn_cli.heads.embeddings as embeddings
 
     templates = load_templates("clipn")
     whole = embed_classes(model, CLASSES, templates, "fp")
@@ -143,12 +144,13 @@ def test_parallel_encoding_matches_sequential(model, mixed_inputs: list[InputIte
 
 
 def test_library_uses_the_devices_pipeline_defaults(model, images_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import clipn_cli.inference as inference
+    import clipn_cli.model.devices as devices
+    import clipn_cli.model.encode as inference
     from clipn_cli.detection import detect
 
     assert pipeline_sizes(model) == (12, min(4, os.cpu_count() or 1))  # what `clipn detect` uses on a CPU
     assert pipeline_sizes(model, 5, 0) == (5, 0)  # 0 threads (decode in the caller's thread) is a choice, not "unset"
-    monkeypatch.setattr(inference, "default_batch_size", lambda device: 5)
+    monkeypatch.setattr(devices, "default_forward_batch", lambda device: 5)
     sizes: list[int] = []
     real = inference.encode_batch
     monkeypatch.setattr(inference, "encode_batch", lambda m, pixels, *a, **k: sizes.append(len(pixels)) or real(m, pixels, *a, **k))

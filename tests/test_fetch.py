@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 
 from clipn_cli.cli.app import app
 from clipn_cli.errors import FetchError
-from clipn_cli.fetch import FetchLimits, download, pick_checkpoint
-from clipn_cli.home import downloads_dir, get_default, read_header, weights_dir
+from clipn_cli.weights.fetch import pick_checkpoint
+from clipn_cli.weights.http import FetchLimits, download
+from clipn_cli.weights.home import downloads_dir, get_default, read_header, weights_dir
 
 DATA = OFFICIAL_CHECKPOINT.read_bytes()
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from clipn_cli import __version__, fetch, home
+from clipn_cli import __version__
+from clipn_cli.weights import fetch, home
 from clipn_cli.cli import firstrun
-from clipn_cli.fetch import Installed
+from clipn_cli.weights.fetch import Installed
 from conftest import IMAGES, cli, spawn
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,12 +29,13 @@ from typer.testing import CliRunner
 
 from conftest import spawn
 
-from clipn_cli import images
+from clipn_cli.inputs import decode as images
 from clipn_cli.cli.app import app
-from clipn_cli.embeddings import ClassEmbeddings
+from clipn_cli.heads.embeddings import ClassEmbeddings
 from clipn_cli.errors import ClassesError, ClipnError, EmbeddingsError, OutputError, WeightsError
-from clipn_cli.images import DecodeLimits, jpeg_scans, load_images, load_one, open_image
-from clipn_cli.inputs import InputItem, iter_inputs
+from clipn_cli.inputs.decode import load_images, load_one, open_image
+from clipn_cli.inputs.limits import DecodeLimits, jpeg_scans
+from clipn_cli.inputs.sources import InputItem, iter_inputs
 
 IMAGES = Path(__file__).parent / "fixtures" / "images"
 CLASSES = "cat,horse,rocket"
@@ -207,7 +208,7 @@ def test_path_swapped_for_a_fifo_after_the_check_does_not_hang(tmp_path: Path, m
 
 STUCK = """
 import sys, threading
-from clipn_cli import images
+from clipn_cli.inputs import decode as images
 real = images._open_descriptor
 def stuck(path):
     if "stuck" in path:
@@ -255,7 +256,7 @@ def test_signal_ends_a_run_with_a_stuck_decoder_and_keeps_finished_records(
 
 
 def test_classes_file_must_be_a_small_regular_file(tiny_weights: Path, tmp_path: Path) -> None:
-    from clipn_cli.classes import MAX_CLASS_FILE_BYTES, read_class_file
+    from clipn_cli.heads.classes import MAX_CLASS_FILE_BYTES, read_class_file
 
     fifo = tmp_path / "classes.fifo"
     os.mkfifo(fifo)
@@ -459,7 +460,7 @@ def set_config(key: str, value: object):
 
 
 def test_hostile_weights_metadata_is_one_error_naming_the_file(tiny_weights: Path, tmp_path: Path) -> None:
-    from clipn_cli.weights import load_model, read_info
+    from clipn_cli.weights.checkpoints import load_model, read_info
 
     cases = {
         "deep.safetensors": (lambda m: m.update(model_config=DEEP), "model_config metadata is nested too deeply"),
@@ -479,7 +480,7 @@ def test_hostile_weights_metadata_is_one_error_naming_the_file(tiny_weights: Pat
 
 
 def test_hostile_safetensors_headers(tiny_weights: Path, tmp_path: Path) -> None:
-    from clipn_cli.weights import read_info
+    from clipn_cli.weights.checkpoints import read_info
 
     def raw(name: str, header: bytes, data: bytes = b"") -> Path:
         path = tmp_path / name
@@ -503,7 +504,7 @@ def test_hostile_safetensors_headers(tiny_weights: Path, tmp_path: Path) -> None
 
 
 def test_hostile_embeddings(tiny_weights: Path, tmp_path: Path) -> None:
-    from clipn_cli.weights import read_info
+    from clipn_cli.weights.checkpoints import read_info
 
     good = tmp_path / "good.safetensors"
     assert invoke("embed-classes", "-w", str(tiny_weights), "--classes", CLASSES, "-t", "simple", "-o", str(good))[0] == 0
@@ -548,7 +549,7 @@ def test_embeddings_read_through_one_descriptor_under_concurrent_replacement(tmp
 def test_loading_opens_each_file_once(tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The race made deterministic: whatever replaces the path after the first open is not read."""
     from clipn_cli import safetensors_file
-    from clipn_cli.weights import load_model
+    from clipn_cli.weights.checkpoints import load_model
 
     emb = tmp_path / "e.safetensors"
     ClassEmbeddings(["a", "b"], torch.eye(2, 8), torch.eye(2, 8), "simple", "", "fp").save(emb)
@@ -575,7 +576,7 @@ def test_loading_opens_each_file_once(tiny_weights: Path, tmp_path: Path, monkey
 
 
 def test_zip_bomb_checkpoint_is_refused_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from clipn_cli.weights import read_checkpoint
+    from clipn_cli.weights.format import read_checkpoint
 
     bomb = tmp_path / "bomb.pt"
     with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -605,7 +606,7 @@ def test_closed_stdout_is_one_line_exit_2(tiny_weights: Path) -> None:
 
 
 def test_writer_refuses_a_closed_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
-    from clipn_cli.output import open_writer
+    from clipn_cli.outputs.writers import open_writer
 
     monkeypatch.setattr(sys, "stdout", None)
     with pytest.raises(OutputError, match="stdout is closed"):
@@ -655,7 +656,7 @@ def test_unlistable_sub_folder_gets_an_error_record_in_its_place(tiny_weights: P
 
 def test_hostile_json_files_given_by_name(tmp_path: Path) -> None:
     """The same family in other JSON a user names: a --config file and a training index."""
-    from clipn_cli.configs import resolve_config
+    from clipn_cli.model.configs import resolve_config
     from clipn_cli.errors import ConfigError, DataError
     from clipn_cli.training.data import read_index
 

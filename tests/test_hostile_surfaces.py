@@ -64,7 +64,7 @@ def _calibration(**changes: object) -> dict:
     ("alpha", "alpha '"),
 ])
 def test_hostile_calibration_file_is_one_error_naming_it(tmp_path: Path, case: str, expected: str) -> None:
-    from clipn_cli.calibration import Calibration
+    from clipn_cli.scores.calibration import Calibration
 
     path = tmp_path / "cal.json"
     good = json.dumps(_calibration())
@@ -94,7 +94,7 @@ def test_hostile_calibration_file_is_one_error_naming_it(tmp_path: Path, case: s
 
 
 def test_calibration_devices_and_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from clipn_cli import calibration
+    from clipn_cli.scores import calibration
 
     with pytest.raises(CalibrationError, match="/dev/zero: not a regular file"):
         calibration.Calibration.load("/dev/zero")
@@ -137,7 +137,7 @@ def _gzip_bomb(path: Path, size: int) -> None:
     ("bad_line", "line 2 is not"),
 ])
 def test_hostile_word_list_is_one_error_naming_it(tmp_path: Path, case: str, expected: str) -> None:
-    from clipn_cli.wordpool import read_words
+    from clipn_cli.heads.wordpool import read_words
 
     path = tmp_path / "words.txt"
     good = b"noun.artifact\tcar\nadj.all\tred\n"
@@ -158,7 +158,7 @@ def test_hostile_word_list_is_one_error_naming_it(tmp_path: Path, case: str, exp
 
 
 def test_word_list_bombs_are_refused_at_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from clipn_cli import wordpool
+    from clipn_cli.heads import wordpool
 
     with pytest.raises(ClipnError, match="/dev/zero: cannot read the word list: not a regular file"):
         wordpool.read_words("/dev/zero")
@@ -181,7 +181,7 @@ def test_word_list_bombs_are_refused_at_the_limit(tmp_path: Path, monkeypatch: p
 
 
 def test_word_folder_names_a_fifo_or_folder_instead_of_skipping_or_waiting(tmp_path: Path) -> None:
-    from clipn_cli.wordpool import read_words
+    from clipn_cli.heads.wordpool import read_words
 
     folder = tmp_path / "txtfiles"
     folder.mkdir()
@@ -210,7 +210,7 @@ def test_cli_words_that_are_not_a_word_list_are_one_line_exit_2(tiny_weights: Pa
 
 
 def test_damaged_candidate_cache_is_rebuilt_never_trusted_or_waited_on(tmp_path: Path) -> None:
-    from clipn_cli.wordpool import _cached
+    from clipn_cli.heads.wordpool import _cached
 
     shape = (3, 8)
     path = tmp_path / "neglabel-x.safetensors"
@@ -263,7 +263,7 @@ def _embeddings_file(path: Path, negatives: str | None = None, tensors: dict | N
     (GOOD[:-2], None),  # truncated JSON
 ])
 def test_hostile_negatives_in_embeddings_are_one_error_naming_the_file(tmp_path: Path, negatives: str, tensors: dict | None) -> None:
-    from clipn_cli.embeddings import ClassEmbeddings
+    from clipn_cli.heads.embeddings import ClassEmbeddings
 
     path = _embeddings_file(tmp_path / "heads.safetensors", negatives, tensors)
     with pytest.raises(EmbeddingsError) as caught:
@@ -272,14 +272,14 @@ def test_hostile_negatives_in_embeddings_are_one_error_naming_the_file(tmp_path:
 
 
 def test_well_formed_negatives_load(tmp_path: Path) -> None:
-    from clipn_cli.embeddings import ClassEmbeddings
+    from clipn_cli.heads.embeddings import ClassEmbeddings
 
     heads = ClassEmbeddings.load(_embeddings_file(tmp_path / "ok.safetensors", GOOD))
     assert heads.negatives["neglabel"].words == json.loads(GOOD)["neglabel"] and heads.negatives["neglabel"].negatives.shape == (WORDS, 4)
 
 
 def test_embeddings_fifo_is_refused(tmp_path: Path) -> None:
-    from clipn_cli.embeddings import ClassEmbeddings
+    from clipn_cli.heads.embeddings import ClassEmbeddings
 
     fifo = _fifo(tmp_path / "heads.safetensors")
     with pytest.raises(EmbeddingsError, match="not a regular file"):
@@ -312,7 +312,7 @@ def plain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("\xe9\0{", "not valid JSON"),
 ])
 def test_hostile_plain_clip_config_is_one_error_naming_it(tmp_path: Path, plain_checkpoint: Path, config: str, expected: str) -> None:
-    from clipn_cli.plainclip import load_plain_clip
+    from clipn_cli.weights.plainclip import load_plain_clip
 
     path = tmp_path / "cfg.json"
     if config == "fifo":
@@ -325,7 +325,7 @@ def test_hostile_plain_clip_config_is_one_error_naming_it(tmp_path: Path, plain_
 
 
 def test_plain_clip_config_declaring_more_than_the_file_holds_is_refused_before_building(tmp_path: Path, plain_checkpoint: Path) -> None:
-    from clipn_cli.plainclip import load_plain_clip
+    from clipn_cli.weights.plainclip import load_plain_clip
 
     cfg = json.loads(TINY_CONFIG.read_text())
     cfg["vision_cfg"]["layers"] = 200  # within the bounds, but the file holds 2: building 200 would take long
@@ -338,7 +338,7 @@ def test_plain_clip_config_declaring_more_than_the_file_holds_is_refused_before_
 
 
 def test_plain_clip_checkpoint_with_nan_is_refused(tmp_path: Path, plain_checkpoint: Path) -> None:
-    from clipn_cli.plainclip import load_plain_clip
+    from clipn_cli.weights.plainclip import load_plain_clip
 
     state = torch.load(plain_checkpoint, weights_only=True)
     state["text_projection"][0, 0] = float("nan")
@@ -350,7 +350,7 @@ def test_plain_clip_checkpoint_with_nan_is_refused(tmp_path: Path, plain_checkpo
 
 @pytest.mark.parametrize("name", ["fifo.pt", "dir.pt", "fifo.safetensors"])
 def test_plain_clip_checkpoint_that_is_not_a_file_is_refused_without_waiting(tmp_path: Path, name: str) -> None:
-    from clipn_cli.plainclip import load_plain_clip
+    from clipn_cli.weights.plainclip import load_plain_clip
 
     path = tmp_path / name
     path.mkdir() if name.startswith("dir") else _fifo(path)
@@ -368,7 +368,7 @@ def test_plain_clip_checkpoint_that_is_not_a_file_is_refused_without_waiting(tmp
     (b"name\nimg/a.png\n", "no 'path' column"),
 ])
 def test_hostile_csv_table_is_one_error_naming_it(tmp_path: Path, content: bytes, expected: str) -> None:
-    from clipn_cli.inputs import iter_table
+    from clipn_cli.inputs.sources import iter_table
 
     path = tmp_path / "inputs.csv"
     path.write_bytes(content)
@@ -378,8 +378,8 @@ def test_hostile_csv_table_is_one_error_naming_it(tmp_path: Path, content: bytes
 
 
 def test_nul_in_a_csv_path_is_one_error_record(tmp_path: Path) -> None:
-    from clipn_cli.images import load_one
-    from clipn_cli.inputs import iter_table
+    from clipn_cli.inputs.decode import load_one
+    from clipn_cli.inputs.sources import iter_table
 
     path = tmp_path / "inputs.csv"
     path.write_bytes(b"path\nimg/a.png\nimg/\0b.png\n")
@@ -392,7 +392,7 @@ def test_empty_table_cells_are_error_records_not_dropped(tmp_path: Path) -> None
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    from clipn_cli.inputs import iter_table
+    from clipn_cli.inputs.sources import iter_table
 
     csv_table = tmp_path / "t.csv"
     csv_table.write_text("label,path\n1,a.png\n2,\n3\n\n4,b.png\n", encoding="utf-8")  # an empty cell, a short row, a blank line
@@ -405,7 +405,7 @@ def test_empty_table_cells_are_error_records_not_dropped(tmp_path: Path) -> None
 
 
 def test_table_swapped_for_a_fifo_is_refused_without_waiting(tmp_path: Path) -> None:
-    from clipn_cli.inputs import iter_table
+    from clipn_cli.inputs.sources import iter_table
 
     for name in ("inputs.csv", "inputs.parquet"):
         fifo = _fifo(tmp_path / name)
@@ -417,7 +417,7 @@ def test_parquet_path_column_types(tmp_path: Path) -> None:
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    from clipn_cli.inputs import iter_table
+    from clipn_cli.inputs.sources import iter_table
 
     numbers = tmp_path / "numbers.parquet"
     pq.write_table(pa.table({"path": [1, 2, 3]}), numbers)
@@ -524,7 +524,7 @@ def test_resume_refusal_shows_a_huge_manifest_value_in_one_short_line(tmp_path: 
 # report thumbnails ------------------------------------------------------------------------------
 
 def test_report_thumbnails_use_the_guarded_decoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from clipn_cli.report import esc, thumbnail_uri
+    from clipn_cli.outputs.report import esc, thumbnail_uri
 
     marker = tmp_path / "gs-ran"
     fake = tmp_path / "bin"
@@ -573,7 +573,7 @@ def test_training_decodes_through_load_one_on_daemon_threads(tiny_weights: Path,
 
     from clipn_cli.training.batches import StreamBatches
     from clipn_cli.training.data import Pair
-    from clipn_cli.weights import load_model
+    from clipn_cli.weights.checkpoints import load_model
 
     model, _ = load_model(tiny_weights)
     eps = tmp_path / "x.jpg"
@@ -614,8 +614,8 @@ def test_parquet_row_group_too_large_uncompressed_is_refused_before_reading(tmp_
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    from clipn_cli import tables
-    from clipn_cli.inputs import iter_table
+    from clipn_cli.inputs import tables
+    from clipn_cli.inputs.sources import iter_table
 
     bomb = tmp_path / "bomb.parquet"
     schema = pa.schema([("path", pa.string())])
@@ -632,7 +632,7 @@ def test_parquet_row_group_too_large_uncompressed_is_refused_before_reading(tmp_
 
 
 def test_resume_reads_the_file_a_bounded_line_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from clipn_cli import output
+    from clipn_cli.outputs import writers as output
 
     monkeypatch.setattr(output, "MAX_RECORD_LINE", 4096)
     record = {"path": "a.png", "verdict": "ID", "rule": "atd", "class": "cat", "class_index": 0, "p_ood": 0.2}

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipn_cli.losses import clipn_loss, itbo_loss, negative_pairs, tso_loss
+from clipn_cli.training.losses import clipn_loss, itbo_loss, negative_pairs, tso_loss
 
 
 def _features(n: int = 6, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,39 +9,43 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clipn_cli import methods
+from clipn_cli.scores import methods
 from clipn_cli.cli.app import app
 from clipn_cli.detection import SCORE_FIELDS, check_rule, detections_from_scores
-from clipn_cli.evaluation import METHODS, SetScores, compute_results
-from clipn_cli.output import CSV_COLUMNS
-from clipn_cli.scoring import Heads, score, score_heads
+from clipn_cli.evaluation import compute_results
+from clipn_cli.outputs.results import METHODS, SetScores
+from clipn_cli.outputs.writers import CSV_COLUMNS
+from clipn_cli.scores.scoring import Heads, score, score_heads
 
 
 def test_table_entries_are_complete_and_unique() -> None:
     names = [m.name for m in methods.TABLE]
     assert len(set(names)) == len(names) and len({m.color for m in methods.TABLE}) == len(names)
     assert all(m.label and m.description and m.color.startswith("#") for m in methods.TABLE)
-    assert methods.RULES == ("ctw", "atd", "msp", "max_logit", "energy", "neglabel", "csp", "atd_neg")
+    assert methods.RULES == tuple(m.name for m in methods.TABLE if m.record) and "mcm" not in methods.RULES
     assert methods.VERDICT_RULES == ("ctw", "atd", "atd_neg")
     assert methods.POOLS == ("neglabel", "csp")
-    assert [m.name for m in methods.available(has_no=False)] == ["msp", "max_logit", "energy", "mcm"]
-    assert [m.name for m in methods.available(("csp",), has_no=False)] == ["msp", "max_logit", "energy", "mcm", "csp"]
+    plain = [m.name for m in methods.TABLE if not m.needs_no and m.pool is None]
+    assert {"msp", "max_logit", "energy", "mcm"} <= set(plain)
+    assert [m.name for m in methods.available(has_no=False)] == plain
+    assert [m.name for m in methods.available(("csp",), has_no=False)] == [*plain, "csp"]
     assert [m.name for m in methods.TABLE if m.experimental] == ["atd_neg"]
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         methods.get("nope")
 
 
 def test_existing_record_fields_columns_and_eval_methods_are_unchanged() -> None:
-    assert SCORE_FIELDS == ("ctw_score", "atd_score", "p_ood", "msp", "max_logit", "energy")
-    assert CSV_COLUMNS[:12] == ("path", "error", "verdict", "rule", "class", "class_index", *SCORE_FIELDS)
-    assert CSV_COLUMNS[12:] == ("neglabel_score", "csp_score", "atd_neg_score")
-    assert METHODS == {"ctw": "CTW", "atd": "ATD", "msp": "MSP", "max_logit": "MaxLogit", "energy": "Energy", "mcm": "MCM"}
+    assert SCORE_FIELDS[:6] == ("ctw_score", "atd_score", "p_ood", "msp", "max_logit", "energy")  # new methods follow
+    assert SCORE_FIELDS == methods.record_fields(methods.available())
+    assert CSV_COLUMNS == ("path", "error", "verdict", "rule", "class", "class_index", *methods.record_fields())
+    assert list(METHODS)[:5] == ["ctw", "atd", "msp", "max_logit", "energy"]  # new methods follow
+    assert METHODS == {m.name: m.label for m in methods.TABLE if m.pool is None}
 
 
 def test_scores_and_verdicts_come_from_the_table() -> None:
     g = torch.Generator().manual_seed(0)
     f, yes, no = torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
-    from clipn_cli.embeddings import ClassEmbeddings
+    from clipn_cli.heads.embeddings import ClassEmbeddings
 
     heads = Heads.prepare(ClassEmbeddings(["a", "b", "c"], yes, no, "", "", ""))
     s = score_heads(f, heads)
@@ -73,8 +77,8 @@ def fake_set(name: str, role: str, names: list[str], rules: list[str], shift: fl
 
 def test_eval_and_plots_handle_every_method_of_the_table(tmp_path) -> None:
     pytest.importorskip("matplotlib")
-    from clipn_cli.evaluation import Evaluation
-    from clipn_cli.plots import COLUMNS, histogram_figure, write_plots
+    from clipn_cli.outputs.results import Evaluation
+    from clipn_cli.outputs.plots import COLUMNS, histogram_figure, write_plots
 
     names = [m.name for m in methods.TABLE]
     rules = list(methods.VERDICT_RULES)
@@ -86,10 +90,10 @@ def test_eval_and_plots_handle_every_method_of_the_table(tmp_path) -> None:
     assert [p.name for p in written] == ["roc-far.png", "scores-far.png"]
     figure = histogram_figure(id_set, ood, {r.method: r for r in results if r.ood == "far"}, names)
     panels = len(names) + 1 + 1  # every method, ATD's margin, the summary
-    assert len(figure.axes) == COLUMNS * math.ceil(panels / COLUMNS) == 12
+    assert len(figure.axes) == COLUMNS * math.ceil(panels / COLUMNS)
 
 
 def test_detect_rule_choices_are_the_table() -> None:
     result = CliRunner().invoke(app, ["detect", "--classes", "cat", "--rule", "bogus", "x.png"])
     assert result.exit_code == 2
-    assert "--rule must be ctw, atd, msp, max_logit, energy, neglabel, csp or atd_neg, not 'bogus'" in result.stderr
+    assert f"--rule must be {', '.join(methods.RULES[:-1])} or {methods.RULES[-1]}, not 'bogus'" in result.stderr

@@ -8,7 +8,7 @@ from scipy.interpolate import interp1d
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from clipn_cli import metrics
+from clipn_cli.scores import metrics
 
 
 def labelled(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

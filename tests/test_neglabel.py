@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from clipn_cli import negatives, wordpool
-from clipn_cli.cli.app import app
-from clipn_cli.embeddings import ClassEmbeddings, embed_classes
+from conftest import cli
+
+from clipn_cli.scores import negatives
+from clipn_cli.heads import wordpool
+from clipn_cli.heads.embeddings import ClassEmbeddings, embed_classes
 from clipn_cli.errors import ClipnError
-from clipn_cli.prompts import load_templates
-from clipn_cli.scoring import Heads, score_heads
-from clipn_cli.weights import load_model
+from clipn_cli.heads.prompts import load_templates
+from clipn_cli.scores import methods as method_table
+from clipn_cli.scores.scoring import Heads, score_heads
+from clipn_cli.weights.checkpoints import load_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 WORDS = FIXTURES / "words-small.txt"
@@ -187,7 +189,7 @@ def test_shipped_word_list_rebuilds_byte_for_byte(tmp_path: Path) -> None:
 
     out = tmp_path / "words.txt.gz"
     assert build_words.build(Path("/usr/share/wordnet"), out) == 80389
-    assert out.read_bytes() == (Path(wordpool.__file__).parent / "data" / wordpool.WORDS_FILE).read_bytes()
+    assert out.read_bytes() == (Path(wordpool.__file__).parents[1] / "data" / wordpool.WORDS_FILE).read_bytes()
 
 
 def test_shipped_word_list_is_wordnet_3() -> None:
@@ -199,7 +201,7 @@ def test_shipped_word_list_is_wordnet_3() -> None:
         found = wordpool.candidates(pool, pairs)  # official: 10,499 NegLabel and ~8,400 CSP labels for ImageNet-1K
         assert (int((~found.is_adjective).sum()), int(found.is_adjective.sum())) == (nouns, adjectives)
         assert int(nouns * 0.15) + int(adjectives * 0.15) == kept
-    assert (Path(wordpool.__file__).parent / "data" / "WORDNET-LICENSE.txt").read_text().count("Princeton University") >= 3
+    assert (Path(wordpool.__file__).parents[1] / "data" / "WORDNET-LICENSE.txt").read_text().count("Princeton University") >= 3
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +213,7 @@ def tiny(tiny_weights: Path):
 def test_mining_on_the_tiny_model_equals_a_reference(tiny, tmp_path: Path) -> None:
     """Prompts encoded in input order at full context length (no length sorting), averaged and
     normalised, then the reference mining."""
-    from clipn_cli.embeddings import tokenizer_for
+    from clipn_cli.heads.embeddings import tokenizer_for
 
     model, info = tiny
     tokenizer = tokenizer_for(model)
@@ -245,15 +247,11 @@ def test_too_few_candidates_is_one_clear_error(tiny) -> None:
         wordpool.mine(model, CLASSES, "neglabel", info.fingerprint, [("noun.artifact", f"thing {i}") for i in range(50)])
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
-
-
 def test_detect_neglabel_and_csp_end_to_end(tiny, tiny_weights: Path, tmp_path: Path) -> None:
     model, info = tiny
     images = [str(IMAGES / name) for name in ("chelsea.png", "rocket.jpg", "coffee.png", "retina.jpg")]
     common = ["detect", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "--words", str(WORDS), "--format", "jsonl"]
-    result = invoke(*common, "--rule", "neglabel", "--threshold", "0.5", "--negatives", "csp", *images)
+    result = cli(*common, "--rule", "neglabel", "--threshold", "0.5", "--negatives", "csp", *images)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["rule"] for r in records] == ["neglabel"] * 4
@@ -264,8 +262,8 @@ def test_detect_neglabel_and_csp_end_to_end(tiny, tiny_weights: Path, tmp_path: 
     heads = embed_classes(model, CLASSES, load_templates("clipn"), info.fingerprint)
     pairs = wordpool.read_words(WORDS)
     heads.negatives = {p: wordpool.mine(model, CLASSES, p, info.fingerprint, pairs) for p in ("neglabel", "csp")}
-    from clipn_cli.inference import encode_images
-    from clipn_cli.inputs import iter_inputs
+    from clipn_cli.model.encode import encode_images
+    from clipn_cli.inputs.sources import iter_inputs
 
     features = torch.stack([e.feature for e in encode_images(model, iter_inputs(images), batch_size=4, workers=0)])
     scores = score_heads(features, Heads.prepare(heads))
@@ -273,22 +271,22 @@ def test_detect_neglabel_and_csp_end_to_end(tiny, tiny_weights: Path, tmp_path: 
     assert [r["csp_score"] for r in records] == pytest.approx(scores.extra["csp"].tolist(), abs=1e-6)
     assert [r["atd_score"] for r in records] == pytest.approx(scores.atd.tolist(), abs=1e-6)
 
-    csp = invoke(*common, "--rule", "csp", "--threshold", "0.9", images[0])
+    csp = cli(*common, "--rule", "csp", "--threshold", "0.9", images[0])
     assert csp.exit_code == 0 and json.loads(csp.stdout)["verdict"] in ("ID", "OOD") and "neglabel_score" not in json.loads(csp.stdout)
-    combined = invoke(*common, "--rule", "atd_neg", images[0])  # threshold-free
+    combined = cli(*common, "--rule", "atd_neg", images[0])  # threshold-free
     record = json.loads(combined.stdout)
     assert record["verdict"] == ("OOD" if 1 - record["atd_neg_score"] > scores.extra["atd_neg_best"][0] else "ID")
 
 
 def test_detect_refuses_a_rule_without_verdict_or_negatives(tiny_weights: Path, tmp_path: Path) -> None:
     image = str(IMAGES / "chelsea.png")
-    result = invoke("detect", "-w", str(tiny_weights), "--classes", "cat,dog", "--rule", "neglabel", image)
+    result = cli("detect", "-w", str(tiny_weights), "--classes", "cat,dog", "--rule", "neglabel", image)
     assert result.exit_code == 2 and "no threshold-free verdict: give --threshold" in result.stderr
-    result = invoke("detect", "-w", str(tiny_weights), "--classes", "cat,dog", "--negatives", "bogus", image)
+    result = cli("detect", "-w", str(tiny_weights), "--classes", "cat,dog", "--negatives", "bogus", image)
     assert result.exit_code == 2 and "--negatives must be neglabel or csp" in result.stderr
     plain = tmp_path / "plain.safetensors"
-    assert invoke("embed-classes", "-w", str(tiny_weights), "--classes", "cat,dog", "-o", str(plain), "-t", "simple").exit_code == 0
-    result = invoke("detect", "-w", str(tiny_weights), "-e", str(plain), "--rule", "csp", "--threshold", "0.5", image)
+    assert cli("embed-classes", "-w", str(tiny_weights), "--classes", "cat,dog", "-o", str(plain), "-t", "simple").exit_code == 0
+    result = cli("detect", "-w", str(tiny_weights), "-e", str(plain), "--rule", "csp", "--threshold", "0.5", image)
     assert result.exit_code == 2 and "holds no 'csp' negative labels: rebuild it with 'clipn embed-classes --negatives csp'" in result.stderr
 
 
@@ -296,7 +294,7 @@ def test_embed_classes_stores_negatives_and_old_files_still_load(tiny_weights: P
     from safetensors import safe_open
 
     out = tmp_path / "heads.safetensors"
-    result = invoke("embed-classes", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-o", str(out), "-t", "simple",
+    result = cli("embed-classes", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-o", str(out), "-t", "simple",
                     "--negatives", "neglabel,csp", "--words", str(WORDS))
     assert result.exit_code == 0, result.output
     with safe_open(str(out), framework="pt") as fh:
@@ -304,12 +302,12 @@ def test_embed_classes_stores_negatives_and_old_files_still_load(tiny_weights: P
     loaded = ClassEmbeddings.load(out)
     assert set(loaded.negatives) == {"neglabel", "csp"} and len(loaded.negatives["neglabel"].words) >= 100
     image = str(IMAGES / "chelsea.png")
-    stored = invoke("detect", "-w", str(tiny_weights), "-e", str(out), "--rule", "neglabel", "--threshold", "0.5", "--format", "jsonl", image)
-    fresh = invoke("detect", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-t", "simple", "--words", str(WORDS),
+    stored = cli("detect", "-w", str(tiny_weights), "-e", str(out), "--rule", "neglabel", "--threshold", "0.5", "--format", "jsonl", image)
+    fresh = cli("detect", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-t", "simple", "--words", str(WORDS),
                    "--negatives", "neglabel,csp", "--rule", "neglabel", "--threshold", "0.5", "--format", "jsonl", image)
     assert json.loads(stored.stdout) == json.loads(fresh.stdout)
     plain = tmp_path / "plain.safetensors"
-    invoke("embed-classes", "-w", str(tiny_weights), "--classes", "cat", "-o", str(plain), "-t", "simple")
+    cli("embed-classes", "-w", str(tiny_weights), "--classes", "cat", "-o", str(plain), "-t", "simple")
     with safe_open(str(plain), framework="pt") as fh:
         assert fh.metadata()["format_version"] == "1"  # no negatives: readable by clipn-cli before them
     assert ClassEmbeddings.load(plain).negatives == {}
@@ -322,19 +320,19 @@ def test_eval_reports_and_plots_the_new_methods(tiny_weights: Path, tmp_path: Pa
         folder.mkdir()
         for name in names:
             (folder / name).write_bytes((IMAGES / name).read_bytes())
-    result = invoke("eval", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-t", "simple", "--id", str(id_dir),
+    result = cli("eval", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-t", "simple", "--id", str(id_dir),
                     "--ood", f"misc={ood_dir}", "--negatives", "neglabel,csp", "--words", str(WORDS), "--format", "json",
                     "--plots", str(tmp_path / "plots"), "--save-scores", str(tmp_path / "scores.csv"))
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     methods = [r["method"] for r in report["results"] if r["ood"] == "misc"]
-    assert methods == ["ctw", "atd", "msp", "max_logit", "energy", "mcm", "neglabel", "csp", "atd_neg"]
+    assert methods == [m.name for m in method_table.TABLE]  # every method, in table order
     atd_neg = next(r for r in report["results"] if r["method"] == "atd_neg")
     assert "id_flagged" in atd_neg and "id_flagged" not in next(r for r in report["results"] if r["method"] == "neglabel")
     header = (tmp_path / "scores.csv").read_text().splitlines()[0].split(",")
-    assert header[5:] == ["ctw", "atd", "msp", "max_logit", "energy", "mcm", "neglabel", "csp", "atd_neg", "ctw_ood", "atd_ood", "atd_neg_ood", "error"]
+    assert header[5:] == [*methods, *(f"{r}_ood" for r in method_table.VERDICT_RULES), "error"]
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["roc-misc.png", "scores-misc.png"]
-    table = invoke("eval", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-t", "simple", "--id", str(id_dir),
+    table = cli("eval", "-w", str(tiny_weights), "--classes", ",".join(CLASSES), "-t", "simple", "--id", str(id_dir),
                    "--ood", f"misc={ood_dir}", "--negatives", "neglabel", "--words", str(WORDS), "--format", "table")
     assert "NegLabel" in table.stdout and "ATD+NegLabel" in table.stdout and "CSP" not in table.stdout
 
@@ -342,17 +340,17 @@ def test_eval_reports_and_plots_the_new_methods(tiny_weights: Path, tmp_path: Pa
 def test_calibrated_neglabel_verdicts(tiny_weights: Path, tmp_path: Path) -> None:
     """calibrate --negatives stores NegLabel/CSP scores with their word lists' digests; detect --rule
     neglabel --calibration gives p-values of the stored scores and refuses other negative labels."""
-    from clipn_cli.calibration import Calibration, p_values
+    from clipn_cli.scores.calibration import Calibration, p_values
 
     images = [str(IMAGES / n) for n in sorted(os.listdir(IMAGES))]
     calib = tmp_path / "calib.json"
     common = ["-w", str(tiny_weights), "--classes", ",".join(CLASSES)]
-    made = invoke("calibrate", *common, "--negatives", "neglabel,csp", "--words", str(WORDS), "--alpha", "0.2", "-o", str(calib), *images)
+    made = cli("calibrate", *common, "--negatives", "neglabel,csp", "--words", str(WORDS), "--alpha", "0.2", "-o", str(calib), *images)
     assert made.exit_code == 0, made.output
     stored = Calibration.load(calib)
     assert {"neglabel", "csp", "atd_neg", "atd"} <= set(stored.scores) and set(stored.negatives) == {"neglabel", "csp"}
 
-    result = invoke("detect", *common, "--words", str(WORDS), "--rule", "neglabel", "--calibration", str(calib), "--format", "jsonl", *images[:4])
+    result = cli("detect", *common, "--words", str(WORDS), "--rule", "neglabel", "--calibration", str(calib), "--format", "jsonl", *images[:4])
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     want = p_values(stored.scores["neglabel"], [r["neglabel_score"] for r in records])
@@ -361,15 +359,15 @@ def test_calibrated_neglabel_verdicts(tiny_weights: Path, tmp_path: Path) -> Non
 
     fewer = tmp_path / "fewer.txt"  # another word list: other negatives, other scores
     fewer.write_text("".join(WORDS.read_text().splitlines(keepends=True)[10:]))
-    other = invoke("detect", *common, "--words", str(fewer), "--rule", "neglabel", "--calibration", str(calib), images[0])
+    other = cli("detect", *common, "--words", str(fewer), "--rule", "neglabel", "--calibration", str(calib), images[0])
     assert other.exit_code == 2 and "other 'neglabel' negative labels" in other.output
     plain = tmp_path / "plain.json"
-    assert invoke("calibrate", *common, "--alpha", "0.2", "-o", str(plain), *images).exit_code == 0
-    missing = invoke("detect", *common, "--words", str(WORDS), "--rule", "neglabel", "--calibration", str(plain), images[0])
+    assert cli("calibrate", *common, "--alpha", "0.2", "-o", str(plain), *images).exit_code == 0
+    missing = cli("detect", *common, "--words", str(WORDS), "--rule", "neglabel", "--calibration", str(plain), images[0])
     assert missing.exit_code == 2 and "calibrate --negatives neglabel" in missing.output
 
     data = json.loads(calib.read_text())
     del data["negatives"]
     calib.write_text(json.dumps(data))
-    damaged = invoke("detect", *common, "--words", str(WORDS), "--rule", "neglabel", "--calibration", str(calib), images[0])
+    damaged = cli("detect", *common, "--words", str(WORDS), "--rule", "neglabel", "--calibration", str(calib), images[0])
     assert damaged.exit_code == 2 and "without the digest of its negative labels" in damaged.output

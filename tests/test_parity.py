@@ -11,7 +11,7 @@ import torch
 from conftest import IMAGES, OFFICIAL_CHECKPOINT, TINY_CONFIG, cli
 
 import clipn_cli as clipn
-from clipn_cli.scoring import score
+from clipn_cli.scores.scoring import score
 
 CLASS_SETS = ("photos", "one", "unicode")
 PROB_TOL, LOGIT_TOL = 1e-5, 1e-3

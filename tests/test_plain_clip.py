@@ -8,11 +8,12 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from clipn_cli.cli.app import app
-from clipn_cli.plainclip import parse_spec
-from clipn_cli.weights import load_model
+from conftest import cli
+
+from clipn_cli.scores import methods as method_table
+from clipn_cli.weights.plainclip import parse_spec
+from clipn_cli.weights.checkpoints import load_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIG = FIXTURES / "clipn-tiny-config.json"
@@ -55,39 +56,35 @@ def test_plain_clip_scores_equal_open_clip(plain_checkpoint: Path) -> None:
         assert torch.equal(model.encode_image(pixels), reference.encode_image(pixels))
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
-
-
 def test_detect_and_eval_with_a_plain_clip(plain_checkpoint: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     w = spec(plain_checkpoint)
     image = str(IMAGES / "chelsea.png")
-    refused = invoke("detect", "-w", w, "--classes", CLASSES, image)
+    refused = cli("detect", "-w", w, "--classes", CLASSES, image)
     assert refused.exit_code == 2 and "rule 'atd' needs CLIPN's \"no\" tower" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     for rule in ("neglabel", "csp", "msp"):
-        result = invoke("detect", "-w", w, "--classes", CLASSES, "-t", "simple", "--words", str(WORDS), "--rule", rule,
+        result = cli("detect", "-w", w, "--classes", CLASSES, "-t", "simple", "--words", str(WORDS), "--rule", rule,
                         "--threshold", "0.5", "--format", "jsonl", image)
         assert result.exit_code == 0, result.output
         record = json.loads(result.stdout)
         assert record["ctw_score"] is None and record["atd_score"] is None and record["msp"] > 0
         if rule != "msp":
             assert 0 < record[f"{rule}_score"] < 1 and "atd_neg_score" not in record
-    table = invoke("detect", "-w", w, "--classes", CLASSES, "-t", "simple", "--rule", "msp", "--threshold", "0.5", "--format", "table", image)
+    table = cli("detect", "-w", w, "--classes", CLASSES, "-t", "simple", "--rule", "msp", "--threshold", "0.5", "--format", "table", image)
     assert table.exit_code == 0 and "chelsea.png" in table.stdout and "–" in table.stdout
     id_dir, ood_dir = tmp_path / "id", tmp_path / "ood"
     for folder, names in ((id_dir, ("chelsea.png", "coffee.png")), (ood_dir, ("retina.jpg", "brick.png"))):
         folder.mkdir()
         for name in names:
             (folder / name).write_bytes((IMAGES / name).read_bytes())
-    ev = invoke("eval", "-w", w, "--classes", CLASSES, "-t", "simple", "--id", str(id_dir), "--ood", f"misc={ood_dir}",
+    ev = cli("eval", "-w", w, "--classes", CLASSES, "-t", "simple", "--id", str(id_dir), "--ood", f"misc={ood_dir}",
                 "--negatives", "neglabel,csp", "--words", str(WORDS), "--format", "json", "--plots", str(tmp_path / "plots"))
     assert ev.exit_code == 0, ev.output
     methods = [r["method"] for r in json.loads(ev.stdout)["results"] if r["ood"] == "misc"]
-    assert methods == ["msp", "max_logit", "energy", "mcm", "neglabel", "csp"]
+    assert methods == [m.name for m in method_table.available(method_table.POOLS, has_no=False)]
     assert len(list((tmp_path / "plots").iterdir())) == 2
-    stored = invoke("embed-classes", "-w", w, "--classes", CLASSES, "-o", str(tmp_path / "x.safetensors"))
+    stored = cli("embed-classes", "-w", w, "--classes", CLASSES, "-o", str(tmp_path / "x.safetensors"))
     assert stored.exit_code == 2 and "plain CLIP's class heads are not stored" in stored.stderr
 
 

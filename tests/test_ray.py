@@ -129,7 +129,7 @@ def test_ray_detect_equals_local_detect(cluster, tiny_weights: Path, inputs: lis
     else:
         import pyarrow.parquet as pq
 
-        from clipn_cli.output import CSV_COLUMNS
+        from clipn_cli.outputs.writers import CSV_COLUMNS
 
         table = pq.read_table(out / "shards" / "part-000000.parquet")
         assert table.column_names == [*CSV_COLUMNS, "top_k"]
@@ -208,15 +208,15 @@ def test_lost_worker_costs_nothing(cluster, tiny_weights: Path, inputs: list[str
     """An actor's process killed mid-run: Ray restarts it and retries its shard; every input once."""
     import ray
 
-    from clipn_cli.embeddings import embed_classes
-    from clipn_cli.inputs import iter_inputs
-    from clipn_cli.prompts import load_templates
+    from clipn_cli.heads.embeddings import embed_classes
+    from clipn_cli.inputs.sources import iter_inputs
+    from clipn_cli.heads.prompts import load_templates
     from clipn_cli.scale import read_output
     from clipn_cli.scale.manifest import load_manifest
     from clipn_cli.scale.ray_engine import Cluster, ClusterSpec, detect_job, run_detect
     from clipn_cli.scale.store import OutputStore
     from clipn_cli.scale.worker import ScoreOptions, WorkerConfig
-    from clipn_cli.weights import load_model
+    from clipn_cli.weights.checkpoints import load_model
 
     model, info = load_model(tiny_weights)
     heads = embed_classes(model, CLASSES.split(","), load_templates("clipn"), info.fingerprint)
@@ -279,10 +279,10 @@ def test_score_dataset_maps_paths_or_bytes_to_records(cluster, tiny_weights: Pat
     """The Python API for Ray Data pipelines: a Dataset of paths, or of read_binary_files bytes."""
     import ray
 
-    from clipn_cli.embeddings import embed_classes
-    from clipn_cli.prompts import load_templates
+    from clipn_cli.heads.embeddings import embed_classes
+    from clipn_cli.heads.prompts import load_templates
     from clipn_cli.scale import ScoreOptions, score_dataset
-    from clipn_cli.weights import load_model
+    from clipn_cli.weights.checkpoints import load_model
 
     model, info = load_model(tiny_weights)
     heads = embed_classes(model, CLASSES.split(","), load_templates("clipn"), info.fingerprint)
@@ -296,7 +296,7 @@ def test_score_dataset_maps_paths_or_bytes_to_records(cluster, tiny_weights: Pat
     rows = score_dataset(raw, str(tiny_weights), heads, ScoreOptions(top_k=2), bytes_column="bytes", batch_size=4).take_all()
     assert_same_records(sorted((_record(r) for r in rows), key=lambda r: r["path"]), sorted(good, key=lambda r: r["path"]))
 
-    from clipn_cli.calibration import CalibratedVerdicts, Calibration
+    from clipn_cli.scores.calibration import CalibratedVerdicts, Calibration
 
     calib = Calibration({"atd": [r["atd_score"] for r in good]}, info.fingerprint, heads.classes, heads.templates, heads.templates_sha256)
     verdicts = CalibratedVerdicts(calib, "atd", 0.25)
@@ -341,7 +341,7 @@ def test_ray_options_need_the_ray_engine() -> None:
 def test_plan_shards_is_lazy_and_deterministic() -> None:
     import itertools
 
-    from clipn_cli.inputs import InputItem
+    from clipn_cli.inputs.sources import InputItem
     from clipn_cli.scale.planner import plan_shards
 
     endless = (InputItem(f"img/{i}.jpg") for i in itertools.count())  # a listing that never ends still plans
@@ -360,7 +360,7 @@ def test_tables_of_paths_are_inputs(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from clipn_cli.inputs import iter_inputs
+    from clipn_cli.inputs.sources import iter_inputs
 
     names = ["rocket.jpg", "coffee.png", "nope.png"]
     pq.write_table(pa.table({"path": [str(IMAGES / n) for n in names], "label": [1, 2, 3]}), tmp_path / "t.parquet")
@@ -378,7 +378,7 @@ def test_object_store_mode_writes_in_place_and_commits_through_the_manifest(tmp_
     """On S3-like stores a PUT is atomic: no temporary + rename; a shard counts once the manifest has it."""
     from clipn_cli.scale.manifest import Manifest, ManifestWriter, load_manifest
     from clipn_cli.scale.output import read_output
-    from clipn_cli.scale.records import encode_shard
+    from clipn_cli.outputs.records import encode_shard
     from clipn_cli.scale.store import OutputStore
 
     store = OutputStore.open(str(tmp_path / "run"))
@@ -505,7 +505,7 @@ def test_ray_detect_reads_a_csv_table(cluster, tiny_weights: Path, local_records
 @needs_ray
 def test_shards_keep_non_utf8_file_names() -> None:
     """A file name whose bytes are not UTF-8 (lone surrogates in Python) must not cost its shard."""
-    from clipn_cli.scale.records import decode_shard, encode_shard
+    from clipn_cli.outputs.records import decode_shard, encode_shard
 
     records = [{"path": "/x/caf\udce9.jpg", "error": "no such file"}, {"path": "/x/ok.jpg", "error": "no such file"}]
     assert list(decode_shard(encode_shard(records, "jsonl"), "jsonl")) == records  # exact, as local JSON Lines

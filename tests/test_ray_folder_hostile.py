@@ -15,10 +15,10 @@ import pytest
 pytest.importorskip("pyarrow")
 
 from clipn_cli.errors import ClipnError, OutputError  # noqa: E402
-from clipn_cli.output import resume_jsonl  # noqa: E402
+from clipn_cli.outputs.writers import resume_jsonl  # noqa: E402
 from clipn_cli.scale.manifest import Manifest, ManifestWriter, ResumeError, load_manifest  # noqa: E402
 from clipn_cli.scale.output import apply_fdr, read_output  # noqa: E402
-from clipn_cli.scale.records import encode_shard  # noqa: E402
+from clipn_cli.outputs.records import encode_shard  # noqa: E402
 from clipn_cli.scale.store import OutputStore  # noqa: E402
 
 GOOD = {"path": "a.png", "verdict": "ID", "rule": "atd", "class": "cat", "class_index": 0, "ctw_score": 0.5,

@@ -49,14 +49,14 @@ def test_signal_to_the_driver_exits_as_documented_and_keeps_finished_shards(tiny
     from clipn_cli.scale import read_output
     from clipn_cli.scale.manifest import load_manifest
     from clipn_cli.scale.store import OutputStore
-    from conftest import IMAGES
+    from conftest import IMAGES, spawn
 
     paths = [str(p) for p in sorted(IMAGES.iterdir())] * 2  # 24 inputs, a shard each
     out = tmp_path / "run"
     args = [sys.executable, "-m", "clipn_cli", "detect", "--engine", "ray", "--actors", "1", "--shard-size", "1", "--format", "jsonl",
             "-w", str(tiny_weights), "--classes", "cat,dog", "--output", str(out), "-"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    driver = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    driver = spawn(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert driver.stdin is not None and driver.stderr is not None
     driver.stdin.write("".join(p + "\n" for p in paths[:20]))  # the rest never comes: the run cannot finish by itself
     driver.stdin.flush()

@@ -222,8 +222,8 @@ def test_reader_going_away_stops_quietly_with_141(tiny_weights: Path, tmp_path: 
 EXIT_DURING_TRANSFORM = """
 import sys, threading, time, torch
 from PIL import Image
-from clipn_cli.images import load_images
-from clipn_cli.inputs import InputItem
+from clipn_cli.inputs.decode import load_images
+from clipn_cli.inputs.sources import InputItem
 
 entered = threading.Event()
 
@@ -259,8 +259,8 @@ def test_exit_while_a_thread_is_inside_torch_keeps_the_exit_code(tmp_path: Path)
 LAST_REFERENCE_AT_EXIT = """
 import sys, threading, time, torch, weakref
 from concurrent.futures import Future
-from clipn_cli import images
-from clipn_cli.inputs import InputItem
+from clipn_cli.inputs import decode as images
+from clipn_cli.inputs.sources import InputItem
 
 handed = threading.Event()
 
@@ -294,7 +294,8 @@ def test_exit_while_a_thread_holds_the_last_reference_to_a_tensor(tmp_path: Path
 
 
 def test_transform_section_refuses_new_entries_once_closed() -> None:
-    from clipn_cli.images import _Section, _Stopped
+    from clipn_cli.inputs.limits import Section as _Section
+    from clipn_cli.inputs.limits import Stopped as _Stopped
 
     section = _Section()
     with section.inside():
@@ -398,7 +399,7 @@ def corrupt_variants(tiny_weights: Path, root: Path) -> dict[str, tuple[Path, st
     import torch
     from safetensors.torch import load_file, save_file
 
-    from clipn_cli.weights import read_info
+    from clipn_cli.weights.checkpoints import read_info
 
     data = tiny_weights.read_bytes()
     meta = read_info(tiny_weights).metadata
@@ -474,12 +475,12 @@ def test_concurrent_writers_never_corrupt_embeddings(tiny_weights: Path, tmp_pat
     seen = []
     while any(p.poll() is None for p in procs):
         if out.exists():  # a reader never sees a partial file
-            from clipn_cli.embeddings import ClassEmbeddings
+            from clipn_cli.heads.embeddings import ClassEmbeddings
 
             seen.append(ClassEmbeddings.load(out).classes)
         time.sleep(0.01)
     assert all(p.returncode == 0 for p in procs)
-    from clipn_cli.embeddings import ClassEmbeddings
+    from clipn_cli.heads.embeddings import ClassEmbeddings
 
     assert ClassEmbeddings.load(out).classes in (["cat", "rocket"], ["coffee", "horse", "tree"])
     assert all(s in (["cat", "rocket"], ["coffee", "horse", "tree"]) for s in seen)
@@ -501,8 +502,8 @@ def test_permission_error_maps_to_one_line(monkeypatch: pytest.MonkeyPatch) -> N
     """The mapping itself, testable as root too: PIL raising PermissionError becomes a record."""
     from PIL import Image
 
-    from clipn_cli.images import load_one
-    from clipn_cli.inputs import InputItem
+    from clipn_cli.inputs.decode import load_one
+    from clipn_cli.inputs.sources import InputItem
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")

@@ -26,8 +26,9 @@ import pytest
 from typer.testing import CliRunner
 
 from clipn_cli.cli.app import app
-from clipn_cli.evaluation import METHODS, Evaluation, SetScores, compute_results
-from clipn_cli.report import GALLERY_SIZE, DetectReport, eval_report, thumbnail_uri
+from clipn_cli.evaluation import compute_results
+from clipn_cli.outputs.results import METHODS, Evaluation, SetScores
+from clipn_cli.outputs.report import GALLERY_SIZE, DetectReport, eval_report, thumbnail_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "clipn_cli" / "data" / "clipn-digits.safetensors"
@@ -89,7 +90,7 @@ def test_eval_report_escapes_every_string_and_cuts_galleries(tmp_path: Path) -> 
 def test_eval_report_galleries_follow_the_calibrated_verdict_with_alpha(tmp_path: Path) -> None:
     """With --alpha the galleries show the calibrated ATD verdicts of the table above them: false
     alarms are held-out ID images with p_value <= alpha, never the calibration images themselves."""
-    from clipn_cli.calibration import operating_points, p_values
+    from clipn_cli.scores.calibration import operating_points, p_values
 
     paths = [str(tmp_path / f"img-{i:03d}.png") for i in range(120)]  # distinct names; unreadable, so no thumbnails
     evaluation = fake_evaluation(paths, 80, np.random.default_rng(1))
@@ -320,7 +321,7 @@ def test_resumed_detect_report_covers_the_whole_file(tmp_path: Path) -> None:
 def test_reports_say_what_made_them(tmp_path: Path) -> None:
     """Weights (name, fingerprint), classes, version, UTC date and options, from the CLI, escaped like the rest."""
     import clipn_cli
-    from clipn_cli.weights import read_info
+    from clipn_cli.weights.checkpoints import read_info
 
     fingerprint = read_info(WEIGHTS).fingerprint
     id_dir, ood_dir = tmp_path / "id", tmp_path / "ood"
@@ -354,7 +355,7 @@ def test_eval_roc_is_oriented_as_the_plots_roc() -> None:
     OOD accepted (3.5) all ID images are. The old orientation (x = ID flagged, y = OOD caught) gives
     0.5 below x = 0.75 instead.
     """
-    from clipn_cli.report import Curve, roc_curve_log, roc_svg
+    from clipn_cli.outputs.report_svg import Curve, roc_curve_log, roc_svg
 
     id_scores, ood_scores = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 3.5])
     xs, ys = roc_curve_log(id_scores, ood_scores, 0.01)
@@ -368,7 +369,7 @@ def test_eval_roc_is_oriented_as_the_plots_roc() -> None:
 
     mpl = pytest.importorskip("matplotlib")
     assert mpl
-    from clipn_cli.plots import roc_figure
+    from clipn_cli.outputs.plots import roc_figure
 
     evaluation = fake_evaluation([f"{i}.png" for i in range(300)], 200, np.random.default_rng(3))
     id_set, ood = evaluation.sets
@@ -388,7 +389,7 @@ def test_eval_roc_is_oriented_as_the_plots_roc() -> None:
 
 
 def test_eval_histograms_have_a_y_scale_and_the_plots_markers() -> None:
-    from clipn_cli.report import Line, histogram_svg
+    from clipn_cli.outputs.report_svg import Line, histogram_svg
 
     svg = histogram_svg("t", [("ID", "#00f", np.array([0.0, 0.01, 0.9, 1.0]))], [Line("rule", 0.5, True), Line("thr", 0.25)])
     assert "share per bin" in svg and '>0%</text>' in svg and '>25%</text>' in svg and '>50%</text>' in svg  # peak: 2 of 4 in a bin

@@ -12,8 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clipn_cli.output import open_writer
-from clipn_cli.progress import StatusLine
+from clipn_cli.outputs.writers import open_writer
+from clipn_cli.outputs.progress import StatusLine
 from conftest import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_an_interrupted_table_ends_with_the_summary_and_machine_formats_do_not()
 
 
 def test_the_total_counts_folders_and_files_and_leaves_out_resumed_inputs() -> None:
-    from clipn_cli.progress import NoStatus, _count, input_progress
+    from clipn_cli.outputs.progress import NoStatus, _count, input_progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

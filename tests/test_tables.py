@@ -1,5 +1,5 @@
-"""Tables of image paths (.csv, .parquet with a `path` column) as inputs of local detect, calibrate and
-eval: the same input layer the Ray engine plans from, with the same records."""
+"""Tables of image paths (.csv, .parquet with a `path` column) and path lists (.txt, .lst) as inputs of
+local detect, calibrate and eval: the same input layer the Ray engine plans from, with the same records."""
 
 from __future__ import annotations
 
@@ -81,3 +81,50 @@ def test_eval_and_calibrate_take_tables(tiny_weights: Path, tmp_path: Path) -> N
     calib = cli("calibrate", *common, "--alpha", "0.25", "-o", str(tmp_path / "c.json"), str(tmp_path / "ood.csv"))
     assert calib.returncode == 0, calib.stderr
     assert json.loads((tmp_path / "c.json").read_text())["count"] == 3
+
+
+def test_path_lists_are_an_input_kind_of_every_command(tiny_weights: Path, tmp_path: Path, listed: list[dict]) -> None:
+    """A .txt/.lst list of paths (UTF-8, one per line, `#` comments, relative to its folder) is read
+    by the same input layer for detect, calibrate and eval; a list that is not UTF-8 is one error record."""
+    listing = IMAGES.parent / "list-test.lst"
+    listing.write_text("# the four inputs\n" + "".join(f"  {IMAGES.name}/{n}\n\n" for n in NAMES), encoding="utf-8")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"rocket.jpg\ncaf\xe9.png\n")
+    try:
+        result = cli("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--format", "jsonl", str(listing), str(bad))
+    finally:
+        listing.unlink()
+    assert result.returncode == 1, result.stderr
+    records = jsonl(result.stdout)
+    assert records[:-2] == listed
+    assert records[-2]["path"] == str(tmp_path / "rocket.jpg") and records[-2]["error"] == "no such file"
+    assert records[-1] == {**records[-1], "path": str(bad), "error": "not a UTF-8 list of image paths (byte 14, line 2); is it an image with an unknown extension?"}
+    (tmp_path / "id.txt").write_text("".join(f"{IMAGES / n}\n" for n in NAMES[:3]), encoding="utf-8")
+    calib = cli("calibrate", "-w", str(tiny_weights), "--classes", CLASSES, "--alpha", "0.25", "-o", str(tmp_path / "c.json"), str(tmp_path / "id.txt"))
+    assert calib.returncode == 0, calib.stderr
+    assert json.loads((tmp_path / "c.json").read_text())["count"] == 3
+
+
+def test_eval_reads_one_set_from_stdin(tiny_weights: Path, tmp_path: Path) -> None:
+    common = ["-w", str(tiny_weights), "--classes", CLASSES, "--format", "json"]
+    ood = "".join(f"{IMAGES / n}\n" for n in ("astronaut.png", "brick.png"))
+    (tmp_path / "ood.txt").write_text(ood, encoding="utf-8")
+    from_stdin = cli("eval", *common, "--id", str(IMAGES / "rocket.jpg"), "--id", str(IMAGES / "coffee.png"), "--ood", "misc=-", stdin=ood)
+    from_list = cli("eval", *common, "--id", str(IMAGES / "rocket.jpg"), "--id", str(IMAGES / "coffee.png"), "--ood", f"misc={tmp_path / 'ood.txt'}")
+    assert from_stdin.returncode == 0 and from_list.returncode == 0, from_stdin.stderr + from_list.stderr
+    assert json.loads(from_stdin.stdout) == json.loads(from_list.stdout)
+    assert json.loads(from_stdin.stdout)["images"] == {"ID": 2, "misc": 2}
+    twice = cli("eval", *common, "--id", "-", "--ood", "misc=-", stdin=ood)
+    assert twice.returncode == 2 and "- (paths on stdin) can name one set only" in twice.stderr
+
+
+@pytest.mark.parametrize("command, option", [("detect", "paths"), ("calibrate", "paths"), ("eval", "id_paths")])
+def test_every_command_names_the_input_kinds_from_one_place(command: str, option: str) -> None:
+    import typer.main
+
+    from clipn_cli.cli.app import app
+    from clipn_cli.inputs.sources import INPUT_KINDS_HELP
+
+    group = typer.main.get_command(app)
+    param = next(p for p in group.commands[command].params if p.name == option)  # type: ignore[attr-defined]
+    assert INPUT_KINDS_HELP in param.help

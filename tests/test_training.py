@@ -200,7 +200,7 @@ def test_open_clip_tag_base_without_network(monkeypatch: pytest.MonkeyPatch, dat
 
 
 def test_continue_from_clipn_safetensors(tiny_weights: Path) -> None:
-    from clipn_cli.weights import load_model
+    from clipn_cli.weights.checkpoints import load_model
 
     base = load_base(str(tiny_weights))
     reference, _ = load_model(tiny_weights)

@@ -139,7 +139,7 @@ def test_two_processes_equal_one_for_an_odd_data_set(dataset: Path, tmp_path: Pa
 def _no_features(weights: Path, captions: list[str]) -> torch.Tensor:
     """Normalized "no" features of each caption under each prompt and under their mean (what detect uses)."""
     from clipn_cli.training.batches import tokenize
-    from clipn_cli.weights import load_model
+    from clipn_cli.weights.checkpoints import load_model
 
     model, _ = load_model(weights)
     tokens = tokenize(model, captions)

@@ -67,7 +67,7 @@ def test_a_shard_without_pairs_ends_the_stream_with_an_error(tmp_path: Path, mem
 
 def test_only_undecodable_images_end_the_stream_with_an_error(tiny_weights: Path, tmp_path: Path) -> None:
     from clipn_cli.training.batches import MAX_FAILED_IN_A_ROW, StreamBatches, pair_stream
-    from clipn_cli.weights import load_model
+    from clipn_cli.weights.checkpoints import load_model
 
     shard = _tar(tmp_path / "bad.tar", {"a.jpg": b"not an image", "a.txt": b"cat", "b.png": b"\x89PNG broken", "b.txt": b"dog"})
     model, _ = load_model(tiny_weights)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import IMAGES, cli
 
-from clipn_cli.model import build_model
+from clipn_cli.model.clipn import build_model
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def test_convert_recognises_vitb16_and_detect_scores(official_vitb16: Path, tmp_
     assert result.returncode == 0, result.stderr
     assert "ViT-B-16" in result.stderr
 
-    from clipn_cli.weights import read_info
+    from clipn_cli.weights.checkpoints import read_info
 
     info = read_info(out)
     assert info.model_name == "ViT-B-16"

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from clipn_cli.classes import vocabulary_warning
+from clipn_cli.heads.classes import vocabulary_warning
 from clipn_cli.errors import WeightsError
-from clipn_cli.weights import fingerprint, read_info
+from clipn_cli.weights.checkpoints import read_info
+from clipn_cli.weights.format import fingerprint
 from conftest import cli
 
 ROOT = Path(__file__).resolve().parents[1]

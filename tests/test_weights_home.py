@@ -12,11 +12,11 @@ from conftest import OFFICIAL_CHECKPOINT, TINY_CONFIG
 from rich.console import Console
 from typer.testing import CliRunner
 
-from clipn_cli import home
+from clipn_cli.weights import home
 from clipn_cli.cli.app import app
 from clipn_cli.cli.weights import download_progress
 from clipn_cli.errors import WeightsError
-from clipn_cli.home import resolve_weights
+from clipn_cli.weights.home import resolve_weights
 
 runner = CliRunner()
 

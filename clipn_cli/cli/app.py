@@ -8,10 +8,11 @@ from typing import Annotated
 
 import typer
 
-from . import calibrate, convert, detect, embed, weights
+from . import calibrate, convert, detect, embed, export, serve, weights
 from . import eval as eval_command
 from . import train as train_command
-from .common import HELP_OPTIONS, error, examples
+from .common import HELP_OPTIONS, error, examples, set_debug
+
 
 def _flags_take_no_value() -> None:
     """Typer's help labels every option with its type, flags included (`--details <bool>`), as if a
@@ -55,8 +56,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error too (also CLIPN_DEBUG=1); for bug reports.")] = False,
 ) -> None:
     """Zero-shot out-of-distribution detection with CLIPN: is an image one of your classes, or something else?"""
+    set_debug(debug)
 
 
 DETECT_EXAMPLES = examples(
@@ -70,6 +73,10 @@ EVAL_EXAMPLES = examples(
     ("the digits demo: digits 0-4 are ID, 5-9 OOD", "clipn eval -w digits -c zero,one,two,three,four --id id/ --ood digits=ood/"),
     ("several OOD sets, per-image scores and plots", "clipn eval -c cow,cat --id val/ --ood inat=iNaturalist/ --ood sun=SUN/ --save-scores s.csv --plots plots/"),
 )
+SERVE_EXAMPLES = examples(
+    ("the digits demo on http://127.0.0.1:8000", "clipn serve -w digits -c zero,one,two,three,four"),
+    ("ask it from a script", "curl -F images=@photo.jpg http://127.0.0.1:8000/v1/detect"),
+)
 CALIBRATE_EXAMPLES = examples(
     ("store the scores of known ID images, then use them", "clipn calibrate -c cow,cat,fish id-photos/ -o calib.json"),
 )
@@ -80,6 +87,8 @@ app.command("detect", epilog=DETECT_EXAMPLES)(detect.detect)
 app.command("train")(train_command.train)
 app.command("eval", epilog=EVAL_EXAMPLES)(eval_command.evaluate)
 app.command("calibrate", epilog=CALIBRATE_EXAMPLES)(calibrate.calibrate)
+app.command("serve", epilog=SERVE_EXAMPLES)(serve.serve)
+app.command("export")(export.export)
 app.add_typer(weights.app, name="weights")
 
 

@@ -9,16 +9,18 @@ from typing import Annotated
 
 import typer
 
+from ..inputs.sources import INPUT_KINDS_HELP
 from .common import (
     INPUTS, OUTPUT, CALIBRATION,
-    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
+    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt, RuntimeOpt,
     TemplatesOpt, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, warn,
 )
+from .export import check_runtime_option, use_runtime
 from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight
 
 
 def calibrate(
-    paths: Annotated[list[str] | None, typer.Argument(help="Images known to be ID (no labels needed): files, directories, globs, .csv/.parquet tables, or - for paths on stdin.", show_default=False)] = None,
+    paths: Annotated[list[str] | None, typer.Argument(help=f"Images known to be ID (no labels needed): {INPUT_KINDS_HELP}.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", rich_help_panel=OUTPUT, help="The calibration file to write (JSON).", show_default=False)] = None,
     classes: ClassesOpt = None,
     classes_file: ClassesFileOpt = None,
@@ -32,6 +34,7 @@ def calibrate(
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
+    runtime: RuntimeOpt = "torch",
     exif_transpose: ExifOpt = False,
 ) -> None:
     """Score ID images with every method and store the sorted scores (no image paths) in a JSON file.
@@ -41,10 +44,11 @@ def calibrate(
     Exit codes: 0 all images scored, 1 some could not be read (left out, file still written), 2 usage or setup error.
     """
     with handle_errors():
-        from ..calibration import Calibration, check_alpha, check_size
+        from ..scores.calibration import Calibration, check_alpha, check_size
 
         check_alpha(alpha)
         check_choice("--precision", precision, PRECISIONS)
+        device = check_runtime_option(runtime, precision, device)
         if output is None:
             fail("--output FILE is required: where to write the calibration")
         if not paths:
@@ -56,13 +60,16 @@ def calibrate(
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
+        use_runtime(model, weights_info, runtime, precision)
 
-        from ..evaluation import ImageSet, score_set
-        from ..inputs import iter_inputs
+        from ..evaluation import score_set
+        from ..model.devices import RunOptions
+        from ..inputs.sets import ImageSet
+        from ..inputs.sources import iter_inputs
 
         items = list(iter_inputs(paths, sys.stdin))
-        scored = score_set(model, heads, ImageSet("ID", "id", items, [None] * len(items)), batch_size=batch_size,
-                           workers=workers, precision=precision, exif_transpose=exif_transpose)
+        run = RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)  # once, for the whole run
+        scored = score_set(model, heads, ImageSet("ID", "id", items, [None] * len(items)), exif_transpose=exif_transpose, options=run)
         if not scored.paths:
             fail("no readable image in the given inputs" + (f" (first: {scored.failures[0][0]}: {scored.failures[0][1]})" if scored.failures else ""))
         check_size(len(scored.paths), alpha, "calibrate")

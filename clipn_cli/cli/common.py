@@ -1,7 +1,7 @@
 """What every command shares: the stderr console, error handling and exit codes, option aliases.
 
 Exit codes: 0 every input scored; 1 some inputs failed (each has an error record);
-2 usage or setup error (bad option, missing or unreadable weights, classes, embeddings);
+2 usage or setup error (bad option, missing or unreadable weights, classes, embeddings; a full disk);
 130 / 143 interrupted by SIGINT / SIGTERM; 141 the reader of stdout went away (`| head`).
 """
 
@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,10 +22,11 @@ import typer
 from rich.console import Console
 
 from ..errors import ClipnError
+from ..model.devices import CPU_DECODE_WORKERS, CPU_FORWARD_BATCH, CUDA_FORWARD_BATCH, PRECISIONS  # noqa: F401  PRECISIONS: for the commands
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM = 130, 141, 143
-PRECISIONS = ("fp32", "fp16", "bf16")
+DEBUG_ENV = "CLIPN_DEBUG"
 # --help groups the options of detect, eval and calibrate in these panels
 INPUTS, MODEL, RULE, OUTPUT, CALIBRATION, ENGINE = "Inputs and classes", "Model and speed", "Verdict rule and scores", "Output", "Calibration", "Engine"
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # every command and group: `clipn -h`, `clipn detect -h`
@@ -90,14 +92,12 @@ def check_output(option: str, path: Path | None, directory: bool = False) -> Non
         fail(f"{option} {path}: cannot write in {folder}")
 
 
-DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,4})?")
-
-
 def check_device(device: str) -> None:
     """Refuse a misspelt --device by its spelling alone, before torch is imported (whether a valid
     one is present is asked of torch when the model loads, in one line too)."""
-    if not _DEVICE.fullmatch(device):
+    from ..model.devices import DEVICE_SPELLING, DEVICES
+
+    if not DEVICE_SPELLING.fullmatch(device):
         fail(f"--device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, not '{device}'")
 
 
@@ -121,9 +121,15 @@ class Terminated(BaseException):
     """Raised in the main thread when SIGTERM arrives, so cleanup runs as for Ctrl-C."""
 
 
+# torch's messages for a device that ran out of memory or whose driver failed: not bugs of ours
+DEVICE_FAILURE = re.compile(r"out of memory|^(CUDA|MPS|HIP|XPU) (error|driver)", re.IGNORECASE)
+
+
 @contextlib.contextmanager
 def handle_errors() -> Iterator[None]:
-    """Map library errors to one-line messages and documented exit codes."""
+    """User conditions (`ClipnError`, a full disk, a closed pipe, an interrupt) become one line and
+    their documented exit code; any other exception is a bug and propagates with its traceback
+    (exit 1). `--debug` or CLIPN_DEBUG=1 prints the traceback of a user condition too."""
 
     def on_term(signum: int, frame: object) -> None:
         raise Terminated()
@@ -138,21 +144,28 @@ def handle_errors() -> Iterator[None]:
     warnings.filterwarnings("ignore", module=r"PIL(\..*)?$")
     try:
         yield
-    except typer.Exit:  # click's Exit is a RuntimeError: let it through before mapping torch's
+    except typer.Exit:
         raise
     except ClipnError as exc:
+        if debug_enabled():
+            traceback.print_exc(file=sys.stderr)
         fail(str(exc))
     except BrokenPipeError:
         _quiet_stdout()
         raise typer.Exit(EXIT_SIGPIPE) from None
-    except (NotImplementedError, RecursionError):  # RuntimeErrors that mean a bug: keep the traceback
-        raise
     except OSError as exc:
-        if is_disk_full(exc):  # a write no shared writer wrapped (stdout redirected to a full disk)
-            fail(f"{exc.filename or 'stdout'}: the disk is full (no space left on the device)")
-        fail(str(exc).strip().split("\n")[0] or type(exc).__name__)
-    except (ValueError, RuntimeError, MemoryError) as exc:  # RuntimeError: torch (device, dtype, out of memory)
-        fail(str(exc).strip().split("\n")[0] or type(exc).__name__)
+        if not is_disk_full(exc):  # any other OSError is a bug of ours: its traceback shows where
+            raise
+        if debug_enabled():
+            traceback.print_exc(file=sys.stderr)
+        fail(f"{exc.filename or 'stdout'}: the disk is full (no space left on the device)")
+    except MemoryError:
+        fail("out of memory: lower --batch-size or --workers")
+    except RuntimeError as exc:  # the device's own failures (memory, driver) are conditions; any other one is a bug
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if type(exc).__name__ != "OutOfMemoryError" and not DEVICE_FAILURE.search(first):
+            raise
+        fail(first or "out of memory on the device: lower --batch-size")
     except KeyboardInterrupt:
         stderr.print("clipn: interrupted", markup=False)
         raise typer.Exit(EXIT_SIGINT) from None
@@ -162,6 +175,18 @@ def handle_errors() -> Iterator[None]:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+_debug = {"on": False}  # set by `clipn --debug` for this invocation
+
+
+def set_debug(on: bool) -> None:
+    _debug["on"] = on
+
+
+def debug_enabled() -> bool:
+    """`clipn --debug ...` or CLIPN_DEBUG=1: tracebacks of user errors too."""
+    return _debug["on"] or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
 
 
 def _quiet_stdout() -> None:
@@ -206,13 +231,17 @@ ClassesFileOpt = Annotated[
     Path | None, typer.Option("--classes-file", rich_help_panel=INPUTS, help="Text file: one class per line, '#' comments.", show_default=False)
 ]
 BatchSizeOpt = Annotated[
-    int | None, typer.Option("--batch-size", "-b", rich_help_panel=MODEL, min=1, help="Images per forward pass. Default: 12 on CPU, 128 on CUDA.", show_default=False)
+    int | None, typer.Option("--batch-size", "-b", rich_help_panel=MODEL, min=1, help=f"Images per forward pass. Default: {CPU_FORWARD_BATCH} on CPU, {CUDA_FORWARD_BATCH} on CUDA.", show_default=False)
 ]
 WorkersOpt = Annotated[
     int | None,
-    typer.Option("--workers", "-j", rich_help_panel=MODEL, min=0, help="Decoding threads (0 = decode in the main thread). Default: min(4, CPUs); all CPUs with CUDA.", show_default=False),
+    typer.Option("--workers", "-j", rich_help_panel=MODEL, min=0, help=f"Decoding threads (0 = decode in the main thread). Default: min({CPU_DECODE_WORKERS}, CPUs); all CPUs with CUDA.", show_default=False),
 ]
 PrecisionOpt = Annotated[str, typer.Option("--precision", rich_help_panel=MODEL, help="fp32 (exact), fp16 or bf16 (autocast).")]
+RuntimeOpt = Annotated[
+    str,
+    typer.Option("--runtime", rich_help_panel=MODEL, help="Image tower runtime: torch, onnx (ONNX Runtime, fp32) or openvino (fp32, bf16); CPU only, exported once per weights (README \"Runtimes\")."),
+]
 ExifOpt = Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", rich_help_panel=MODEL, help="Rotate by EXIF orientation first (the official pipeline does not).")]
 NegativesOpt = Annotated[
     str | None,

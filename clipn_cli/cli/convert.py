@@ -26,7 +26,7 @@ def convert(
     with handle_errors():
         check_file("CHECKPOINT", checkpoint)
         check_output("OUTPUT", output)
-        from ..weights import convert_checkpoint
+        from ..weights.checkpoints import convert_checkpoint
 
         if output.exists() and checkpoint.exists() and output.samefile(checkpoint):
             fail(f"{output}: the output would overwrite the checkpoint being converted")

@@ -11,25 +11,27 @@ from typing import IO, TYPE_CHECKING, Annotated
 
 import typer
 
+from ..inputs.sources import INPUT_KINDS_HELP
 from .common import (
     INPUTS, MODEL, RULE, OUTPUT, CALIBRATION,
-    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt,
+    EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt, RuntimeOpt,
     TemplatesOpt, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, check_stdout, fail, handle_errors, info, stderr, stdout_is_terminal,
     warn,
 )
 from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ray_options_given
+from .export import check_runtime_option, use_runtime
 from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight, report_provenance
 
 if TYPE_CHECKING:
-    from ..calibration import OperatingPoint
-    from ..evaluation import Evaluation
+    from ..scores.calibration import OperatingPoint
+    from ..outputs.results import Evaluation
 
 FORMATS = ("table", "json", "csv")
 CSV_COLUMNS = ("ood", "method", "auroc", "fpr95", "aupr_in", "aupr_out", "id_flagged", "ood_caught", "threshold_95", "fpr95_convention")
 
 
 def evaluate(
-    id_paths: Annotated[list[str], typer.Option("--id", rich_help_panel=INPUTS, help="ID images: a directory (recursive; class-named sub-folders give ID accuracy), a glob, a .csv/.parquet table with a path column, or a text file listing paths. Repeatable: one class-named folder per --id also gives ID accuracy.", show_default=False)],
+    id_paths: Annotated[list[str], typer.Option("--id", rich_help_panel=INPUTS, help=f"ID images: {INPUT_KINDS_HELP} (one - among all --id/--ood). A directory's class-named sub-folders give ID accuracy. Repeatable: one class-named folder per --id also gives ID accuracy.", show_default=False)],
     ood: Annotated[list[str], typer.Option("--ood", rich_help_panel=INPUTS, help="OOD images as NAME=PATH (PATH as for --id). Repeatable; a repeated NAME merges its paths.", show_default=False)],
     classes: ClassesOpt = None,
     classes_file: ClassesFileOpt = None,
@@ -48,6 +50,7 @@ def evaluate(
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
+    runtime: RuntimeOpt = "torch",
     exif_transpose: ExifOpt = False,
     alpha: Annotated[float | None, typer.Option("--alpha", rich_help_panel=CALIBRATION, help="Also report calibrated verdicts: calibrate every method on a seeded random half of the ID images, report ID flagged on the other half and OOD caught per set.", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", rich_help_panel=CALIBRATION, help="Seed of the random ID half for --alpha.")] = 0,
@@ -70,6 +73,9 @@ def evaluate(
         check_choice("--format", fmt, FORMATS)
         check_choice("--precision", precision, PRECISIONS)
         check_choice("--engine", engine, ENGINES)
+        device = check_runtime_option(runtime, precision, device)
+        if engine == "ray" and runtime != "torch":
+            fail("--runtime onnx/openvino runs with --engine local only (Ray workers use torch)")
         if engine == "ray":
             from ..scale.ray_engine import require_ray
 
@@ -82,58 +88,61 @@ def evaluate(
         check_output("--plots", plots, directory=True)
         check_output("--report", report)
         if alpha is not None:
-            from ..calibration import check_alpha
+            from ..scores.calibration import check_alpha
 
             check_alpha(alpha)
-        from ..evaluation import check_convention, collect_sets, group_ood_specs
+        from ..evaluation import check_convention
+        from ..inputs.sets import collect_sets, group_ood_specs
 
         check_convention(fpr_convention)
         if plots is not None:
-            from ..plots import require_matplotlib
+            from ..outputs.plots import require_matplotlib
 
             require_matplotlib()
         pools = parse_negatives(negatives)
         names = load_classes(classes, classes_file, embeddings)
         preflight(weights, device, embeddings=embeddings, templates=templates, files={"--words": words})
-        sets = collect_sets(id_paths, group_ood_specs(ood))
+        sets = collect_sets(id_paths, group_ood_specs(ood), sys.stdin)
         if alpha is not None:
-            from ..calibration import check_size
+            from ..scores.calibration import check_size
 
             check_size(len(sets[0].items) // 2, alpha, f"--alpha {alpha:g} on a random half of {len(sets[0].items)} ID images")
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
+        use_runtime(model, weights_info, runtime, precision)
 
-        from ..cache import FeatureCache
         from ..evaluation import evaluate as run_evaluation
+        from ..model.devices import RunOptions
+        from ..model.feature_cache import FeatureCache
 
         feature_cache = FeatureCache(cache, weights_info.fingerprint) if cache is not None else None
+        run = RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)  # once, for the whole run
         with _engine(engine, weights_info.path, device, batch_size, workers, precision, exif_transpose,
                      ray_address, actors, cpus_per_actor, gpus_per_actor) as encoder, \
                 _progress(sum(len(s.items) for s in sets)) as advance:
             evaluation = run_evaluation(
-                model, heads, sets, convention=fpr_convention, cache=feature_cache, batch_size=batch_size,
-                workers=workers,
-                precision=precision, exif_transpose=exif_transpose, progress=advance, encoder=encoder,
+                model, heads, sets, convention=fpr_convention, cache=feature_cache, exif_transpose=exif_transpose,
+                progress=advance, encoder=encoder, options=run,
             )
         for note in evaluation.notes:
             warn(note)
         points = _operating_points(evaluation, alpha, seed) if alpha is not None else []
         _write_report(evaluation, fmt, output, points, seed)
         if report is not None:
-            from ..report import eval_report, write_html
+            from ..outputs.report import eval_report, write_html
 
             made_by = report_provenance(weights_info.path, weights_info.fingerprint, heads, precision=precision, embeddings=embeddings,
                                         **{"FPR95 convention": fpr_convention, "alpha": alpha, "seed": seed if alpha is not None else None})
             write_html(report, eval_report(evaluation, points, provenance=made_by))
             info(f"wrote the report to {report}")
         if save_scores is not None:
-            from ..evaluation import write_scores
+            from ..outputs.results import write_scores
 
             write_scores(evaluation, save_scores)
             info(f"wrote per-image scores to {save_scores}")
         if plots is not None:
-            from ..plots import write_plots
+            from ..outputs.plots import write_plots
 
             written = write_plots(evaluation, plots)
             info(f"wrote {len(written)} plots to {plots}")
@@ -153,7 +162,7 @@ def evaluate(
 
 def _operating_points(evaluation: Evaluation, alpha: float, seed: int) -> list[OperatingPoint]:
     """Every method calibrated on a seeded random half of the ID set (`calibration.operating_points`)."""
-    from ..calibration import operating_points
+    from ..scores.calibration import operating_points
 
     id_set = evaluation.sets[0]
     ood = {s.name: s.scores for s in evaluation.sets[1:] if s.paths}
@@ -182,7 +191,7 @@ def _engine(engine: str, weights: Path, device: str, batch_size: int | None, wor
 
 def _write_report(evaluation: Evaluation, fmt: str, output: Path | None, points: list[OperatingPoint] | None = None, seed: int = 0) -> None:
     from ..files import atomic_open
-    from ..output import TEXT_ERRORS, json_text
+    from ..outputs.writers import TEXT_ERRORS, json_text
 
     with contextlib.ExitStack() as stack:
         stream: IO[str] = sys.stdout if output is None else stack.enter_context(atomic_open(output, "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
@@ -216,8 +225,8 @@ def _print_table(evaluation: Evaluation, stream: IO[str]) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from ..evaluation import LABELS as METHODS
-    from ..metrics import FPR_CONVENTIONS
+    from ..outputs.results import LABELS as METHODS
+    from ..scores.metrics import FPR_CONVENTIONS
 
     def pct(value: float | None) -> str:
         return "" if value is None else f"{100 * value:.2f}"
@@ -249,7 +258,7 @@ def _print_points(points: list[OperatingPoint], stream: IO[str]) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from ..evaluation import METHODS
+    from ..outputs.results import METHODS
 
     first = points[0]
     table = Table(header_style="bold", title_justify="left", title=f"Calibrated verdicts at alpha {first.alpha:g} (%)", caption_justify="left",

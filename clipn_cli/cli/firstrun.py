@@ -28,7 +28,7 @@ def interactive() -> bool:
 def should_offer(weights: object | None, *, terminal: bool) -> bool:
     """Offer a download only when nothing names weights and nothing would be chosen: no --weights,
     no $CLIPN_WEIGHTS, no default, no official weights in the home; and only on a terminal."""
-    from ..home import WEIGHTS_ENV, current_weights
+    from ..weights.home import WEIGHTS_ENV, current_weights
 
     if weights is not None or os.environ.get(WEIGHTS_ENV) or not terminal:
         return False
@@ -36,7 +36,7 @@ def should_offer(weights: object | None, *, terminal: bool) -> bool:
 
 
 def prompt_text() -> str:
-    from ..home import BEST, target_path
+    from ..weights.home import BEST, target_path
 
     return (
         f"clipn: no CLIPN weights yet. Download the official {BEST.config} ('{BEST.name}', {DOWNLOAD_SIZE} "
@@ -49,8 +49,8 @@ def offer_fetch(ask: Callable[[str], str]) -> Path | None:
     default) and return their file; None when declined."""
     if ask(prompt_text()).strip().lower() not in {"y", "yes"}:
         return None
-    from .. import fetch
-    from ..home import BEST
+    from ..weights import fetch
+    from ..weights.home import BEST
     from .weights import download_progress
 
     with download_progress(stderr) as progress:

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 from .common import check_device, check_file, fail, info, stderr, warn
 
 if TYPE_CHECKING:
-    from ..calibration import CalibratedVerdicts
-    from ..embeddings import ClassEmbeddings
-    from ..model import CLIPN
-    from ..weights import WeightsInfo
+    from ..scores.calibration import CalibratedVerdicts
+    from ..heads.embeddings import ClassEmbeddings
+    from ..model.clipn import CLIPN
+    from ..weights.format import WeightsInfo
 
 
 def load_classes(
@@ -26,7 +26,7 @@ def load_classes(
 
     `sources` names them as the command spells them, so the error lists only what it accepts.
     """
-    from ..classes import class_warnings, parse_class_list, read_class_file
+    from ..heads.classes import class_warnings, parse_class_list, read_class_file
 
     given = [x for x in (classes, classes_file, embeddings) if x is not None]
     if len(given) != 1:
@@ -53,7 +53,7 @@ def preflight(
         check_file(option, path)
     check_weights(weights, embeddings)
     if templates is not None and embeddings is None:
-        from ..prompts import load_templates
+        from ..heads.prompts import load_templates
 
         load_templates(templates)
     if inputs is not None:
@@ -63,7 +63,7 @@ def preflight(
 def check_weights(weights: Path | None, embeddings: Path | None = None) -> None:
     """Resolve --weights, $CLIPN_WEIGHTS or the default as loading will, refusing a name or file that is not there."""
     from ..errors import WeightsError
-    from ..home import EMBEDDINGS_FORMAT, WEIGHTS_ENV, read_header, resolve_weights
+    from ..weights.home import EMBEDDINGS_FORMAT, WEIGHTS_ENV, read_header, resolve_weights
     from .firstrun import interactive, should_offer
 
     given = str(weights) if weights is not None else os.environ.get(WEIGHTS_ENV, "")
@@ -96,7 +96,7 @@ def check_weights(weights: Path | None, embeddings: Path | None = None) -> None:
 def embeddings_weights_hint(embeddings: Path) -> str:
     """The no-weights error for `--embeddings F`: F records the fingerprint of the weights that made
     it, so name those weights (when the weights home has them) and how to give them."""
-    from ..home import list_weights, read_header, weights_dir
+    from ..weights.home import list_weights, read_header, weights_dir
 
     fingerprint = read_header(embeddings).get("weights_fingerprint", "")
     if not fingerprint:
@@ -115,7 +115,7 @@ def check_inputs(paths: list[str]) -> None:
     so the others are scored; when none of the inputs can exist (all named, none there, no stdin
     and no pattern), nothing would be scored: that is a usage error.
     """
-    from ..inputs import GLOB_CHARS
+    from ..inputs.sources import GLOB_CHARS
 
     named = [p for p in paths if p != "-" and (os.path.lexists(p) or not GLOB_CHARS & set(p))]
     missing = [p for p in named if not os.path.lexists(p)]
@@ -132,9 +132,9 @@ def load_weights_for_cli(weights: Path | None, device: str, text: bool = True) -
 
     With no weights at all, a terminal is offered the official download first (see firstrun).
     """
-    from ..home import EMBEDDINGS_FORMAT, read_header, resolve_weights
-    from ..inference import resolve_device
-    from ..weights import load_model
+    from ..weights.home import EMBEDDINGS_FORMAT, read_header, resolve_weights
+    from ..model.devices import resolve_device
+    from ..weights.checkpoints import load_model
     from .firstrun import first_run_weights
 
     path = resolve_weights(first_run_weights(weights))
@@ -155,9 +155,9 @@ def class_embeddings(
     Here classes meet the model in every command: classes outside the weights' closed vocabulary
     get their one warning here.
     """
-    from ..classes import class_warnings
-    from ..embeddings import ClassEmbeddings, embed_classes, tokenizer_for, truncated_names
-    from ..prompts import load_templates
+    from ..heads.classes import class_warnings
+    from ..heads.embeddings import ClassEmbeddings, embed_classes, tokenizer_for, truncated_names
+    from ..heads.prompts import load_templates
 
     if embeddings is not None:
         loaded = ClassEmbeddings.load(embeddings)
@@ -176,7 +176,7 @@ def class_embeddings(
 
 
 def _warn_vocabulary(names: list[str], weights_info: WeightsInfo) -> None:
-    from ..classes import vocabulary_warning
+    from ..heads.classes import vocabulary_warning
 
     message = vocabulary_warning(names, weights_info.vocabulary, weights_info.path.name)
     if message is not None:
@@ -185,7 +185,7 @@ def _warn_vocabulary(names: list[str], weights_info: WeightsInfo) -> None:
 
 def parse_negatives(option: str | None, rule: str | None = None) -> tuple[str, ...]:
     """The negative-label pools asked for by `--negatives` and needed by `--rule`."""
-    from ..methods import BY_NAME, POOLS
+    from ..scores.methods import BY_NAME, POOLS
 
     pools = [p.strip() for p in (option or "").split(",") if p.strip()]
     for pool in pools:
@@ -201,7 +201,7 @@ def calibrated_verdicts(
     """The calibrated verdict rule, with the file checked against the weights, classes and templates in use."""
     if calibration is None:
         return None
-    from ..calibration import CalibratedVerdicts, Calibration
+    from ..scores.calibration import CalibratedVerdicts, Calibration
 
     loaded = Calibration.load(calibration)
     loaded.check_matches(fingerprint, heads.classes, heads.templates_sha256, str(calibration),
@@ -216,7 +216,7 @@ def add_negatives(model: CLIPN | None, weights_info: WeightsInfo, heads: ClassEm
         return
     if source is not None:
         fail(f"{source} holds no '{missing[0]}' negative labels: rebuild it with 'clipn embed-classes --negatives {','.join(pools)}'")
-    from ..wordpool import mine, read_words
+    from ..heads.wordpool import mine, read_words
 
     pairs = read_words(words)
     for pool in missing:
@@ -246,7 +246,7 @@ def report_provenance(weights_path: Path, fingerprint: str, heads: ClassEmbeddin
     from datetime import datetime, timezone
 
     from .. import __version__
-    from ..home import list_weights
+    from ..weights.home import list_weights
 
     named = [entry.name for entry in list_weights() if entry.fingerprint == fingerprint and entry.present] if fingerprint else []
     return {

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from .common import ENGINE, EXIT_OK, EXIT_PARTIAL, fail, info, warn
+from ..verdicts import VerdictStep
 from .runtime import calibrated_verdicts
 
 ENGINES = ("local", "ray")
@@ -43,13 +44,13 @@ def detect_on_ray(
     """
     from ..scale.ray_engine import Cluster, ClusterSpec, detect_job, require_ray, run_detect
     from ..scale.manifest import previous_run
-    from ..scale.records import SHARD_FORMATS
+    from ..outputs.records import SHARD_FORMATS
     from ..scale.store import OutputStore
     from ..scale.worker import WorkerConfig
 
     fmt = fmt or "parquet"
     if fmt not in SHARD_FORMATS:
-        fail(f"--engine ray writes shards as parquet or jsonl, not '{fmt}' (--format parquet|jsonl)")
+        fail(f"--engine ray writes shards as {' or '.join(SHARD_FORMATS)}, not '{fmt}' (--format {'|'.join(SHARD_FORMATS)})")
     if output is None:
         fail("--engine ray needs --output DIR (a folder or a URI such as s3://bucket/run) for its shards and manifest")
     if cache is not None:
@@ -57,10 +58,12 @@ def detect_on_ray(
     require_ray()
     store = OutputStore.open(output)
     previous_run(store, resume)  # a finished run is refused now, not after a cluster has started
-    from ..inputs import iter_inputs
+    from ..inputs.sources import iter_inputs
 
     weights_path, heads, fingerprint = _heads_on_driver(weights, device, names, embeddings, templates, pools, words)
     verdicts = calibrated_verdicts(calibration, alpha, fdr, options.rule, heads, fingerprint)
+    step = VerdictStep(options.rule, threshold=options.threshold, calibrated=verdicts,
+                       report_classes=heads.classes if report is not None else None)
     job = detect_job(fingerprint, heads, options, fmt, shard_size, verdicts)
     spec = ClusterSpec(ray_address, actors, cpus_per_actor, gpus_per_actor)
     config = WorkerConfig(str(weights_path), device, batch_size, workers)
@@ -90,7 +93,7 @@ def detect_on_ray(
             alpha=verdicts.alpha if verdicts is not None and fdr is None else None, fdr=fdr, precision=options.precision,
             embeddings=embeddings, quantize=options.quantize, draft=options.draft or None, engine="ray",
         )
-        _write_report(report, output, heads.classes, verdicts, made_by)
+        _write_report(report, output, step, made_by)
     info(f"{manifest.records} records ({manifest.errors} errors) in {len(manifest.shards)} shards in {output}"
          + (f"; {progress.shards} shards scored now" if resume else ""))
     if manifest.errors:
@@ -99,15 +102,14 @@ def detect_on_ray(
     raise typer.Exit(EXIT_OK)
 
 
-def _write_report(report: Path, output: str, classes: list[str], verdicts, provenance: dict | None = None) -> None:
+def _write_report(report: Path, output: str, step: VerdictStep, provenance: dict | None = None) -> None:
     """The detect report of a whole Ray run, gathered record by record from its shards in bounded memory."""
-    from ..report import DetectReport, write_html
+    from ..outputs.report import write_html
     from ..scale import read_output
 
-    gathered = DetectReport(list(classes), calibrated=verdicts is not None)
     for record in read_output(output):
-        gathered.add(record)
-    write_html(report, gathered.render(verdicts, provenance=provenance))
+        step.gather(record)
+    write_html(report, step.render_report(provenance))
     info(f"wrote the report to {report}")
 
 
@@ -121,9 +123,9 @@ def _heads_on_driver(
     With --embeddings the driver reads only the weights' header (for the fingerprint check), unless
     the file predates stored fingerprints; its negative labels must then be stored in it, as locally.
     """
-    from ..embeddings import ClassEmbeddings
-    from ..home import resolve_weights
-    from ..weights import read_info
+    from ..heads.embeddings import ClassEmbeddings
+    from ..weights.home import resolve_weights
+    from ..weights.checkpoints import read_info
     from .runtime import add_negatives, class_embeddings, load_weights_for_cli
 
     if embeddings is not None and (weights_info := read_info(resolve_weights(weights))).fingerprint:

@@ -104,7 +104,7 @@ def _named_base(base: str, pretrained: str | None) -> str:
     an open_clip model name (with --pretrained) or a path stays as given."""
     if pretrained is not None or os.path.exists(base):
         return base
-    from ..home import resolve_weights
+    from ..weights.home import resolve_weights
 
     return str(resolve_weights(base))
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from .common import HELP_OPTIONS, check_choice, check_stdout, fail, handle_errors, info, stderr
 
 if TYPE_CHECKING:
-    from ..fetch import Installed
+    from ..weights.fetch import Installed
 
 app = typer.Typer(
     name="weights",
@@ -38,7 +38,7 @@ def list_cmd(
 ) -> None:
     """Known models and registered weights: present or not, size, fingerprint, which is the default."""
     with handle_errors():
-        from ..home import get_default, list_weights, weights_home
+        from ..weights.home import get_default, list_weights, weights_home
 
         check_choice("--format", fmt, ("table", "json"))
         check_stdout(None, has_output_option=False)
@@ -69,7 +69,7 @@ def path_cmd(
 ) -> None:
     """Print the file of weights NAME (or of the current default), for scripts."""
     with handle_errors():
-        from ..home import fix_hint, locate, resolve_weights
+        from ..weights.home import fix_hint, locate, resolve_weights
 
         check_stdout(None, has_output_option=False)
         if name is None:
@@ -94,7 +94,7 @@ def fetch_cmd(
     The official checkpoints are on Google Drive (downloaded with gdown, which handles Drive's quirks).
     """
     with handle_errors():
-        from ..fetch import fetch_weights
+        from ..weights.fetch import fetch_weights
 
         with download_progress(stderr) as progress:
             result = fetch_weights(source, name, sha256=sha256, config=config, progress=progress, force=force)
@@ -116,7 +116,7 @@ def add_cmd(
 ) -> None:
     """Register a local weights file in the weights home (the route for machines without internet)."""
     with handle_errors():
-        from ..fetch import add_weights
+        from ..weights.fetch import add_weights
 
         _report(add_weights(file, name, config))
 
@@ -129,7 +129,7 @@ def default_cmd(
     """Set (or show, without NAME) the default weights: without NAME, prints the file detect would
     use now, or 'none' when there is none (exit 0: a query, not an error)."""
     with handle_errors():
-        from ..home import current_weights, get_default, set_default
+        from ..weights.home import current_weights, get_default, set_default
 
         if unset or name is not None:
             if unset and name is not None:

@@ -4,9 +4,10 @@
 - `records`: detect's records as Parquet / JSON Lines shard files;
 - `store`, `manifest`: the output folder (any pyarrow filesystem) and its commit record;
 - `worker`: what one actor does (load the image tower once, score with clipn's own pipeline);
-- `ray_engine`: the cluster (actors, dispatch, resume) and `score_dataset` for Ray Data pipelines.
+- `cluster`: the Ray cluster and its pool of actors (start or join, dispatch in order or as tasks finish);
+- `ray_engine`: a detect job on the cluster (plan, score, commit, resume) and `score_dataset` for Ray Data pipelines.
 
-Only `ray_engine` imports Ray, and only when called.
+Only `cluster` imports Ray, and only when called.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ from typing import Any
 
 from ..errors import ClipnError
 from .manifest import Manifest, ResumeError, load_manifest
-from .records import MAX_SHARD_BYTES, SHARD_FORMATS, decode_shard, encode_shard
+from ..outputs.records import MAX_SHARD_BYTES, SHARD_FORMATS, decode_shard, encode_shard
+from ..verdicts import set_q_value
 from .store import OutputStore
 
 
@@ -54,7 +55,7 @@ def apply_fdr(store: OutputStore, manifest: Manifest, fdr: float) -> int:
     Two passes over the shards: the p-values first (8 bytes per record held), then the rewrite. It
     can run again after an interruption: the q-values are computed from the p-values alone.
     """
-    from ..calibration import benjamini_hochberg
+    from ..scores.calibration import benjamini_hochberg
 
     fmt, details = manifest.job["format"], bool(manifest.job.get("details"))
     order = sorted(manifest.shards)
@@ -68,8 +69,6 @@ def apply_fdr(store: OutputStore, manifest: Manifest, fdr: float) -> int:
         records = _shard_records(store, manifest, index)
         for record in records:
             if "error" not in record:
-                record["q_value"] = next(q)
-                record["verdict"] = "OOD" if record["q_value"] <= fdr else "ID"
-                flagged += record["verdict"] == "OOD"
+                flagged += set_q_value(record, next(q), fdr)["verdict"] == "OOD"
         store.write(encode_shard(records, fmt, details, ("p_value", "q_value")), *file.split("/"))
     return flagged

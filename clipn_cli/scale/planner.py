@@ -13,7 +13,8 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from ..inputs import InputItem
+from ..errors import OptionsError
+from ..inputs.sources import InputItem
 
 DEFAULT_SHARD_SIZE = 10_000
 
@@ -48,7 +49,7 @@ def shard_digest(items: Iterable[InputItem]) -> str:
 def plan_shards(items: Iterable[InputItem], size: int = DEFAULT_SHARD_SIZE) -> Iterator[Shard]:
     """Cut a stream of inputs into shards of `size` (the last may be smaller), lazily."""
     if size < 1:
-        raise ValueError("shard size must be at least 1")
+        raise OptionsError("shard size must be at least 1")
     batch: list[InputItem] = []
     index = 0
     for item in items:

@@ -12,12 +12,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..verdicts import VerdictStep
+
 if TYPE_CHECKING:
     import torch
 
-    from ..calibration import CalibratedVerdicts
-    from ..embeddings import ClassEmbeddings
-    from ..inputs import InputItem
+    from ..scores.calibration import CalibratedVerdicts
+    from ..heads.embeddings import ClassEmbeddings
+    from ..inputs.sources import InputItem
     from .store import OutputStore
 
 
@@ -57,8 +59,9 @@ class Worker:
     ) -> None:
         import torch
 
-        from ..inference import quantize_image_tower, resolve_device
-        from ..weights import load_model
+        from ..model.devices import resolve_device
+        from ..model.encode import quantize_image_tower
+        from ..weights.checkpoints import load_model
 
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -68,13 +71,14 @@ class Worker:
         self.heads = heads
         self.options = options
         self.verdicts = verdicts
+        self.step = VerdictStep(options.rule, threshold=options.threshold, calibrated=verdicts) if heads is not None else None
         self.config = config
         self.pid = os.getpid()
 
     @property
     def extra_columns(self) -> tuple[str, ...]:
-        """Shard columns beyond detect's own: `p_value` with calibrated verdicts."""
-        return ("p_value",) if self.verdicts is not None else ()
+        """Shard columns beyond detect's own: `p_value` with calibrated verdicts (`q_value` comes with the FDR pass)."""
+        return self.step.record_columns if self.step is not None else ()
 
     def niceness(self) -> int:
         """This process's nice value: Ray starts its workers at 15 unless told otherwise."""
@@ -92,23 +96,18 @@ class Worker:
         from ..detection import detect
 
         o = self.options
-        if self.heads is None:
+        if self.heads is None or self.step is None:
             raise ValueError("this worker encodes only: it was given no class heads")
         results = detect(
             self.model, self.heads, items, rule=o.rule, batch_size=self.config.batch_size, workers=self.config.workers,
             precision=o.precision, exif_transpose=o.exif_transpose, details=o.details, top_k=o.top_k, draft=o.draft,
-            # calibrated verdicts replace the engine's: a cut no score is below keeps it from needing a threshold
-            threshold=o.threshold if self.verdicts is None else float("-inf"),
+            threshold=self.step.engine_threshold,
         )
-        records = [r.as_dict(o.details) for r in results]
-        if self.verdicts is not None:
-            for record in records:
-                self.verdicts.apply(record)
-        return records
+        return [self.step.apply(r.as_dict(o.details)) for r in results]
 
     def encode(self, items: Sequence[InputItem]) -> list[tuple[str, torch.Tensor | None, str | None]]:
         """(path, normalized feature or None, error) per input, in order: `inference.encode_images`."""
-        from ..inference import encode_images
+        from ..model.encode import encode_images
 
         o = self.options
         encoded = encode_images(
@@ -120,7 +119,7 @@ class Worker:
     def write_shard(self, index: int, items: Sequence[InputItem], store: OutputStore, fmt: str) -> dict[str, Any]:
         """Score one shard and write its file; returns the summary the manifest records."""
         from .planner import shard_digest, shard_name
-        from .records import encode_shard
+        from ..outputs.records import encode_shard
 
         records = self.detect(items)
         name = f"{shard_name(index)}.{fmt}"

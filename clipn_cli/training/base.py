@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from ..configs import check_config_fits, infer_config, resolve_config
+from ..model.configs import check_config_fits, infer_config, resolve_config
 from ..errors import ClipnError, TrainError
-from ..model import CLIPN, NUM_PROMPTS, TEXT_PARTS, build_model, causal_mask
+from ..model.clipn import CLIPN, NUM_PROMPTS, TEXT_PARTS, build_model, causal_mask
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,9 @@ def _reachable(url: str, timeout: float = 5.0) -> bool:
 
 
 def _from_file(path: Path, config: str | None, num_prompts: int | None) -> Base:
-    from ..weights import FORMAT, model_from_file, open_weights, read_checkpoint
+    from ..weights.checkpoints import model_from_file, open_weights
+    from ..weights.format import read_checkpoint
+    from ..weights.home import FORMAT
 
     if path.suffix == ".safetensors":
         with open_weights(path) as sf:  # one descriptor for the format test and the tensors
@@ -165,7 +167,7 @@ def _from_file(path: Path, config: str | None, num_prompts: int | None) -> Base:
 
 
 def _continue_official(path: Path, tensors: dict[str, torch.Tensor], config: str | None, num_prompts: int | None) -> Base:
-    from ..weights import check_tensors
+    from ..weights.format import check_tensors
 
     found = int(tensors["prompt_no"].shape[0])
     _check_prompts(path, found, num_prompts)

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import DataError, ImageError
-from ..images import _DecodePool, image_size_of, load_one
-from ..inputs import InputItem
-from ..inference import autocast, encode_batch, encode_images
-from ..model import CLIPN
+from ..inputs.decode import _DecodePool, image_size_of, load_one
+from ..inputs.sources import InputItem
+from ..model.devices import autocast
+from ..model.encode import encode_batch, encode_images
+from ..model.clipn import CLIPN
 from .data import IndexedData, Pair, ShardData, caption_id
 from .distributed import World, all_objects, gather_rows, share
 
@@ -61,7 +62,7 @@ class FeatureTable:
 
 def tokenize(model: CLIPN, captions: list[str]) -> torch.Tensor:
     """CLIP BPE tokens at the model's context length (the official tokenizer)."""
-    from ..embeddings import tokenizer_for
+    from ..heads.embeddings import tokenizer_for
 
     return tokenizer_for(model)(captions)
 

@@ -34,7 +34,7 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     at most what is on disk; after loading, every key a resume reads must be there with its type."""
     import zipfile
 
-    from ..weights import _check_archive
+    from ..weights.format import _check_archive
 
     path = Path(path)
     try:

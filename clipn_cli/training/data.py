@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..files import read_bounded
-from ..inputs import IMAGE_EXTENSIONS
+from ..inputs.sources import IMAGE_EXTENSIONS
 
 IMAGE_KEYS = ("image", "filepath", "file", "path", "image_path", "img", "jpg", "png")
 CAPTION_KEYS = ("caption", "text", "title", "txt", "prompt")

@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 from ..errors import TrainError
-from ..inference import resolve_device
-from ..losses import clipn_loss
-from ..model import CLIPN
-from ..weights import WeightsInfo, fingerprint, save_weights, vocabulary_metadata
+from ..model.devices import resolve_device
+from .losses import clipn_loss
+from ..model.clipn import CLIPN
+from ..weights.checkpoints import save_weights
+from ..weights.format import WeightsInfo, fingerprint, vocabulary_metadata
 from . import distributed as dist_utils
 from .base import Base
 from .batches import CachedBatches, StreamBatches, build_feature_table, pair_stream

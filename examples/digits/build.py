@@ -62,7 +62,7 @@ def load_split() -> tuple[list[Image.Image], np.ndarray, list[Image.Image], np.n
 
 
 def templates() -> list[str]:
-    from clipn_cli.prompts import clipn_templates
+    from clipn_cli.heads.prompts import clipn_templates
 
     return list(clipn_templates().templates)
 
@@ -141,12 +141,12 @@ def evaluate(weights: Path, images: list[Image.Image], labels: np.ndarray) -> tu
     each image's ATD verdict (True = OOD) per split."""
     from sklearn.metrics import roc_auc_score
 
-    from clipn_cli.embeddings import embed_classes
-    from clipn_cli.images import make_transform
-    from clipn_cli.inference import encode_batch
-    from clipn_cli.prompts import clipn_templates
-    from clipn_cli.scoring import score
-    from clipn_cli.weights import load_model
+    from clipn_cli.heads.embeddings import embed_classes
+    from clipn_cli.inputs.decode import make_transform
+    from clipn_cli.model.encode import encode_batch
+    from clipn_cli.heads.prompts import clipn_templates
+    from clipn_cli.scores.scoring import score
+    from clipn_cli.weights.checkpoints import load_model
 
     model, info = load_model(weights)
     transform = make_transform(IMAGE_SIZE)
@@ -216,7 +216,7 @@ def main() -> None:
         export_held_out(args.export_held_out)
         return
 
-    from clipn_cli.images import make_transform
+    from clipn_cli.inputs.decode import make_transform
     from clipn_cli.training import TrainConfig, load_base, open_data, train
 
     torch.set_num_threads(1)

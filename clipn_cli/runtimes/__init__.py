@@ -1,0 +1,40 @@
+"""Other runtimes for the image tower: ONNX Runtime and OpenVINO on the CPU, beside torch.
+
+The image tower is exported once to ONNX (`onnx_export`) with the weights fingerprint in its
+metadata, and run by `towers` in place of `model.encode_image`. Neither runtime is a dependency of
+the default install: the extras `onnx` and `openvino` bring them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from ..errors import ClipnError
+
+RUNTIMES = ("torch", "onnx", "openvino")
+# Precisions each runtime computes; fp32 is exact (CTW/ATD within 1e-5 of torch fp32, README "Runtimes").
+RUNTIME_PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "onnx": ("fp32",), "openvino": ("fp32", "bf16")}
+# What a runtime needs installed: module to find, extra that brings it.
+_NEEDS = {"onnx": (("onnx", "onnxruntime"), "onnx"), "openvino": (("onnx", "openvino"), "openvino")}
+
+
+def missing(runtime: str) -> str | None:
+    """Why `runtime` cannot run here (a package not installed), or None; imports nothing."""
+    if runtime not in _NEEDS:
+        return None
+    modules, extra = _NEEDS[runtime]
+    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    if absent:
+        return f"--runtime {runtime} needs {' and '.join(absent)}: pip install 'clipn-cli[{extra}]'"
+    return None
+
+
+def check_runtime(runtime: str, precision: str) -> None:
+    """Refuse a runtime that is not installed or a precision it does not compute, before anything loads."""
+    if runtime not in RUNTIMES:
+        raise ClipnError(f"--runtime must be {', '.join(RUNTIMES[:-1])} or {RUNTIMES[-1]}, not '{runtime}'")
+    allowed = RUNTIME_PRECISIONS[runtime]
+    if precision not in allowed:
+        raise ClipnError(f"--runtime {runtime} computes in {' or '.join(allowed)}, not --precision {precision}")
+    if reason := missing(runtime):
+        raise ClipnError(reason)

@@ -1,0 +1,117 @@
+"""The image tower as an ONNX file: exported once per weights, fingerprinted, refused for other weights."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import WeightsError
+from ..files import atomic_path
+from ..model.clipn import CLIPN
+
+FINGERPRINT_KEY = "clipn_weights_fingerprint"
+OPSET = 17
+
+
+class _ImageTower(torch.nn.Module):
+    """What clipn calls: normalized image features of a preprocessed batch."""
+
+    def __init__(self, model: CLIPN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels, normalize=True)
+
+
+def export_image_tower(model: CLIPN, target: str | os.PathLike[str], fingerprint: str) -> Path:
+    """Write the fp32 image tower to `target` (atomically), batch size dynamic, fingerprint in metadata_props.
+
+    Uses torch's TorchScript-based exporter (`dynamo=False`): it needs no onnxscript and traces a
+    ViT in seconds; its deprecation warnings are silenced here, the result is checked by the tests.
+    """
+    import onnx
+
+    visual = model.visual
+    if next(visual.parameters()).device.type != "cpu" or getattr(model, "image_quantization", None):
+        raise ValueError("the image tower is exported from fp32 weights on the CPU")
+    size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
+    example = torch.zeros(2, 3, *size)
+    buffer = io.BytesIO()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernel has no ONNX form
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _ImageTower(model).eval(), (example,), buffer, input_names=["pixels"], output_names=["features"],
+                dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}}, opset_version=OPSET, dynamo=False,
+            )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    proto = onnx.load_from_string(buffer.getvalue())
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = FINGERPRINT_KEY, fingerprint
+    with atomic_path(target) as tmp:
+        onnx.save(proto, str(tmp))
+    return Path(target)
+
+
+def read_fingerprint(path: str | os.PathLike[str]) -> str:
+    """The weights fingerprint an exported file was made from ('' when it has none)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
+        raise WeightsError(f"{path}: not an ONNX file ({type(exc).__name__})") from None
+    return next((p.value for p in proto.metadata_props if p.key == FINGERPRINT_KEY), "")
+
+
+def check_fingerprint(path: str | os.PathLike[str], fingerprint: str) -> None:
+    """Refuse an exported image tower made from other weights, in one line."""
+    found = read_fingerprint(path)
+    if found != fingerprint:
+        raise WeightsError(
+            f"{path}: exported from other weights (fingerprint {found[:12] or 'none'}, loaded weights {fingerprint[:12]}); "
+            "export it again with 'clipn export'"
+        )
+
+
+def cached_export(model: CLIPN, folder: str | os.PathLike[str], fingerprint: str, quantize: str | None = None) -> Path:
+    """`folder/<fingerprint[:16]>.onnx`, exported on first use and reused after (checked each time);
+    with `quantize="int8"` its ONNX Runtime dynamic int8 quantisation, `<fingerprint[:16]>-int8.onnx`."""
+    path = Path(folder) / f"{fingerprint[:16]}.onnx"
+    if not path.exists():
+        export_image_tower(model, path, fingerprint)
+    check_fingerprint(path, fingerprint)
+    if quantize is None:
+        return path
+    quantized = path.with_name(f"{fingerprint[:16]}-{quantize}.onnx")
+    if not quantized.exists():
+        quantize_int8(path, quantized, fingerprint)
+    check_fingerprint(quantized, fingerprint)
+    return quantized
+
+
+def quantize_int8(source: Path, target: Path, fingerprint: str) -> None:
+    """ONNX Runtime's dynamic quantisation (int8 weights of the matrix products, activations
+    quantised on the fly): what `--quantize int8` was in torch, without torch's deprecated API."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # its advice to pre-process is noise here
+    import onnx
+
+    with atomic_path(target) as tmp:
+        quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8)
+        proto = onnx.load(str(tmp))
+        del proto.metadata_props[:]
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = FINGERPRINT_KEY, fingerprint
+        onnx.save(proto, str(tmp))

@@ -1,0 +1,249 @@
+"""The HTTP endpoints (Starlette): requests are checked, received within bounds, decoded in a thread
+pool through clipn's guarded decoder (bytes only: no client can name a path or a URL), and scored by
+the `Batcher`. The `/v1/detect` body is byte for byte what `clipn detect --format json` prints."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from ..inputs.decode import DecodeLimits, LoadedImage, load_one
+from ..inputs.sources import InputItem
+from ..outputs.writers import JsonWriter
+from .engine import Batcher, ServeLimits
+from .metrics import ServeMetrics
+from .pages import DOCS_CSP, INDEX_CSP, INDEX_HTML, docs_html, openapi
+
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
+
+
+class RequestError(Exception):
+    """A request refused with `status` and a one-line reason (the JSON error body)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+@dataclass
+class Service:
+    """What the endpoints share: the batcher, the decoder's settings, limits, the key and the metrics."""
+
+    batcher: Batcher
+    transform: Callable[[Any], Any]
+    info: dict[str, Any]
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    api_key: str | None = None
+    decode_limits: DecodeLimits = field(default_factory=DecodeLimits.from_env)
+    exif_transpose: bool = False
+    decode_threads: int = 2
+    metrics: ServeMetrics = field(default_factory=ServeMetrics)
+    stopping: bool = False
+
+    def __post_init__(self) -> None:
+        self.decoders = ThreadPoolExecutor(max(1, self.decode_threads), thread_name_prefix="clipn-serve-decode")
+        self.metrics.watch_queue(self.batcher.depth)
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers={**SECURITY_HEADERS, **(headers or {})})
+
+
+def authorized(service: Service, request: Request) -> bool:
+    """No key configured, or `Authorization: Bearer KEY` equal to it (compared in constant time)."""
+    if service.api_key is None:
+        return True
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), service.api_key.encode())
+
+
+async def read_body(request: Request, limits: ServeLimits) -> bytes:
+    """The body, refused past `max_upload_mb` (413) or when it takes longer than `timeout` to arrive (408)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_bytes:
+        raise RequestError(413, f"request body of {declared} bytes is over the {limits.max_upload_mb:g} MB limit (--max-upload-mb)")
+    chunks: list[bytes] = []
+    size = 0
+
+    async def collect() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_bytes:
+                raise RequestError(413, f"request body is over the {limits.max_upload_mb:g} MB limit (--max-upload-mb)")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), limits.timeout)
+    except TimeoutError:
+        raise RequestError(408, f"the request body took longer than {limits.timeout:g} s to arrive (--timeout)") from None
+    return b"".join(chunks)
+
+
+async def named_images(request: Request, body: bytes, limits: ServeLimits) -> list[tuple[str, bytes]]:
+    """(name, bytes) per image: multipart field `images` (repeatable) or JSON {"images": [base64...], "names": [...]}."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        images = await _multipart(request, body, limits)
+    elif kind == "application/json":
+        images = _json_images(body, limits)
+    else:
+        raise RequestError(415, "send images as multipart/form-data (field 'images') or application/json ({\"images\": [base64, ...]})")
+    if not images:
+        raise RequestError(400, "no images in the request")
+    if len(images) > limits.max_images:
+        raise RequestError(413, f"{len(images)} images in one request, over the limit of {limits.max_images}")
+    return images
+
+
+async def _multipart(request: Request, body: bytes, limits: ServeLimits) -> list[tuple[str, bytes]]:
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=limits.max_images + 1, max_fields=limits.max_images + 1)
+    except HTTPException as exc:
+        raise RequestError(400, f"malformed multipart body ({exc.detail})") from None
+    out = []
+    try:
+        for i, part in enumerate(form.getlist("images")):
+            if isinstance(part, str):
+                raise RequestError(400, "the 'images' field must hold file uploads, not text")
+            out.append((part.filename or f"images[{i}]", await part.read()))
+    finally:
+        await form.close()
+    return out
+
+
+def _json_images(body: bytes, limits: ServeLimits) -> list[tuple[str, bytes]]:
+    from ..files import JSONLimits, parse_json
+
+    try:
+        doc = parse_json(body, JSONLimits(values=4 * limits.max_images + 16, containers=8, depth=3))
+    except ValueError as exc:
+        raise RequestError(400, f"malformed JSON ({str(exc)[:120]})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not all(isinstance(x, str) for x in doc["images"]):
+        raise RequestError(400, "the JSON body must be {\"images\": [\"<base64>\", ...]} (optional \"names\": [...])")
+    names = doc.get("names", [f"images[{i}]" for i in range(len(doc["images"]))])
+    if not isinstance(names, list) or len(names) != len(doc["images"]) or not all(isinstance(x, str) for x in names):
+        raise RequestError(400, "\"names\" must be a list of strings, one per image")
+    out = []
+    for i, (name, text) in enumerate(zip(names, doc["images"])):
+        try:
+            out.append((name, base64.b64decode(text, validate=True)))
+        except (binascii.Error, ValueError):
+            raise RequestError(400, f"images[{i}] is not valid base64") from None
+    return out
+
+
+async def decode(service: Service, images: list[tuple[str, bytes]]) -> list[LoadedImage]:
+    """Every image through the guarded decoder, in the decoding threads (never on the event loop)."""
+    loop = asyncio.get_running_loop()
+    jobs = [
+        loop.run_in_executor(service.decoders, load_one, InputItem(name, data=data), service.transform,
+                             service.exif_transpose, 0, service.decode_limits)
+        for name, data in images
+    ]
+    return list(await asyncio.gather(*jobs))
+
+
+def json_records(records: list[dict[str, Any]]) -> str:
+    """The records as `clipn detect --format json` prints them."""
+    out = io.StringIO()
+    writer = JsonWriter(out)
+    for record in records:
+        writer.write(record)
+    writer.finish()
+    return out.getvalue()
+
+
+async def score(service: Service, request: Request) -> list[dict[str, Any]]:
+    """Admit, receive, decode and score one request (RequestError for every refusal)."""
+    if service.stopping:
+        raise RequestError(503, "the server is stopping")
+    if not service.batcher.admit():
+        raise RequestError(429, f"busy: {service.limits.queue} requests are in progress (--queue); retry shortly", {"Retry-After": "1"})
+    submitted = False
+    try:
+        body = await read_body(request, service.limits)
+        loaded = await decode(service, await named_images(request, body, service.limits))
+        future = service.batcher.submit(loaded)
+        submitted = True
+        return await asyncio.wrap_future(future)
+    finally:
+        service.batcher.release(submitted)
+
+
+def create_app(service: Service) -> Starlette:
+    """The Starlette application for `service` (see README "Serve" for each endpoint)."""
+
+    def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            if not authorized(service, request):
+                return error(401, "a valid API key is needed: Authorization: Bearer KEY", {"WWW-Authenticate": "Bearer"})
+            return await handler(request)
+        return endpoint
+
+    async def detect(request: Request) -> Response:
+        started = time.monotonic()
+        if not authorized(service, request):
+            response: Response = error(401, "a valid API key is needed: Authorization: Bearer KEY", {"WWW-Authenticate": "Bearer"})
+        else:
+            try:
+                records = await score(service, request)
+                service.metrics.images(records)
+                response = Response(json_records(records), media_type="application/json", headers=SECURITY_HEADERS)
+            except RequestError as exc:
+                response = error(exc.status, exc.message, exc.headers)
+            except ClientDisconnect:
+                response = error(400, "the client went away before sending its body")
+            except Exception as exc:  # a failed batch: this request's answer, the server goes on
+                response = error(500, f"scoring failed ({type(exc).__name__}: {str(exc)[:160]})")
+        service.metrics.request(response.status_code, time.monotonic() - started)
+        return response
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"}, headers=SECURITY_HEADERS)
+
+    async def readyz(request: Request) -> Response:
+        if service.stopping:
+            return error(503, "stopping")
+        return JSONResponse({"status": "ready"}, headers=SECURITY_HEADERS)
+
+    async def info(request: Request) -> Response:
+        return JSONResponse(service.info, headers=SECURITY_HEADERS)
+
+    async def metrics(request: Request) -> Response:
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8", headers=SECURITY_HEADERS)
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(openapi(service.info), headers=SECURITY_HEADERS)
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse(docs_html(openapi(service.info)), headers={**SECURITY_HEADERS, "Content-Security-Policy": DOCS_CSP})
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(INDEX_HTML, headers={**SECURITY_HEADERS, "Content-Security-Policy": INDEX_CSP})
+
+    routes = [
+        Route("/v1/detect", detect, methods=["POST"]),
+        Route("/healthz", healthz), Route("/readyz", readyz),
+        Route("/v1/info", guarded(info)), Route("/metrics", guarded(metrics)),
+        Route("/openapi.json", openapi_json), Route("/docs", docs), Route("/", index),
+    ]
+    return Starlette(routes=routes)

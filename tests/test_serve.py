@@ -1,0 +1,431 @@
+"""`clipn serve` against real servers on 127.0.0.1 (ephemeral ports): a `python -m clipn_cli serve`
+subprocess with the shipped digits weights where the model matters (records, broken images,
+metrics, SIGTERM), and uvicorn in a thread around a gated stand-in model where the point is the
+HTTP contract (401, 413, 415, malformed bodies, 429)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from conftest import assert_close_records, cli, spawn  # noqa: E402
+
+DIGITS = Path(__file__).parent.parent / "examples" / "digits" / "images"
+CLASSES = "zero,one,two,three,four"
+WORDS = Path(__file__).parent / "fixtures" / "words-small.txt"  # a small word list: mining takes a moment
+
+
+def request(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def json_body(images: list[tuple[str, bytes]]) -> bytes:
+    return json.dumps({"images": [base64.b64encode(d).decode() for _, d in images], "names": [n for n, _ in images]}).encode()
+
+
+def multipart(images: list[tuple[str, bytes]]) -> tuple[bytes, dict[str, str]]:
+    boundary = "clipn-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{name}"\r\n'
+             f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n" for name, data in images]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def detect_json(url: str, images: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    status, _, body = request(url + "/v1/detect", json_body(images), {"Content-Type": "application/json"})
+    assert status == 200, body
+    return json.loads(body)
+
+
+class Served:
+    def __init__(self, args: list[str], home: Path, env: dict[str, str] | None = None) -> None:
+        full = {k: v for k, v in os.environ.items() if k not in ("CLIPN_WEIGHTS", "CLIPN_API_KEY")}
+        full.update(CLIPN_HOME=str(home), **(env or {}))
+        self.proc = spawn([sys.executable, "-m", "clipn_cli", "serve", "--port", "0", *args], env=full,
+                          stdout=__import__("subprocess").PIPE, stderr=__import__("subprocess").PIPE, text=True)
+        self.lines: list[str] = []
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if found := re.search(r"serving on (http://\S+)", line):
+                self.url = found.group(1)
+                break
+        else:
+            raise AssertionError("".join(self.lines))
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait()
+        self.proc.stderr.close()
+        self.proc.stdout.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("clipn-home")
+
+
+@pytest.fixture(scope="module")
+def atd_server(home: Path) -> Iterator[Served]:
+    served = Served(["-w", "digits", "-c", CLASSES], home)
+    yield served
+    assert served.stop() == 0
+
+
+def digit_images() -> list[tuple[str, bytes]]:
+    return [(str(p), p.read_bytes()) for p in sorted(DIGITS.glob("*.png"))]
+
+
+def local_detect(*args: str) -> list[dict[str, Any]]:
+    done = cli("detect", "-w", "digits", "-c", CLASSES, "--format", "json", *args, *(str(p) for p in sorted(DIGITS.glob("*.png"))))
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("rule", ["atd", "ctw"])
+def test_records_equal_local_detect(rule: str, home: Path, atd_server: Served) -> None:
+    served = atd_server if rule == "atd" else Served(["-w", "digits", "-c", CLASSES, "--rule", rule], home)
+    try:
+        got = detect_json(served.url, digit_images())
+    finally:
+        if served is not atd_server:
+            assert served.stop() == 0
+    want = local_detect("--rule", rule)
+    assert len(got) == 20 and {r["verdict"] for r in got} == {"ID", "OOD"}
+    assert_close_records(got, want)
+
+
+def test_calibrated_records_equal_local_detect(home: Path, tmp_path: Path) -> None:
+    calib = tmp_path / "calib.json"
+    made = cli("calibrate", "-w", "digits", "-c", CLASSES, "-o", str(calib), *(str(p) for p in sorted(DIGITS.glob("*.png"))))
+    assert made.returncode == 0, made.stderr
+    served = Served(["-w", "digits", "-c", CLASSES, "--calibration", str(calib), "--alpha", "0.2"], home)
+    try:
+        got = detect_json(served.url, digit_images())
+        _, _, info = request(served.url + "/v1/info")
+    finally:
+        assert served.stop() == 0
+    want = local_detect("--calibration", str(calib), "--alpha", "0.2")
+    assert all("p_value" in r for r in got)
+    assert_close_records(got, want)
+    assert json.loads(info)["calibration_alpha"] == 0.2
+
+
+def test_negative_label_records_equal_local_detect(home: Path) -> None:
+    neg = ["--negatives", "neglabel", "--words", str(WORDS), "--rule", "neglabel", "--threshold", "0.5"]
+    served = Served(["-w", "digits", "-c", CLASSES, *neg], home)
+    try:
+        got = detect_json(served.url, digit_images())
+        info = json.loads(request(served.url + "/v1/info")[2])
+    finally:
+        assert served.stop() == 0
+    want = local_detect(*neg)
+    assert {r["verdict"] for r in got} == {"ID", "OOD"} and all("neglabel_score" in r and "atd_neg_score" in r for r in got)
+    assert_close_records(got, want)
+    assert info["negatives"] == ["neglabel"] and info["rule"] == "neglabel" and info["threshold"] == 0.5
+
+
+def test_multipart_uploads_are_named_by_their_file_names(atd_server: Served) -> None:
+    images = digit_images()[:3]
+    body, headers = multipart([(Path(n).name, d) for n, d in images])
+    status, got_headers, answer = request(atd_server.url + "/v1/detect", body, headers)
+    assert status == 200
+    assert [r["path"] for r in json.loads(answer)] == [Path(n).name for n, _ in images]
+    assert json.loads(answer)[1:] == [dict(r, path=Path(r["path"]).name) for r in detect_json(atd_server.url, images)][1:]
+    assert got_headers["x-content-type-options"] == "nosniff"
+
+
+def broken_images() -> list[tuple[str, bytes, str]]:
+    from PIL import Image
+
+    png = sorted(DIGITS.glob("*.png"))[0].read_bytes()
+    bomb = io.BytesIO()
+    Image.new("1", (12_000, 12_000)).save(bomb, format="PNG")
+    return [
+        ("truncated.png", png[: len(png) // 2], "corrupt or truncated"),
+        ("bomb.png", bomb.getvalue(), "image too large"),
+        ("doc.pdf", b"%PDF-1.4\n" + b"0" * 100, "format PDF is not decoded"),
+        ("notes.txt", b"hello, not an image", "not an image"),
+        ("empty.png", b"", "empty file"),
+    ]
+
+
+def test_broken_images_get_error_records_and_the_server_goes_on(atd_server: Served) -> None:
+    good = digit_images()[0]
+    broken = broken_images()
+    got = detect_json(atd_server.url, [good, *[(n, d) for n, d, _ in broken], good])
+    assert [r["path"] for r in got] == [good[0], *[n for n, _, _ in broken], good[0]]
+    for record, (name, _, reason) in zip(got[1:-1], broken):
+        assert set(record) == {"path", "error"} and reason in record["error"], record
+    assert got[0] == got[-1] and got[0]["verdict"] in ("ID", "OOD")
+    assert_close_records(detect_json(atd_server.url, [good]), [got[0]])
+
+
+def metric(text: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_metrics_count_what_was_sent(atd_server: Served) -> None:
+    names = ['clipn_requests_total{status="200"}', 'clipn_requests_total{status="400"}', 'clipn_images_total{verdict="ID"}',
+             'clipn_images_total{verdict="OOD"}', 'clipn_images_total{verdict="error"}', "clipn_request_seconds_count"]
+    before = request(atd_server.url + "/metrics")[2].decode()
+    records = detect_json(atd_server.url, digit_images()) + detect_json(atd_server.url, [("x.txt", b"not an image")])
+    assert request(atd_server.url + "/v1/detect", b"{", {"Content-Type": "application/json"})[0] == 400
+    after = request(atd_server.url + "/metrics")[2].decode()
+    delta = {n: metric(after, n) - metric(before, n) for n in names}
+    verdicts = [r.get("verdict", "error") for r in records]
+    assert delta == {names[0]: 2, names[1]: 1, names[2]: verdicts.count("ID"), names[3]: verdicts.count("OOD"), names[4]: 1, names[5]: 3}
+    assert metric(after, "clipn_queue_depth") == 0
+    assert metric(after, "clipn_batch_images_count") >= 2
+
+
+def test_info_health_pages(atd_server: Served) -> None:
+    status, _, body = request(atd_server.url + "/v1/info")
+    info = json.loads(body)
+    assert status == 200 and info["classes"] == CLASSES.split(",") and info["rule"] == "atd" and len(info["weights_fingerprint"]) == 64
+    assert info["limits"]["queue"] == 16
+    assert request(atd_server.url + "/healthz")[0] == 200 and request(atd_server.url + "/readyz")[0] == 200
+    spec = json.loads(request(atd_server.url + "/openapi.json")[2])
+    assert set(spec["paths"]) >= {"/v1/detect", "/healthz", "/readyz", "/v1/info", "/metrics"}
+    for page in ("/", "/docs"):
+        status, headers, html = request(atd_server.url + page)
+        csp = headers["content-security-policy"]
+        assert status == 200 and "default-src 'none'" in csp
+        assert not re.search(rb"(src|href)=\"(https?:)?//", html), page  # nothing fetched from elsewhere
+
+
+def test_sigterm_answers_the_request_in_flight_and_exits_0(home: Path) -> None:
+    served = Served(["-w", "digits", "-c", CLASSES], home)
+    body = json_body(digit_images()[:2])
+    host, port = served.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(f"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+        while metric(request(served.url + "/metrics")[2].decode(), "clipn_queue_depth") != 1:
+            pass  # admitted: its body is being received
+        served.proc.send_signal(signal.SIGTERM)
+        conn.sendall(body[100:])
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert len(json.loads(answer.split(b"\r\n\r\n", 1)[1])) == 2
+    assert served.proc.wait() == 0
+    served.proc.stderr.close()
+    served.proc.stdout.close()
+
+
+def test_detect_server_prints_what_local_detect_prints(atd_server: Served, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in sorted(DIGITS.glob("*.png"))[:4]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    for name, data, _ in broken_images()[:2]:
+        (folder / name).write_bytes(data)
+    for fmt in ("json", "jsonl", "csv"):
+        args = ("--format", fmt, str(folder), str(tmp_path / "missing.png"))
+        remote = cli("detect", "--server", atd_server.url, *args)
+        local = cli("detect", "-w", "digits", "-c", CLASSES, *args)
+        assert remote.returncode == local.returncode == 1
+        if fmt == "csv":
+            assert remote.stdout.splitlines()[0] == local.stdout.splitlines()[0] and len(remote.stdout.splitlines()) == 8
+        else:
+            parse = (lambda t: json.loads(t)) if fmt == "json" else (lambda t: [json.loads(x) for x in t.splitlines()])
+            assert_close_records(parse(remote.stdout), parse(local.stdout))
+    refused = cli("detect", "--server", atd_server.url, "-c", "a,b", str(folder))
+    assert refused.returncode == 2 and "--classes cannot be used with --server" in refused.stderr
+
+
+class Gated:
+    """A stand-in model: scoring waits for `gate`; `entered` says a batch is being scored."""
+
+    def __init__(self) -> None:
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.batches: list[int] = []
+
+    def __call__(self, loaded: list[Any]) -> list[dict[str, Any]]:
+        self.batches.append(len(loaded))
+        self.entered.set()
+        self.gate.wait()
+        return [{"path": i.path, "verdict": "ID"} if i.error is None else {"path": i.path, "error": i.error} for i in loaded]
+
+
+@pytest.fixture
+def gated_server(request_limits: dict[str, Any]) -> Iterator[tuple[str, Gated]]:
+    import uvicorn
+
+    from clipn_cli.serve.app import Service
+    from clipn_cli.serve.engine import Batcher, ServeLimits
+    from clipn_cli.serve.run import config_for
+
+    model = Gated()
+    limits = ServeLimits(**{k: v for k, v in request_limits.items() if k != "key"})
+    service = Service(Batcher(model, limits.max_batch, limits.max_wait_ms, limits.queue), lambda img: img.size, {"version": "test"},
+                      limits, api_key=request_limits.get("key"))
+    server = uvicorn.Server(config_for(service, "127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        threading.Event().wait(0.01)
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", model
+    model.gate.set()
+    server.should_exit = True
+    thread.join()
+    service.batcher.close()
+
+
+@pytest.fixture
+def request_limits() -> dict[str, Any]:
+    return {"queue": 1, "max_upload_mb": 0.01, "max_images": 3}
+
+
+def test_queue_full_is_429_at_once(gated_server: tuple[str, Gated]) -> None:
+    url, model = gated_server
+    png = digit_images()[0][1]
+    first: list[Any] = []
+    holder = threading.Thread(target=lambda: first.append(request(url + "/v1/detect", json_body([("a.png", png)]), {"Content-Type": "application/json"})))
+    holder.start()
+    model.entered.wait()
+    status, headers, body = request(url + "/v1/detect", json_body([("b.png", png)]), {"Content-Type": "application/json"})
+    assert status == 429 and headers["retry-after"] == "1" and "--queue" in json.loads(body)["error"]
+    model.gate.set()
+    holder.join()
+    assert first[0][0] == 200 and json.loads(first[0][2]) == [{"path": "a.png", "verdict": "ID"}]
+    assert model.batches == [1]
+
+
+@pytest.mark.parametrize("body, kind, status, reason", [
+    (b"{", "application/json", 400, "malformed JSON"),
+    (b'{"images": "x"}', "application/json", 400, "must be"),
+    (b'{"images": ["@@@"]}', "application/json", 400, "not valid base64"),
+    (b'{"images": ["aGk="], "names": [1]}', "application/json", 400, "names"),
+    (b'{"images": []}', "application/json", 400, "no images"),
+    (json.dumps({"images": ["aGk="] * 4}).encode(), "application/json", 413, "over the limit of 3"),
+    (b"x" * 20_000, "application/json", 413, "--max-upload-mb"),
+    (b"raw", "image/png", 415, "multipart/form-data"),
+    (b"--b\r\nbroken", "multipart/form-data; boundary=b", 400, "no images"),
+])
+def test_malformed_requests_get_a_json_error(gated_server: tuple[str, Gated], body: bytes, kind: str, status: int, reason: str) -> None:
+    url, model = gated_server
+    model.gate.set()
+    got, _, answer = request(url + "/v1/detect", body, {"Content-Type": kind})
+    assert got == status and reason in json.loads(answer)["error"], answer
+    assert request(url + "/v1/detect", json_body([("ok.txt", b"hi")]), {"Content-Type": "application/json"})[0] == 200
+
+
+@pytest.mark.parametrize("request_limits", [{"queue": 2, "max_upload_mb": 1, "max_images": 3, "key": "s3cret"}])
+def test_a_key_is_needed_when_the_server_has_one(gated_server: tuple[str, Gated]) -> None:
+    url, model = gated_server
+    model.gate.set()
+    body = json_body([("ok.txt", b"hi")])
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        for path, data in (("/v1/detect", body), ("/v1/info", None), ("/metrics", None)):
+            status, got, _ = request(url + path, data, {"Content-Type": "application/json", **headers})
+            assert status == 401 and got["www-authenticate"] == "Bearer", (path, headers)
+    assert request(url + "/v1/detect", body, {"Content-Type": "application/json", "Authorization": "Bearer s3cret"})[0] == 200
+    assert request(url + "/healthz")[0] == 200
+
+
+# ---------------------------------------------------------------- the drop page in headless Chromium
+
+PAGE_ROWS = """new Promise(done => {
+  const out = document.getElementById('out'), ready = () => out.rows.length >= %d;
+  const give = () => done(JSON.stringify([...out.rows].map(r => ({
+    cells: [...r.cells].slice(1).map(c => c.textContent), cls: r.cells[2].className,
+    thumb: r.querySelector('img').src.slice(0, 5)}))));
+  if (ready()) give(); else new MutationObserver((_, o) => { if (ready()) { o.disconnect(); give(); } }).observe(out, {childList: true});
+})"""
+
+DROP = """(() => {
+  const bytes = Uint8Array.from(atob('%s'), c => c.charCodeAt(0)), data = new DataTransfer();
+  data.items.add(new File([bytes], '%s', {type: 'image/png'}));
+  document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));
+})()"""
+
+
+def page_rows(browser: Any, session: str, count: int) -> list[dict[str, Any]]:
+    """The page's result rows, newest first, once there are `count` of them (the page awaits the server)."""
+    found = browser.call("Runtime.evaluate", {"expression": PAGE_ROWS % count, "awaitPromise": True, "returnByValue": True}, session=session)
+    return json.loads(found["result"]["value"])
+
+
+def browser_errors(events: list[dict[str, Any]]) -> list[str]:
+    """Console errors, exceptions and dialogs among the DevTools events."""
+    errors = []
+    for event in events:
+        method, params = event.get("method"), event.get("params", {})
+        if method == "Log.entryAdded" and params["entry"]["level"] == "error":
+            errors.append(params["entry"]["text"])
+        elif method == "Runtime.exceptionThrown":
+            errors.append(str(params["exceptionDetails"]))
+        elif method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
+            errors.append(str(params["args"]))
+        elif method == "Page.javascriptDialogOpening":
+            errors.append(f"dialog: {params.get('message')}")
+    return errors
+
+
+def test_the_drop_page_shows_each_verdict_in_headless_chromium(atd_server: Served, tmp_path: Path) -> None:
+    from test_report import CHROMIUM, DevTools
+
+    if CHROMIUM is None:
+        pytest.skip("chromium not found on PATH (Debian: apt-get install chromium); the page test needs it")
+    picked = [tmp_path / "three.png", tmp_path / "notes.txt"]
+    digits = digit_images()
+    picked[0].write_bytes(digits[3][1])
+    picked[1].write_bytes(b"hello, not an image")
+    want = [dict(r, path=Path(r["path"]).name) for r in detect_json(atd_server.url, [(p.name, p.read_bytes()) for p in picked] + [("dropped.png", digits[17][1])])]
+
+    browser = DevTools(CHROMIUM, tmp_path / "profile")
+    try:
+        target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page.enable", "Runtime.enable", "Log.enable", "Network.enable", "DOM.enable"):
+            browser.call(domain, session=session)
+        browser.call("Page.navigate", {"url": atd_server.url + "/"}, session=session)
+        browser.wait(lambda m: m.get("method") == "Page.loadEventFired")
+        root = browser.call("DOM.getDocument", session=session)["root"]["nodeId"]
+        pick = browser.call("DOM.querySelector", {"nodeId": root, "selector": "#pick"}, session=session)["nodeId"]
+        browser.call("DOM.setFileInputFiles", {"nodeId": pick, "files": [str(p) for p in picked]}, session=session)
+        shown = page_rows(browser, session, 2)
+        browser.call("Runtime.evaluate", {"expression": DROP % (base64.b64encode(digits[17][1]).decode(), "dropped.png")}, session=session)
+        shown = page_rows(browser, session, 3)
+    finally:
+        browser.close()
+
+    # newest first: the dropped image, then the picked ones in reverse
+    for row, record in zip(shown, [want[2], want[1], want[0]]):
+        verdict = record.get("verdict", "error")
+        assert row["cells"][:2] == [record["path"], verdict] and row["cls"] == ("err" if "error" in record else verdict), (row, record)
+        assert row["thumb"] == "blob:"
+        if "error" in record:
+            assert row["cells"][2] == record["error"]
+        else:  # the page's numbers come from another batch than `want`'s: equal within the grouping bounds
+            cls, p_ood, atd = re.fullmatch(r"(\S+)  p_ood (\S+)  atd (\S+)", row["cells"][2]).groups()
+            assert_close_records({"class": cls, "p_ood": float(p_ood), "atd_score": float(atd)},
+                                 {k: record[k] for k in ("class", "p_ood", "atd_score")})
+    assert browser_errors(browser.events) == []
+    fetched = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
+    assert atd_server.url + "/v1/detect" in fetched
+    assert all(url.startswith((atd_server.url + "/", "blob:")) for url in fetched), fetched
