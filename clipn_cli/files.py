@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import OutputError
+from .errors import ClipnError, OutputError
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -354,3 +354,18 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def env_number(name: str, default: float, kind: type = int, error: type[ClipnError] = ClipnError, finite: bool = False) -> Any:
+    """A positive number from the environment, or the default (a bad value is an `error` naming the
+    variable); `finite` also refuses infinity, for limits that must end."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = 0
+    if not value > 0 or (finite and value == float("inf")):
+        raise error(f"${name} must be a positive number, not {raw[:40]!r}")
+    return value

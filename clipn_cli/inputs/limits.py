@@ -17,30 +17,16 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO
 
 from PIL import Image
 
-from ..errors import ClipnError
+from ..files import env_number  # re-exported: the decode limits' variables read through it
 
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own decompression-bomb limit
 MAX_ASPECT = 100  # longer side / shorter side beyond which the long side is centre-cropped first
 GIVE_UP_AFTER = 5.0  # seconds past a decode's time limit after which it is abandoned inside a C call
 TRANSFORM_EXIT_WAIT = 60.0  # at exit, the longest wait for transforms under way (one bounded image each)
-
-
-def env_number(name: str, default: float, kind: type = int) -> Any:
-    """A positive number from the environment, or the default (a bad value is an error naming the variable)."""
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ClipnError(f"${name} must be a positive number, not {raw[:40]!r}") from None
-    if value <= 0:
-        raise ClipnError(f"${name} must be a positive number, not {raw[:40]!r}")
-    return value
 
 
 @dataclass(frozen=True)

@@ -24,26 +24,13 @@ from typing import Any
 
 from .. import __version__
 from ..errors import FetchError
-from ..files import sha256_file
+from ..files import env_number, sha256_file
 
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes on disk so far, total bytes or None) as a download advances."""
 
 CHUNK = 1 << 20
-
-def _env_number(name: str, default: float, kind: type = int) -> Any:
-    """A positive number from the environment, or the default (a bad value is an error naming the variable)."""
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = 0
-    if not value > 0 or value == float("inf"):
-        raise FetchError(f"${name} must be a positive number, not {raw[:40]!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -67,11 +54,11 @@ class FetchLimits:
     @classmethod
     def from_env(cls) -> FetchLimits:
         return cls(
-            stall=_env_number("CLIPN_FETCH_STALL_S", cls.stall, float),
-            headers=_env_number("CLIPN_FETCH_HEADERS_S", cls.headers, float),
-            rate_floor=_env_number("CLIPN_FETCH_MIN_RATE", cls.rate_floor, float),
-            window=_env_number("CLIPN_FETCH_WINDOW_S", cls.window, float),
-            max_bytes=_env_number("CLIPN_FETCH_MAX_BYTES", cls.max_bytes),
+            stall=env_number("CLIPN_FETCH_STALL_S", cls.stall, float, FetchError, finite=True),
+            headers=env_number("CLIPN_FETCH_HEADERS_S", cls.headers, float, FetchError, finite=True),
+            rate_floor=env_number("CLIPN_FETCH_MIN_RATE", cls.rate_floor, float, FetchError, finite=True),
+            window=env_number("CLIPN_FETCH_WINDOW_S", cls.window, float, FetchError, finite=True),
+            max_bytes=env_number("CLIPN_FETCH_MAX_BYTES", cls.max_bytes, int, FetchError, finite=True),
         )
 
 
