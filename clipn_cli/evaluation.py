@@ -51,7 +51,7 @@ def score_set(
 ) -> SetScores:
     """Encode a set (through `cache`) and score every readable image with every method.
 
-    `encoder` replaces this process's image tower (see `inference.encode_images`): a Ray cluster's.
+    `encoder` replaces this process's image tower (see `model.encode.encode_images`): a Ray cluster's.
     """
     import torch
 

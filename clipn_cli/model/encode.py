@@ -80,7 +80,7 @@ def encode_images(
     model's device (`devices.RunOptions`); `options`, a run's resolved `RunOptions`, replaces all three.
     With `cache`, stored features are used instead of decoding and encoding (see `_encode_cached`).
     `draft` decodes large JPEGs at reduced scale, keeping at least twice the model's input size
-    on both sides: faster, not exact (see `images.open_image`). `encoder` (same arguments as this
+    on both sides: faster, not exact (see `inputs.decode.open_image`). `encoder` (same arguments as this
     function) encodes instead of `model` what the cache does not hold: a remote engine's workers.
     """
     run = options or RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)

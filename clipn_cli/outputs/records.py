@@ -219,7 +219,7 @@ def decode_shard(data: bytes, fmt: str, records: int | None = None, required: tu
 
     The file may have been changed since it was written: `records` (the count the manifest holds)
     bounds how many are read, each line is at most MAX_RECORD_LINE, a Parquet file's declared size
-    is checked before it is decoded, and every record must pass `output.record_problem` (with the
+    is checked before it is decoded, and every record must pass `record_problem` (with the
     `required` fields). Anything else is a ShardError.
     """
     if fmt == "jsonl":

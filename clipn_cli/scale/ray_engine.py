@@ -133,7 +133,7 @@ def run_detect(
 
 
 class ClusterEncoder:
-    """`inference.encode_images` on the cluster, for `evaluate(..., encoder=...)`: image features come
+    """`model.encode.encode_images` on the cluster, for `evaluate(..., encoder=...)`: image features come
     back in input order (the driver's feature cache, if any, is consulted first by `encode_images`)."""
 
     def __init__(self, cluster: Cluster, options: ScoreOptions, chunk: int = 256) -> None:

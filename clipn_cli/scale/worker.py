@@ -106,7 +106,7 @@ class Worker:
         return [self.step.apply(r.as_dict(o.details)) for r in results]
 
     def encode(self, items: Sequence[InputItem]) -> list[tuple[str, torch.Tensor | None, str | None]]:
-        """(path, normalized feature or None, error) per input, in order: `inference.encode_images`."""
+        """(path, normalized feature or None, error) per input, in order: `model.encode.encode_images`."""
         from ..model.encode import encode_images
 
         o = self.options
