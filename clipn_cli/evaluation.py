@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .model.feature_cache import FeatureCache
     from .heads.embeddings import ClassEmbeddings
     from .model.clipn import CLIPN
+    from .scores.calibration import OperatingPoint
 
 RECALL = 0.95
 
@@ -192,3 +193,13 @@ def evaluate(
 def _unreadable(s: SetScores) -> str:
     path, error = s.failures[0]
     return f"{s.name} set: none of its {len(s.failures)} images could be read (first: {path}: {error})"
+
+
+def calibrated_points(evaluation: Evaluation, alpha: float, seed: int) -> list[OperatingPoint]:
+    """Every method calibrated on a seeded random half of the ID set, tested on the other half and on
+    each OOD set with readable images (`calibration.operating_points`): eval's `--alpha` table."""
+    from .scores.calibration import operating_points
+
+    id_set = evaluation.sets[0]
+    ood = {s.name: s.scores for s in evaluation.sets[1:] if s.paths}
+    return operating_points(id_set.scores, ood, alpha, seed)

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 from collections.abc import Iterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -28,6 +28,10 @@ from .runtime import (
     add_negatives, calibrated_verdicts, check_inputs, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight, report_provenance,
 )
 
+if TYPE_CHECKING:
+    from ..inputs.sources import InputItem
+    from ..model.clipn import CLIPN
+    from ..weights.checkpoints import WeightsInfo
 
 
 def detect(
@@ -85,22 +89,7 @@ def detect(
             fail("--ray-address, --actors, --gpus-per-actor, --cpus-per-actor and --shard-size need --engine ray")
         output = Path(output) if output is not None else None
         fmt = fmt or ("table" if output is None and stdout_is_terminal() else "jsonl")
-        check_choice("--format", fmt, FORMATS)
-        check_choice("--precision", precision, PRECISIONS)
-        check_choice("--quantize", quantize, ("int8",))
-        if quantize and runtime == "openvino":
-            fail("--quantize int8 runs with --runtime onnx (ONNX Runtime's int8) or torch, not --runtime openvino")
-        device = check_runtime_option(runtime, precision, device)
-        if not paths:
-            fail("no inputs: give image files, directories, globs, or - for paths on stdin")
-        check_output("--output", output)
-        check_stdout(output)
-        check_writer(fmt, output)
-        if resume and (output is None or fmt != "jsonl"):
-            fail("--resume needs --format jsonl and --output FILE (the file to continue)")
-        if quantize and precision != "fp32":
-            fail("--quantize int8 computes in fp32: it cannot be combined with --precision fp16 or bf16")
-        check_output("--report", report)
+        device = _check_options(paths, fmt, output, precision, quantize, runtime, device, resume, report)
         _check_calibration_options(calibration, alpha, fdr, fmt, output, resume)
         pools = parse_negatives(negatives, rule)
         check_verdict_options(rule, threshold, calibration is not None)
@@ -111,25 +100,12 @@ def detect(
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
         verdicts = calibrated_verdicts(calibration, alpha, fdr, rule, heads, weights_info.fingerprint)
         step = VerdictStep(rule, threshold=threshold, calibrated=verdicts, report_classes=heads.classes if report is not None else None)
-        if quantize and runtime == "torch":
-            from ..model.encode import quantize_image_tower
-
-            quantize_image_tower(model)
-        use_runtime(model, weights_info, runtime, precision, quantize)
-        # Modules, model and heads live until exit: freezing them spares the garbage collector from
-        # walking torch's millions of objects during the run and at exit (exit 1.1 s → 0.2 s).
-        gc.freeze()
+        _use_runtime(model, weights_info, runtime, precision, quantize)
 
         from ..model.feature_cache import FeatureCache
         from ..detection import detect as run_detect
-        from ..inputs.sources import iter_inputs
-        from ..outputs.writers import resume_jsonl
 
-        items = iter_inputs(paths, sys.stdin)
-        already = resume_jsonl(output, step.gather) if resume and output is not None else set()
-        if already:
-            info(f"resuming: {len(already)} inputs already in {output} are skipped")
-            items = (item for item in items if item.path not in already)
+        items, already = _pending_inputs(paths, output, step, resume)
         run = RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)  # once, for the whole run
         results = run_detect(
             model, heads, items, rule=rule, options=run, exif_transpose=exif_transpose,
@@ -141,19 +117,72 @@ def detect(
         if step.done == 0 and not already:
             fail("no images found in the given inputs")
         if report is not None:
-            from ..outputs.report import write_html
-
             made_by = report_provenance(
                 weights_info.path, weights_info.fingerprint, heads, rule=rule, threshold=threshold, calibration=calibration,
                 alpha=verdicts.alpha if verdicts is not None and fdr is None else None, fdr=fdr, precision=precision,
                 embeddings=embeddings, quantize=quantize, draft=draft or None,
             )
-            write_html(report, step.render_report(made_by))
-            info(f"wrote the report to {report}")
+            _write_report(report, step, made_by)
         if step.failed:
             info(f"{step.failed} of {step.done} inputs could not be scored (see their error records)")
             raise typer.Exit(EXIT_PARTIAL)
         raise typer.Exit(EXIT_OK)
+
+
+def _write_report(report: Path, step: VerdictStep, made_by: dict[str, object]) -> None:
+    """--report: the HTML page of what the verdict step gathered, with how the run was made."""
+    from ..outputs.report import write_html
+
+    write_html(report, step.render_report(made_by))
+    info(f"wrote the report to {report}")
+
+
+def _check_options(paths: list[str] | None, fmt: str, output: Path | None, precision: str, quantize: str | None, runtime: str,
+                   device: str, resume: bool, report: Path | None) -> str:
+    """Local detect's choices, their combinations and the files it will write, before the model loads;
+    returns the device to load on (`check_runtime_option`)."""
+    check_choice("--format", fmt, FORMATS)
+    check_choice("--precision", precision, PRECISIONS)
+    check_choice("--quantize", quantize, ("int8",))
+    if quantize and runtime == "openvino":
+        fail("--quantize int8 runs with --runtime onnx (ONNX Runtime's int8) or torch, not --runtime openvino")
+    device = check_runtime_option(runtime, precision, device)
+    if not paths:
+        fail("no inputs: give image files, directories, globs, or - for paths on stdin")
+    check_output("--output", output)
+    check_stdout(output)
+    check_writer(fmt, output)
+    if resume and (output is None or fmt != "jsonl"):
+        fail("--resume needs --format jsonl and --output FILE (the file to continue)")
+    if quantize and precision != "fp32":
+        fail("--quantize int8 computes in fp32: it cannot be combined with --precision fp16 or bf16")
+    check_output("--report", report)
+    return device
+
+
+def _use_runtime(model: CLIPN, weights_info: WeightsInfo, runtime: str, precision: str, quantize: str | None) -> None:
+    """The image tower as the run computes it (torch's int8, or another runtime), then the heap frozen."""
+    if quantize and runtime == "torch":
+        from ..model.encode import quantize_image_tower
+
+        quantize_image_tower(model)
+    use_runtime(model, weights_info, runtime, precision, quantize)
+    # Modules, model and heads live until exit: freezing them spares the garbage collector from
+    # walking torch's millions of objects during the run and at exit (exit 1.1 s → 0.2 s).
+    gc.freeze()
+
+
+def _pending_inputs(paths: list[str], output: Path | None, step: VerdictStep, resume: bool) -> tuple[Iterator[InputItem], set[str]]:
+    """The inputs still to score, and (with --resume) the paths already in the output file."""
+    from ..inputs.sources import iter_inputs
+    from ..outputs.writers import resume_jsonl
+
+    items = iter_inputs(paths, sys.stdin)
+    already = resume_jsonl(output, step.gather) if resume and output is not None else set()
+    if already:
+        info(f"resuming: {len(already)} inputs already in {output} are skipped")
+        items = (item for item in items if item.path not in already)
+    return items, already
 
 
 def _write_records(

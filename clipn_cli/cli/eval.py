@@ -7,7 +7,7 @@ import csv
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated
+from typing import IO, TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -24,6 +24,7 @@ from .runtime import add_negatives, class_embeddings, load_classes, load_weights
 
 if TYPE_CHECKING:
     from ..scores.calibration import OperatingPoint
+    from ..model.feature_cache import FeatureCache
     from ..outputs.results import Evaluation
 
 FORMATS = ("table", "json", "csv")
@@ -70,35 +71,10 @@ def evaluate(
     """
     with handle_errors():
         fmt = fmt or ("table" if output is None and stdout_is_terminal() else "json")
-        check_choice("--format", fmt, FORMATS)
-        check_choice("--precision", precision, PRECISIONS)
-        check_choice("--engine", engine, ENGINES)
-        device = check_runtime_option(runtime, precision, device)
-        if engine == "ray" and runtime != "torch":
-            fail("--runtime onnx/openvino runs with --engine local only (Ray workers use torch)")
-        if engine == "ray":
-            from ..scale.ray_engine import require_ray
-
-            require_ray()
-        elif ray_options_given(ray_address, actors, gpus_per_actor, cpus_per_actor, None):
-            fail("--ray-address, --actors, --gpus-per-actor and --cpus-per-actor need --engine ray")
-        check_output("--output", output)
-        check_stdout(output)
-        check_output("--save-scores", save_scores)
-        check_output("--plots", plots, directory=True)
-        check_output("--report", report)
-        if alpha is not None:
-            from ..scores.calibration import check_alpha
-
-            check_alpha(alpha)
-        from ..evaluation import check_convention
+        device = _check_options(fmt, precision, engine, runtime, device, (ray_address, actors, gpus_per_actor, cpus_per_actor))
+        _check_outputs(output, save_scores, plots, report, alpha, fpr_convention)
         from ..inputs.sets import collect_sets, group_ood_specs
 
-        check_convention(fpr_convention)
-        if plots is not None:
-            from ..outputs.plots import require_matplotlib
-
-            require_matplotlib()
         pools = parse_negatives(negatives)
         names = load_classes(classes, classes_file, embeddings)
         preflight(weights, device, embeddings=embeddings, templates=templates, files={"--words": words})
@@ -127,7 +103,9 @@ def evaluate(
             )
         for note in evaluation.notes:
             warn(note)
-        points = _operating_points(evaluation, alpha, seed) if alpha is not None else []
+        from ..evaluation import calibrated_points
+
+        points = calibrated_points(evaluation, alpha, seed) if alpha is not None else []
         _write_report(evaluation, fmt, output, points, seed)
         if report is not None:
             from ..outputs.report import eval_report, write_html
@@ -136,37 +114,82 @@ def evaluate(
                                         **{"FPR95 convention": fpr_convention, "alpha": alpha, "seed": seed if alpha is not None else None})
             write_html(report, eval_report(evaluation, points, provenance=made_by))
             info(f"wrote the report to {report}")
-        if save_scores is not None:
-            from ..outputs.results import write_scores
-
-            write_scores(evaluation, save_scores)
-            info(f"wrote per-image scores to {save_scores}")
-        if plots is not None:
-            from ..outputs.plots import write_plots
-
-            written = write_plots(evaluation, plots)
-            info(f"wrote {len(written)} plots to {plots}")
+        _write_extras(evaluation, save_scores, plots)
         if feature_cache is not None:
-            stats = feature_cache.stats
-            info(f"feature cache {cache}: {stats.hits} reused, {stats.written} encoded and stored"
-                 + (f", {stats.corrupt} damaged entries rebuilt" if stats.corrupt else ""))
-            if stats.write_errors:
-                warn(f"{len(stats.write_errors)} cache entries could not be written (first: {stats.write_errors[0]})")
-        failures = evaluation.failures
-        if failures:
-            first_set, first_path, first_error = failures[0]
-            warn(f"{len(failures)} images could not be read and were left out (first: {first_path}: {first_error})")
-            raise typer.Exit(EXIT_PARTIAL)
-        raise typer.Exit(EXIT_OK)
+            _tell_cache(feature_cache, cache)
+        _exit(evaluation)
 
 
-def _operating_points(evaluation: Evaluation, alpha: float, seed: int) -> list[OperatingPoint]:
-    """Every method calibrated on a seeded random half of the ID set (`calibration.operating_points`)."""
-    from ..scores.calibration import operating_points
+def _check_options(fmt: str, precision: str, engine: str, runtime: str, device: str, ray: tuple) -> str:
+    """The choices and the engine before anything is loaded; returns the device to load on."""
+    check_choice("--format", fmt, FORMATS)
+    check_choice("--precision", precision, PRECISIONS)
+    check_choice("--engine", engine, ENGINES)
+    device = check_runtime_option(runtime, precision, device)
+    if engine == "ray" and runtime != "torch":
+        fail("--runtime onnx/openvino runs with --engine local only (Ray workers use torch)")
+    if engine == "ray":
+        from ..scale.ray_engine import require_ray
 
-    id_set = evaluation.sets[0]
-    ood = {s.name: s.scores for s in evaluation.sets[1:] if s.paths}
-    return operating_points(id_set.scores, ood, alpha, seed)
+        require_ray()
+    elif ray_options_given(*ray, None):
+        fail("--ray-address, --actors, --gpus-per-actor and --cpus-per-actor need --engine ray")
+    return device
+
+
+def _check_outputs(output: Path | None, save_scores: Path | None, plots: Path | None, report: Path | None, alpha: float | None,
+                   fpr_convention: str) -> None:
+    """Every file the run will write, --alpha, the FPR95 convention and matplotlib (for --plots), before the
+    model loads: a mistake here costs a second, not an evaluation."""
+    check_output("--output", output)
+    check_stdout(output)
+    check_output("--save-scores", save_scores)
+    check_output("--plots", plots, directory=True)
+    check_output("--report", report)
+    if alpha is not None:
+        from ..scores.calibration import check_alpha
+
+        check_alpha(alpha)
+    from ..evaluation import check_convention
+
+    check_convention(fpr_convention)
+    if plots is not None:
+        from ..outputs.plots import require_matplotlib
+
+        require_matplotlib()
+
+
+def _write_extras(evaluation: Evaluation, save_scores: Path | None, plots: Path | None) -> None:
+    """--save-scores and --plots, each said on stderr."""
+    if save_scores is not None:
+        from ..outputs.results import write_scores
+
+        write_scores(evaluation, save_scores)
+        info(f"wrote per-image scores to {save_scores}")
+    if plots is not None:
+        from ..outputs.plots import write_plots
+
+        written = write_plots(evaluation, plots)
+        info(f"wrote {len(written)} plots to {plots}")
+
+
+def _tell_cache(feature_cache: FeatureCache, cache: Path | None) -> None:
+    """What the feature cache reused, stored and rebuilt, and how many entries could not be written."""
+    stats = feature_cache.stats
+    info(f"feature cache {cache}: {stats.hits} reused, {stats.written} encoded and stored"
+         + (f", {stats.corrupt} damaged entries rebuilt" if stats.corrupt else ""))
+    if stats.write_errors:
+        warn(f"{len(stats.write_errors)} cache entries could not be written (first: {stats.write_errors[0]})")
+
+
+def _exit(evaluation: Evaluation) -> NoReturn:
+    """Exit 1 when images were left out (the first named), else 0."""
+    failures = evaluation.failures
+    if failures:
+        first_set, first_path, first_error = failures[0]
+        warn(f"{len(failures)} images could not be read and were left out (first: {first_path}: {first_error})")
+        raise typer.Exit(EXIT_PARTIAL)
+    raise typer.Exit(EXIT_OK)
 
 
 @contextlib.contextmanager

@@ -187,47 +187,21 @@ def train(base: Base, data: IndexedData | ShardData, config: TrainConfig, monito
 
 
 def _train(base: Base, data: IndexedData | ShardData, config: TrainConfig, monitor: Monitor, device: torch.device, world: dist_utils.World) -> TrainResult:
+    """One process's run: set up, resume, make the batches, take the steps, save (on the main process)."""
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     precision = _resolve_precision(config.precision, device)
-    encode_precision = {"amp": "fp16"}.get(precision, precision)
-    cached = config.cache_features if config.cache_features is not None else (isinstance(data, IndexedData) and not config.augment)
-    if cached and (isinstance(data, ShardData) or config.augment):
-        raise TrainError("feature caching needs a finite source (index file or folder) and no --augment")
+    cached = _caches_features(config, data)
     torch.manual_seed(config.seed + world.rank)
     model = base.model.to(device).eval()
     frozen = frozen_fingerprint(model)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "amp")
     settings = _resume_settings(base, config, frozen, world, cached)
-
-    start, consumed = 0, 0
-    if config.resume is not None:
-        state = load_state(config.resume)
-        check_compatible(config.resume, state["settings"], settings)
-        trainable = dict(model.named_parameters())
-        try:  # the checkpoint's fields have their types (load_state); here they must also fit this model
-            with torch.no_grad():
-                for name, value in state["trainable"].items():
-                    trainable[name].copy_(value)
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            start, consumed = state["step"], state["consumed"][world.rank]
-        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as exc:
-            raise TrainError(f"{config.resume}: the checkpoint does not fit this model ({type(exc).__name__}: {str(exc).strip()[:160]})") from None
-
-    skipped: list[str] = list(data.skipped)
-    if cached:
-        monitor.phase("caching frozen features", len(dist_utils.share(len({p.image for p in data.pairs}), world)))
-        table = build_feature_table(model, data, device, encode_precision, workers=config.workers, progress=monitor.advance, world=world)
-        skipped = table.skipped
-        samples: int | None = len(table)
-        batches: CachedBatches | StreamBatches = CachedBatches(table, config.batch_size, config.seed, world.rank, world.size, consumed)
-    else:
-        samples = len(data) if isinstance(data, IndexedData) else config.samples_per_epoch
-        pairs = pair_stream(data, config.seed, world.rank, world.size)
-        batches = StreamBatches(model, pairs, config.batch_size, device, encode_precision, config.augment, config.workers, consumed, seed=config.seed, rank=world.rank)
+    start, consumed = _resume(config, settings, model, optimizer, scaler, world) if config.resume is not None else (0, 0)
+    encode_precision = {"amp": "fp16"}.get(precision, precision)
+    batches, samples, skipped = _batches(model, data, config, monitor, device, encode_precision, cached, consumed, world)
     total = total_steps(config, samples, world.size)
     if start >= total:
         raise TrainError(f"{config.resume}: the checkpoint is at step {start}, the run has {total} steps")
@@ -235,34 +209,10 @@ def _train(base: Base, data: IndexedData | ShardData, config: TrainConfig, monit
     tower: nn.Module = NoTower(model)
     if world.size > 1:
         tower = nn.parallel.DistributedDataParallel(tower, device_ids=[device.index] if device.type == "cuda" else None)
-    scale = model.logit_scale.detach().exp()
-    recent: deque[dict[str, float]] = deque(maxlen=max(1, min(50, total // 10)))
     monitor.phase("training", total)
     began = time.perf_counter()
     try:
-        for step in range(start, total):
-            tick = time.perf_counter()
-            lr = cosine_lr(step, total, config.lr, config.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = batches.next()
-            choice = prompt_choice(config.seed, step, len(batch.tokens), model.num_prompts, world)
-            with _autocast(device, precision):
-                text_no = tower(batch.tokens.to(device), choice)
-            image, text_yes, text_no, ids = dist_utils.gather_features(
-                world, batch.image.to(device), batch.text_yes.to(device), text_no.float(), batch.caption_ids.to(device)
-            )
-            terms = clipn_loss(image, text_yes, text_no, scale, ids if config.exclude_same_caption else None)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms.total * world.size).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses = terms.as_floats()
-            recent.append(losses)
-            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < total:
-                _checkpoint(config, model, optimizer, scaler, step + 1, settings, batches.consumed, world)
-            elapsed = max(time.perf_counter() - tick, 1e-9)
-            monitor.step(StepLog(step + 1, total, lr, losses, len(batch.tokens) * world.size / elapsed))
+        recent = _steps(tower, model, batches, optimizer, scaler, config, monitor, device, precision, settings, start, total, world)
     finally:
         if isinstance(batches, StreamBatches):
             batches.close()
@@ -274,6 +224,81 @@ def _train(base: Base, data: IndexedData | ShardData, config: TrainConfig, monit
         info = _save_output(base, model, config, data.description, total, means, cached, world)
     dist_utils.barrier(world)
     return TrainResult(info, total, means, time.perf_counter() - began, skipped)
+
+
+def _caches_features(config: TrainConfig, data: IndexedData | ShardData) -> bool:
+    """Whether the frozen image and "yes" features are computed once before training: by default
+    for a finite source without --augment, the only sources where they stay the same each epoch."""
+    cached = config.cache_features if config.cache_features is not None else (isinstance(data, IndexedData) and not config.augment)
+    if cached and (isinstance(data, ShardData) or config.augment):
+        raise TrainError("feature caching needs a finite source (index file or folder) and no --augment")
+    return cached
+
+
+def _resume(config: TrainConfig, settings: dict[str, Any], model: CLIPN, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, world: dist_utils.World) -> tuple[int, int]:
+    """Load `config.resume` into the model, optimiser and scaler; returns the step to go on from and the
+    samples this process had consumed. A checkpoint of another run or model is one TrainError."""
+    state = load_state(config.resume)
+    check_compatible(config.resume, state["settings"], settings)
+    trainable = dict(model.named_parameters())
+    try:  # the checkpoint's fields have their types (load_state); here they must also fit this model
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                trainable[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        return state["step"], state["consumed"][world.rank]
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise TrainError(f"{config.resume}: the checkpoint does not fit this model ({type(exc).__name__}: {str(exc).strip()[:160]})") from None
+
+
+def _batches(model: CLIPN, data: IndexedData | ShardData, config: TrainConfig, monitor: Monitor, device: torch.device, encode_precision: str,
+             cached: bool, consumed: int, world: dist_utils.World) -> tuple[CachedBatches | StreamBatches, int | None, list[str]]:
+    """The batches of the run (frozen features cached here once, or a stream that encodes as it goes),
+    the samples per epoch (None: unknown, shards) and the inputs skipped so far."""
+    if cached:
+        monitor.phase("caching frozen features", len(dist_utils.share(len({p.image for p in data.pairs}), world)))
+        table = build_feature_table(model, data, device, encode_precision, workers=config.workers, progress=monitor.advance, world=world)
+        return CachedBatches(table, config.batch_size, config.seed, world.rank, world.size, consumed), len(table), table.skipped
+    samples = len(data) if isinstance(data, IndexedData) else config.samples_per_epoch
+    pairs = pair_stream(data, config.seed, world.rank, world.size)
+    batches = StreamBatches(model, pairs, config.batch_size, device, encode_precision, config.augment,
+                            config.workers, consumed, seed=config.seed, rank=world.rank)
+    return batches, samples, list(data.skipped)
+
+
+def _steps(tower: nn.Module, model: CLIPN, batches: CachedBatches | StreamBatches, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+           config: TrainConfig, monitor: Monitor, device: torch.device, precision: str, settings: dict[str, Any], start: int, total: int,
+           world: dist_utils.World) -> deque[dict[str, float]]:
+    """Steps `start` to `total` (checkpoints between them); returns the losses of the last steps, whose
+    mean the trained weights record."""
+    scale = model.logit_scale.detach().exp()
+    recent: deque[dict[str, float]] = deque(maxlen=max(1, min(50, total // 10)))
+    for step in range(start, total):
+        tick = time.perf_counter()
+        lr = cosine_lr(step, total, config.lr, config.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = batches.next()
+        choice = prompt_choice(config.seed, step, len(batch.tokens), model.num_prompts, world)
+        with _autocast(device, precision):
+            text_no = tower(batch.tokens.to(device), choice)
+        image, text_yes, text_no, ids = dist_utils.gather_features(
+            world, batch.image.to(device), batch.text_yes.to(device), text_no.float(), batch.caption_ids.to(device)
+        )
+        terms = clipn_loss(image, text_yes, text_no, scale, ids if config.exclude_same_caption else None)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(terms.total * world.size).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses = terms.as_floats()
+        recent.append(losses)
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < total:
+            _checkpoint(config, model, optimizer, scaler, step + 1, settings, batches.consumed, world)
+        elapsed = max(time.perf_counter() - tick, 1e-9)
+        monitor.step(StepLog(step + 1, total, lr, losses, len(batch.tokens) * world.size / elapsed))
+    return recent
 
 
 def _autocast(device: torch.device, precision: str):

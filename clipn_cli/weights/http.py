@@ -163,45 +163,17 @@ def download(
     part, validator_file = _partial_files(dest)
     validator = validator_file.read_text(encoding="utf-8").strip() if validator_file.is_file() else ""
     offset = part.stat().st_size if part.is_file() and validator else 0
-
-    headers = {"User-Agent": f"clipn-cli/{__version__}", "Accept-Encoding": "identity"}
-    if offset:
-        headers.update({"Range": f"bytes={offset}-", "If-Range": validator})
     limits = FetchLimits.from_env()
-    watch = _Watch()
-    watch.start(limits.headers)
     try:
-        response = _opener(watch).open(urllib.request.Request(url, headers=headers), timeout=min(timeout, limits.stall))
-    except urllib.error.HTTPError as exc:
-        watch.cancel()
-        total = _range_total(exc.headers.get("Content-Range", ""))
-        if exc.code == 416 and offset and total == offset:
+        response = _request(url, offset, validator, limits, timeout)
+    except _Unsatisfiable as exc:
+        if offset and exc.total == offset:  # the part is already the whole file
             return _finish(part, dest, validator_file, sha256, size, offset, 0)
-        if exc.code == 416:
-            _discard(part, validator_file)
-            return download(url, dest, sha256=sha256, size=size, progress=progress, timeout=timeout)
-        raise FetchError(f"{url}: the server answered HTTP {exc.code} {_printable(str(exc.reason))}; {_by_hand(url)}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
-        watch.cancel()
-        if watch.fired:
-            raise FetchError(f"{url}: {_late(limits)}; {_by_hand(url)}") from None
-        raise FetchError(f"cannot download {url} ({_reason(exc)}); {_by_hand(url)}") from None
-    watch.cancel()
-    if watch.fired:  # cut inside the headers: what came looks like a reply, but it is not one
-        response.close()
-        raise FetchError(f"{url}: {_late(limits)}; {_by_hand(url)}")
+        _discard(part, validator_file)
+        return download(url, dest, sha256=sha256, size=size, progress=progress, timeout=timeout)
 
     with response:
-        content_range = response.headers.get("Content-Range", "")
-        if response.status == 206 and _range_start(content_range) == offset:
-            total = _range_total(content_range)
-        elif response.status == 206:
-            raise FetchError(f"{url}: the server sent a part of the file that was not asked for (Content-Range {_printable(content_range)!r}): refused")
-        else:
-            offset = 0
-            total = _content_length(url, response.headers.get("Content-Length"))
-        if total is not None and total > limits.max_bytes:
-            raise FetchError(f"{url}: the server offers {total} bytes, more than the {limits.max_bytes} allowed (CLIPN_FETCH_MAX_BYTES): refused")
+        offset, total = _body_range(url, response, offset, limits)
         if size is not None and total is not None and total != size:
             _discard(part, validator_file)
             raise FetchError(f"{url}: the server offers {total} bytes, expected {size}: refused")
@@ -218,6 +190,57 @@ def download(
     if total is not None and done != total:
         raise FetchError(f"{url}: the connection was lost after {done} of {total} bytes; {_kept(part, new_validator)}")
     return _finish(part, dest, validator_file, sha256, size, offset, received)
+
+
+class _Unsatisfiable(Exception):
+    """HTTP 416 to a Range request: the part on disk is complete (`total` equals it) or stale."""
+
+    def __init__(self, total: int | None) -> None:
+        super().__init__(total)
+        self.total = total
+
+
+def _request(url: str, offset: int, validator: str, limits: FetchLimits, timeout: float) -> http.client.HTTPResponse:
+    """The server's reply up to its last header, within `limits.headers` (redirects included); from
+    byte `offset` when a part is kept. Every failure is one FetchError, except 416 (`_Unsatisfiable`)."""
+    headers = {"User-Agent": f"clipn-cli/{__version__}", "Accept-Encoding": "identity"}
+    if offset:
+        headers.update({"Range": f"bytes={offset}-", "If-Range": validator})
+    watch = _Watch()
+    watch.start(limits.headers)
+    try:
+        response = _opener(watch).open(urllib.request.Request(url, headers=headers), timeout=min(timeout, limits.stall))
+    except urllib.error.HTTPError as exc:
+        watch.cancel()
+        if exc.code == 416:
+            raise _Unsatisfiable(_range_total(exc.headers.get("Content-Range", ""))) from None
+        raise FetchError(f"{url}: the server answered HTTP {exc.code} {_printable(str(exc.reason))}; {_by_hand(url)}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+        watch.cancel()
+        if watch.fired:
+            raise FetchError(f"{url}: {_late(limits)}; {_by_hand(url)}") from None
+        raise FetchError(f"cannot download {url} ({_reason(exc)}); {_by_hand(url)}") from None
+    watch.cancel()
+    if watch.fired:  # cut inside the headers: what came looks like a reply, but it is not one
+        response.close()
+        raise FetchError(f"{url}: {_late(limits)}; {_by_hand(url)}")
+    return response
+
+
+def _body_range(url: str, response: http.client.HTTPResponse, offset: int, limits: FetchLimits) -> tuple[int, int | None]:
+    """Where the body starts in the file (the asked `offset` for a matching 206, else 0) and the file's
+    whole length (None: unknown); a part not asked for, or more than `limits.max_bytes`, is refused."""
+    content_range = response.headers.get("Content-Range", "")
+    if response.status == 206 and _range_start(content_range) == offset:
+        total = _range_total(content_range)
+    elif response.status == 206:
+        raise FetchError(f"{url}: the server sent a part of the file that was not asked for (Content-Range {_printable(content_range)!r}): refused")
+    else:
+        offset = 0
+        total = _content_length(url, response.headers.get("Content-Length"))
+    if total is not None and total > limits.max_bytes:
+        raise FetchError(f"{url}: the server offers {total} bytes, more than the {limits.max_bytes} allowed (CLIPN_FETCH_MAX_BYTES): refused")
+    return offset, total
 
 
 def _receive(
