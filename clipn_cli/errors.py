@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class ClipnError(Exception):
     """Base class: a problem the user can fix (bad file, bad option, missing weights)."""
@@ -77,3 +79,49 @@ class ScoresError(ClipnError, ValueError):
 
 class VerdictError(ClipnError):
     """A verdict cannot be given as asked: a rule without a threshold-free verdict and no cut, or two cuts at once."""
+
+
+class FileFormatError(ClipnError, ValueError):
+    """A file is not what its kind must be: too large, not a regular file, JSON past its limits, not
+    UTF-8, a damaged safetensors header or shard. The message says what, fit to follow the file's
+    name: a reader usually wraps it in its own error naming the file; where none does, `path` (when
+    the raiser knew it) lets the CLI still name the file. Also a ValueError, as these always were."""
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def one_line(self) -> str:
+        """The message, after the file's name when it is known."""
+        return f"{os.fsdecode(self.path)}: {self}" if self.path is not None else str(self)
+
+
+class FileTooLargeError(FileFormatError):
+    """A file over the size limit of its kind (refused by its size, or by a read of one byte more)."""
+
+
+class NotRegularFileError(FileFormatError):
+    """A path names a device, socket or pipe: reading it could block for ever or never end."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__("not a regular file (device, socket or pipe)", path)
+
+
+class JSONLimitError(FileFormatError):
+    """JSON refused before it was parsed: too many values or containers, or nested too deeply."""
+
+
+class UnicodeTextError(FileFormatError):
+    """Text that is not UTF-8: `offset` is the first bad byte's offset in the file, `line` its line (from 1)."""
+
+    def __init__(self, offset: int, line: int, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(f"not UTF-8 text (byte {offset}, line {line})", path)
+        self.offset, self.line = offset, line
+
+
+class SafetensorsError(FileFormatError):
+    """The file is not a well-formed safetensors file; the message says what is wrong."""
+
+
+class ShardError(FileFormatError):
+    """A shard file of a Ray output folder is not what the run wrote: the message says what, the reader names the file."""

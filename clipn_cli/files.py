@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import ClipnError, OutputError
+from .errors import (  # noqa: F401  (the bounded readers' errors, importable from here as before)
+    ClipnError, FileTooLargeError, JSONLimitError, NotRegularFileError, OutputError, UnicodeTextError,
+)
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -194,17 +196,6 @@ def _umask() -> int:
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
 
 
-class FileTooLargeError(ValueError):
-    """A file over the size limit of its kind (refused by its size, or by a read of one byte more)."""
-
-
-class NotRegularFileError(ValueError):
-    """A path names a device, socket or pipe: reading it could block for ever or never end."""
-
-    def __init__(self) -> None:
-        super().__init__("not a regular file (device, socket or pipe)")
-
-
 def open_regular(path: str | os.PathLike[str]) -> IO[bytes]:
     """`path` opened for reading, refused at once unless it is a regular file.
 
@@ -217,14 +208,14 @@ def open_regular(path: str | os.PathLike[str]) -> IO[bytes]:
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
     if not stat.S_ISREG(st.st_mode):
-        raise NotRegularFileError()
+        raise NotRegularFileError(path)
     fd = os.open(path, OPEN_FLAGS)
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
         if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFileError()
+            raise NotRegularFileError(path)
     except BaseException:
         os.close(fd)
         raise
@@ -243,16 +234,12 @@ def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:
         st = os.fstat(fh.fileno())
         data = fh.read(limit + 1) if st.st_size <= limit else None  # read one byte more: the file may grow
     if data is None or len(data) > limit:
-        raise FileTooLargeError(f"larger than {_size(limit)} (the limit for this kind of file)")
+        raise FileTooLargeError(f"larger than {_size(limit)} (the limit for this kind of file)", path)
     return data
 
 
 def _size(count: int) -> str:
     return f"{count >> 20} MiB" if count >= 1 << 20 else f"{count >> 10} KiB" if count >= 1 << 10 else f"{count} bytes"
-
-
-class JSONLimitError(ValueError):
-    """JSON refused before it was parsed: too many values or containers, or nested too deeply."""
 
 
 @dataclass(frozen=True)
@@ -321,7 +308,12 @@ def read_json(path: str | os.PathLike[str], max_bytes: int, limits: JSONLimits =
     and depth before an object is built. Raises OSError, or ValueError (JSONLimitError, not JSON,
     not UTF-8, not a regular file, too large) with a message fit to follow the file's name.
     """
-    return parse_json(read_bounded(path, max_bytes), limits)
+    data = read_bounded(path, max_bytes)
+    try:
+        return parse_json(data, limits)
+    except JSONLimitError as exc:
+        exc.path = path  # named on its own line where no reader wraps it
+        raise
 
 
 def decode_utf8(data: bytes, offset: int = 0, line: int = 1) -> str:
@@ -337,14 +329,6 @@ def decode_utf8(data: bytes, offset: int = 0, line: int = 1) -> str:
     except UnicodeDecodeError as exc:
         bad = start + exc.start
         raise UnicodeTextError(offset + bad, line + data.count(b"\n", 0, bad)) from None
-
-
-class UnicodeTextError(ValueError):
-    """Text that is not UTF-8: `offset` is the first bad byte's offset in the file, `line` its line (from 1)."""
-
-    def __init__(self, offset: int, line: int) -> None:
-        super().__init__(f"not UTF-8 text (byte {offset}, line {line})")
-        self.offset, self.line = offset, line
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -8,13 +8,10 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from .files import JSONLimitError, JSONLimits, parse_json
+from .errors import JSONLimitError, SafetensorsError
+from .files import JSONLimits, parse_json
 
 MAX_JSON_DEPTH = 32  # deeper than any config or list clipn writes; a hostile file nests 100,000 deep
-
-
-class SafetensorsError(ValueError):
-    """The file is not a well-formed safetensors file; the message says what is wrong (without the path)."""
 
 
 def loads_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH, limits: JSONLimits | None = None) -> Any:

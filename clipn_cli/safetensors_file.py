@@ -60,8 +60,10 @@ class SafetensorsFile:
                 raise SafetensorsError("not a regular file (device, socket or pipe)")
             self.size = st.st_size
             self.metadata, self.entries, self.data_start = self._read_header()
-        except BaseException:
+        except BaseException as exc:
             os.close(fd)
+            if isinstance(exc, SafetensorsError) and exc.path is None:
+                exc.path = self.path  # named on its own line where no reader wraps it
             raise
         self._map: mmap.mmap | None = None
 

@@ -21,7 +21,7 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 
-from ..errors import ClipnError
+from ..errors import ClipnError, FileFormatError
 from ..model.devices import CPU_DECODE_WORKERS, CPU_FORWARD_BATCH, CUDA_FORWARD_BATCH, PRECISIONS  # noqa: F401  PRECISIONS: for the commands
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
@@ -149,7 +149,7 @@ def handle_errors() -> Iterator[None]:
     except ClipnError as exc:
         if debug_enabled():
             traceback.print_exc(file=sys.stderr)
-        fail(str(exc))
+        fail(exc.one_line() if isinstance(exc, FileFormatError) else str(exc))
     except BrokenPipeError:
         _quiet_stdout()
         raise typer.Exit(EXIT_SIGPIPE) from None

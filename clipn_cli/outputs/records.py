@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import OptionsError
+from ..errors import OptionsError, ShardError
 from ..jsonsafe import json_text  # re-exported: the JSON text of a record
 from ..scores import methods
 from ..scores.methods import record_fields
@@ -208,10 +208,6 @@ def encode_shard(records: Sequence[dict[str, Any]], fmt: str, details: bool = Fa
         pq.write_table(to_table(records, details, extra), sink, compression="zstd")
         return sink.getvalue()
     raise OptionsError(f"unknown shard format '{fmt}' (expected one of {', '.join(SHARD_FORMATS)})")
-
-
-class ShardError(ValueError):
-    """A shard file is not what the run wrote: the message says what, the reader names the file."""
 
 
 def decode_shard(data: bytes, fmt: str, records: int | None = None, required: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:

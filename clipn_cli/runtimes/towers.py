@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import OptionsError
 from ..model.clipn import CLIPN
 from . import check_runtime
 from .onnx_export import cached_export
@@ -68,9 +69,9 @@ def attach_runtime(
     if runtime == "torch":
         return model
     if quantize is not None and runtime != "onnx":
-        raise ValueError(f"--quantize {quantize} runs with --runtime onnx or torch, not --runtime {runtime}")
+        raise OptionsError(f"--quantize {quantize} runs with --runtime onnx or torch, not --runtime {runtime}")
     if next(model.visual.parameters()).device.type != "cpu":
-        raise ValueError(f"--runtime {runtime} runs on the CPU: give --device cpu, or --runtime torch for a GPU")
+        raise OptionsError(f"--runtime {runtime} runs on the CPU: give --device cpu, or --runtime torch for a GPU")
     path = cached_export(model, folder, fingerprint, quantize)
     tower = OnnxTower(path) if runtime == "onnx" else OpenVinoTower(path, precision)
     model.image_runtime = ImageRuntime(runtime, "int8" if quantize else precision, tower)

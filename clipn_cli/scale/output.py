@@ -7,7 +7,7 @@ from array import array
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import ClipnError
+from ..errors import ClipnError, ShardError
 from .manifest import Manifest, ResumeError, load_manifest
 from ..outputs.records import MAX_SHARD_BYTES, SHARD_FORMATS, decode_shard, encode_shard
 from ..verdicts import set_q_value
@@ -42,6 +42,8 @@ def _shard_records(store: OutputStore, manifest: Manifest, index: int) -> list[d
     required = ("p_value",) if manifest.job.get("calibration") else ()
     try:
         return list(decode_shard(store.read(*file.split("/"), limit=MAX_SHARD_BYTES), fmt, summary["records"], required))
+    except ShardError as exc:  # says what is wrong, not where: name the shard (before ClipnError, which it also is)
+        raise ResumeError(f"{store.uri}/{file}: damaged shard ({exc})") from None
     except ClipnError as exc:  # the store's own message names the file
         raise ResumeError(f"{exc} (a shard the manifest lists as finished)") from None
     except (ValueError, KeyError, TypeError, OSError, RecursionError) as exc:  # pyarrow's errors are ValueError/OSError
