@@ -49,7 +49,7 @@ def test_sparse_8_gib_index_and_caption_are_refused_unread(tmp_path: Path) -> No
     (folder / "a.png").write_bytes((IMAGES / "chelsea.png").read_bytes())
     with open(folder / "a.txt", "wb") as fh:
         fh.truncate(8 << 30)
-    with pytest.raises(DataError, match=rf"^{folder / 'a.txt'}: cannot read caption \(larger than 1 MiB"):
+    with pytest.raises(DataError, match=rf"^{folder / 'a.txt'}: cannot read caption \(larger than 16 KiB"):
         open_data(str(folder))
 
 
@@ -81,7 +81,7 @@ def test_only_undecodable_images_end_the_stream_with_an_error(tiny_weights: Path
 
 
 def test_a_compressed_shard_reads_one_image_per_sample(tmp_path: Path) -> None:
-    """Members a sample does not use (a second image, other files, a caption over 1 MiB) are not read."""
+    """Members a sample does not use (a second image, other files, a caption over 16 KiB) are not read."""
     big = b"x" * (2 << 20)
     shard = _tar(tmp_path / "s.tar", {"a.jpg": b"first", "a.png": big, "a.webp": big, "a.json": big, "a.txt": b"a cat",
                                       "b.jpg": b"img", "b.txt": b"y" * ((1 << 20) + 1)}, compress="bz2")
@@ -154,3 +154,42 @@ def test_cli_resume_from_a_checkpoint_holding_only_its_format(tiny_weights: Path
     out = cli("train", "--base", str(tiny_weights), "--data", str(folder), "--resume", str(path), "--output", str(tmp_path / "out.safetensors"), "--steps", "1")
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert f"{path}: damaged training checkpoint (no 'settings')" in out.stderr
+
+
+LONG_CAPTION = "x" * (16 << 10) + "y"  # one byte over the 16 KiB a caption may hold (README "Train")
+ACCENTED = "é" * (8 << 10) + "y"  # 8,193 characters, 16 KiB + 1 of UTF-8
+
+
+@pytest.mark.parametrize("name, row", [
+    ("index.jsonl", '{"image": "b.png", "caption": "%s"}'),
+    ("index.tsv", "b.png\t%s"),
+    ("index.csv", "b.png,%s"),
+])
+@pytest.mark.parametrize("long", [LONG_CAPTION, ACCENTED])
+def test_an_index_caption_over_16_kib_is_one_line_naming_file_and_line(tmp_path: Path, name: str, row: str, long: str) -> None:
+    """A caption of 16 KiB + 1 byte (counted in UTF-8 bytes, not characters) in any index kind is
+    refused at its line; one of exactly 16 KiB is read."""
+    index = tmp_path / name
+    header = {"index.jsonl": "", "index.tsv": "image\tcaption\n", "index.csv": ""}[name]
+    first = {"index.jsonl": '{"image": "a.png", "caption": "short"}', "index.tsv": "a.png\tshort", "index.csv": "a.png,short"}[name]
+    line = 3 if header else 2
+    index.write_text(header + first + "\n" + row % long + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{index}:{line}: a caption of 16,385 bytes, more than the 16 KiB a caption may hold$"):
+        open_data(str(index))
+    index.write_text(header + first + "\n" + row % long[:-1] + "\n", encoding="utf-8")
+    assert [len(p.caption.encode()) for p in open_data(str(index)).pairs] == [5, 16 << 10]
+
+
+def test_a_caption_file_over_16_kib_beside_an_image_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes((IMAGES / "chelsea.png").read_bytes())
+    (tmp_path / "a.txt").write_text(LONG_CAPTION)
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'a.txt'}: cannot read caption \(larger than 16 KiB"):
+        open_data(str(tmp_path))
+
+
+def test_a_shard_caption_over_16_kib_skips_its_sample_unread(tmp_path: Path) -> None:
+    """A stream skips what it cannot use: the 16 KiB + 1 caption is not read and its sample left out;
+    a caption of exactly 16 KiB is read."""
+    shard = _tar(tmp_path / "s.tar", {"k1.jpg": b"\xff\xd8 image", "k1.txt": b"fine", "k2.jpg": b"\xff\xd8 image", "k2.txt": LONG_CAPTION.encode(),
+                                      "k3.jpg": b"\xff\xd8 image", "k3.txt": LONG_CAPTION[:-1].encode()})
+    assert [(p.key.rsplit(":", 1)[1], len(p.caption)) for p in read_shard(str(shard))] == [("k1", 4), ("k3", 16 << 10)]

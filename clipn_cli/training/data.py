@@ -37,7 +37,11 @@ CAPTION_KEYS = ("caption", "text", "title", "txt", "prompt")
 SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than this is not an image we can use
 MAX_INDEX_BYTES = 1 << 30  # an index file (CSV/TSV/JSONL) is read whole: at most 1 GiB
-MAX_CAPTION_BYTES = 1 << 20  # a caption (`.txt` beside an image or in a shard) is at most 1 MiB
+# A caption is at most 16 KiB of UTF-8, whatever holds it (an index field, a `.txt` beside an image or
+# in a shard): CLIP's tokenizer keeps 77 tokens (a few hundred bytes), and a longer text only costs
+# tokenizer time and memory. In an index or a folder a longer one is one DataError naming the file
+# (and line); in a shard stream its sample is skipped unread.
+MAX_CAPTION_BYTES = 16 << 10
 MAX_SHARDS = 1_000_000  # brace patterns expand to at most this many shard names (LAION-5B has 231,350)
 SHUFFLE_BUFFER_BYTES = 256 << 20  # encoded images held by a shard stream's shuffle buffer
 BRACE = re.compile(r"\{([^{}]*)\}")
@@ -176,7 +180,8 @@ def read_shard(path: str) -> Iterator[Pair]:
                         yield pair
                     key, parts = member_key, {}
                 ext = ext.lower()
-                # only what a sample uses is read: one image, a caption of at most MAX_CAPTION_BYTES
+                # only what a sample uses is read: one image, a caption of at most MAX_CAPTION_BYTES (a
+                # longer one is left unread and its sample skipped, as a stream skips what it cannot use)
                 wanted = (ext == "txt" and member.size <= MAX_CAPTION_BYTES) or (
                     ext in SHARD_IMAGE_EXTS and not any(e in parts for e in SHARD_IMAGE_EXTS)
                 )
@@ -212,6 +217,8 @@ def read_index(path: str | os.PathLike[str], image_key: str | None = None, capti
     rows = _jsonl_rows(path, text, image_key, caption_key) if path.suffix.lower() == ".jsonl" else _table_rows(path, text, image_key, caption_key)
     pairs, skipped = [], []
     for line, image, caption in rows:
+        if (size := len(caption.encode("utf-8", "surrogatepass"))) > MAX_CAPTION_BYTES:
+            raise DataError(f"{path}:{line}: {_long_caption(size)}")
         caption = caption.strip()
         if not image.strip():
             raise DataError(f"{path}:{line}: empty image path")
@@ -299,13 +306,17 @@ def read_folder(path: str | os.PathLike[str]) -> IndexedData:
                 continue
             try:
                 caption = read_bounded(caption_file, MAX_CAPTION_BYTES).decode("utf-8-sig").strip()
-            except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not a regular file, over 1 MiB
+            except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not a regular file, over MAX_CAPTION_BYTES
                 raise DataError(f"{caption_file}: cannot read caption ({exc})") from None
             if caption:
                 pairs.append(Pair(str(image), caption, str(image)))
             else:
                 skipped.append(f"{caption_file}: empty caption")
     return _checked(IndexedData(pairs, str(root), skipped))
+
+
+def _long_caption(size: int) -> str:
+    return f"a caption of {size:,} bytes, more than the {MAX_CAPTION_BYTES >> 10} KiB a caption may hold"
 
 
 def _checked(data: IndexedData) -> IndexedData:
