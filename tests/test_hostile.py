@@ -32,7 +32,7 @@ from conftest import spawn
 from clipn_cli.inputs import decode as images
 from clipn_cli.cli.app import app
 from clipn_cli.heads.embeddings import ClassEmbeddings
-from clipn_cli.errors import ClassesError, ClipnError, EmbeddingsError, OutputError, WeightsError
+from clipn_cli.errors import ClassesError, ClipnError, EmbeddingsError, OutputError, TrainError, WeightsError
 from clipn_cli.inputs.decode import load_images, load_one, open_image
 from clipn_cli.inputs.limits import DecodeLimits, jpeg_scans
 from clipn_cli.inputs.sources import InputItem, iter_inputs
@@ -592,6 +592,60 @@ def test_zip_bomb_checkpoint_is_refused_before_loading(tmp_path: Path, monkeypat
         read_checkpoint(bomb)
     code, records, stderr = invoke("convert", str(bomb), str(tmp_path / "out.safetensors"))
     assert code == 2 and stderr.count("\n") == 1 and "zip archive declares" in stderr
+
+
+def _restored(tmp_path: Path, compression: int = zipfile.ZIP_STORED) -> Path:
+    """A real torch.save checkpoint rewritten member by member with `compression` (32-bit zip headers)."""
+    raw = io.BytesIO()
+    torch.save({"w": torch.arange(4096, dtype=torch.float32)}, raw)
+    path = tmp_path / "model.pt"
+    with zipfile.ZipFile(io.BytesIO(raw.getvalue())) as source, zipfile.ZipFile(path, "w", compression=compression) as archive:
+        for info in source.infolist():
+            archive.writestr(info.filename, source.read(info))
+    return path
+
+
+def _declare(path: Path, member: str, stored: int, size: int) -> None:
+    """Patch `member`'s central-directory entry to declare `stored` compressed and `size` uncompressed bytes."""
+    data = bytearray(path.read_bytes())
+    eocd = data.rindex(b"PK\x05\x06")
+    at = struct.unpack("<I", data[eocd + 16:eocd + 20])[0]  # the central directory's first entry
+    while True:
+        name_len, extra_len, comment_len = struct.unpack("<HHH", data[at + 28:at + 34])
+        if data[at + 46:at + 46 + name_len].decode().endswith(member):
+            data[at + 20:at + 28] = struct.pack("<II", stored, size)
+            path.write_bytes(bytes(data))
+            return
+        at += 46 + name_len + extra_len + comment_len
+
+
+@pytest.mark.parametrize("hostile, message", [
+    ("compressed", r"refused to load: member '[^']*data\.pkl' is compressed \(torch\.save stores members uncompressed"),
+    ("longer", r"refused to load: member '[^']*data/0' declares 1000000 bytes, the file holds \d+ of them \(cut short\?\)"),
+    ("unequal", r"refused to load: stored member '[^']*data/0' declares 16385 bytes but stores 16384"),
+])
+def test_checkpoint_members_must_be_stored_and_fit_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hostile: str, message: str) -> None:
+    """Official checkpoints store members uncompressed: a compressed member, one declaring more bytes
+    than the file holds, or one whose declared and stored sizes differ is refused before torch.load."""
+    from clipn_cli.training.checkpoint import load_state
+    from clipn_cli.weights.format import read_checkpoint
+
+    path = _restored(tmp_path)
+    assert read_checkpoint(path)["w"].sum().item() == sum(range(4096))  # the rewritten file loads
+    path = _restored(tmp_path, zipfile.ZIP_DEFLATED if hostile == "compressed" else zipfile.ZIP_STORED)
+    if hostile == "longer":
+        _declare(path, "data/0", 1_000_000, 1_000_000)
+    elif hostile == "unequal":
+        _declare(path, "data/0", 16384, 16385)
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.load reached")
+
+    monkeypatch.setattr(torch, "load", never)
+    with pytest.raises(WeightsError, match=rf"^{path}: {message}"):
+        read_checkpoint(path)
+    with pytest.raises(TrainError, match=rf"^{path}: {message}"):
+        load_state(path)
 
 
 # 9. stdout closed -------------------------------------------------------------------------------

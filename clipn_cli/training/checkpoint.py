@@ -31,9 +31,8 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Before torch inflates anything, the zip's central directory must declare at most twice the file's
     size and every member must be stored uncompressed (as torch.save writes them), so what is loaded is
-    at most what is on disk; after loading, every key a resume reads must be there with its type."""
-    import zipfile
-
+    at most what is on disk (`weights.format._check_archive`, shared with official checkpoints); after
+    loading, every key a resume reads must be there with its type."""
     from ..weights.format import _check_archive
 
     path = Path(path)
@@ -49,11 +48,6 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
                 raise TrainError(str(exc).replace("PyTorch checkpoint", "training checkpoint")) from None
             if not zipped:
                 raise TrainError(f"{path}: not a clipn training checkpoint (not a zip archive as torch.save writes)")
-            with zipfile.ZipFile(fh) as archive:
-                packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
-            if packed:
-                raise TrainError(f"{path}: refused to load: member '{packed[0][:80]}' is compressed (torch.save stores members uncompressed; a zip bomb?)")
-            fh.seek(0)
             state = torch.load(fh, map_location="cpu", weights_only=True)
     except TrainError:
         raise

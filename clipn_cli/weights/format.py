@@ -118,16 +118,42 @@ def _check_archive(fh: Any, path: Path) -> bool:
     size = os.fstat(fh.fileno()).st_size
     try:
         with zipfile.ZipFile(fh) as archive:
-            declared = sum(info.file_size for info in archive.infolist())
+            members = archive.infolist()
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise WeightsError(f"{path}: not a readable PyTorch checkpoint (damaged zip archive: {_first_line(exc)})") from None
-    fh.seek(0)
+    declared = sum(info.file_size for info in members)
     if declared > ZIP_INFLATION_LIMIT * size + (1 << 20):
         raise WeightsError(
             f"{path}: refused to load: its zip archive declares {declared / 2**20:.0f} MiB of contents in a "
             f"{size / 2**20:.1f} MiB file (a zip bomb? torch writes checkpoints uncompressed)"
         )
+    for info in members:
+        _check_member(fh, path, info, size)
+    fh.seek(0)
     return True
+
+
+def _check_member(fh: Any, path: Path, info: Any, size: int) -> None:
+    """A member as torch.save writes it: stored, not compressed (so nothing inflates past what is on
+    disk), its declared size its stored size, its local header there, and all its bytes inside the
+    file. One 30-byte read per member; the data itself is not read (torch memory-maps it)."""
+    import struct
+    import zipfile
+
+    name = info.filename[:80]
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise WeightsError(f"{path}: refused to load: member '{name}' is compressed (torch.save stores members uncompressed; a zip bomb?)")
+    if info.compress_size != info.file_size:
+        raise WeightsError(f"{path}: refused to load: stored member '{name}' declares {info.file_size} bytes but stores {info.compress_size}")
+    fh.seek(info.header_offset)
+    local = fh.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04" or struct.unpack("<H", local[8:10])[0] != zipfile.ZIP_STORED:
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint (damaged zip archive: member '{name}' has no stored local header)")
+    start = info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30]))
+    if start + info.file_size > size:
+        raise WeightsError(
+            f"{path}: refused to load: member '{name}' declares {info.file_size} bytes, the file holds {max(0, size - start)} of them (cut short?)"
+        )
 
 
 def _unpickler_reason(exc: Exception) -> str:
