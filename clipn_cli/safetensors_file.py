@@ -15,26 +15,37 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .files import OPEN_FLAGS
 from .jsonsafe import MAX_JSON_DEPTH, SafetensorsError, loads_json  # noqa: F401  (their home before jsonsafe)
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+# safetensors dtype → (torch dtype name, NumPy dtype, bytes per element); torch is imported only when
+# tensors are asked for, so a torch-free reader (`arrays`) can use the same checked header.
+DTYPES: dict[str, tuple[str, str, int]] = {
+    "F64": ("float64", "<f8", 8), "F32": ("float32", "<f4", 4), "F16": ("float16", "<f2", 2), "BF16": ("bfloat16", "<u2", 2),
+    "I64": ("int64", "<i8", 8), "I32": ("int32", "<i4", 4), "I16": ("int16", "<i2", 2), "I8": ("int8", "i1", 1),
+    "U8": ("uint8", "u1", 1), "BOOL": ("bool", "?", 1),
 }
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 
 @dataclass(frozen=True)
 class TensorEntry:
-    dtype: torch.dtype
+    kind: str  # the safetensors dtype ("F32", "BF16", ...)
     shape: tuple[int, ...]
     start: int  # byte offsets from the start of the data section
     end: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, DTYPES[self.kind][0])
 
 
 def _is_count(value: Any) -> bool:
@@ -100,10 +111,10 @@ class SafetensorsFile:
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
             raise SafetensorsError(f"tensor '{name[:80]}': data_offsets is not two offsets")
         start, end = offsets
-        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        nbytes = math.prod(shape) * DTYPES[dtype][2]
         if not (start <= end <= data_size and end - start == nbytes):
             raise SafetensorsError(f"tensor '{name[:80]}': data_offsets {offsets} do not fit its shape {shape} or the file")
-        return TensorEntry(DTYPES[dtype], tuple(shape), start, end)
+        return TensorEntry(dtype, tuple(shape), start, end)
 
     def pread(self, count: int, offset: int) -> bytes:
         """Exactly `count` bytes at `offset` of this descriptor (the file shrinking meanwhile is an error)."""
@@ -123,10 +134,16 @@ class SafetensorsFile:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: entry.shape for name, entry in self.entries.items()}
 
-    def tensors(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Tensors viewing a private (copy-on-write) map of this descriptor: nothing is read until used."""
+    def _mapped(self) -> mmap.mmap | None:
         if self._map is None and self.size > self.data_start:
             self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+        return self._map
+
+    def tensors(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Tensors viewing a private (copy-on-write) map of this descriptor: nothing is read until used."""
+        import torch
+
+        self._mapped()
         out = {}
         for name in self.entries if names is None else names:
             entry = self.entries[name]
@@ -136,6 +153,24 @@ class SafetensorsFile:
             else:
                 flat = torch.frombuffer(self._map, dtype=entry.dtype, count=count, offset=self.data_start + entry.start)
                 out[name] = flat.view(entry.shape)
+        return out
+
+    def float32_arrays(self, names: list[str]) -> dict[str, np.ndarray]:
+        """NumPy float32 copies of tensors (any stored dtype, bf16 widened exactly as torch does): no torch."""
+        import numpy as np
+
+        mapped = self._mapped()
+        out = {}
+        for name in names:
+            entry = self.entries[name]
+            count = math.prod(entry.shape)
+            stored = DTYPES[entry.kind][1]
+            if count == 0 or mapped is None:
+                out[name] = np.zeros(entry.shape, dtype=np.float32)
+                continue
+            flat = np.frombuffer(mapped, dtype=stored, count=count, offset=self.data_start + entry.start)
+            wide = (flat.astype(np.uint32) << 16).view(np.float32) if entry.kind == "BF16" else flat.astype(np.float32)
+            out[name] = wide.reshape(entry.shape)
         return out
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ MAX_LINES = 400
 RANKS = {
     "cli": 7,
     "scale": 6, "serve": 6,
-    "detection": 5, "evaluation": 5, "training": 5, "verdicts": 5,
+    "detection": 5, "evaluation": 5, "training": 5, "verdicts": 5, "fastdetect": 5,
     "heads": 4,
     "weights": 3,
     "runtimes": 2.5,  # other image-tower runtimes: above model/, below weights/ (fingerprints come as arguments)

@@ -95,6 +95,10 @@ def detect(
         check_verdict_options(rule, threshold, calibration is not None)
         names = load_classes(classes, classes_file, embeddings)
         preflight(weights, device, embeddings=embeddings, templates=templates, inputs=paths, files={"--calibration": calibration, "--words": words})
+        if runtime == "onnx":  # the torch-free fast start, when it can take this run (cli/fastpath.py)
+            from .fastpath import fast_detect
+
+            fast_detect(locals(), pools, _write_records)  # exits when it took the run
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)

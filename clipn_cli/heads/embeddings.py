@@ -10,32 +10,23 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import EmbeddingsError
-from ..files import JSONLimits, atomic_path
+from ..files import atomic_path
 from ..model.clipn import CLIPN
 from ..scores.negatives import GROUPS, NegativePool
 from .prompts import TemplateSet
-from ..safetensors_file import SafetensorsError, SafetensorsFile, loads_json
+from .embeddings_file import CLASS_LIST_LIMITS, FORMAT, FORMAT_VERSION, NEGATIVES_FORMAT_VERSION, check_made_with, read_embeddings  # noqa: F401  (their home before embeddings_file)
 
 if TYPE_CHECKING:
     from open_clip.tokenizer import SimpleTokenizer
 
-from ..weights.home import EMBEDDINGS_FORMAT as FORMAT
-FORMAT_VERSION = "1"
-NEGATIVES_FORMAT_VERSION = "1.1"  # written only when negative labels are stored; clipn-cli before them refuses such files (it reads "1" only)
-READ_VERSIONS = (FORMAT_VERSION, NEGATIVES_FORMAT_VERSION)
 TEXT_BATCH = 256
 CHUNK_PROMPTS = 64 * TEXT_BATCH  # prompts tokenized and encoded at a time, so memory stays flat for any class count
-# the JSON lists in the metadata, bounded before parsing: a million classes (a class file's limit),
-# and the negative-label pools (15% of at most `wordpool.MAX_WORDS` candidates, for each of two pools)
-CLASS_LIST_LIMITS = JSONLimits(values=1_000_001, containers=1)
-NEGATIVES_LIMITS = JSONLimits(values=1_000_000, containers=3)
 
 
 @dataclass
@@ -76,75 +67,19 @@ class ClassEmbeddings:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ClassEmbeddings:
-        """Read and check an embeddings file written by `save`, metadata and tensors through one descriptor."""
-        path = Path(path)
-        try:
-            with SafetensorsFile(path) as sf:
-                meta = sf.metadata
-                names = [n for n in sf.entries if n in ("text_yes", "text_no") or n.startswith("negatives.")]
-                tensors = {k: v.float().clone() for k, v in sf.tensors(names).items()}
-        except FileNotFoundError:
-            raise EmbeddingsError(f"{path}: no such embeddings file") from None
-        except IsADirectoryError:
-            raise EmbeddingsError(f"{path}: is a directory, not an embeddings file") from None
-        except (SafetensorsError, OSError) as exc:
-            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()[:200]
-            raise EmbeddingsError(f"{path}: not a valid safetensors file: {detail}") from None
-        if meta.get("format") != FORMAT:
-            raise EmbeddingsError(f"{path}: not a clipn-cli embeddings file (make one with 'clipn embed-classes')")
-        if meta.get("format_version", FORMAT_VERSION) not in READ_VERSIONS:
-            raise EmbeddingsError(f"{path}: embeddings format version {meta['format_version'][:20]} is not one this clipn-cli reads ({', '.join(READ_VERSIONS)}); a newer clipn-cli may read it")
-        try:
-            classes = loads_json(meta["classes"], "class list", max_depth=1, limits=CLASS_LIST_LIMITS)
-            yes, no = tensors["text_yes"], tensors["text_no"]
-        except KeyError as exc:
-            raise EmbeddingsError(f"{path}: damaged embeddings file (no {exc})") from None
-        except SafetensorsError as exc:
-            raise EmbeddingsError(f"{path}: damaged embeddings file ({exc})") from None
-        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
-            raise EmbeddingsError(f"{path}: damaged embeddings file (class names are not a list of strings)")
-        if not (yes.ndim == 2 and yes.shape == no.shape and yes.shape[0] == len(classes) > 0 and yes.shape[1] > 0):
-            raise EmbeddingsError(f"{path}: tensor shapes {tuple(yes.shape)}/{tuple(no.shape)} do not fit {len(classes)} classes")
-        if not (torch.isfinite(yes).all() and torch.isfinite(no).all()):
-            raise EmbeddingsError(f"{path}: embeddings contain NaN or Inf values")
-        pools = _load_negatives(path, meta, tensors, yes)
-        return cls(classes, yes, no, meta.get("templates", ""), meta.get("templates_sha256", ""), meta.get("weights_fingerprint", ""), pools)
+        """Read and check an embeddings file written by `save` (`embeddings_file.read_embeddings` checks it)."""
+        stored = read_embeddings(path)
+        pools = {}
+        for name, pool in stored.pools.items():
+            if len(pool.words) < GROUPS:  # mining never stores fewer; scoring them would give every image 1.0
+                raise EmbeddingsError(f"{path}: damaged negative labels '{name}' ({len(pool.words)} words; {GROUPS} groups need at least {GROUPS})")
+            pools[name] = NegativePool(name, pool.words, torch.from_numpy(pool.negatives), torch.from_numpy(pool.id_heads))
+        return cls(stored.classes, torch.from_numpy(stored.text_yes), torch.from_numpy(stored.text_no), stored.templates,
+                   stored.templates_sha256, stored.weights_fingerprint, pools)
 
     def check_weights(self, weights_fingerprint: str, source: str = "embeddings", embed_dim: int | None = None) -> None:
         """Refuse embeddings made with other weights (or of another width): their scores would be meaningless."""
-        if self.weights_fingerprint != weights_fingerprint:
-            raise EmbeddingsError(
-                f"{source}: made with other weights (fingerprint {self.weights_fingerprint[:12] or 'none'}, "
-                f"loaded weights {weights_fingerprint[:12]}); rebuild it with 'clipn embed-classes'"
-            )
-        if embed_dim is not None and self.text_yes.shape[1] != embed_dim:
-            raise EmbeddingsError(
-                f"{source}: embeddings are {self.text_yes.shape[1]}-dimensional but the weights' features are {embed_dim}-dimensional; "
-                "rebuild it with 'clipn embed-classes'"
-            )
-
-
-def _load_negatives(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor], yes: torch.Tensor) -> dict[str, NegativePool]:
-    """The negative-label pools of a format-1.1 file, checked against the class heads' shape."""
-    if "negatives" not in meta:
-        return {}
-    try:
-        words = loads_json(meta["negatives"], "negative labels", max_depth=2, limits=NEGATIVES_LIMITS)
-        if not all(isinstance(w, list) for w in words.values()):  # list("abc") would make three words of a string
-            raise TypeError("each pool's words must be a list")
-        if not set(words) <= {"neglabel", "csp"}:
-            raise ValueError(f"unknown pools {', '.join(sorted(set(words) - {'neglabel', 'csp'}))[:80]}")
-        pools = {name: NegativePool(name, list(w), tensors[f"negatives.{name}"].float(), tensors[f"negatives.{name}.id_heads"].float())
-                 for name, w in words.items()}
-    except (KeyError, ValueError, TypeError, AttributeError) as exc:  # SafetensorsError is a ValueError
-        raise EmbeddingsError(f"{path}: damaged negative labels ({exc})") from None
-    for name, pool in pools.items():
-        if not (all(isinstance(w, str) for w in pool.words) and pool.negatives.shape == (len(pool.words), yes.shape[1])
-                and pool.id_heads.shape == yes.shape and torch.isfinite(pool.negatives).all() and torch.isfinite(pool.id_heads).all()):
-            raise EmbeddingsError(f"{path}: damaged negative labels '{name}' (shapes or values do not fit the class heads)")
-        if len(pool.words) < GROUPS:  # mining never stores fewer; scoring them would give every image 1.0
-            raise EmbeddingsError(f"{path}: damaged negative labels '{name}' ({len(pool.words)} words; {GROUPS} groups need at least {GROUPS})")
-    return pools
+        check_made_with(self.weights_fingerprint, int(self.text_yes.shape[1]), weights_fingerprint, source, embed_dim)
 
 
 def tokenizer_for(model: CLIPN) -> SimpleTokenizer:

@@ -21,9 +21,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
@@ -32,6 +31,9 @@ from .limits import (
     limit_aspect,
 )
 from .sources import InputItem, os_reason
+
+if TYPE_CHECKING:  # torch only for the transform's type: the torch-free fast start decodes here too
+    import torch
 
 # Formats Pillow decodes in-process with its own or a linked library; nothing that hands the file
 # to an external program (EPS/PostScript/PDF go to Ghostscript) and no icon containers. MPO (the

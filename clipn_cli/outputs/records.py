@@ -1,6 +1,7 @@
 """Detect's records: the `Detection` of one input, their fields and checks, their JSON text, and the
 one Arrow schema of local `--format parquet` files and Ray's shards; shard files as Parquet or JSON
-Lines bytes, and back.
+Lines bytes, and back; and the records of a batch of scores (`detections_from_scores`, for torch
+tensors and NumPy arrays alike).
 
 The fields are detect's own (`Detection.as_dict`, columns in `CSV_COLUMNS` order, detail columns
 from `DETAIL_COLUMNS`). A JSON Lines shard holds the very lines `clipn detect --format jsonl`
@@ -17,10 +18,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import OptionsError, ShardError
+from ..errors import OptionsError, RuleError, ShardError
 from ..jsonsafe import json_text  # re-exported: the JSON text of a record
 from ..scores import methods
-from ..scores.methods import record_fields
+from ..scores.arrays import topk
+from ..scores.methods import Scores, record_fields
 
 SHARD_FORMATS = ("parquet", "jsonl")
 MAX_SHARD_BYTES = 256 << 20  # a shard file read back (--report, --fdr); a Parquet shard's declared uncompressed size too
@@ -140,6 +142,62 @@ class Detection:
         if self.top_k:
             record["top_k"] = self.top_k
         return record
+
+
+def verdicts(scores: Scores, rule: str, threshold: float | None = None) -> Any:
+    """(N,) True = OOD: the rule's own verdict, or `score < threshold` for a rule without one."""
+    method = methods.get(rule)
+    if threshold is not None:
+        return method.value(scores) < threshold
+    if method.verdict is None:
+        raise RuleError(f"rule '{rule}' has no threshold-free verdict: give a threshold (e.g. thr@95%ID from 'clipn eval')")
+    return method.verdict(scores)
+
+
+def record_columns(scores: Scores) -> dict[str, list[float]]:
+    """Detection-record field → per-image values, for every method these scores hold."""
+    columns: dict[str, list[float]] = {}
+    for m in methods.TABLE:
+        if m.record is None or (m.pool is not None and m.name not in scores.extra) or (m.needs_no and scores.p_yes is None):
+            continue
+        columns[m.record] = m.value(scores).tolist()
+        if m.name in methods.EXTRA_RECORD_FIELDS:
+            name, value = methods.EXTRA_RECORD_FIELDS[m.name]
+            columns[name] = value(scores).tolist()
+    return columns
+
+
+def detections_from_scores(
+    paths: list[str], scores: Scores, classes: list[str], rule: str, details: bool = False, top_k: int = 0,
+    threshold: float | None = None,
+) -> list[Detection]:
+    """Turn a batch of Scores into Detection records (pure: no model, no files; torch tensors or NumPy arrays)."""
+    ood = verdicts(scores, rule, threshold).tolist()
+    pred = scores.pred.tolist()
+    columns = record_columns(scores)
+    k = min(top_k, len(classes))
+    top = topk(scores.probs, k) if k else None
+    out = []
+    for i, path in enumerate(paths):
+        det = Detection(
+            path=path,
+            verdict="OOD" if ood[i] else "ID",
+            rule=rule,
+            class_name=classes[pred[i]],
+            class_index=pred[i],
+            scores={name: values[i] for name, values in columns.items()},  # no CLIPN scores for a plain CLIP
+        )
+        if details:
+            det.p_yes = None if scores.p_yes is None else scores.p_yes[i].tolist()
+            det.logits_yes = scores.logits_yes[i].tolist()
+            det.logits_no = None if scores.logits_no is None else scores.logits_no[i].tolist()
+        if top is not None:
+            det.top_k = [
+                {"class": classes[j], "class_index": j, "probability": p}
+                for p, j in zip(top[0][i].tolist(), top[1][i].tolist())
+            ]
+        out.append(det)
+    return out
 
 
 def _arrow_types() -> dict[str, Any]:

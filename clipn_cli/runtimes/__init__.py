@@ -8,12 +8,22 @@ the default install: the extras `onnx` and `openvino` bring them.
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 from ..errors import ClipnError
 
 RUNTIMES = ("torch", "onnx", "openvino")
 # Precisions each runtime computes; fp32 is exact (CTW/ATD within 1e-5 of torch fp32, README "Runtimes").
 RUNTIME_PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "onnx": ("fp32",), "openvino": ("fp32", "bf16")}
+FINGERPRINT_KEY = "clipn_weights_fingerprint"  # the ONNX metadata entry naming the weights an export was made from
+
+
+def export_path(folder: str | os.PathLike[str], fingerprint: str) -> Path:
+    """Where the cached fp32 export of the weights with `fingerprint` lives in `folder`."""
+    return Path(folder) / f"{fingerprint[:16]}.onnx"
+
+
 # What a runtime needs installed: module to find, extra that brings it.
 _NEEDS = {"onnx": (("onnx", "onnxruntime"), "onnx"), "openvino": (("onnx", "openvino"), "openvino")}
 

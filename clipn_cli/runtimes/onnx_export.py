@@ -12,8 +12,8 @@ import torch
 from ..errors import WeightsError
 from ..files import atomic_path
 from ..model.clipn import CLIPN
+from . import FINGERPRINT_KEY, export_path
 
-FINGERPRINT_KEY = "clipn_weights_fingerprint"
 OPSET = 17
 
 
@@ -85,7 +85,7 @@ def check_fingerprint(path: str | os.PathLike[str], fingerprint: str) -> None:
 def cached_export(model: CLIPN, folder: str | os.PathLike[str], fingerprint: str, quantize: str | None = None) -> Path:
     """`folder/<fingerprint[:16]>.onnx`, exported on first use and reused after (checked each time);
     with `quantize="int8"` its ONNX Runtime dynamic int8 quantisation, `<fingerprint[:16]>-int8.onnx`."""
-    path = Path(folder) / f"{fingerprint[:16]}.onnx"
+    path = export_path(folder, fingerprint)
     if not path.exists():
         export_image_tower(model, path, fingerprint)
     check_fingerprint(path, fingerprint)

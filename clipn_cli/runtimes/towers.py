@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,34 +11,7 @@ from ..errors import OptionsError
 from ..model.clipn import CLIPN
 from . import check_runtime
 from .onnx_export import cached_export
-
-_OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16"}
-
-
-class OnnxTower:
-    """ONNX Runtime's CPU session over the exported image tower (fp32, exact)."""
-
-    def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # its own warnings about unused initializers are noise to a user
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
-
-
-class OpenVinoTower:
-    """OpenVINO's CPU plugin over the exported image tower; `precision` is its inference precision hint."""
-
-    def __init__(self, path: Path, precision: str = "fp32") -> None:
-        import openvino as ov
-
-        self.compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": _OPENVINO_HINTS[precision]})
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        return np.asarray(self.compiled(np.ascontiguousarray(pixels, dtype=np.float32))[0], dtype=np.float32)
+from .sessions import OnnxTower, OpenVinoTower  # their home: torch-free
 
 
 class ImageRuntime:

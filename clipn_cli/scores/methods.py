@@ -135,3 +135,18 @@ def record_fields(methods: tuple[Method, ...] | None = None) -> tuple[str, ...]:
             if m.name in EXTRA_RECORD_FIELDS:
                 fields.append(EXTRA_RECORD_FIELDS[m.name][0])
     return tuple(fields)
+
+
+def check_rule(rule: str, pools: tuple[str, ...], threshold: float | None = None, has_no: bool = True) -> None:
+    """A ValueError unless `rule` can give verdicts with these negative-label pools (and `threshold`)."""
+    method = get(rule)
+    if method.needs_no and not has_no:
+        raise RuleError(f"rule '{rule}' needs CLIPN's \"no\" tower, which a plain CLIP does not have: "
+                         f"use --rule {' or '.join(m.name for m in available(POOLS, has_no=False) if m.record)} with --threshold")
+    if method.record is None:
+        raise RuleError(f"'{rule}' is an evaluation score, not a detection rule (choose one of {', '.join(RULES)})")
+    if method.pool is not None and method.pool not in pools:
+        raise RuleError(f"rule '{rule}' needs the '{method.pool}' negative labels: build them with --negatives {method.pool} "
+                         "(or 'clipn embed-classes --negatives')")
+    if method.verdict is None and threshold is None:
+        raise RuleError(f"rule '{rule}' has no threshold-free verdict: give --threshold T (e.g. thr@95%ID from 'clipn eval')")

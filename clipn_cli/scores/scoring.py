@@ -1,20 +1,24 @@
-"""CLIPN decision rules and the official baselines as pure tensor functions (no I/O, no devices).
+"""CLIPN decision rules and the official baselines as pure array functions (no I/O, no devices).
 
 Notation: f image features, yes/no the class heads (all L2-normalized), s = cos(f, yes),
 s̄ = cos(f, no). Logits are `scale`·s and `scale`·s̄ with the official inference scale 100.
+The formulas take torch tensors or NumPy arrays (`arrays`: the same torch calls as always for a
+tensor); the negative-label pools are torch only. Importing this module imports no torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-
-from ..errors import RuleError
-from . import methods, negatives
+from . import arrays as xp
+from . import methods
+from .arrays import unit
 from .methods import Scores  # made here, read by the table: it lives there (no import circle)
+
+if TYPE_CHECKING:
+    import torch
 
 INFERENCE_SCALE = 100.0  # hard-coded in the official inference, not the checkpoint's logit_scale
 RULES = methods.VERDICT_RULES
@@ -37,11 +41,6 @@ class HeadSource(Protocol):
     def negatives(self) -> Mapping[str, PoolSource]: ...
 
 
-def unit(x: torch.Tensor) -> torch.Tensor:
-    """float32 rows of length 1."""
-    return torch.nn.functional.normalize(x.float(), dim=-1)
-
-
 def clipn_logits(
     image_features: torch.Tensor, text_yes: torch.Tensor, text_no: torch.Tensor, scale: float = INFERENCE_SCALE,
     heads_normalized: bool = False,
@@ -58,31 +57,26 @@ def clipn_logits(
 
 def scores_from_logits(logits_yes: torch.Tensor, logits_no: torch.Tensor | None, extra: dict[str, torch.Tensor] | None = None) -> Scores:
     """All CLIPN scores and baselines from the two logit matrices (only the baselines without `logits_no`)."""
+    probs = xp.softmax(logits_yes)
+    pred = xp.argmax(logits_yes)
+    baselines = {"msp": xp.row_max(probs), "max_logit": xp.row_max(logits_yes), "energy": xp.logsumexp(logits_yes),
+                 "extra": {} if extra is None else extra}
     if logits_no is None:
-        probs = logits_yes.softmax(dim=-1)
-        return Scores(logits_yes, None, None, probs, logits_yes.argmax(dim=-1), None, None, None, None,
-                      probs.max(dim=-1).values, logits_yes.max(dim=-1).values, torch.logsumexp(logits_yes, dim=-1),
-                      {} if extra is None else extra)
-    p_yes = torch.stack([logits_yes, logits_no], dim=-1).softmax(dim=-1)[..., 0]
-    probs = logits_yes.softmax(dim=-1)
-    pred = logits_yes.argmax(dim=-1)
-    ctw = p_yes.gather(-1, pred[:, None])[:, 0]
+        return Scores(logits_yes, None, None, probs, pred, None, None, None, None, **baselines)
+    p_yes = xp.pair_first(logits_yes, logits_no)
     joint = p_yes * probs
-    atd = joint.sum(dim=-1)
+    atd = xp.row_sum(joint)
     return Scores(
         logits_yes=logits_yes,
         logits_no=logits_no,
         p_yes=p_yes,
         probs=probs,
         pred=pred,
-        ctw=ctw,
+        ctw=xp.take(p_yes, pred),
         atd=atd,
         p_ood=1.0 - atd,
-        atd_best=joint.max(dim=-1).values,
-        msp=probs.max(dim=-1).values,
-        max_logit=logits_yes.max(dim=-1).values,
-        energy=torch.logsumexp(logits_yes, dim=-1),
-        extra={} if extra is None else extra,
+        atd_best=xp.row_max(joint),
+        **baselines,
     )
 
 
@@ -95,6 +89,8 @@ def score(
 
 def mcm(image_features: torch.Tensor, text_yes: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """MCM (Ming et al. 2022): max softmax of cosines divided by `temperature` (1 is standard)."""
+    import torch
+
     f = torch.nn.functional.normalize(image_features.float(), dim=-1)
     yes = torch.nn.functional.normalize(text_yes.float(), dim=-1)
     return ((f @ yes.T) / temperature).softmax(dim=-1).max(dim=-1).values
@@ -123,6 +119,8 @@ class Heads:
 
     @classmethod
     def prepare(cls, embeddings: HeadSource, permutation_device: str | torch.device = "cpu") -> Heads:
+        from . import negatives
+
         pools = {
             name: PreparedPool(unit(pool.negatives), unit(pool.id_heads), negatives.group_permutation(len(pool.negatives), device=permutation_device))
             for name, pool in embeddings.negatives.items()
@@ -140,8 +138,12 @@ def score_heads(image_features: torch.Tensor, heads: Heads, scale: float = INFER
     f = unit(image_features)
     logits_yes = scale * f @ heads.yes.T
     logits_no = None if heads.no is None else scale * f @ heads.no.T  # = clipn_logits(..., heads_normalized=True)
-    extra = {"mcm": (f @ heads.yes.T).softmax(dim=-1).max(dim=-1).values}  # = mcm(f, yes), heads normalised once
+    extra = {"mcm": xp.row_max(xp.softmax(f @ heads.yes.T))}  # = mcm(f, yes), heads normalised once
     scores = scores_from_logits(logits_yes, logits_no, extra)
+    if not heads.pools:
+        return scores
+    from . import negatives
+
     inverse_t = 1.0 / negatives.TEMPERATURE  # 100.0: logits as the official 100.0 * f @ heads.T
     for name, pool in heads.pools.items():
         negative_logits = inverse_t * f @ pool.negatives.T

@@ -20,6 +20,7 @@ import torch
 from ..errors import WeightsError
 from ..model.clipn import expected_shapes
 from ..model.configs import check_config_fits
+from .home import VOCABULARY  # defined there: read without torch
 
 FORMAT_VERSION = "1"
 MAX_PROMPTS = 4096
@@ -28,7 +29,6 @@ MAX_PROMPTS = 4096
 ZIP_INFLATION_LIMIT = 2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STORAGE_DTYPES = (*DTYPES, "int16")  # int16: fixed point with per-row scales, see fixedpoint.py
-VOCABULARY = "vocabulary"  # metadata: JSON list of the only class names a closed-vocabulary model knows
 MAX_VOCABULARY = 100_000
 
 

@@ -25,6 +25,7 @@ from ..files import JSONLimits, atomic_open, open_regular, parse_json, read_json
 HOME_ENV = "CLIPN_HOME"
 WEIGHTS_ENV = "CLIPN_WEIGHTS"
 FORMAT = "clipn-cli.weights"
+VOCABULARY = "vocabulary"  # metadata: JSON list of the only class names a closed-vocabulary model knows
 EMBEDDINGS_FORMAT = "clipn-cli.embeddings"  # `embeddings.FORMAT`, here so that a header is told apart without torch
 SUFFIX = ".safetensors"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

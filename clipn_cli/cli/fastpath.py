@@ -1,0 +1,57 @@
+"""`detect`'s torch-free fast start (library: `fastdetect`): which runs it takes, and running one.
+
+A run it does not take goes the torch way unchanged, silently (README "The torch-free fast start"
+lists them); the one thing said is that the ONNX export is not cached yet, since then this run
+loads torch to make it and the next run starts fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from .common import EXIT_OK, EXIT_PARTIAL, fail, info, warn
+
+# detect's options, and the values with which the fast start can take the run
+_TAKES = {"runtime": ("onnx",), "device": ("auto", "cpu"), "precision": ("fp32",), "quantize": (None,), "negatives": (None,),
+          "calibration": (None,), "report": (None,), "cache": (None,), "resume": (False,)}
+
+
+def fast_detect(args: dict[str, Any], pools: tuple[str, ...], write_records: Callable[..., None]) -> None:
+    """Run `detect` (its options in `args`, already checked) without torch and exit with its code;
+    return, having written nothing, when the torch path must run."""
+    if args["embeddings"] is None or pools or any(args[name] not in values for name, values in _TAKES.items()):
+        return
+    from ..fastdetect import FastStart, weights_export
+
+    fast = FastStart.open(args["weights"], args["embeddings"])
+    if fast is None:
+        found = weights_export(args["weights"])
+        if found is not None and not found[2].is_file():
+            info(f"the image tower's ONNX export for these weights is not cached yet: this run loads torch and writes {found[2]} "
+                 "(later runs start without torch)")
+        return
+    from ..heads.classes import class_warnings, vocabulary_warning
+    from ..inputs.sources import iter_inputs
+    from ..verdicts import VerdictStep
+
+    classes = fast.embeddings.classes
+    for message in class_warnings(classes):
+        warn(message)
+    if (message := vocabulary_warning(classes, fast.vocabulary, fast.weights.name)) is not None:
+        warn(message)
+    step = VerdictStep(args["rule"], threshold=args["threshold"])
+    results = fast.detect(iter_inputs(args["paths"], sys.stdin), args["rule"], threshold=args["threshold"], details=args["details"],
+                          top_k=args["top_k"], exif_transpose=args["exif_transpose"], draft=args["draft"],
+                          batch_size=args["batch_size"], workers=args["workers"])
+    write_records(step, (result.as_dict(args["details"]) for result in results), args["fmt"], args["output"], args["paths"], set(),
+                  details=args["details"], top_k=args["top_k"], classes=classes, resume=False)
+    if step.done == 0:
+        fail("no images found in the given inputs")
+    if step.failed:
+        info(f"{step.failed} of {step.done} inputs could not be scored (see their error records)")
+        raise typer.Exit(EXIT_PARTIAL)
+    raise typer.Exit(EXIT_OK)

@@ -1,0 +1,52 @@
+"""The exported image tower in ONNX Runtime or OpenVINO (CPU), NumPy in and out: no torch imported,
+so the torch-free fast start (`fastdetect`) runs the same sessions `towers.ImageRuntime` wraps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import FINGERPRINT_KEY
+
+_OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+class OnnxTower:
+    """ONNX Runtime's CPU session over the exported image tower (fp32, exact)."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # its own warnings about unused initializers are noise to a user
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
+
+    @property
+    def fingerprint(self) -> str:
+        """The weights fingerprint in the file's metadata, read by ONNX Runtime itself (no `onnx` import: 0.7 s)."""
+        return self.session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_KEY, "")
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square image the tower was exported for (its input is (batch, 3, size, size))."""
+        return int(self.session.get_inputs()[0].shape[-1])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.session.get_outputs()[0].shape[-1])
+
+
+class OpenVinoTower:
+    """OpenVINO's CPU plugin over the exported image tower; `precision` is its inference precision hint."""
+
+    def __init__(self, path: Path, precision: str = "fp32") -> None:
+        import openvino as ov
+
+        self.compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": _OPENVINO_HINTS[precision]})
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return np.asarray(self.compiled(np.ascontiguousarray(pixels, dtype=np.float32))[0], dtype=np.float32)
