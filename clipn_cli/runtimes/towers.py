@@ -1,4 +1,4 @@
-"""Running an exported image tower with ONNX Runtime or OpenVINO in place of torch (CPU)."""
+"""Running an exported image tower with ONNX Runtime (CPU or CUDA) or OpenVINO (CPU) in place of torch."""
 
 from __future__ import annotations
 
@@ -8,22 +8,41 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DeviceError
 from ..model.clipn import CLIPN
 from . import check_runtime
-from .onnx_export import cached_export
+from .onnx_export import cached_export, check_fingerprint
 
 _OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
-class OnnxTower:
-    """ONNX Runtime's CPU session over the exported image tower (fp32, exact)."""
+def onnx_providers(device: str) -> list[str]:
+    """ONNX Runtime's execution providers for `device` (cpu, cuda, cuda:N); a CUDA provider that is
+    not there is one line saying what is missing."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    import onnxruntime as ort
 
-    def __init__(self, path: Path) -> None:
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise DeviceError(f"--runtime onnx --device {device} needs ONNX Runtime's CUDAExecutionProvider, which this onnxruntime "
+                          f"{ort.__version__} lacks (it has {', '.join(available)}): pip install onnxruntime-gpu, or use --runtime torch")
+    return ["CUDAExecutionProvider"]
+
+
+class OnnxTower:
+    """ONNX Runtime's session over the exported image tower (fp32, exact), on the CPU or a CUDA device."""
+
+    def __init__(self, path: Path, device: str = "cpu") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # its own warnings about unused initializers are noise to a user
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        providers: list = onnx_providers(device)
+        if ":" in device:
+            providers = [(providers[0], {"device_id": int(device.partition(":")[2])})]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.provider = self.session.get_providers()[0]
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
@@ -67,11 +86,49 @@ def attach_runtime(
     check_runtime(runtime, precision)
     if runtime == "torch":
         return model
-    if quantize is not None and runtime != "onnx":
-        raise ValueError(f"--quantize {quantize} runs with --runtime onnx or torch, not --runtime {runtime}")
-    if next(model.visual.parameters()).device.type != "cpu":
-        raise ValueError(f"--runtime {runtime} runs on the CPU: give --device cpu, or --runtime torch for a GPU")
-    path = cached_export(model, folder, fingerprint, quantize)
-    tower = OnnxTower(path) if runtime == "onnx" else OpenVinoTower(path, precision)
+    device = _runtime_device(model, runtime, quantize)
+    if device != "cpu":
+        onnx_providers(device)  # a missing CUDA provider is said before any export
+        with _on_cpu(model):
+            path = cached_export(model, folder, fingerprint, quantize)
+    else:
+        path = cached_export(model, folder, fingerprint, quantize)
+    return load_runtime(model, runtime, precision, path, fingerprint, quantize)
+
+
+def load_runtime(model: CLIPN, runtime: str, precision: str, path: str | os.PathLike[str], fingerprint: str,
+                 quantize: str | None = None) -> CLIPN:
+    """Attach the image tower exported at `path` (made by `cached_export`, checked against `fingerprint`);
+    exports nothing: what a Ray actor does with the file its driver exported once."""
+    check_runtime(runtime, precision)
+    device = _runtime_device(model, runtime, quantize)
+    check_fingerprint(path, fingerprint)
+    tower = OnnxTower(Path(path), device) if runtime == "onnx" else OpenVinoTower(Path(path), precision)
     model.image_runtime = ImageRuntime(runtime, "int8" if quantize else precision, tower)
     return model
+
+
+def _runtime_device(model: CLIPN, runtime: str, quantize: str | None) -> str:
+    """Where `runtime` runs for a model on its device: the CPU, or (ONNX Runtime fp32) a CUDA device."""
+    if quantize is not None and runtime != "onnx":
+        raise ValueError(f"--quantize {quantize} runs with --runtime onnx or torch, not --runtime {runtime}")
+    device = next(model.visual.parameters()).device
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda" and runtime == "onnx" and quantize is None:
+        return str(device)
+    raise DeviceError(f"--runtime {runtime}{' --quantize ' + quantize if quantize else ''} runs on the CPU"
+                      f"{' (and --runtime onnx on CUDA)' if runtime == 'onnx' else ''}: give --device cpu, or --runtime torch for this device")
+
+
+class _on_cpu:
+    """The image tower on the CPU for the block (an export is made from fp32 CPU weights), then back."""
+
+    def __init__(self, model: CLIPN) -> None:
+        self.model, self.device = model, next(model.visual.parameters()).device
+
+    def __enter__(self) -> None:
+        self.model.visual.cpu()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.visual.to(self.device)
