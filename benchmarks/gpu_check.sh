@@ -23,9 +23,9 @@ SUMMARY="$RESULTS/summary.txt"
 FAILED=0
 
 if (( DRY )); then
-  DEVICE=cpu; SMALL=(--small); SERVE_IMAGES=8; SERVE=(--images 8 --rounds 1 --clients 1,2 --lone 2 --max-seconds 30)
+  DEVICE=cpu; SMALL=(--small); SERVE_LIMIT=400; SERVE_IMAGES=8; SERVE=(--images 8 --rounds 1 --clients 1,2 --lone 2 --max-seconds 30)
 else
-  DEVICE=cuda; SMALL=(); SERVE_IMAGES=48; SERVE=(--images 48 --rounds 1 --clients 1,16,64 --lone 4 --max-seconds 60)
+  DEVICE=cuda; SMALL=(); SERVE_LIMIT=120; SERVE_IMAGES=48; SERVE=(--images 48 --rounds 1 --clients 1,16,64 --lone 4 --max-seconds 60)
 fi
 
 step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $RESULTS/NAME.log, record the outcome
@@ -48,7 +48,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $RESULTS/NA
 step scores 90 "$PY" benchmarks/gpu_check.py scores "$RESULTS/scores.json" --device "$DEVICE" "${SMALL[@]}"
 step throughput 180 "$PY" benchmarks/gpu_check.py throughput "$RESULTS/throughput.json" --device "$DEVICE" "${SMALL[@]}"
 step permutation 60 "$PY" -m pytest -q -rs tests/test_neglabel.py -k permutation
-step serve 120 "$PY" benchmarks/bench_serve.py "${SERVE[@]}"
+step serve "$SERVE_LIMIT" "$PY" benchmarks/bench_serve.py "${SERVE[@]}"
 mv -f "benchmarks/bench_serve-$SERVE_IMAGES.json" "$RESULTS/" 2>/dev/null || true  # its own output file, kept with the others
 if (( ! DRY )) && grep -q "skipped" "$RESULTS/permutation.log"; then
   echo "permutation: the CUDA test was skipped on a GPU machine" | tee -a "$SUMMARY"; FAILED=1
