@@ -37,6 +37,7 @@ def main(rounds: int = 3) -> None:
     from clipn_cli.heads.embeddings import ClassEmbeddings
     from clipn_cli.inputs.sources import iter_inputs
     from clipn_cli.scale.ray_engine import Cluster, ClusterSpec
+    from clipn_cli.model.devices import RunRequest
     from clipn_cli.scale.worker import ScoreOptions, Worker, WorkerConfig
     from clipn_cli.weights.checkpoints import load_model
 
@@ -47,8 +48,8 @@ def main(rounds: int = 3) -> None:
         heads = ClassEmbeddings.load(bench.make_embeddings(model, info, work / "classes.safetensors"))
         del model
         items = list(iter_inputs([str(bench.make_jpegs(work / "jpg", 64, (500, 375)))]))
-        local = Worker(WorkerConfig(str(weights), "cpu", None, 2, 2), heads, ScoreOptions())
-        with Cluster(ClusterSpec(actors=1, cpus_per_actor=2), WorkerConfig(str(weights), "cpu"), heads, ScoreOptions()) as pool:
+        local = Worker(WorkerConfig(str(weights), RunRequest("cpu", decode_workers=2), threads=2), heads, ScoreOptions())
+        with Cluster(ClusterSpec(actors=1, cpus_per_actor=2), WorkerConfig(str(weights), RunRequest("cpu")), heads, ScoreOptions()) as pool:
             import ray
 
             actor = pool.actors[0]

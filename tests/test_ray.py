@@ -532,3 +532,26 @@ def test_default_actors_take_a_node_each_and_niced_workers_are_reported(cluster,
         assert "RAY_worker_niceness=0" in pool.niceness_warning()
     with Cluster(ClusterSpec(actors=4), WorkerConfig(str(tiny_weights)), None, ScoreOptions()) as pool:
         assert (len(pool.actors), pool.cpus_per_actor) == (4, 0.5)  # an equal share of the 2 CPUs, so that all 4 start
+
+
+@needs_ray
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None, reason="needs the onnx extra")
+def test_ray_runtime_onnx_equals_local_runtime_onnx(cluster, tiny_weights: Path, inputs: list[str], tmp_path: Path) -> None:
+    """Each actor loads the export its driver made once (README "Runtimes"); records equal local
+    `detect --runtime onnx` within the README's reproducibility bound, and the manifest names the runtime."""
+    from clipn_cli.scale import read_output
+    from clipn_cli.weights.home import weights_home
+
+    local = tmp_path / "local.jsonl"
+    result = invoke("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--top-k", "2", "--runtime", "onnx",
+                    "--format", "jsonl", "--output", str(local), *inputs)
+    assert result.exit_code == 1, result.output
+    exports = sorted((weights_home() / "runtimes").glob("*.onnx"))
+    shutil.rmtree(weights_home() / "runtimes")  # the driver exports again, before any actor starts
+    out = tmp_path / "run"
+    result = invoke("detect", "--engine", "ray", "--actors", "2", "--shard-size", "5", "--runtime", "onnx", "--format", "jsonl",
+                    "-w", str(tiny_weights), "--classes", CLASSES, "--top-k", "2", "--output", str(out), *inputs)
+    assert result.exit_code == 1, result.output
+    assert sorted((weights_home() / "runtimes").glob("*.onnx")) == exports
+    assert_same_records(list(read_output(str(out))), jsonl(local))
+    assert json.loads((out / "manifest.json").read_text())["runtime"] == "onnx"

@@ -20,12 +20,13 @@ def test_own_cluster_runs_one_unniced_actor_with_all_cpus(tiny_weights: Path, mo
     import ray
 
     from clipn_cli.scale.ray_engine import NICENESS_ENV, Cluster, ClusterSpec
+    from clipn_cli.model.devices import RunRequest
     from clipn_cli.scale.worker import ScoreOptions, WorkerConfig
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv(NICENESS_ENV, raising=False)
     assert not ray.is_initialized()
-    with Cluster(ClusterSpec(), WorkerConfig(str(tiny_weights), "cpu"), None, ScoreOptions()) as pool:
+    with Cluster(ClusterSpec(), WorkerConfig(str(tiny_weights), RunRequest("cpu")), None, ScoreOptions()) as pool:
         cpus = ray.cluster_resources()["CPU"]
         assert (len(pool.actors), pool.cpus_per_actor) == (1, float(int(cpus)))
         seen = ray.get(pool.actors[0].__ray_call__.remote(

@@ -120,7 +120,7 @@ def test_export_from_other_weights_is_refused(tiny_weights: Path, tmp_path: Path
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("--runtime", "tensorrt"), "--runtime must be torch, onnx or openvino, not 'tensorrt'"),
+    (("--runtime", "tensorrt"), "--runtime must be auto, torch, onnx or openvino, not 'tensorrt'"),
     (("--runtime", "onnx", "--precision", "bf16"), "--runtime onnx computes in fp32, not --precision bf16"),
     (("--runtime", "openvino", "--precision", "fp16"), "--runtime openvino computes in fp32 or bf16, not --precision fp16"),
     (("--runtime", "openvino", "--quantize", "int8"), "--quantize int8 runs with --runtime onnx (ONNX Runtime's int8) or torch, not --runtime openvino"),

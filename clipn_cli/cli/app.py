@@ -89,6 +89,7 @@ app.command("eval", epilog=EVAL_EXAMPLES)(eval_command.evaluate)
 app.command("calibrate", epilog=CALIBRATE_EXAMPLES)(calibrate.calibrate)
 app.command("serve", epilog=SERVE_EXAMPLES)(serve.serve)
 app.command("export")(export.export)
+weights.app.command("tune")(export.tune)
 app.add_typer(weights.app, name="weights")
 
 

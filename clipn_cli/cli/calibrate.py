@@ -15,7 +15,7 @@ from .common import (
     EXIT_OK, EXIT_PARTIAL, PRECISIONS, BatchSizeOpt, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt, RuntimeOpt,
     TemplatesOpt, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, fail, handle_errors, info, warn,
 )
-from .export import check_runtime_option, use_runtime
+from .export import check_runtime_option, runtime_provenance, use_runtime
 from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight
 
 
@@ -34,7 +34,7 @@ def calibrate(
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
-    runtime: RuntimeOpt = "torch",
+    runtime: RuntimeOpt = "auto",
     exif_transpose: ExifOpt = False,
 ) -> None:
     """Score ID images with every method and store the sorted scores (no image paths) in a JSON file.
@@ -60,7 +60,7 @@ def calibrate(
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
-        use_runtime(model, weights_info, runtime, precision)
+        runtime = use_runtime(model, weights_info, runtime, precision)
 
         from ..evaluation import score_set
         from ..model.devices import RunOptions
@@ -68,14 +68,14 @@ def calibrate(
         from ..inputs.sources import iter_inputs
 
         items = list(iter_inputs(paths, sys.stdin))
-        run = RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)  # once, for the whole run
+        run = RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers, runtime=runtime)  # once, for the whole run
         scored = score_set(model, heads, ImageSet("ID", "id", items, [None] * len(items)), exif_transpose=exif_transpose, options=run)
         if not scored.paths:
             fail("no readable image in the given inputs" + (f" (first: {scored.failures[0][0]}: {scored.failures[0][1]})" if scored.failures else ""))
         check_size(len(scored.paths), alpha, "calibrate")
         calibration = Calibration(
             scored.scores, weights_info.fingerprint, list(heads.classes), heads.templates, heads.templates_sha256, alpha,
-            settings={"precision": precision, "exif_transpose": exif_transpose},
+            settings={"precision": precision, "exif_transpose": exif_transpose, "runtime": runtime_provenance(model, runtime, precision, None)},
             negatives={pool: n.digest() for pool, n in heads.negatives.items()},
         )
         calibration.save(output)

@@ -240,7 +240,7 @@ WorkersOpt = Annotated[
 PrecisionOpt = Annotated[str, typer.Option("--precision", rich_help_panel=MODEL, help="fp32 (exact), fp16 or bf16 (autocast).")]
 RuntimeOpt = Annotated[
     str,
-    typer.Option("--runtime", rich_help_panel=MODEL, help="Image tower runtime: torch, onnx (ONNX Runtime, fp32) or openvino (fp32, bf16); CPU only, exported once per weights (README \"Runtimes\")."),
+    typer.Option("--runtime", rich_help_panel=MODEL, help="Image tower runtime: auto (the exact one 'clipn weights tune' measured fastest here, else torch), torch, onnx (ONNX Runtime, fp32; CPU or CUDA) or openvino (CPU: fp32, bf16); exported once per weights (README \"Runtimes\")."),
 ]
 ExifOpt = Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", rich_help_panel=MODEL, help="Rotate by EXIF orientation first (the official pipeline does not).")]
 NegativesOpt = Annotated[

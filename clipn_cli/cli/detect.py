@@ -22,7 +22,7 @@ from .common import (
     RuntimeOpt, TemplatesOpt, Terminated, WeightsOpt, WordsOpt, WorkersOpt, check_choice, check_output, check_stdout, fail, handle_errors, info, stderr,
     stdout_is_terminal,
 )
-from .export import check_runtime_option, use_runtime
+from .export import check_runtime_option, runtime_provenance, use_runtime
 from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ShardSizeOpt, ray_options_given
 from .runtime import (
     add_negatives, calibrated_verdicts, check_inputs, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight, report_provenance,
@@ -53,7 +53,7 @@ def detect(
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
-    runtime: RuntimeOpt = "torch",
+    runtime: RuntimeOpt = "auto",
     exif_transpose: ExifOpt = False,
     resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT, help="With --format jsonl --output F: skip inputs already in F and append the rest (with --engine ray: score only unfinished shards).")] = False,
     cache: Annotated[Path | None, typer.Option("--cache", rich_help_panel=MODEL, help="Feature cache directory: images already encoded with these weights are not encoded again.", show_default=False)] = None,
@@ -82,8 +82,6 @@ def detect(
         if server is not None:
             return _detect_on_server(locals())
         if engine == "ray":
-            if runtime != "torch":
-                fail("--runtime onnx/openvino runs with --engine local only (Ray workers use torch)")
             return _detect_on_ray(locals())
         if ray_options_given(ray_address, actors, gpus_per_actor, cpus_per_actor, shard_size):
             fail("--ray-address, --actors, --gpus-per-actor, --cpus-per-actor and --shard-size need --engine ray")
@@ -104,13 +102,14 @@ def detect(
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
         verdicts = calibrated_verdicts(calibration, alpha, fdr, rule, heads, weights_info.fingerprint)
         step = VerdictStep(rule, threshold=threshold, calibrated=verdicts, report_classes=heads.classes if report is not None else None)
-        _use_runtime(model, weights_info, runtime, precision, quantize)
+        runtime = _use_runtime(model, weights_info, runtime, precision, quantize)
 
         from ..model.feature_cache import FeatureCache
         from ..detection import detect as run_detect
 
         items, already = _pending_inputs(paths, output, step, resume)
-        run = RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)  # once, for the whole run
+        run = RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers,
+                                 runtime=runtime, quantize=quantize)  # once, for the whole run
         results = run_detect(
             model, heads, items, rule=rule, options=run, exif_transpose=exif_transpose,
             details=details, top_k=top_k, cache=FeatureCache(cache, weights_info.fingerprint) if cache is not None else None,
@@ -124,7 +123,7 @@ def detect(
             made_by = report_provenance(
                 weights_info.path, weights_info.fingerprint, heads, rule=rule, threshold=threshold, calibration=calibration,
                 alpha=verdicts.alpha if verdicts is not None and fdr is None else None, fdr=fdr, precision=precision,
-                embeddings=embeddings, quantize=quantize, draft=draft or None,
+                embeddings=embeddings, quantize=quantize, draft=draft or None, runtime=runtime_provenance(model, runtime, precision, quantize),
             )
             _write_report(report, step, made_by)
         if step.failed:
@@ -164,16 +163,18 @@ def _check_options(paths: list[str] | None, fmt: str, output: Path | None, preci
     return device
 
 
-def _use_runtime(model: CLIPN, weights_info: WeightsInfo, runtime: str, precision: str, quantize: str | None) -> None:
-    """The image tower as the run computes it (torch's int8, or another runtime), then the heap frozen."""
-    if quantize and runtime == "torch":
+def _use_runtime(model: CLIPN, weights_info: WeightsInfo, runtime: str, precision: str, quantize: str | None) -> str:
+    """The image tower as the run computes it (torch's int8, or another runtime), then the heap frozen;
+    returns the runtime used (`auto` resolved)."""
+    if quantize and runtime in ("torch", "auto"):  # auto with --quantize is torch
         from ..model.encode import quantize_image_tower
 
         quantize_image_tower(model)
-    use_runtime(model, weights_info, runtime, precision, quantize)
+    runtime = use_runtime(model, weights_info, runtime, precision, quantize)
     # Modules, model and heads live until exit: freezing them spares the garbage collector from
     # walking torch's millions of objects during the run and at exit (exit 1.1 s → 0.2 s).
     gc.freeze()
+    return runtime
 
 
 def _pending_inputs(paths: list[str], output: Path | None, step: VerdictStep, resume: bool) -> tuple[Iterator[InputItem], set[str]]:
@@ -223,6 +224,7 @@ def _check_calibration_options(calibration: Path | None, alpha: float | None, fd
 
 def _detect_on_ray(args: dict) -> None:
     """`--engine ray`: the same checks and class heads as here, the scoring on the cluster."""
+    from ..model.devices import RunRequest
     from ..scale.ray_engine import require_ray
     from ..scale.worker import ScoreOptions
     from .scaleout import detect_on_ray
@@ -237,18 +239,20 @@ def _detect_on_ray(args: dict) -> None:
     check_verdict_options(args["rule"], args["threshold"], args["calibration"] is not None)
     check_choice("--precision", args["precision"], PRECISIONS)
     check_choice("--quantize", args["quantize"], ("int8",))
+    device = check_runtime_option(args["runtime"], args["precision"], args["device"])
     if not args["paths"]:
         fail("no inputs: give image files, directories, globs, tables, or - for paths on stdin")
     names = load_classes(args["classes"], args["classes_file"], args["embeddings"])
-    preflight(args["weights"], args["device"], embeddings=args["embeddings"], templates=args["templates"], inputs=args["paths"],
+    preflight(args["weights"], device, embeddings=args["embeddings"], templates=args["templates"], inputs=args["paths"],
               files={"--calibration": args["calibration"], "--words": args["words"]})
     options = ScoreOptions(rule=args["rule"], precision=args["precision"], exif_transpose=args["exif_transpose"],
                            details=args["details"], top_k=args["top_k"], draft=args["draft"], quantize=args["quantize"],
                            threshold=args["threshold"])
     detect_on_ray(
         paths=args["paths"], output=args["output"], fmt=args["fmt"], resume=args["resume"], cache=args["cache"], names=names,
-        embeddings=args["embeddings"], weights=args["weights"], templates=args["templates"], device=args["device"],
-        batch_size=args["batch_size"], workers=args["workers"], options=options, ray_address=args["ray_address"],
+        embeddings=args["embeddings"], weights=args["weights"], templates=args["templates"], options=options,
+        run=RunRequest(device, args["precision"], args["batch_size"], args["workers"], args["runtime"], args["quantize"]),
+        ray_address=args["ray_address"],
         actors=args["actors"], cpus_per_actor=args["cpus_per_actor"], gpus_per_actor=args["gpus_per_actor"],
         shard_size=args["shard_size"], pools=pools, words=args["words"], calibration=args["calibration"], alpha=args["alpha"],
         report=args["report"], fdr=args["fdr"],

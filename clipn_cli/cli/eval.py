@@ -19,10 +19,11 @@ from .common import (
     warn,
 )
 from .scaleout import ENGINES, ActorsOpt, CpusPerActorOpt, EngineOpt, GpusPerActorOpt, RayAddressOpt, ray_options_given
-from .export import check_runtime_option, use_runtime
+from .export import check_runtime_option, runtime_provenance, use_runtime
 from .runtime import add_negatives, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight, report_provenance
 
 if TYPE_CHECKING:
+    from ..model.devices import RunRequest
     from ..scores.calibration import OperatingPoint
     from ..model.feature_cache import FeatureCache
     from ..outputs.results import Evaluation
@@ -51,7 +52,7 @@ def evaluate(
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
-    runtime: RuntimeOpt = "torch",
+    runtime: RuntimeOpt = "auto",
     exif_transpose: ExifOpt = False,
     alpha: Annotated[float | None, typer.Option("--alpha", rich_help_panel=CALIBRATION, help="Also report calibrated verdicts: calibrate every method on a seeded random half of the ID images, report ID flagged on the other half and OOD caught per set.", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", rich_help_panel=CALIBRATION, help="Seed of the random ID half for --alpha.")] = 0,
@@ -86,15 +87,15 @@ def evaluate(
         model, weights_info = load_weights_for_cli(weights, device, text=embeddings is None)
         heads = class_embeddings(model, weights_info, names, embeddings, templates)
         add_negatives(model, weights_info, heads, pools, words, source=embeddings)
-        use_runtime(model, weights_info, runtime, precision)
+        runtime = use_runtime(model, weights_info, runtime, precision)
 
         from ..evaluation import evaluate as run_evaluation
-        from ..model.devices import RunOptions
+        from ..model.devices import RunOptions, RunRequest
         from ..model.feature_cache import FeatureCache
 
         feature_cache = FeatureCache(cache, weights_info.fingerprint) if cache is not None else None
-        run = RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers)  # once, for the whole run
-        with _engine(engine, weights_info.path, device, batch_size, workers, precision, exif_transpose,
+        run = RunOptions.resolve(model, precision=precision, forward_batch=batch_size, decode_workers=workers, runtime=runtime)  # once, for the whole run
+        with _engine(engine, weights_info.path, RunRequest(device, precision, batch_size, workers, runtime), exif_transpose,
                      ray_address, actors, cpus_per_actor, gpus_per_actor) as encoder, \
                 _progress(sum(len(s.items) for s in sets)) as advance:
             evaluation = run_evaluation(
@@ -111,6 +112,7 @@ def evaluate(
             from ..outputs.report import eval_report, write_html
 
             made_by = report_provenance(weights_info.path, weights_info.fingerprint, heads, precision=precision, embeddings=embeddings,
+                                        runtime=runtime_provenance(model, runtime, precision, None),
                                         **{"FPR95 convention": fpr_convention, "alpha": alpha, "seed": seed if alpha is not None else None})
             write_html(report, eval_report(evaluation, points, provenance=made_by))
             info(f"wrote the report to {report}")
@@ -126,8 +128,6 @@ def _check_options(fmt: str, precision: str, engine: str, runtime: str, device: 
     check_choice("--precision", precision, PRECISIONS)
     check_choice("--engine", engine, ENGINES)
     device = check_runtime_option(runtime, precision, device)
-    if engine == "ray" and runtime != "torch":
-        fail("--runtime onnx/openvino runs with --engine local only (Ray workers use torch)")
     if engine == "ray":
         from ..scale.ray_engine import require_ray
 
@@ -193,19 +193,22 @@ def _exit(evaluation: Evaluation) -> NoReturn:
 
 
 @contextlib.contextmanager
-def _engine(engine: str, weights: Path, device: str, batch_size: int | None, workers: int | None, precision: str,
-            exif_transpose: bool, ray_address: str | None, actors: int | None, cpus_per_actor: float | None,
-            gpus_per_actor: float) -> Iterator[Callable | None]:
-    """None (encode here) or, with --engine ray, an encoder that runs on a cluster for the block."""
+def _engine(engine: str, weights: Path, run: RunRequest, exif_transpose: bool, ray_address: str | None, actors: int | None,
+            cpus_per_actor: float | None, gpus_per_actor: float) -> Iterator[Callable | None]:
+    """None (encode here) or, with --engine ray, an encoder that runs on a cluster for the block (its
+    actors load the runtime's export made here, the one the local model already uses)."""
     if engine == "local":
         yield None
         return
     from ..scale.ray_engine import Cluster, ClusterEncoder, ClusterSpec
     from ..scale.worker import ScoreOptions, WorkerConfig
 
-    options = ScoreOptions(precision=precision, exif_transpose=exif_transpose)
+    from .export import exported_for_workers
+
+    options = ScoreOptions(precision=run.precision, exif_transpose=exif_transpose)
     spec = ClusterSpec(ray_address, actors, cpus_per_actor, gpus_per_actor)
-    with Cluster(spec, WorkerConfig(str(weights), device, batch_size, workers), None, options) as cluster:
+    config = WorkerConfig(str(weights), run, runtime_file=exported_for_workers(weights, run.runtime, run.quantize))
+    with Cluster(spec, config, None, options) as cluster:
         info(f"encoding images on Ray with {len(cluster.actors)} actors of {cluster.cpus_per_actor:g} CPUs")
         if (warning := cluster.niceness_warning()) is not None:
             warn(warning)

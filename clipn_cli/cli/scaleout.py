@@ -4,14 +4,21 @@ is in `clipn_cli.scale`."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .common import ENGINE, EXIT_OK, EXIT_PARTIAL, fail, info, warn
 from ..verdicts import VerdictStep
 from .runtime import calibrated_verdicts
+
+if TYPE_CHECKING:
+    from ..model.devices import RunRequest
+    from ..scale.manifest import Manifest
+    from ..scale.store import OutputStore
+    from ..scale.worker import ScoreOptions, WorkerConfig
 
 ENGINES = ("local", "ray")
 EngineOpt = Annotated[str, typer.Option("--engine", rich_help_panel=ENGINE, help="local (this process) or ray (a Ray cluster: see --ray-address, --actors).")]
@@ -30,8 +37,8 @@ def ray_options_given(ray_address: str | None, actors: int | None, gpus_per_acto
 
 def detect_on_ray(
     *, paths: list[str], output: str | None, fmt: str | None, resume: bool, cache: Path | None,
-    names: list[str], embeddings: Path | None, weights: Path | None, templates: str, device: str,
-    batch_size: int | None, workers: int | None, options, ray_address: str | None, actors: int | None,
+    names: list[str], embeddings: Path | None, weights: Path | None, templates: str, run: RunRequest,
+    options: ScoreOptions, ray_address: str | None, actors: int | None,
     cpus_per_actor: float | None, gpus_per_actor: float, shard_size: int, pools: tuple[str, ...] = (),
     words: Path | None = None, calibration: Path | None = None, alpha: float | None = None, report: Path | None = None,
     fdr: float | None = None,
@@ -39,14 +46,51 @@ def detect_on_ray(
     """Score `paths` on Ray into the folder `output`; exits like local detect (0, 1 or 2).
 
     Negative labels are mined and a calibration is checked here, once; the actors get the results.
+    With another runtime than torch the image tower is exported here, once, before any actor starts.
     A `report` is built here afterwards from the finished shards (all of them, resumed ones too), and
     with `fdr` every shard is rewritten with its q-values once all are in.
     """
-    from ..scale.ray_engine import Cluster, ClusterSpec, detect_job, require_ray, run_detect
+    from ..inputs.sources import iter_inputs
     from ..scale.manifest import previous_run
-    from ..outputs.records import SHARD_FORMATS
+    from ..scale.ray_engine import Cluster, ClusterSpec, detect_job, require_ray, run_detect
     from ..scale.store import OutputStore
-    from ..scale.worker import WorkerConfig
+
+    fmt = _check_ray_output(fmt, output, cache)
+    require_ray()
+    store = OutputStore.open(output)
+    previous_run(store, resume)  # a finished run is refused now, not after a cluster has started
+    weights_path, heads, fingerprint = _heads_on_driver(weights, run.device, names, embeddings, templates, pools, words)
+    verdicts = calibrated_verdicts(calibration, alpha, fdr, options.rule, heads, fingerprint)
+    step = VerdictStep(options.rule, threshold=options.threshold, calibrated=verdicts,
+                       report_classes=heads.classes if report is not None else None)
+    config = _worker_config(weights_path, fingerprint, run, gpus_per_actor)
+    job = detect_job(fingerprint, heads, options, fmt, shard_size, verdicts, runtime=config.run.runtime)
+    progress = _Progress()
+    with Cluster(ClusterSpec(ray_address, actors, cpus_per_actor, gpus_per_actor), config, heads, options, verdicts) as cluster:
+        info(f"scoring on Ray with {len(cluster.actors)} actors of {cluster.cpus_per_actor:g} CPUs; shards of {shard_size} inputs into {output}")
+        if (warning := cluster.niceness_warning()) is not None:
+            warn(warning)
+        manifest = run_detect(iter_inputs(paths, sys.stdin), store, job, cluster, resume=resume, shard_size=shard_size,
+                              progress=progress, finish=_fdr_pass(store, fdr))
+    if manifest.inputs == 0:
+        fail("no images found in the given inputs")
+    if report is not None:
+        from .export import runtime_provenance
+        from .runtime import report_provenance
+
+        made_by = report_provenance(
+            weights_path, fingerprint, heads, rule=options.rule, threshold=options.threshold, calibration=calibration,
+            alpha=verdicts.alpha if verdicts is not None and fdr is None else None, fdr=fdr, precision=options.precision,
+            embeddings=embeddings, quantize=options.quantize, draft=options.draft or None, engine="ray",
+            runtime=runtime_provenance(None, config.run.runtime, run.precision, run.quantize),
+        )
+        _write_report(report, output, step, made_by)
+    _summary(manifest, output, progress.shards if resume else None)
+
+
+def _check_ray_output(fmt: str | None, output: str | None, cache: Path | None) -> str:
+    """The shard format (default parquet), with the options a Ray run cannot take refused."""
+    from ..outputs.records import SHARD_FORMATS
 
     fmt = fmt or "parquet"
     if fmt not in SHARD_FORMATS:
@@ -55,47 +99,42 @@ def detect_on_ray(
         fail("--engine ray needs --output DIR (a folder or a URI such as s3://bucket/run) for its shards and manifest")
     if cache is not None:
         fail("--cache is not supported with --engine ray for detect (the workers may not share this machine's disk)")
-    require_ray()
-    store = OutputStore.open(output)
-    previous_run(store, resume)  # a finished run is refused now, not after a cluster has started
-    from ..inputs.sources import iter_inputs
+    return fmt
 
-    weights_path, heads, fingerprint = _heads_on_driver(weights, device, names, embeddings, templates, pools, words)
-    verdicts = calibrated_verdicts(calibration, alpha, fdr, options.rule, heads, fingerprint)
-    step = VerdictStep(options.rule, threshold=options.threshold, calibrated=verdicts,
-                       report_classes=heads.classes if report is not None else None)
-    job = detect_job(fingerprint, heads, options, fmt, shard_size, verdicts)
-    spec = ClusterSpec(ray_address, actors, cpus_per_actor, gpus_per_actor)
-    config = WorkerConfig(str(weights_path), device, batch_size, workers)
-    progress = _Progress()
-    with Cluster(spec, config, heads, options, verdicts) as cluster:
-        info(f"scoring on Ray with {len(cluster.actors)} actors of {cluster.cpus_per_actor:g} CPUs; shards of {shard_size} inputs into {output}")
-        if (warning := cluster.niceness_warning()) is not None:
-            warn(warning)
-        finish = None
-        if fdr is not None:
-            from ..scale.output import apply_fdr
 
-            def finish(manifest) -> None:
-                info(f"Benjamini-Hochberg at FDR {fdr:g} over the run's p-values: rewriting {len(manifest.shards)} shards")
-                flagged = apply_fdr(store, manifest, fdr)
-                info(f"{flagged} OOD verdicts at FDR {fdr:g}")
+def _worker_config(weights: Path, fingerprint: str, run: RunRequest, gpus_per_actor: float) -> WorkerConfig:
+    """What every actor gets: `run` with `--runtime auto` decided here (CPU actors only: the measurement
+    is of a CPU), and the runtime's export, made here once so that no two actors ever export at once."""
+    from dataclasses import replace
 
-        manifest = run_detect(iter_inputs(paths, sys.stdin), store, job, cluster, resume=resume, shard_size=shard_size,
-                              progress=progress, finish=finish)
-    if manifest.inputs == 0:
-        fail("no images found in the given inputs")
-    if report is not None:
-        from .runtime import report_provenance
+    from ..scale.worker import WorkerConfig
+    from .export import choose_runtime, exported_for_workers
 
-        made_by = report_provenance(
-            weights_path, fingerprint, heads, rule=options.rule, threshold=options.threshold, calibration=calibration,
-            alpha=verdicts.alpha if verdicts is not None and fdr is None else None, fdr=fdr, precision=options.precision,
-            embeddings=embeddings, quantize=options.quantize, draft=options.draft or None, engine="ray",
-        )
-        _write_report(report, output, step, made_by)
+    if run.quantize and run.runtime == "openvino":
+        fail("--quantize int8 runs with --runtime onnx (ONNX Runtime's int8) or torch, not --runtime openvino")
+    on_cpu = gpus_per_actor == 0 and run.device in ("auto", "cpu")
+    run = replace(run, runtime=choose_runtime(run.runtime, run.precision, run.quantize, fingerprint, on_cpu))
+    return WorkerConfig(str(weights), run, runtime_file=exported_for_workers(weights, run.runtime, run.quantize))
+
+
+def _fdr_pass(store: OutputStore, fdr: float | None) -> Callable[[Manifest], None] | None:
+    """With --fdr, the pass that rewrites every shard with its q-value once all are in."""
+    if fdr is None:
+        return None
+    from ..scale.output import apply_fdr
+
+    def finish(manifest: Manifest) -> None:
+        info(f"Benjamini-Hochberg at FDR {fdr:g} over the run's p-values: rewriting {len(manifest.shards)} shards")
+        flagged = apply_fdr(store, manifest, fdr)
+        info(f"{flagged} OOD verdicts at FDR {fdr:g}")
+
+    return finish
+
+
+def _summary(manifest: Manifest, output: str, scored_now: int | None) -> None:
+    """The closing lines of a Ray run, and its exit: 0, or 1 when some inputs have error records."""
     info(f"{manifest.records} records ({manifest.errors} errors) in {len(manifest.shards)} shards in {output}"
-         + (f"; {progress.shards} shards scored now" if resume else ""))
+         + (f"; {scored_now} shards scored now" if scored_now is not None else ""))
     if manifest.errors:
         info(f"{manifest.errors} of {manifest.records} inputs could not be scored (see their error records)")
         raise typer.Exit(EXIT_PARTIAL)

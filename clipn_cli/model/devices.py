@@ -111,6 +111,8 @@ class RunOptions:
     prefetch: int
     score_chunk: int
     limits: DecodeLimits | None = None
+    runtime: str = "torch"  # what runs the image tower: torch, onnx or openvino (`runtimes`)
+    quantize: str | None = None  # "int8": the image tower's int8 path (torch's, or ONNX Runtime's)
 
     @classmethod
     def resolve(
@@ -123,6 +125,8 @@ class RunOptions:
         prefetch: int | None = None,
         score_chunk: int | None = None,
         limits: DecodeLimits | None = None,
+        runtime: str = "torch",
+        quantize: str | None = None,
     ) -> RunOptions:
         """Every size given or defaulted for the device of `where` (a model: the device it sits on)."""
         import torch
@@ -142,6 +146,31 @@ class RunOptions:
             prefetch=prefetch or max(2 * batch, MIN_PREFETCH),
             score_chunk=score_chunk or batch,
             limits=limits,
+            runtime=runtime,
+            quantize=quantize,
+        )
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """A run's options as given, before the device is known: what a Ray driver hands its actors.
+
+    Each actor resolves it once on its own device (`resolve`): an actor's GPU, or its CPU share,
+    decides the defaulted sizes, which the driver cannot know.
+    """
+
+    device: str = "auto"
+    precision: str = "fp32"
+    forward_batch: int | None = None
+    decode_workers: int | None = None
+    runtime: str = "torch"
+    quantize: str | None = None
+
+    def resolve(self, where: torch.nn.Module | torch.device | str | None = None) -> RunOptions:
+        """The `RunOptions` of this request on `where` (default: its own device)."""
+        return RunOptions.resolve(
+            self.device if where is None else where, precision=self.precision, forward_batch=self.forward_batch,
+            decode_workers=self.decode_workers, runtime=self.runtime, quantize=self.quantize,
         )
 
 

@@ -181,7 +181,7 @@ def eval_report(evaluation: Evaluation, points: Sequence[OperatingPoint] = (), t
     methods = list(id_set.scores)  # the methods this evaluation computed, in table order
     rules = list(id_set.flagged)  # its threshold-free rules
     for ood in ood_sets:
-        x_min = 10.0 ** math.floor(math.log10(1.0 / max(len(ood.paths), 1)))
+        x_min = 10.0 ** math.floor(math.log10(1.0 / max(len(ood.paths), 2)))  # one OOD image still gets a decade, not log10(1) = 0
         curves = [Curve(method_table.label(m), method_table.get(m).color, *roc_curve_log(id_set.scores[m], ood.scores[m], x_min),
                         width=2.4 if m in rules else 1.4) for m in methods]
         markers = [Marker(f"{method_table.label(r)} rule", method_table.get(r).color, 1 - float(ood.flagged[r].mean()), 1 - float(id_set.flagged[r].mean())) for r in rules]

@@ -14,6 +14,8 @@ from pathlib import Path
 from ..errors import ClipnError
 
 RUNTIMES = ("torch", "onnx", "openvino")
+# what --runtime accepts: auto picks the runtime `clipn weights tune` measured fastest here, else torch (`choice`)
+RUNTIME_CHOICES = ("auto", *RUNTIMES)
 # Precisions each runtime computes; fp32 is exact (CTW/ATD within 1e-5 of torch fp32, README "Runtimes").
 RUNTIME_PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "onnx": ("fp32",), "openvino": ("fp32", "bf16")}
 FINGERPRINT_KEY = "clipn_weights_fingerprint"  # the ONNX metadata entry naming the weights an export was made from
@@ -40,9 +42,12 @@ def missing(runtime: str) -> str | None:
 
 
 def check_runtime(runtime: str, precision: str) -> None:
-    """Refuse a runtime that is not installed or a precision it does not compute, before anything loads."""
-    if runtime not in RUNTIMES:
-        raise ClipnError(f"--runtime must be {', '.join(RUNTIMES[:-1])} or {RUNTIMES[-1]}, not '{runtime}'")
+    """Refuse a runtime that is not installed or a precision it does not compute, before anything loads
+    (auto: torch's precisions; it chooses an other runtime only for fp32)."""
+    if runtime not in RUNTIME_CHOICES:
+        raise ClipnError(f"--runtime must be {', '.join(RUNTIME_CHOICES[:-1])} or {RUNTIME_CHOICES[-1]}, not '{runtime}'")
+    if runtime == "auto":
+        runtime = "torch"
     allowed = RUNTIME_PRECISIONS[runtime]
     if precision not in allowed:
         raise ClipnError(f"--runtime {runtime} computes in {' or '.join(allowed)}, not --precision {precision}")

@@ -82,6 +82,11 @@ def check_fingerprint(path: str | os.PathLike[str], fingerprint: str) -> None:
         )
 
 
+def export_path(folder: str | os.PathLike[str], fingerprint: str, quantize: str | None = None) -> Path:
+    """Where `cached_export` keeps the export of these weights (and of its int8 quantisation)."""
+    return Path(folder) / f"{fingerprint[:16]}{'-' + quantize if quantize else ''}.onnx"
+
+
 def cached_export(model: CLIPN, folder: str | os.PathLike[str], fingerprint: str, quantize: str | None = None) -> Path:
     """`folder/<fingerprint[:16]>.onnx`, exported on first use and reused after (checked each time);
     with `quantize="int8"` its ONNX Runtime dynamic int8 quantisation, `<fingerprint[:16]>-int8.onnx`."""
@@ -91,7 +96,7 @@ def cached_export(model: CLIPN, folder: str | os.PathLike[str], fingerprint: str
     check_fingerprint(path, fingerprint)
     if quantize is None:
         return path
-    quantized = path.with_name(f"{fingerprint[:16]}-{quantize}.onnx")
+    quantized = export_path(folder, fingerprint, quantize)
     if not quantized.exists():
         quantize_int8(path, quantized, fingerprint)
     check_fingerprint(quantized, fingerprint)

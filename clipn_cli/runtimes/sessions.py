@@ -1,4 +1,4 @@
-"""The exported image tower in ONNX Runtime or OpenVINO (CPU), NumPy in and out: no torch imported,
+"""The exported image tower in ONNX Runtime (CPU or CUDA) or OpenVINO (CPU), NumPy in and out: no torch imported,
 so the torch-free fast start (`fastdetect`) runs the same sessions `towers.ImageRuntime` wraps."""
 
 from __future__ import annotations
@@ -7,20 +7,39 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DeviceError
 from . import FINGERPRINT_KEY
 
 _OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
-class OnnxTower:
-    """ONNX Runtime's CPU session over the exported image tower (fp32, exact)."""
+def onnx_providers(device: str) -> list[str]:
+    """ONNX Runtime's execution providers for `device` (cpu, cuda, cuda:N); a CUDA provider that is
+    not there is one line saying what is missing."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    import onnxruntime as ort
 
-    def __init__(self, path: Path) -> None:
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise DeviceError(f"--runtime onnx --device {device} needs ONNX Runtime's CUDAExecutionProvider, which this onnxruntime "
+                          f"{ort.__version__} lacks (it has {', '.join(available)}): pip install onnxruntime-gpu, or use --runtime torch")
+    return ["CUDAExecutionProvider"]
+
+
+class OnnxTower:
+    """ONNX Runtime's session over the exported image tower (fp32, exact), on the CPU or a CUDA device."""
+
+    def __init__(self, path: Path, device: str = "cpu") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # its own warnings about unused initializers are noise to a user
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        providers: list = onnx_providers(device)
+        if ":" in device:
+            providers = [(providers[0], {"device_id": int(device.partition(":")[2])})]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.provider = self.session.get_providers()[0]
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0]

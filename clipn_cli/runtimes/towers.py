@@ -1,4 +1,4 @@
-"""Running an exported image tower with ONNX Runtime or OpenVINO in place of torch (CPU)."""
+"""Running an exported image tower with ONNX Runtime (CPU or CUDA) or OpenVINO (CPU) in place of torch."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import os
 import numpy as np
 import torch
 
-from ..errors import OptionsError
+from ..errors import DeviceError, OptionsError
 from ..model.clipn import CLIPN
 from . import check_runtime
-from .onnx_export import cached_export
-from .sessions import OnnxTower, OpenVinoTower  # their home: torch-free
+from .onnx_export import cached_export, check_fingerprint
+from .sessions import OnnxTower, OpenVinoTower, onnx_providers  # their home: torch-free
 
 
 class ImageRuntime:
@@ -40,11 +40,49 @@ def attach_runtime(
     check_runtime(runtime, precision)
     if runtime == "torch":
         return model
-    if quantize is not None and runtime != "onnx":
-        raise OptionsError(f"--quantize {quantize} runs with --runtime onnx or torch, not --runtime {runtime}")
-    if next(model.visual.parameters()).device.type != "cpu":
-        raise OptionsError(f"--runtime {runtime} runs on the CPU: give --device cpu, or --runtime torch for a GPU")
-    path = cached_export(model, folder, fingerprint, quantize)
-    tower = OnnxTower(path) if runtime == "onnx" else OpenVinoTower(path, precision)
+    device = _runtime_device(model, runtime, quantize)
+    if device != "cpu":
+        onnx_providers(device)  # a missing CUDA provider is said before any export
+        with _on_cpu(model):
+            path = cached_export(model, folder, fingerprint, quantize)
+    else:
+        path = cached_export(model, folder, fingerprint, quantize)
+    return load_runtime(model, runtime, precision, path, fingerprint, quantize)
+
+
+def load_runtime(model: CLIPN, runtime: str, precision: str, path: str | os.PathLike[str], fingerprint: str,
+                 quantize: str | None = None) -> CLIPN:
+    """Attach the image tower exported at `path` (made by `cached_export`, checked against `fingerprint`);
+    exports nothing: what a Ray actor does with the file its driver exported once."""
+    check_runtime(runtime, precision)
+    device = _runtime_device(model, runtime, quantize)
+    check_fingerprint(path, fingerprint)
+    tower = OnnxTower(Path(path), device) if runtime == "onnx" else OpenVinoTower(Path(path), precision)
     model.image_runtime = ImageRuntime(runtime, "int8" if quantize else precision, tower)
     return model
+
+
+def _runtime_device(model: CLIPN, runtime: str, quantize: str | None) -> str:
+    """Where `runtime` runs for a model on its device: the CPU, or (ONNX Runtime fp32) a CUDA device."""
+    if quantize is not None and runtime != "onnx":
+        raise OptionsError(f"--quantize {quantize} runs with --runtime onnx or torch, not --runtime {runtime}")
+    device = next(model.visual.parameters()).device
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda" and runtime == "onnx" and quantize is None:
+        return str(device)
+    raise DeviceError(f"--runtime {runtime}{' --quantize ' + quantize if quantize else ''} runs on the CPU"
+                      f"{' (and --runtime onnx on CUDA)' if runtime == 'onnx' else ''}: give --device cpu, or --runtime torch for this device")
+
+
+class _on_cpu:
+    """The image tower on the CPU for the block (an export is made from fp32 CPU weights), then back."""
+
+    def __init__(self, model: CLIPN) -> None:
+        self.model, self.device = model, next(model.visual.parameters()).device
+
+    def __enter__(self) -> None:
+        self.model.visual.cpu()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.visual.to(self.device)

@@ -8,7 +8,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
@@ -230,9 +230,9 @@ def actor_config(config: WorkerConfig, cpus: float, gpus: float) -> WorkerConfig
     """An actor uses the CPUs it reserved, not its node's: decoding threads (unless --workers says)
     and, on CPU, torch threads; a GPU actor on a 64-core node must not start 64 decoders."""
     share = max(1, int(cpus))
-    workers = config.workers if config.workers is not None else share
+    workers = config.run.decode_workers if config.run.decode_workers is not None else share
     threads = config.threads or (share if gpus == 0 else None)
-    return WorkerConfig(config.weights, config.device, config.batch_size, workers, threads)
+    return replace(config, run=replace(config.run, decode_workers=workers), threads=threads)
 
 
 _END, _EMPTY = object(), object()

@@ -23,6 +23,7 @@ from .. import __version__
 from .cluster import (  # noqa: F401  (also imported from here: the public names of scale-out)
     IN_FLIGHT_PER_ACTOR, INSTALL_HINT, NICENESS_ENV, Cluster, ClusterSpec, EngineError, RayMissing, actor_config, require_ray,
 )
+from ..model.devices import RunRequest
 from .manifest import Manifest, ManifestWriter, ResumeError, check_resumable, previous_run
 from .planner import DEFAULT_SHARD_SIZE, plan_shards
 from .worker import ScoreOptions, Worker, WorkerConfig
@@ -37,11 +38,12 @@ if TYPE_CHECKING:
 
 def detect_job(
     weights_fingerprint: str, heads: ClassEmbeddings, options: ScoreOptions, fmt: str, shard_size: int,
-    verdicts: CalibratedVerdicts | None = None,
+    verdicts: CalibratedVerdicts | None = None, runtime: str = "torch",
 ) -> dict[str, Any]:
     """What a run's shards mean: two runs can share an output folder only if this is equal.
 
-    Negative labels and a calibration enter by digest (their words and scores decide the numbers).
+    Negative labels and a calibration enter by digest (their words and scores decide the numbers);
+    a runtime other than torch by name (runs of torch, from before runtimes, stay resumable).
     """
     job = {
         "clipn_version": __version__,
@@ -53,6 +55,8 @@ def detect_job(
         "shard_size": shard_size,
         **options.as_dict(),
     }
+    if runtime != "torch":
+        job["runtime"] = runtime
     if heads.negatives:
         job["negatives"] = {pool: n.digest() for pool, n in sorted(heads.negatives.items())}
     if verdicts is not None:
@@ -221,7 +225,8 @@ def score_dataset(
     """
     ray = require_ray()
     options = options or ScoreOptions()
-    config = actor_config(WorkerConfig(str(weights), device), cpus_per_actor, gpus_per_actor)
+    request = RunRequest(device, precision=options.precision, quantize=options.quantize)
+    config = actor_config(WorkerConfig(str(weights), request), cpus_per_actor, gpus_per_actor)
     return ds.map_batches(
         DatasetScorer,
         fn_constructor_kwargs=dict(config=config, heads=heads, options=options, path_column=path_column, bytes_column=bytes_column,

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..model.devices import RunRequest
 from ..verdicts import VerdictStep
 
 if TYPE_CHECKING:
@@ -42,13 +43,13 @@ class ScoreOptions:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Where and how a worker runs: weights file, device, batch size and decoding threads."""
+    """Where and how a worker runs: the weights file, the run's options as given (each worker resolves
+    them on its own device), and with another runtime than torch the image tower its driver exported."""
 
     weights: str
-    device: str = "auto"
-    batch_size: int | None = None
-    workers: int | None = None
+    run: RunRequest = RunRequest()
     threads: int | None = None  # torch intra-op threads (a CPU actor gets its share of the node)
+    runtime_file: str | None = None  # the export `run.runtime` loads (made once by the driver, never here)
 
 
 class Worker:
@@ -60,20 +61,35 @@ class Worker:
         import torch
 
         from ..model.devices import resolve_device
-        from ..model.encode import quantize_image_tower
         from ..weights.checkpoints import load_model
 
+        if (options.precision, options.quantize) != (config.run.precision, config.run.quantize):
+            raise ValueError(f"the run computes with precision={config.run.precision}, quantize={config.run.quantize}, not as {options}")
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.model, self.info = load_model(config.weights, device=resolve_device(config.device), text=False)
-        if options.quantize:
-            quantize_image_tower(self.model)
+        self.model, self.info = load_model(config.weights, device=resolve_device(config.run.device), text=False)
+        self.run = config.run.resolve(self.model)  # once, on this worker's device
+        self._attach_runtime(config.runtime_file)
         self.heads = heads
         self.options = options
         self.verdicts = verdicts
         self.step = VerdictStep(options.rule, threshold=options.threshold, calibrated=verdicts) if heads is not None else None
         self.config = config
         self.pid = os.getpid()
+
+    def _attach_runtime(self, runtime_file: str | None) -> None:
+        """The image tower of `run.runtime`: torch's int8 path, or the export at `runtime_file` (loaded, not made)."""
+        if self.run.runtime == "torch":
+            if self.run.quantize:
+                from ..model.encode import quantize_image_tower
+
+                quantize_image_tower(self.model)
+            return
+        from ..runtimes.towers import load_runtime
+
+        if runtime_file is None:
+            raise ValueError(f"--runtime {self.run.runtime} on a worker needs the file its driver exported")
+        load_runtime(self.model, self.run.runtime, self.run.precision, runtime_file, self.info.fingerprint, self.run.quantize)
 
     @property
     def extra_columns(self) -> tuple[str, ...]:
@@ -99,9 +115,8 @@ class Worker:
         if self.heads is None or self.step is None:
             raise ValueError("this worker encodes only: it was given no class heads")
         results = detect(
-            self.model, self.heads, items, rule=o.rule, batch_size=self.config.batch_size, workers=self.config.workers,
-            precision=o.precision, exif_transpose=o.exif_transpose, details=o.details, top_k=o.top_k, draft=o.draft,
-            threshold=self.step.engine_threshold,
+            self.model, self.heads, items, rule=o.rule, options=self.run, exif_transpose=o.exif_transpose, details=o.details,
+            top_k=o.top_k, draft=o.draft, threshold=self.step.engine_threshold,
         )
         return [self.step.apply(r.as_dict(o.details)) for r in results]
 
@@ -110,10 +125,7 @@ class Worker:
         from ..model.encode import encode_images
 
         o = self.options
-        encoded = encode_images(
-            self.model, items, batch_size=self.config.batch_size, workers=self.config.workers,
-            precision=o.precision, exif_transpose=o.exif_transpose, draft=o.draft,
-        )
+        encoded = encode_images(self.model, items, exif_transpose=o.exif_transpose, draft=o.draft, options=self.run)
         return [(e.path, e.feature, e.error) for e in encoded]
 
     def write_shard(self, index: int, items: Sequence[InputItem], store: OutputStore, fmt: str) -> dict[str, Any]:
