@@ -16,7 +16,7 @@ import typer
 from .common import EXIT_OK, EXIT_PARTIAL, fail, info, warn
 
 # detect's options, and the values with which the fast start can take the run
-_TAKES = {"runtime": ("onnx",), "device": ("auto", "cpu"), "precision": ("fp32",), "quantize": (None,), "negatives": (None,),
+_TAKES = {"runtime": ("onnx", "auto"), "device": ("auto", "cpu"), "precision": ("fp32",), "quantize": (None,), "negatives": (None,),
           "calibration": (None,), "report": (None,), "cache": (None,), "resume": (False,)}
 
 
@@ -27,6 +27,8 @@ def fast_detect(args: dict[str, Any], pools: tuple[str, ...], write_records: Cal
         return
     from ..fastdetect import FastStart, weights_export
 
+    if args["runtime"] == "auto" and not _auto_is_onnx(args["weights"]):
+        return
     fast = FastStart.open(args["weights"], args["embeddings"])
     if fast is None:
         found = weights_export(args["weights"])
@@ -55,3 +57,20 @@ def fast_detect(args: dict[str, Any], pools: tuple[str, ...], write_records: Cal
         info(f"{step.failed} of {step.done} inputs could not be scored (see their error records)")
         raise typer.Exit(EXIT_PARTIAL)
     raise typer.Exit(EXIT_OK)
+
+
+def _auto_is_onnx(weights: Any) -> bool:
+    """`--runtime auto` resolved as the torch path would (`export.choose_runtime`), reading only the
+    weights header and the measurement record: True when 'clipn weights tune' picked onnx here."""
+    from ..fastdetect import weights_export
+    from ..runtimes.choice import measured_runtime
+    from ..weights.home import weights_home
+
+    found = weights_export(weights)
+    if found is None:
+        return False
+    chosen, _ = measured_runtime(weights_home() / "runtimes", found[1]["fingerprint"])  # a warning is said by the torch path
+    if chosen != "onnx":
+        return False
+    info("--runtime auto: onnx (measured fastest and exact for these weights on this CPU by 'clipn weights tune')")
+    return True
