@@ -16,6 +16,7 @@ is what Ray Serve supports for any ASGI app, not only FastAPI.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ AUTOSCALE_MIN, AUTOSCALE_MAX = 1, 4  # --replicas auto without --max-replicas
 AUTOSCALE_TARGET = 2  # ongoing requests per replica the autoscaler aims at (Ray Serve's default)
 INGRESS_EXTRA = 32  # ingress places beyond --queue's bound, for /healthz, /metrics and the page
 RETRY_AFTER = "1"
+QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Ray Serve logs every request at INFO otherwise
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,8 @@ class ClipnIngress:
         from ..inputs.decode import make_transform
 
         s = self.spec
-        service = Service(HandleBatcher(self.model, s.capacity), make_transform(s.image_size), s.info, s.limits, s.api_key,
+        limits = dataclasses.replace(s.limits, queue=s.capacity)  # what this ingress holds at once (429 beyond)
+        service = Service(HandleBatcher(self.model, s.capacity), make_transform(s.image_size), s.info, limits, s.api_key,
                           exif_transpose=s.exif_transpose, decode_threads=s.decode_threads)
         return create_app(service)
 
@@ -216,9 +219,9 @@ def run_on_ray(app: Any, host: str, port: int, timeout: float, announce: Callabl
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": max(1, int(timeout))})
+        serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": max(1, int(timeout))}, logging_config=QUIET)
         try:
-            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=QUIET)
         except RuntimeError as exc:
             raise ClipnError(f"Ray Serve could not start clipn's replicas: {str(exc).strip().splitlines()[-1][:300]}") from None
         announce(f"http://{f'[{host}]' if ':' in host else host}:{port}")
