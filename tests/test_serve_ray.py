@@ -117,6 +117,13 @@ def atd_ray(cluster: str, home: Path, port: int) -> Iterator[Served]:
     assert served.stop() == 0, "".join(served.lines)
 
 
+def test_scale_out_options_are_checked_before_anything_loads() -> None:
+    done = cli("serve", "-w", "digits", "-c", CLASSES, "--replicas", "3")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "need --engine ray" in done.stderr
+    done = cli("serve", "--engine", "ray", "--replicas", "many", "-w", "digits", "-c", CLASSES)
+    assert done.returncode == 2 and "--replicas many: give a number of replicas (1 or more) or auto" in done.stderr
+
+
 def local_serve(home: Path, *rule: str) -> bytes:
     local = Served(["--port", "0", "-w", "digits", "-c", CLASSES, *rule], home)
     try:

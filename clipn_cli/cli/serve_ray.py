@@ -64,10 +64,8 @@ def serve_on_ray(
     try:
         if scale.replicas is None:
             scale = dataclasses.replace(scale, max_replicas=_most_replicas(ray, scale))
-            app = application(replica, scale, dataclasses.replace(ingress, capacity=scale.capacity), heads, verdicts)
-        else:
-            app = application(replica, scale, ingress, heads, verdicts)
-        run_on_ray(app, host, port or _free_port(host), limits.timeout, announce, own)
+            ingress = dataclasses.replace(ingress, capacity=scale.capacity)
+        run_on_ray(application(replica, scale, ingress, heads, verdicts), host, port or _free_port(host), limits.timeout, announce, own)
     finally:
         if own:
             ray.shutdown()

@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ray import serve
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ..scores.calibration import CalibratedVerdicts
 
 APP_NAME = "clipn"
-AUTOSCALE_MIN, AUTOSCALE_MAX = 1, 4  # --replicas auto without --max-replicas
+AUTOSCALE_MIN = 1  # --replicas auto: the fewest replicas (the most: what the cluster holds, cli/serve_ray.py)
 AUTOSCALE_TARGET = 2  # ongoing requests per replica the autoscaler aims at (Ray Serve's default)
 INGRESS_EXTRA = 32  # ingress places beyond --queue's bound, for /healthz, /metrics and the page
 RETRY_AFTER = "1"
@@ -65,7 +65,7 @@ class ScaleSpec:
 
     replicas: int | None = 2  # None: autoscaling between min_replicas and max_replicas
     min_replicas: int = AUTOSCALE_MIN
-    max_replicas: int = AUTOSCALE_MAX
+    max_replicas: int = 1
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     max_ongoing: int = 16  # requests one replica holds at once (@serve.batch forms batches from them)
@@ -92,7 +92,6 @@ class IngressSpec:
     exif_transpose: bool
     decode_threads: int
     capacity: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ClipnModel:
