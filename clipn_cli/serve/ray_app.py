@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -118,7 +117,7 @@ class ClipnModel:
         """One request's records, in order (scored in a batch with whatever else is waiting)."""
         return await self.score_batch(images)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # set from --max-batch, --max-wait-ms in __init__
     async def score_batch(self, requests: list[list[LoadedImage]]) -> list[list[dict[str, Any]]]:
         """Requests → records: one scoring call (forward passes of at most --max-batch images) off the event loop."""
         records = await asyncio.to_thread(self.scorer, [image for request in requests for image in request])
@@ -128,15 +127,12 @@ class ClipnModel:
             start += len(request)
         return out
 
-    def pid(self) -> int:
-        """This replica's process (tests kill it to show a lost replica is replaced)."""
-        return os.getpid()
-
 
 class HandleBatcher:
     """The `Batcher` interface over a `ClipnModel` handle: admission bounds what the ingress holds;
     Ray Serve's rejection of a full queue becomes the same 429 local serve gives; a request whose
-    replica died is sent once more (scoring has no side effects)."""
+    replica died is sent once more (scoring has no side effects). Used on the ingress's event loop
+    only, so the counts need no lock."""
 
     def __init__(self, handle: Any, capacity: int) -> None:
         self._handle, self._capacity, self._admitted = handle, capacity, 0
