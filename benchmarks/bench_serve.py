@@ -19,6 +19,12 @@ started from a process's main thread was 2-5x slower than the same forward start
 thread; the main-thread time is reported beside it (offline `detect` forwards on its main thread).
 Bounded: --images requests per pass, and every pass stops taking new requests after --max-seconds.
 Nothing leaves 127.0.0.1.
+
+    python benchmarks/bench_serve.py --ray 2 --images 32 --rounds 2 --clients 1,4
+
+`--ray N` instead compares `clipn serve --engine ray --replicas N` (its own local cluster, one CPU
+per replica) with local serve, both up at once on the same weights, images and client counts,
+alternated within each round (the order swapped every round), and the records' largest difference.
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ class Server:
 
     def stop(self) -> int:
         self.proc.terminate()
-        return self.proc.wait(60)
+        return self.proc.wait(300)  # Ray Serve's shutdown takes tens of seconds on a loaded machine
 
 
 def post(conn: http.client.HTTPConnection, name: str, b64: str) -> tuple[float, list[dict[str, Any]]]:
@@ -219,6 +225,46 @@ def report(summary: dict[str, Any], clients: list[int]) -> None:
           f"{summary[f'peak_rss_mb_at_{clients[-1]}_clients']:.0f} MB (+{summary['rss_growth_mb']:.0f} MB; target <= +256 MB)")
 
 
+def ray_against_local(weights: Path, embeddings: Path, images: list[tuple[str, str]], clients: list[int], rounds: int,
+                      replicas: int, max_seconds: float) -> dict[str, Any]:
+    """Ray Serve at `replicas` against local serve: images/s and p50/p99 per client count, alternated."""
+    common = ["-w", str(weights), "-e", str(embeddings), "--max-images", "1"]
+    local = Server([*common, "--queue", str(max(clients))])
+    ray = Server([*common, "--engine", "ray", "--replicas", str(replicas), "--queue", str(max(clients)), "--max-ongoing", "4"])
+    servers = {"local": local, "ray": ray}
+    try:
+        for server in servers.values():
+            warm = http.client.HTTPConnection(server.host, server.port, timeout=300)
+            for name, b64 in images[:2 * replicas]:
+                post(warm, name, b64)  # every replica's first forward
+            warm.close()
+        runs: list[dict[str, Any]] = []
+        for n in range(rounds):
+            for c in clients:
+                order = ["local", "ray"] if n % 2 == 0 else ["ray", "local"]
+                for side in order:
+                    got = load(servers[side], images, c, max_seconds, sample_rss=False)
+                    runs.append({"round": n, "side": side, **got})
+                    print(f"round {n}: {side} {c} clients {got['images_per_s']:.2f} img/s, p50 {got['p50_s']:.2f} s, "
+                          f"p99 {got['p99_s']:.2f} s (load {got['load_avg'][0]:.1f})", flush=True)
+    finally:
+        codes = {side: server.stop() for side, server in servers.items()}
+    by_name = {side: {r["path"]: r for run in runs if run["side"] == side for r in run["records"]} for side in servers}
+    worst, differ = deviation(list(by_name["ray"].values()), [by_name["local"][p] for p in by_name["ray"]])
+    for run in runs:
+        run.pop("records")
+    summary = {}
+    for c in clients:
+        best = {side: max(r["images_per_s"] for r in runs if r["side"] == side and r["clients"] == c) for side in servers}
+        p50 = {side: min(r["p50_s"] for r in runs if r["side"] == side and r["clients"] == c) for side in servers}
+        summary[str(c)] = {"local_images_per_s": best["local"], "ray_images_per_s": best["ray"], "ray_vs_local": best["ray"] / best["local"],
+                           "local_p50_s": p50["local"], "ray_p50_s": p50["ray"]}
+        print(f"{c:>2} clients: ray {best['ray']:.2f} img/s vs local {best['local']:.2f} img/s = {best['ray'] / best['local']:.2f}x; "
+              f"p50 ray {p50['ray'] * 1e3:.0f} ms vs local {p50['local'] * 1e3:.0f} ms")
+    print(f"max score deviation ray vs local {worst:.1e}, {differ} verdicts differ; exits {codes}")
+    return {"summary": summary, "runs": runs, "max_score_deviation": worst, "verdicts_differing": differ, "exits": codes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=64)
@@ -226,6 +272,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16,64", help="comma-separated client counts, each run every round")
     parser.add_argument("--lone", type=int, default=8, help="lone requests (and bare forwards) alternated")
     parser.add_argument("--max-seconds", type=float, default=300, help="a pass stops taking new requests after this")
+    parser.add_argument("--ray", type=int, default=0, help="compare clipn serve --engine ray at this many replicas with local serve instead")
     args = parser.parse_args()
     clients = sorted(int(c) for c in args.clients.split(","))
     from clipn_cli.weights.checkpoints import load_model
@@ -237,6 +284,15 @@ def main() -> None:
         embeddings = bench.make_embeddings(model, info, work / "classes.safetensors")
         jpgs = bench.make_jpegs(work / "jpg", args.images, (500, 375))
         images = [(p.name, base64.b64encode(p.read_bytes()).decode()) for p in sorted(jpgs.glob("*.jpg"))]
+        if args.ray:
+            conditions = {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(), "images": args.images, "rounds": args.rounds,
+                          "replicas": args.ray, "image_size": "500x375 JPEG", "one image per request": True}
+            result = ray_against_local(weights, embeddings, images, clients, args.rounds, args.ray, args.max_seconds)
+            conditions["load_avg_at_end"] = os.getloadavg()
+            out = Path(__file__).with_name("bench_serve_ray.json")
+            out.write_text(json.dumps({"conditions": conditions, **result}, indent=1) + "\n")
+            print(f"wrote {out}")
+            return
         conditions = {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(), "images": args.images, "rounds": args.rounds,
                       "image_size": "500x375 JPEG", "server": "defaults (--max-batch 16, --max-wait-ms 5)", "offline_batch": bench.BATCH}
         server = Server(["-w", str(weights), "-e", str(embeddings), "--queue", str(max(clients)), "--max-images", "1"])

@@ -429,3 +429,20 @@ def test_the_drop_page_shows_each_verdict_in_headless_chromium(atd_server: Serve
     fetched = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
     assert atd_server.url + "/v1/detect" in fetched
     assert all(url.startswith((atd_server.url + "/", "blob:")) for url in fetched), fetched
+
+
+def test_runtime_onnx_records_equal_local_detect_onnx(home: Path) -> None:
+    """--runtime reaches serve through detect's helper: the ONNX image tower scores, as in detect --runtime onnx."""
+    pytest.importorskip("onnxruntime")
+    served = Served(["-w", "digits", "-c", CLASSES, "--runtime", "onnx"], home)
+    try:
+        got = detect_json(served.url, digit_images())
+        info = json.loads(request(served.url + "/v1/info")[2])
+    finally:
+        assert served.stop() == 0
+    done = cli("detect", "-w", "digits", "-c", CLASSES, "--format", "json", "--runtime", "onnx",
+               *(str(p) for p in sorted(DIGITS.glob("*.png"))), env={"CLIPN_HOME": str(home)})
+    assert done.returncode == 0, done.stderr
+    assert info["runtime"] == "onnx" and len(got) == 20
+    assert_close_records(got, json.loads(done.stdout))
+    assert list((home / "runtimes").iterdir())  # the export both used, made once

@@ -14,10 +14,13 @@ import typer
 
 from ..scores.methods import RULES, VERDICT_RULES
 from .common import (
-    CALIBRATION, INPUTS, RULE, PRECISIONS, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt, TemplatesOpt,
-    WeightsOpt, WordsOpt, WorkersOpt, check_choice, fail, handle_errors, info, warn,
+    CALIBRATION, INPUTS, RULE, PRECISIONS, ClassesFileOpt, ClassesOpt, DeviceOpt, ExifOpt, NegativesOpt, PrecisionOpt, RuntimeOpt,
+    TemplatesOpt, WeightsOpt, WordsOpt, WorkersOpt, check_choice, fail, handle_errors, info, warn,
 )
+from .export import check_runtime_option, use_runtime
 from .runtime import add_negatives, calibrated_verdicts, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight
+from .scaleout import ENGINES, RayAddressOpt
+from .serve_ray import SCALE, ReplicasOpt, check_ray_options, serve_on_ray
 
 SERVER = "Server"
 API_KEY_ENV = "CLIPN_API_KEY"
@@ -38,6 +41,7 @@ def serve(
     alpha: Annotated[float | None, typer.Option("--alpha", rich_help_panel=CALIBRATION, help="With --calibration: the false-alarm rate on ID images (default: the file's).", show_default=False)] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
+    runtime: RuntimeOpt = "torch",
     exif_transpose: ExifOpt = False,
     workers: WorkersOpt = None,
     host: Annotated[str, typer.Option("--host", rich_help_panel=SERVER, help="Address to listen on (loopback by default; 0.0.0.0 for every interface).")] = "127.0.0.1",
@@ -49,6 +53,12 @@ def serve(
     max_images: Annotated[int, typer.Option("--max-images", rich_help_panel=SERVER, min=1, help="Most images in one request (more: 413).")] = 64,
     timeout: Annotated[float, typer.Option("--timeout", rich_help_panel=SERVER, min=0.1, help="Seconds a client may take to send its request body (then 408); idle connections close after it.")] = 30.0,
     api_key_file: Annotated[Path | None, typer.Option("--api-key-file", rich_help_panel=SERVER, help=f"A file holding the API key clients must send (Authorization: Bearer KEY); default ${API_KEY_ENV}, none: no key.", show_default=False)] = None,
+    engine: Annotated[str, typer.Option("--engine", rich_help_panel=SCALE, help="local (this process) or ray (a Ray Serve application: see --replicas).")] = "local",
+    ray_address: RayAddressOpt = None,
+    replicas: ReplicasOpt = "2",
+    max_ongoing: Annotated[int | None, typer.Option("--max-ongoing", rich_help_panel=SCALE, min=1, help="With --engine ray: requests one replica holds at once (Ray Serve's max_ongoing_requests; batches form from them). Default: --max-batch.", show_default=False)] = None,
+    cpus_per_replica: Annotated[float, typer.Option("--cpus-per-replica", rich_help_panel=SCALE, min=0.01, help="With --engine ray: CPUs each replica reserves (and its torch threads on CPU).")] = 1.0,
+    gpus_per_replica: Annotated[float, typer.Option("--gpus-per-replica", rich_help_panel=SCALE, min=0.0, help="With --engine ray: GPUs each replica reserves (fractions share a GPU; 0: CPU replicas).")] = 0.0,
 ) -> None:
     """Serve ID/OOD verdicts over HTTP: POST images to /v1/detect, get what 'clipn detect --format json' prints.
 
@@ -58,6 +68,9 @@ def serve(
         require_serve()
         check_choice("--rule", rule, RULES)
         check_choice("--precision", precision, PRECISIONS)
+        check_choice("--engine", engine, ENGINES)
+        scale = check_ray_options(engine, ray_address, replicas, max_ongoing, max_batch, queue, cpus_per_replica, gpus_per_replica)
+        device = check_runtime_option(runtime, precision, device)
         if calibration is None and alpha is not None:
             fail("--alpha needs --calibration FILE (from 'clipn calibrate')")
         if calibration is not None and threshold is not None:
@@ -85,22 +98,38 @@ def serve(
         from ..serve.run import run_server
 
         check_rule(rule, tuple(heads.negatives), threshold if verdicts is None else float("-inf"), has_no=heads.text_no is not None)
+        use_runtime(model, weights_info, runtime, precision)
         limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue, max_upload_mb=max_upload_mb, timeout=timeout, max_images=max_images)
-        metrics = ServeMetrics()
-        scorer = ModelScorer(model, heads, rule, threshold, verdicts, precision, max_batch)
-        batcher = Batcher(scorer, max_batch, max_wait_ms, queue, on_batch=metrics.batch)
         details = {
             "version": __version__, "weights": weights_info.path.name, "weights_fingerprint": weights_info.fingerprint,
             "classes": list(heads.classes), "negatives": list(heads.negatives), "rule": verdicts.method if verdicts else rule,
             "threshold": threshold, "calibration_alpha": verdicts.alpha if verdicts else None, "precision": precision,
+            "runtime": runtime, "engine": engine,
             "limits": {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "queue": queue, "max_upload_mb": max_upload_mb,
                        "max_images": max_images, "timeout": timeout},
         }
+        decode_threads = pipeline_sizes(model, None, workers)[1] or 1
+        if scale is not None:
+            image_size = image_size_of(model)
+            del model  # the replicas load their own image tower; this process keeps what it sends them
+            gc.collect()
+            serve_on_ray(image_size, weights_info, heads, verdicts, scale, ray_address, limits=limits, details=details, api_key=key,
+                         exif_transpose=exif_transpose, decode_threads=decode_threads, rule=rule, threshold=threshold,
+                         precision=precision, device=device, runtime=runtime, host=host, port=port, announce=announce)
+            info("stopped")
+            return
+        metrics = ServeMetrics()
+        scorer = ModelScorer(model, heads, rule, threshold, verdicts, precision, max_batch)
+        batcher = Batcher(scorer, max_batch, max_wait_ms, queue, on_batch=metrics.batch)
         service = Service(batcher, make_transform(image_size_of(model)), details, limits, key, exif_transpose=exif_transpose,
-                          decode_threads=pipeline_sizes(model, None, workers)[1] or 1, metrics=metrics)
+                          decode_threads=decode_threads, metrics=metrics)
         gc.freeze()  # the model and heads live until exit (see detect)
-        run_server(service, host, port, lambda url: info(f"serving on {url} (stop: Ctrl-C or SIGTERM)"))
+        run_server(service, host, port, announce)
         info("stopped")
+
+
+def announce(url: str) -> None:
+    info(f"serving on {url} (stop: Ctrl-C or SIGTERM)")
 
 
 def require_serve() -> None:

@@ -63,27 +63,7 @@ class Cluster:
     ) -> None:
         self.ray = require_ray()
         self.spec = spec
-        self.started = False
-        if not self.ray.is_initialized():
-            address = spec.address or os.environ.get("RAY_ADDRESS")
-            # A cluster of our own: its workers are the job, so they must not run at Ray's default
-            # nice 15, where every other process on the machine (the driver, Ray's daemons, other
-            # users' jobs) comes first (benchmarks/README.md). Its raylet reads this at start.
-            unniced = address is None and NICENESS_ENV not in os.environ
-            if unniced:
-                os.environ[NICENESS_ENV] = "0"
-            handlers = _signal_handlers()
-            try:
-                self.ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
-                              log_to_driver=True, configure_logging=True)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                where = spec.address or "a new local cluster"
-                raise EngineError(f"cannot start or join Ray ({where}): {str(exc).splitlines()[0][:200]}") from None
-            finally:
-                if unniced:
-                    del os.environ[NICENESS_ENV]
-                _restore(handlers)
-            self.started = True
+        self.started = connect(self.ray, spec.address)
         self.cpus_per_actor = spec.cpus_per_actor or self._node_cpus()
         count = spec.actors or self._default_actors()
         config = actor_config(config, self.cpus_per_actor, spec.gpus_per_actor)
@@ -205,6 +185,31 @@ class Cluster:
                 raise EngineError(f"a batch failed on the cluster: {_cause(exc)}") from None
             raise EngineError(f"shard {index} failed on the cluster: {_cause(exc)}; "
                               "finished shards are kept: continue with --resume") from None
+
+
+def connect(ray: Any, address: str | None) -> bool:
+    """Join the cluster at `address` (None: $RAY_ADDRESS, else start a local one); True when this
+    process started it (and must shut it down). Used by `Cluster` and by `clipn serve --engine ray`."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    # A cluster of our own: its workers are the job, so they must not run at Ray's default
+    # nice 15, where every other process on the machine (the driver, Ray's daemons, other
+    # users' jobs) comes first (benchmarks/README.md). Its raylet reads this at start.
+    unniced = address is None and NICENESS_ENV not in os.environ
+    if unniced:
+        os.environ[NICENESS_ENV] = "0"
+    handlers = _signal_handlers()
+    try:
+        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=True, configure_logging=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise EngineError(f"cannot start or join Ray ({address or 'a new local cluster'}): {str(exc).splitlines()[0][:200]}") from None
+    finally:
+        if unniced:
+            del os.environ[NICENESS_ENV]
+        _restore(handlers)
+    return True
 
 
 def _signal_handlers() -> dict[int, Any]:
