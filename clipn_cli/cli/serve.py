@@ -41,7 +41,7 @@ def serve(
     alpha: Annotated[float | None, typer.Option("--alpha", rich_help_panel=CALIBRATION, help="With --calibration: the false-alarm rate on ID images (default: the file's).", show_default=False)] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
-    runtime: RuntimeOpt = "torch",
+    runtime: RuntimeOpt = "auto",
     exif_transpose: ExifOpt = False,
     workers: WorkersOpt = None,
     host: Annotated[str, typer.Option("--host", rich_help_panel=SERVER, help="Address to listen on (loopback by default; 0.0.0.0 for every interface).")] = "127.0.0.1",
@@ -98,7 +98,7 @@ def serve(
         from ..serve.run import run_server
 
         check_rule(rule, tuple(heads.negatives), threshold if verdicts is None else float("-inf"), has_no=heads.text_no is not None)
-        use_runtime(model, weights_info, runtime, precision)
+        runtime = use_runtime(model, weights_info, runtime, precision)  # auto resolved: replicas get the runtime chosen here
         limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue, max_upload_mb=max_upload_mb, timeout=timeout, max_images=max_images)
         details = {
             "version": __version__, "weights": weights_info.path.name, "weights_fingerprint": weights_info.fingerprint,
