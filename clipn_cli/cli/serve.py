@@ -48,11 +48,13 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", rich_help_panel=SERVER, min=0.001, help="Largest request body in MB (larger: 413).")] = 16.0,
     max_images: Annotated[int, typer.Option("--max-images", rich_help_panel=SERVER, min=1, help="Most images in one request (more: 413).")] = 64,
     timeout: Annotated[float, typer.Option("--timeout", rich_help_panel=SERVER, min=0.1, help="Seconds a client may take to send its request body (then 408); idle connections close after it.")] = 30.0,
+    grace: Annotated[float, typer.Option("--grace", rich_help_panel=SERVER, min=0, help="Seconds a stop (SIGTERM, SIGINT) waits for requests in flight; those still running then get 503.")] = 30.0,
     api_key_file: Annotated[Path | None, typer.Option("--api-key-file", rich_help_panel=SERVER, help=f"A file holding the API key clients must send (Authorization: Bearer KEY); default ${API_KEY_ENV}, none: no key.", show_default=False)] = None,
 ) -> None:
     """Serve ID/OOD verdicts over HTTP: POST images to /v1/detect, get what 'clipn detect --format json' prints.
 
-    Exit codes: 0 stopped by SIGTERM or SIGINT (requests in flight answered), 2 usage or setup error.
+    Exit codes: 0 stopped by SIGTERM or SIGINT (requests in flight answered), 1 stopped, but requests
+    still running after --grace were answered 503, 2 usage or setup error.
     """
     with handle_errors():
         require_serve()
@@ -99,7 +101,10 @@ def serve(
         service = Service(batcher, make_transform(image_size_of(model)), details, limits, key, exif_transpose=exif_transpose,
                           decode_threads=pipeline_sizes(model, None, workers)[1] or 1, metrics=metrics)
         gc.freeze()  # the model and heads live until exit (see detect)
-        run_server(service, host, port, lambda url: info(f"serving on {url} (stop: Ctrl-C or SIGTERM)"))
+        cut_off = run_server(service, host, port, lambda url: info(f"serving on {url} (stop: Ctrl-C or SIGTERM)"), grace=grace)
+        if cut_off:
+            warn(f"stopped: {cut_off} request(s) still running after --grace {grace:g} s were answered 503")
+            raise typer.Exit(1)
         info("stopped")
 
 
