@@ -236,6 +236,66 @@ def test_sigterm_answers_the_request_in_flight_and_exits_0(home: Path) -> None:
     served.proc.stdout.close()
 
 
+def test_sigterm_after_grace_answers_503_and_exits_1(home: Path) -> None:
+    served = Served(["-w", "digits", "-c", CLASSES, "--grace", "0.5"], home)
+    body = json_body(digit_images()[:2])
+    host, port = served.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(f"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+        while metric(request(served.url + "/metrics")[2].decode(), "clipn_queue_depth") != 1:
+            pass  # admitted: its body is being received, and the rest never comes
+        served.proc.send_signal(signal.SIGTERM)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"status": 503, "error": "the server stopped before this request was answered (its --grace period ran out)"}
+    assert served.proc.wait() == 1
+    assert "1 request(s) still running after --grace 0.5 s were answered 503" in served.proc.stderr.read()
+    served.proc.stderr.close()
+    served.proc.stdout.close()
+
+
+GATED_SERVER = r"""
+import sys, threading
+from clipn_cli.serve.app import Service
+from clipn_cli.serve.engine import Batcher, ServeLimits
+from clipn_cli.serve.run import run_server
+
+def score(loaded):
+    print("scoring", flush=True)
+    threading.Event().wait()  # a forward that outlives the grace period
+
+limits = ServeLimits(queue=4, max_batch=1)
+service = Service(Batcher(score, 1, 5.0, 4), lambda image: image.size, {"version": "test"}, limits)
+cut_off = run_server(service, "127.0.0.1", 0, lambda url: print(url, flush=True), grace=float(sys.argv[1]))
+sys.exit(1 if cut_off else 0)
+"""
+
+
+def test_requests_in_the_model_or_queued_after_grace_get_503(tmp_path: Path) -> None:
+    import subprocess
+
+    proc = spawn([sys.executable, "-c", GATED_SERVER, "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = proc.stdout.readline().strip()
+    png = digit_images()[0][1]
+    answers: list[Any] = []
+    clients = [threading.Thread(target=lambda n=n: answers.append(request(url + "/v1/detect", json_body([(n, png)]), {"Content-Type": "application/json"})))
+               for n in ("a.png", "b.png")]
+    clients[0].start()
+    assert proc.stdout.readline() == "scoring\n"  # the first is in the model, the second waits in the queue
+    clients[1].start()
+    while metric(request(url + "/metrics")[2].decode(), "clipn_queue_depth") != 2:
+        threading.Event().wait(0.01)
+    proc.send_signal(signal.SIGTERM)
+    for t in clients:
+        t.join()
+    assert [a[0] for a in answers] == [503, 503] and all("--grace" in json.loads(a[2])["error"] for a in answers)
+    assert proc.wait() == 1
+    proc.stdout.close()
+    proc.stderr.close()
+
+
 def test_detect_server_prints_what_local_detect_prints(atd_server: Served, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
@@ -264,6 +324,12 @@ class Gated:
         self.gate, self.entered = threading.Event(), threading.Event()
         self.batches: list[int] = []
 
+        self.decoded = 0  # images through the decoder's transform
+
+    def transform(self, image: Any) -> Any:
+        self.decoded += 1
+        return image.size
+
     def __call__(self, loaded: list[Any]) -> list[dict[str, Any]]:
         self.batches.append(len(loaded))
         self.entered.set()
@@ -281,8 +347,9 @@ def gated_server(request_limits: dict[str, Any]) -> Iterator[tuple[str, Gated]]:
 
     model = Gated()
     limits = ServeLimits(**{k: v for k, v in request_limits.items() if k != "key"})
-    service = Service(Batcher(model, limits.max_batch, limits.max_wait_ms, limits.queue), lambda img: img.size, {"version": "test"},
+    service = Service(Batcher(model, limits.max_batch, limits.max_wait_ms, limits.queue), model.transform, {"version": "test"},
                       limits, api_key=request_limits.get("key"))
+    model.service = service
     server = uvicorn.Server(config_for(service, "127.0.0.1", 0))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -313,6 +380,58 @@ def test_queue_full_is_429_at_once(gated_server: tuple[str, Gated]) -> None:
     holder.join()
     assert first[0][0] == 200 and json.loads(first[0][2]) == [{"path": "a.png", "verdict": "ID"}]
     assert model.batches == [1]
+
+
+@pytest.mark.parametrize("request_limits", [{"queue": 4, "max_batch": 1, "max_upload_mb": 0.1, "max_images": 3}])
+def test_many_clients_hold_at_most_queue_bodies_and_twice_max_batch_decoded_images(gated_server: tuple[str, Gated]) -> None:
+    url, model = gated_server
+    held = model.service.held
+    png = digit_images()[0][1]
+    answers: list[Any] = []
+
+    def send(name: str) -> None:
+        answers.append(request(url + "/v1/detect", json_body([(name, png)]), {"Content-Type": "application/json"}))
+
+    admitted = [threading.Thread(target=send, args=(f"{i}.png",)) for i in range(4)]
+    for t in admitted:
+        t.start()
+    # one request in the model, one decoded and queued (2 = twice --max-batch); two hold only their bytes
+    while held.counts() != {"bodies": 2, "decoded": 2, "waiting_to_decode": 2}:
+        threading.Event().wait(0.01)
+    refused = [request(url + "/v1/detect", json_body([(f"late{i}.png", png)]), {"Content-Type": "application/json"}) for i in range(12)]
+    assert [r[0] for r in refused] == [429] * 12
+    assert model.decoded == 2 and model.service.batcher.depth() == 4
+    model.gate.set()
+    for t in admitted:
+        t.join()
+    assert sorted(r[0] for r in answers) == [200] * 4 and model.decoded == 4
+    assert held.most["bodies"] <= 4 and held.most["decoded"] == 2 and held.counts() == {"bodies": 0, "decoded": 0, "waiting_to_decode": 0}
+
+
+def test_decoded_images_are_granted_in_arrival_order_and_a_large_request_alone() -> None:
+    import asyncio
+
+    from clipn_cli.serve.app import Holdings
+
+    async def run() -> None:
+        held = Holdings(2)
+        await held.take(1)
+        large = asyncio.ensure_future(held.take(3))  # over the limit: only once nothing else is decoded
+        small = asyncio.ensure_future(held.take(1))  # would fit, but waits its turn behind `large`
+        late = asyncio.ensure_future(held.take(1))
+        await asyncio.sleep(0)
+        assert held.counts() == {"bodies": 0, "decoded": 1, "waiting_to_decode": 3}
+        held.give(1)
+        await asyncio.sleep(0)
+        assert large.done() and not small.done() and held.decoded == 3
+        small.cancel()  # a request that goes away gives up its turn
+        await asyncio.sleep(0)
+        assert held.counts() == {"bodies": 0, "decoded": 3, "waiting_to_decode": 1}
+        held.give(3)
+        await asyncio.sleep(0)
+        assert late.done() and held.decoded == 1 and held.most["decoded"] == 3
+
+    asyncio.run(run())
 
 
 @pytest.mark.parametrize("body, kind, status, reason", [

@@ -8,7 +8,7 @@ import importlib.util
 import ipaddress
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -21,6 +21,9 @@ from .export import check_runtime_option, use_runtime
 from .runtime import add_negatives, calibrated_verdicts, class_embeddings, load_classes, load_weights_for_cli, parse_negatives, preflight
 from .scaleout import ENGINES, RayAddressOpt
 from .serve_ray import SCALE, ReplicasOpt, check_ray_options, serve_on_ray
+
+if TYPE_CHECKING:
+    from ..serve.app import Service
 
 SERVER = "Server"
 API_KEY_ENV = "CLIPN_API_KEY"
@@ -46,12 +49,13 @@ def serve(
     workers: WorkersOpt = None,
     host: Annotated[str, typer.Option("--host", rich_help_panel=SERVER, help="Address to listen on (loopback by default; 0.0.0.0 for every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", rich_help_panel=SERVER, min=0, max=65535, help="Port to listen on (0: any free port, printed at start).")] = 8000,
-    max_batch: Annotated[int, typer.Option("--max-batch", rich_help_panel=SERVER, min=1, help="Most images per forward pass; batches form only under load.")] = 16,
+    max_batch: Annotated[int, typer.Option("--max-batch", rich_help_panel=SERVER, min=1, help="Most images in one batch (a CPU runs it through the model 4 at a time); batches form only under load.")] = 16,
     max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", rich_help_panel=SERVER, min=0, help="Longest a batch waits for requests still arriving (a lone request runs at once).")] = 5.0,
     queue: Annotated[int, typer.Option("--queue", rich_help_panel=SERVER, min=1, help="Most requests held at once (receiving, decoding, waiting, scoring); more get 429 with Retry-After.")] = 16,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", rich_help_panel=SERVER, min=0.001, help="Largest request body in MB (larger: 413).")] = 16.0,
     max_images: Annotated[int, typer.Option("--max-images", rich_help_panel=SERVER, min=1, help="Most images in one request (more: 413).")] = 64,
     timeout: Annotated[float, typer.Option("--timeout", rich_help_panel=SERVER, min=0.1, help="Seconds a client may take to send its request body (then 408); idle connections close after it.")] = 30.0,
+    grace: Annotated[float, typer.Option("--grace", rich_help_panel=SERVER, min=0, help="Seconds a stop (SIGTERM, SIGINT) waits for requests in flight; those still running then get 503.")] = 30.0,
     api_key_file: Annotated[Path | None, typer.Option("--api-key-file", rich_help_panel=SERVER, help=f"A file holding the API key clients must send (Authorization: Bearer KEY); default ${API_KEY_ENV}, none: no key.", show_default=False)] = None,
     engine: Annotated[str, typer.Option("--engine", rich_help_panel=SCALE, help="local (this process) or ray (a Ray Serve application: see --replicas).")] = "local",
     ray_address: RayAddressOpt = None,
@@ -62,21 +66,14 @@ def serve(
 ) -> None:
     """Serve ID/OOD verdicts over HTTP: POST images to /v1/detect, get what 'clipn detect --format json' prints.
 
-    Exit codes: 0 stopped by SIGTERM or SIGINT (requests in flight answered), 2 usage or setup error.
+    Exit codes: 0 stopped by SIGTERM or SIGINT (requests in flight answered), 1 stopped, but requests
+    still running after --grace were answered 503, 2 usage or setup error.
     """
     with handle_errors():
         require_serve()
-        check_choice("--rule", rule, RULES)
-        check_choice("--precision", precision, PRECISIONS)
-        check_choice("--engine", engine, ENGINES)
+        _check_rule_options(rule, precision, engine, threshold, calibration, alpha)
         scale = check_ray_options(engine, ray_address, replicas, max_ongoing, max_batch, queue, cpus_per_replica, gpus_per_replica)
         device = check_runtime_option(runtime, precision, device)
-        if calibration is None and alpha is not None:
-            fail("--alpha needs --calibration FILE (from 'clipn calibrate')")
-        if calibration is not None and threshold is not None:
-            fail("give --threshold (a fixed score cut) or --calibration (a false-alarm rate), not both")
-        if threshold is None and calibration is None and rule not in VERDICT_RULES:
-            fail(f"--rule {rule} has no threshold-free verdict: give --threshold T (e.g. its thr@95%ID from 'clipn eval') or --calibration FILE")
         key = api_key(api_key_file)
         if key is None and not is_loopback(host):
             warn(f"listening on {host} without an API key: anyone who can reach it can use it (set ${API_KEY_ENV} or --api-key-file)")
@@ -95,7 +92,6 @@ def serve(
         from ..serve.app import Service
         from ..serve.engine import Batcher, ModelScorer, ServeLimits
         from ..serve.metrics import ServeMetrics
-        from ..serve.run import run_server
 
         check_rule(rule, tuple(heads.negatives), threshold if verdicts is None else float("-inf"), has_no=heads.text_no is not None)
         runtime = use_runtime(model, weights_info, runtime, precision)  # auto resolved: replicas get the runtime chosen here
@@ -120,12 +116,35 @@ def serve(
             return
         metrics = ServeMetrics()
         scorer = ModelScorer(model, heads, rule, threshold, verdicts, precision, max_batch)
-        batcher = Batcher(scorer, max_batch, max_wait_ms, queue, on_batch=metrics.batch)
-        service = Service(batcher, make_transform(image_size_of(model)), details, limits, key, exif_transpose=exif_transpose,
-                          decode_threads=decode_threads, metrics=metrics)
-        gc.freeze()  # the model and heads live until exit (see detect)
-        run_server(service, host, port, announce)
-        info("stopped")
+        service = Service(Batcher(scorer, max_batch, max_wait_ms, queue, on_batch=metrics.batch), make_transform(image_size_of(model)),
+                          details, limits, key, exif_transpose=exif_transpose, decode_threads=decode_threads, metrics=metrics)
+        _serve_local(service, host, port, grace)
+
+
+def _check_rule_options(rule: str, precision: str, engine: str, threshold: float | None, calibration: Path | None,
+                        alpha: float | None) -> None:
+    """The rule, its threshold or calibration, and the choices, before anything loads."""
+    check_choice("--rule", rule, RULES)
+    check_choice("--precision", precision, PRECISIONS)
+    check_choice("--engine", engine, ENGINES)
+    if calibration is None and alpha is not None:
+        fail("--alpha needs --calibration FILE (from 'clipn calibrate')")
+    if calibration is not None and threshold is not None:
+        fail("give --threshold (a fixed score cut) or --calibration (a false-alarm rate), not both")
+    if threshold is None and calibration is None and rule not in VERDICT_RULES:
+        fail(f"--rule {rule} has no threshold-free verdict: give --threshold T (e.g. its thr@95%ID from 'clipn eval') or --calibration FILE")
+
+
+def _serve_local(service: Service, host: str, port: int, grace: float) -> None:
+    """Run the local server until a stop; exit 1 when requests were still running after --grace."""
+    from ..serve.run import run_server
+
+    gc.freeze()  # the model and heads live until exit (see detect)
+    cut_off = run_server(service, host, port, announce, grace=grace)
+    if cut_off:
+        warn(f"stopped: {cut_off} request(s) still running after --grace {grace:g} s were answered 503")
+        raise typer.Exit(1)
+    info("stopped")
 
 
 def announce(url: str) -> None:

@@ -10,6 +10,7 @@ import binascii
 import hmac
 import io
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +40,64 @@ class RequestError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+class Holdings:
+    """What admitted requests hold, counted, and the decoded images bounded (event-loop side only).
+
+    Admission (`--queue`) bounds the bodies: at most `queue` requests receive or hold bytes at once.
+    Decoded images are 0.6 MB each at 224 px, far more than the JPEG bytes they come from, so a
+    request decodes only when its images fit in `limit` (twice `--max-batch`: one batch in the model,
+    the next one ready) or nothing else is decoded; requests take their turn in arrival order, and
+    an image stays counted until its request is answered. `most` keeps the largest counts seen.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.bodies, self.decoded = limit, 0, 0
+        self.most = {"bodies": 0, "decoded": 0}
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def counts(self) -> dict[str, int]:
+        """Requests holding received bytes, decoded images held, requests waiting to decode."""
+        return {"bodies": self.bodies, "decoded": self.decoded, "waiting_to_decode": len(self._waiting)}
+
+    def body(self, change: int) -> None:
+        self.bodies += change
+        self.most["bodies"] = max(self.most["bodies"], self.bodies)
+
+    async def take(self, count: int) -> None:
+        """Wait for room for `count` decoded images (FIFO), then hold it until `give`."""
+        if not self._waiting and self._fits(count):
+            self._hold(count)
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((count, turn))
+        try:
+            await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self.give(count)
+            else:
+                self._waiting.remove((count, turn))
+                self._grant()
+            raise
+
+    def give(self, count: int) -> None:
+        self.decoded -= count
+        self._grant()
+
+    def _fits(self, count: int) -> bool:
+        return self.decoded == 0 or self.decoded + count <= self.limit
+
+    def _hold(self, count: int) -> None:
+        self.decoded += count
+        self.most["decoded"] = max(self.most["decoded"], self.decoded)
+
+    def _grant(self) -> None:
+        while self._waiting and self._fits(self._waiting[0][0]):
+            count, turn = self._waiting.popleft()
+            self._hold(count)
+            turn.set_result(None)
+
+
 @dataclass
 class Service:
     """What the endpoints share: the batcher, the decoder's settings, limits, the key and the metrics."""
@@ -53,9 +112,11 @@ class Service:
     decode_threads: int = 2
     metrics: ServeMetrics = field(default_factory=ServeMetrics)
     stopping: bool = False
+    cut_off: int = 0  # requests still running when the grace period ran out (answered 503)
 
     def __post_init__(self) -> None:
         self.decoders = ThreadPoolExecutor(max(1, self.decode_threads), thread_name_prefix="clipn-serve-decode")
+        self.held = Holdings(2 * self.limits.max_batch)
         self.metrics.watch_queue(self.batcher.depth)
 
 
@@ -178,14 +239,23 @@ async def score(service: Service, request: Request) -> list[dict[str, Any]]:
         raise RequestError(503, "the server is stopping")
     if not service.batcher.admit():
         raise RequestError(429, f"busy: {service.limits.queue} requests are in progress (--queue); retry shortly", {"Retry-After": "1"})
-    submitted = False
+    submitted, decoded = False, 0
     try:
-        body = await read_body(request, service.limits)
-        loaded = await decode(service, await named_images(request, body, service.limits))
+        service.held.body(+1)
+        try:
+            images = await named_images(request, await read_body(request, service.limits), service.limits)
+            await service.held.take(len(images))
+            decoded = len(images)
+            loaded = await decode(service, images)
+            del images  # the bytes are decoded: only the pixels wait for the model
+        finally:
+            service.held.body(-1)
         future = service.batcher.submit(loaded)
         submitted = True
+        del loaded
         return await asyncio.wrap_future(future)
     finally:
+        service.held.give(decoded)
         service.batcher.release(submitted)
 
 
@@ -212,6 +282,11 @@ def create_app(service: Service) -> Starlette:
                 response = error(exc.status, exc.message, exc.headers)
             except ClientDisconnect:
                 response = error(400, "the client went away before sending its body")
+            except asyncio.CancelledError:
+                if not service.stopping:
+                    raise
+                service.cut_off += 1  # uvicorn cancels what still runs when the grace period ends
+                response = error(503, "the server stopped before this request was answered (its --grace period ran out)")
             except Exception as exc:  # a failed batch: this request's answer, the server goes on
                 response = error(500, f"scoring failed ({type(exc).__name__}: {str(exc)[:160]})")
         service.metrics.request(response.status_code, time.monotonic() - started)

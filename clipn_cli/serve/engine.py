@@ -58,8 +58,17 @@ def verdict_step(
     return [step.apply(d.as_dict(False)) for d in detections]
 
 
+CPU_FORWARD_CHUNK = 4  # images per CPU forward pass, whatever --max-batch gathers
+
+
 class ModelScorer:
-    """Decoded images → records with the loaded model: features in chunks of `max_batch`, then `verdict_step`."""
+    """Decoded images → records with the loaded model: features in forward chunks, then `verdict_step`.
+
+    A batch runs through the model `max_batch` images at a time on a GPU, but at most
+    `CPU_FORWARD_CHUNK` on a CPU: a ViT-B-16 forward pass holds ~15 MB of activations per image
+    (peaks of +200-240 MB at 16 images, +60-70 MB at 4) and scores as many images per second at
+    4 as at 16 (benchmarks/README.md "Serve"), so the server's memory does not grow with the batch.
+    """
 
     def __init__(self, model: CLIPN, heads: ClassEmbeddings, rule: str, threshold: float | None,
                  verdicts: CalibratedVerdicts | None, precision: str, max_batch: int) -> None:
@@ -67,6 +76,7 @@ class ModelScorer:
         self.step = VerdictStep(rule, threshold=threshold, calibrated=verdicts)
         self.precision, self.max_batch = precision, max_batch
         self.device = next(model.parameters()).device
+        self.chunk = max_batch if self.device.type == "cuda" else min(max_batch, CPU_FORWARD_CHUNK)
 
     def __call__(self, loaded: list[LoadedImage]) -> list[dict[str, Any]]:
         import torch
@@ -75,8 +85,8 @@ class ModelScorer:
 
         good = [image.pixels for image in loaded if image.pixels is not None]
         features: list[torch.Tensor] = []
-        for start in range(0, len(good), self.max_batch):
-            features.extend(encode_batch(self.model, torch.stack(good[start:start + self.max_batch]), self.device, self.precision))
+        for start in range(0, len(good), self.chunk):
+            features.extend(encode_batch(self.model, torch.stack(good[start:start + self.chunk]), self.device, self.precision))
         found = iter(features)
         encoded = [EncodedImage(i.path, next(found), None) if i.pixels is not None else EncodedImage(i.path, None, i.error) for i in loaded]
         return verdict_step(encoded, self.heads, self.step, self.device)
@@ -128,10 +138,11 @@ class Batcher:
         """Requests admitted and not yet answered."""
         return self._admitted
 
-    def close(self) -> None:
-        """Score what is queued, then end the thread."""
+    def close(self, wait: bool = True) -> None:
+        """Score what is queued, then end the thread (`wait`: until it has ended)."""
         self._jobs.put(None)
-        self._thread.join()
+        if wait:
+            self._thread.join()
 
     def _next_batch(self) -> list[_Job] | None:
         first = self._held if self._held is not None else self._jobs.get()
@@ -164,17 +175,27 @@ class Batcher:
         return batch
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            images = [image for job, _ in batch for image in job]
-            if self._on_batch is not None:
-                self._on_batch(len(images))
-            try:
-                records = self._score(images)
-            except BaseException as exc:  # a failed batch answers its requests (500), the thread goes on
-                for _, future in batch:
-                    future.set_exception(exc)
-                continue
-            start = 0
-            for job, future in batch:
-                future.set_result(records[start:start + len(job)])
-                start += len(job)
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._answer(batch)
+            del batch  # its decoded images are not kept while the thread waits for the next batch
+
+    def _answer(self, batch: list[_Job]) -> None:
+        batch = [job for job in batch if job[1].set_running_or_notify_cancel()]  # a cancelled request is not scored
+        if not batch:
+            return
+        images = [image for job, _ in batch for image in job]
+        if self._on_batch is not None:
+            self._on_batch(len(images))
+        try:
+            records = self._score(images)
+        except BaseException as exc:  # a failed batch answers its requests (500), the thread goes on
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        start = 0
+        for job, future in batch:
+            future.set_result(records[start:start + len(job)])
+            start += len(job)
