@@ -23,9 +23,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from clipn_cli.cli.app import app
+from conftest import cli
 from clipn_cli.evaluation import compute_results
 from clipn_cli.outputs.results import METHODS, Evaluation, SetScores
 from clipn_cli.outputs.report import GALLERY_SIZE, DetectReport, eval_report, thumbnail_uri
@@ -37,10 +36,6 @@ CLASSES = "zero,one,two,three,four"
 SCRIPT_NAME = "<script>alert(1)</script>.png"  # a directory '<script>alert(1)<' holding 'script>.png'
 IMG_NAME = "<img src=x onerror=alert(2)>.png"
 CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-
-
-def invoke(*args: Any):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def hostile_copies(folder: Path, source: Path) -> list[Path]:
@@ -273,10 +268,10 @@ def check_page(state: dict[str, Any], errors: list[str]) -> None:
 def test_reports_open_cleanly_in_headless_chromium(digit_sets: tuple[Path, Path], tmp_path: Path) -> None:
     id_dir, ood_dir = digit_sets
     detect_html, eval_html = tmp_path / "detect.html", tmp_path / "eval.html"
-    detected = invoke("detect", "-w", WEIGHTS, "--classes", CLASSES, "-f", "json", "-o", tmp_path / "d.json", "--report", detect_html, id_dir, ood_dir)
-    assert detected.exit_code == 0, detected.output
-    evaluated = invoke("eval", "-w", WEIGHTS, "--classes", CLASSES, "--id", id_dir, "--ood", f"digits={ood_dir}", "-f", "json", "--report", eval_html)
-    assert evaluated.exit_code == 0, evaluated.output
+    detected = cli("detect", "-w", WEIGHTS, "--classes", CLASSES, "-f", "json", "-o", tmp_path / "d.json", "--report", detect_html, id_dir, ood_dir)
+    assert detected.returncode == 0, detected.stderr
+    evaluated = cli("eval", "-w", WEIGHTS, "--classes", CLASSES, "--id", id_dir, "--ood", f"digits={ood_dir}", "-f", "json", "--report", eval_html)
+    assert evaluated.returncode == 0, evaluated.stderr
 
     state, errors = open_in_chromium(detect_html, tmp_path / "profile-detect")
     check_page(state, errors)
@@ -304,9 +299,9 @@ def test_resumed_detect_report_covers_the_whole_file(tmp_path: Path) -> None:
     images = sorted(str(p) for p in DIGITS.glob("*.png"))[:6]
     out, report = tmp_path / "out.jsonl", tmp_path / "report.html"
     common = ["detect", "-w", WEIGHTS, "--classes", CLASSES, "--format", "jsonl", "--output", out]
-    assert invoke(*common, *images[:4]).exit_code == 0
-    resumed = invoke(*common, "--resume", "--report", report, *images)
-    assert resumed.exit_code == 0, resumed.output
+    assert cli(*common, *images[:4]).returncode == 0
+    resumed = cli(*common, "--resume", "--report", report, *images)
+    assert resumed.returncode == 0, resumed.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["path"] for r in records] == images
     text = report.read_text()
@@ -331,10 +326,10 @@ def test_reports_say_what_made_them(tmp_path: Path) -> None:
             if png.name.startswith(prefixes):
                 shutil.copy(png, folder / png.name)
     detect_html, eval_html = tmp_path / "detect.html", tmp_path / "eval.html"
-    assert invoke("detect", "-w", WEIGHTS, "--classes", CLASSES, "--precision", "fp32", "-f", "jsonl", "-o", tmp_path / "d.jsonl",
-                  "--report", detect_html, id_dir).exit_code == 0
-    assert invoke("eval", "-w", WEIGHTS, "--classes", CLASSES, "--id", id_dir, "--ood", f"digits={ood_dir}", "-f", "json",
-                  "-o", tmp_path / "e.json", "--report", eval_html).exit_code == 0
+    assert cli("detect", "-w", WEIGHTS, "--classes", CLASSES, "--precision", "fp32", "-f", "jsonl", "-o", tmp_path / "d.jsonl",
+                  "--report", detect_html, id_dir).returncode == 0
+    assert cli("eval", "-w", WEIGHTS, "--classes", CLASSES, "--id", id_dir, "--ood", f"digits={ood_dir}", "-f", "json",
+                  "-o", tmp_path / "e.json", "--report", eval_html).returncode == 0
     for page, options in ((detect_html, ("<th>rule</th><td>atd</td>", "<th>precision</th><td>fp32</td>")),
                           (eval_html, ("<th>FPR95 convention</th><td>clipn</td>", "<th>precision</th><td>fp32</td>"))):
         block = re.search(r'<table class="prov">(.*?)</table>', page.read_text()).group(1)
@@ -439,9 +434,9 @@ def test_plain_clip_detect_report_from_the_cli(tmp_path: Path) -> None:
     torch.save(model.state_dict(), checkpoint)
     page = tmp_path / "r.html"
     images = [fixtures / "images" / n for n in ("chelsea.png", "coffee.png", "astronaut.png")]
-    result = invoke("detect", "-w", f"{fixtures / 'clipn-tiny-config.json'}:{checkpoint}", "--classes", "cat,coffee", "-t", "simple",
+    result = cli("detect", "-w", f"{fixtures / 'clipn-tiny-config.json'}:{checkpoint}", "--classes", "cat,coffee", "-t", "simple",
                     "--rule", "msp", "--threshold", "0.6", "-f", "jsonl", "-o", tmp_path / "out.jsonl", "--report", page, *images)
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert all(r["p_ood"] is None for r in records)
     text = page.read_text()
