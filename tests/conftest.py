@@ -1,4 +1,5 @@
-"""Shared fixtures: the official tiny checkpoint converted once per session, its images and golden numbers."""
+"""Shared test setup: the official tiny checkpoint converted once per session, its images and golden
+numbers, the digits demo, small helpers, and the one way to run the command line in-process (`cli`)."""
 
 from __future__ import annotations
 
