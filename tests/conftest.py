@@ -1,24 +1,47 @@
-"""Shared fixtures: the official tiny checkpoint converted once per session, its images and golden numbers."""
+"""Shared test setup: the official tiny checkpoint converted once per session, its images and golden
+numbers, the digits demo, small helpers, and the one way to run the command line in-process (`cli`)."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL_CHECKPOINT = FIXTURES / "clipn-tiny-official.pt"
 TINY_CONFIG = FIXTURES / "clipn-tiny-config.json"
 IMAGES = FIXTURES / "images"
+WORDS = FIXTURES / "words-small.txt"  # a small word list: NegLabel mining over it takes a moment
+CLASSES = "cat,coffee,rocket"  # what most tiny-model CLI tests detect among the fixture images
+
+# The digits demo that ships in the package: its weights, its example images, its ID classes
+# (zero..four; five..nine are its OOD).
+DIGITS_WEIGHTS = ROOT / "clipn_cli" / "data" / "clipn-digits.safetensors"
+DIGITS_IMAGES = ROOT / "examples" / "digits" / "images"
+DIGITS_ID = ("zero", "one", "two", "three", "four")
+DIGITS_OOD = ("five", "six", "seven", "eight", "nine")
+DIGITS_CLASSES = ",".join(DIGITS_ID)
+
+# A CLIP small enough to train in well under a second per step on one CPU core.
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+}
+DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested past every reader's depth limit
 
 
 # The README's "Reproducibility" contract for one computation run with different groupings (batch
@@ -73,6 +96,66 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def images_dir() -> Path:
     return IMAGES
+
+
+@pytest.fixture(scope="session")
+def tiny_embeddings(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CLASSES embedded once with the tiny weights (`clipn embed-classes`), for `detect -e`."""
+    out = tmp_path_factory.mktemp("emb") / "classes.safetensors"
+    result = cli("embed-classes", "--classes", CLASSES, "--weights", tiny_weights, "--output", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def plain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random open_clip CLIP of the tiny config (seed 0) saved as a plain state dict: nothing downloaded."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**json.loads(TINY_CONFIG.read_text(encoding="utf-8")))
+    path = tmp_path_factory.mktemp("plain") / "tiny-clip.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def digits_build() -> ModuleType:
+    """examples/digits/build.py as a module (digit rendering, the split, the held-out export)."""
+    spec = importlib.util.spec_from_file_location("digits_build", ROOT / "examples" / "digits" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+@pytest.fixture(scope="session")
+def digits_held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits demo's 360 held-out images as DIR/<name>/<index>.png (made by build.py; needs scikit-learn)."""
+    pytest.importorskip("sklearn")
+    folder = tmp_path_factory.mktemp("held")
+    digits_build().export_held_out(folder)
+    return folder
+
+
+def jsonl(text: str) -> list[dict]:
+    """The records of a JSON Lines text (detect's stdout)."""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def calibration_doc(**changes: object) -> dict:
+    """A valid calibration file's content, with `changes` applied: the start of every hostile calibration."""
+    doc = {"format": "clipn-cli.calibration", "format_version": "1", "count": 3, "alpha": 0.05,
+           "weights_fingerprint": "f" * 64, "classes": ["cat"], "templates": "simple", "templates_sha256": "0" * 64,
+           "settings": {}, "scores": {"mcm": [0.1, 0.2, 0.3]}}
+    doc.update(changes)
+    return doc
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

@@ -19,17 +19,9 @@ import pytest
 from clipn_cli.errors import CalibrationError
 from clipn_cli.files import JSONLimitError, JSONLimits, NotRegularFileError, parse_json, read_bounded, read_json
 
-from conftest import IMAGES, cli
+from conftest import IMAGES, calibration_doc, cli
 
 CLASSES = "cat,horse,rocket"
-
-
-def _calibration(**changes: object) -> dict:
-    doc = {"format": "clipn-cli.calibration", "format_version": "1", "count": 3, "alpha": 0.05,
-           "weights_fingerprint": "f" * 64, "classes": ["cat"], "templates": "simple", "templates_sha256": "0" * 64,
-           "settings": {}, "scores": {"mcm": [0.1, 0.2, 0.3]}}
-    doc.update(changes)
-    return doc
 
 
 def _sparse(path: Path, size: int = 8 << 30) -> Path:
@@ -71,7 +63,7 @@ def test_calibration_with_a_24_mb_list_in_an_extra_key_is_refused_before_parsing
     from clipn_cli.scores.calibration import Calibration
 
     path = tmp_path / "cal.json"
-    text = json.dumps(_calibration())
+    text = json.dumps(calibration_doc())
     path.write_text(text[:-1] + ', "extra": [' + "0," * 12_500_000 + "0]}")
     with pytest.raises(CalibrationError) as caught:
         Calibration.load(path)
@@ -178,7 +170,6 @@ def test_csv_decode_error_names_the_offset_in_the_file(tmp_path: Path) -> None:
     with pytest.raises(TableError) as caught:
         list(table_paths(str(table)))
     assert str(caught.value) == f"{table}: not a UTF-8 CSV table (byte {len(rows) + 3}, line 1002)"
-
 
 
 # negative-label inputs ------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ files, and the CLI round trip `calibrate` -> `detect --calibration` / `eval --al
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli
+from conftest import DIGITS_CLASSES, DIGITS_ID, DIGITS_OOD, DIGITS_WEIGHTS, cli
 
 from clipn_cli.scores.calibration import (
     CalibratedVerdicts,
@@ -25,11 +24,6 @@ from clipn_cli.scores.calibration import (
 )
 from clipn_cli.scores import methods as method_table
 from clipn_cli.errors import CalibrationError
-
-ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "clipn_cli" / "data" / "clipn-digits.safetensors"
-ID_NAMES = ("zero", "one", "two", "three", "four")
-CLASSES = ",".join(ID_NAMES)
 
 
 # ---------------------------------------------------------------- p-values and sizes
@@ -160,35 +154,23 @@ def test_file_round_trip_and_foreign_files_refused(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- CLI on the digits demo
 
 
-@pytest.fixture(scope="module")
-def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The digits demo's 360 held-out images as DIR/<name>/<index>.png."""
-    pytest.importorskip("sklearn")
-    spec = importlib.util.spec_from_file_location("digits_build", ROOT / "examples" / "digits" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)  # type: ignore[union-attr]
-    folder = tmp_path_factory.mktemp("held")
-    build.export_held_out(folder)
-    return folder
-
-
 def split_id(held: Path) -> tuple[list[str], list[str]]:
-    files = sorted(str(p) for name in ID_NAMES for p in (held / name).glob("*.png"))
+    files = sorted(str(p) for name in DIGITS_ID for p in (held / name).glob("*.png"))
     return files[::2], files[1::2]
 
 
-def test_calibrate_then_detect_round_trip(held_out: Path, tmp_path: Path) -> None:
-    calib_files, test_files = split_id(held_out)
+def test_calibrate_then_detect_round_trip(digits_held_out: Path, tmp_path: Path) -> None:
+    calib_files, test_files = split_id(digits_held_out)
     calib = tmp_path / "calib.json"
-    made = cli("calibrate", "-w", WEIGHTS, "--classes", CLASSES, "--alpha", "0.1", "--output", calib, *calib_files)
+    made = cli("calibrate", "-w", DIGITS_WEIGHTS, "--classes", DIGITS_CLASSES, "--alpha", "0.1", "--output", calib, *calib_files)
     assert made.exit_code == 0, made.output
     stored = json.loads(calib.read_text())
-    assert stored["count"] == len(calib_files) == 91 and stored["classes"] == list(ID_NAMES) and stored["alpha"] == 0.1
+    assert stored["count"] == len(calib_files) == 91 and stored["classes"] == list(DIGITS_ID) and stored["alpha"] == 0.1
     assert list(stored["scores"]) == list(method_table.CLASSIC)
-    assert str(held_out) not in calib.read_text()
+    assert str(digits_held_out) not in calib.read_text()
 
-    ood = sorted(str(p) for p in (held_out / "five").glob("*.png"))
-    out = cli("detect", "-w", WEIGHTS, "--classes", CLASSES, "--calibration", calib, "-f", "jsonl", *test_files, *ood)
+    ood = sorted(str(p) for p in (digits_held_out / "five").glob("*.png"))
+    out = cli("detect", "-w", DIGITS_WEIGHTS, "--classes", DIGITS_CLASSES, "--calibration", calib, "-f", "jsonl", *test_files, *ood)
     assert out.exit_code == 0, out.output
     records = [json.loads(line) for line in out.stdout.splitlines()]
     atd = np.sort(np.array(stored["scores"]["atd"]))
@@ -200,56 +182,56 @@ def test_calibrate_then_detect_round_trip(held_out: Path, tmp_path: Path) -> Non
     assert id_flagged <= 0.2 and ood_caught >= 0.9
 
     # another alpha from the same file, another score, CSV keeps p_value
-    other = cli("detect", "-w", WEIGHTS, "--classes", CLASSES, "--calibration", calib, "--alpha", "0.05", "--rule", "energy", "-f", "csv", *test_files[:5], *ood[:5])
+    other = cli("detect", "-w", DIGITS_WEIGHTS, "--classes", DIGITS_CLASSES, "--calibration", calib, "--alpha", "0.05", "--rule", "energy", "-f", "csv", *test_files[:5], *ood[:5])
     rows = list(csv.DictReader(io.StringIO(other.stdout)))
     assert other.exit_code == 0 and len(rows) == 10 and all(r["rule"] == "energy" and float(r["p_value"]) > 0 for r in rows)
     assert all(r["verdict"] == ("OOD" if float(r["p_value"]) <= 0.05 else "ID") for r in rows)
 
     # --fdr: BH over the run's p-values
-    fdr = cli("detect", "-w", WEIGHTS, "--classes", CLASSES, "--calibration", calib, "--fdr", "0.1", "-f", "json", *test_files, *ood)
+    fdr = cli("detect", "-w", DIGITS_WEIGHTS, "--classes", DIGITS_CLASSES, "--calibration", calib, "--fdr", "0.1", "-f", "json", *test_files, *ood)
     found = json.loads(fdr.stdout)
     q = benjamini_hochberg([r["p_value"] for r in found])
     assert [r["q_value"] for r in found] == pytest.approx(q.tolist())
     assert [r["verdict"] for r in found] == ["OOD" if v <= 0.1 else "ID" for v in q]
 
 
-def test_detect_refuses_foreign_or_too_small_calibration(held_out: Path, tmp_path: Path) -> None:
-    calib_files, test_files = split_id(held_out)
+def test_detect_refuses_foreign_or_too_small_calibration(digits_held_out: Path, tmp_path: Path) -> None:
+    calib_files, test_files = split_id(digits_held_out)
     calib = tmp_path / "calib.json"
-    assert cli("calibrate", "-w", WEIGHTS, "--classes", CLASSES, "-o", calib, *calib_files[:30]).exit_code == 0
-    base = ("detect", "-w", WEIGHTS, "--calibration", calib, test_files[0])
+    assert cli("calibrate", "-w", DIGITS_WEIGHTS, "--classes", DIGITS_CLASSES, "-o", calib, *calib_files[:30]).returncode == 0
+    base = ("detect", "-w", DIGITS_WEIGHTS, "--calibration", calib, test_files[0])
     for extra, message in [
         (("--classes", "zero,one,two,three,nine"), "made for other classes"),
-        (("--classes", CLASSES, "--templates", "simple"), "made with other prompt templates"),
-        (("--classes", CLASSES, "--alpha", "0.01"), "30 calibration images are too few for alpha 0.01: at least 99 are needed"),
-        (("--classes", CLASSES, "--rule", "mcm"), "--rule must be"),
-        (("--classes", CLASSES, "--fdr", "0.1", "-f", "jsonl"), "--fdr needs every p-value of the run"),
+        (("--classes", DIGITS_CLASSES, "--templates", "simple"), "made with other prompt templates"),
+        (("--classes", DIGITS_CLASSES, "--alpha", "0.01"), "30 calibration images are too few for alpha 0.01: at least 99 are needed"),
+        (("--classes", DIGITS_CLASSES, "--rule", "mcm"), "--rule must be"),
+        (("--classes", DIGITS_CLASSES, "--fdr", "0.1", "-f", "jsonl"), "--fdr needs every p-value of the run"),
     ]:
         result = cli(*base, *extra)
         assert result.exit_code == 2 and message in result.stderr, (extra, result.output)
         assert len(result.stderr.strip().splitlines()) == 1
     other_weights = tmp_path / "other.safetensors"
-    other_weights.write_bytes(WEIGHTS.read_bytes())
+    other_weights.write_bytes(DIGITS_WEIGHTS.read_bytes())
     data = json.loads(calib.read_text())
     data["weights_fingerprint"] = "0" * 64
     (tmp_path / "foreign.json").write_text(json.dumps(data))
-    result = cli("detect", "-w", WEIGHTS, "--classes", CLASSES, "--calibration", tmp_path / "foreign.json", test_files[0])
+    result = cli("detect", "-w", DIGITS_WEIGHTS, "--classes", DIGITS_CLASSES, "--calibration", tmp_path / "foreign.json", test_files[0])
     assert result.exit_code == 2 and "made with other weights" in result.stderr
-    result = cli("detect", "-w", WEIGHTS, "--classes", CLASSES, "--alpha", "0.1", test_files[0])
+    result = cli("detect", "-w", DIGITS_WEIGHTS, "--classes", DIGITS_CLASSES, "--alpha", "0.1", test_files[0])
     assert result.exit_code == 2 and "--alpha needs --calibration" in result.stderr
-    result = cli("calibrate", "-w", WEIGHTS, "--classes", CLASSES, "--alpha", "0.01", "-o", tmp_path / "x.json", *calib_files[:30])
+    result = cli("calibrate", "-w", DIGITS_WEIGHTS, "--classes", DIGITS_CLASSES, "--alpha", "0.01", "-o", tmp_path / "x.json", *calib_files[:30])
     assert result.exit_code == 2 and "at least 99 are needed" in result.stderr and not (tmp_path / "x.json").exists()
 
 
-def test_eval_alpha_reports_the_calibrated_operating_point(held_out: Path) -> None:
-    ids = [a for name in ID_NAMES for a in ("--id", str(held_out / name))]
-    oods = [a for name in ("five", "six", "seven", "eight", "nine") for a in ("--ood", f"digits={held_out / name}")]
-    result = cli("eval", "-w", WEIGHTS, "--classes", CLASSES, *ids, *oods, "--alpha", "0.1", "--seed", "3", "-f", "json")
+def test_eval_alpha_reports_the_calibrated_operating_point(digits_held_out: Path) -> None:
+    ids = [a for name in DIGITS_ID for a in ("--id", str(digits_held_out / name))]
+    oods = [a for name in DIGITS_OOD for a in ("--ood", f"digits={digits_held_out / name}")]
+    result = cli("eval", "-w", DIGITS_WEIGHTS, "--classes", DIGITS_CLASSES, *ids, *oods, "--alpha", "0.1", "--seed", "3", "-f", "json")
     assert result.exit_code == 0, result.output
     calibrated = json.loads(result.stdout)["calibrated"]
     assert calibrated["alpha"] == 0.1 and calibrated["seed"] == 3
     atd = next(r for r in calibrated["results"] if r["method"] == "atd")
     assert atd["calibration_images"] == 91 and atd["id_test_images"] == 91
     assert atd["id_flagged"] <= 0.2 and atd["ood_caught"]["digits"] > 0.9
-    refused = cli("eval", "-w", WEIGHTS, "--classes", CLASSES, *ids, *oods, "--alpha", "0.01")
+    refused = cli("eval", "-w", DIGITS_WEIGHTS, "--classes", DIGITS_CLASSES, *ids, *oods, "--alpha", "0.01")
     assert refused.exit_code == 2 and "at least 99 are needed" in refused.stderr

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import open_clip
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from clipn_cli.model.configs import MAX_PARAMETERS, estimate_parameters, validate_config
@@ -66,17 +65,14 @@ def test_clipn_weights_whose_config_has_5_heads(tiny_weights: Path, tmp_path: Pa
     assert f"{bad}: text_cfg.width 32 is not divisible by text_cfg.heads 5" in out.stderr and "Assertion" not in out.stderr
 
 
-def test_plain_clip_vocab_beyond_the_file_is_refused_before_building(tmp_path: Path) -> None:
+def test_plain_clip_vocab_beyond_the_file_is_refused_before_building(plain_checkpoint: Path, tmp_path: Path) -> None:
     """Within the bounds, but not what the checkpoint holds: refused from the shapes, nothing built."""
     from clipn_cli.weights.plainclip import load_plain_clip
 
-    torch.manual_seed(0)
-    ckpt = tmp_path / "plain.pt"
-    torch.save(open_clip.model.CLIP(**TINY).state_dict(), ckpt)
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(changed("text_cfg", vocab_size=900_000)))
     with pytest.raises(ClipnError, match=r"text_cfg.vocab_size 900000 \(the tensors hold 49408\)"):
-        load_plain_clip((str(cfg), str(ckpt)))
+        load_plain_clip((str(cfg), str(plain_checkpoint)))
 
 
 def test_unknown_pretrained_tag_is_one_line_naming_it() -> None:

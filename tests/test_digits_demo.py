@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,21 +10,14 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from conftest import cli, torch_threads
+from conftest import DIGITS_CLASSES, DIGITS_IMAGES, DIGITS_WEIGHTS, cli, digits_build, torch_threads
 
-ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "clipn_cli" / "data" / "clipn-digits.safetensors"
-IMAGES = ROOT / "examples" / "digits" / "images"
 SPLITS = {"0-4 vs 5-9": (0, 1, 2, 3, 4), "even vs odd": (0, 2, 4, 6, 8)}
 
 
 @pytest.fixture(scope="module")
 def build():
-    """examples/digits/build.py as a module (digit rendering, split, names)."""
-    spec = importlib.util.spec_from_file_location("digits_build", ROOT / "examples" / "digits" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return digits_build()
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +54,10 @@ def _held_out_scores(weights: Path, build, images, labels) -> dict[str, dict[str
 
 
 def test_committed_weights_meet_the_bars(build, split) -> None:
-    assert WEIGHTS.stat().st_size < 15e6
+    assert DIGITS_WEIGHTS.stat().st_size < 15e6
     _, _, held_images, held_labels, held_index = split
     assert len(held_images) == 360 and (held_index % 5 == 0).all()
-    results = _held_out_scores(WEIGHTS, build, held_images, held_labels)
+    results = _held_out_scores(DIGITS_WEIGHTS, build, held_images, held_labels)
     for name, r in results.items():
         for rule in ("ctw", "atd"):
             assert r[rule] >= 0.97, (name, rule, r)
@@ -77,16 +69,16 @@ def test_committed_weights_meet_the_bars(build, split) -> None:
 def test_committed_weights_record_their_training() -> None:
     from clipn_cli.weights.checkpoints import read_info
 
-    meta = read_info(WEIGHTS).metadata
+    meta = read_info(DIGITS_WEIGHTS).metadata
     assert meta["trained_by"] == "clipn train" and meta["base"] == "clip:digits-clip.pt"
     config = json.loads(meta["train_config"])
     assert config["exclude_same_caption"] is True and int(meta["steps"]) == config["steps"]
 
 
 def test_quickstart_says_id_for_zero_to_four(build) -> None:
-    files = sorted(IMAGES.glob("*.png"))
+    files = sorted(DIGITS_IMAGES.glob("*.png"))
     assert len(files) == 20
-    result = cli("detect", "--weights", str(WEIGHTS), "--classes", "zero,one,two,three,four", "--format", "jsonl", str(IMAGES))
+    result = cli("detect", "--weights", str(DIGITS_WEIGHTS), "--classes", DIGITS_CLASSES, "--format", "jsonl", str(DIGITS_IMAGES))
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == 20
@@ -103,7 +95,7 @@ def test_short_training_run_through_the_cli(build, split, tmp_path: Path) -> Non
     from safetensors.torch import load_file, save_file
 
     train_images, train_labels, held_images, held_labels, _ = split
-    plain = {k: v for k, v in load_file(str(WEIGHTS)).items() if "_no" not in k}
+    plain = {k: v for k, v in load_file(str(DIGITS_WEIGHTS)).items() if "_no" not in k}
     save_file(plain, str(tmp_path / "clip.safetensors"))
     (tmp_path / "clip.json").write_text(json.dumps(build.MODEL_CONFIG), encoding="utf-8")
     index = build.write_clipn_data(tmp_path, train_images, train_labels, seed=0)

@@ -22,11 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from conftest import GROUPING_COSINE, OFFICIAL_CHECKPOINT, TINY_CONFIG
+from conftest import GROUPING_COSINE, OFFICIAL_CHECKPOINT, TINY_CONFIG, cli
 
-from clipn_cli.cli.app import app
 from clipn_cli.heads.embeddings import embed_classes, encode_texts, tokenizer_for
 from clipn_cli.errors import ClipnError, WeightsError
 from clipn_cli.inputs.decode import load_images, make_transform, open_image
@@ -313,8 +311,8 @@ def test_int16_files_load_strictly(tiny_weights: Path, images_dir: Path, tmp_pat
 
 
 def detect_records(*args: str) -> list[dict]:
-    result = CliRunner().invoke(app, ["detect", *args, "-f", "jsonl"])
-    assert result.exit_code == 0, result.output
+    result = cli("detect", *args, "-f", "jsonl")
+    assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
@@ -335,9 +333,9 @@ def test_quantize_and_draft_options_stay_close(tiny_weights: Path, images_dir: P
 
 
 def test_unknown_quantization_is_a_usage_error(tiny_weights: Path, images_dir: Path) -> None:
-    result = CliRunner().invoke(app, ["detect", "-w", str(tiny_weights), "--classes", "cat", "--quantize", "int4", str(images_dir)])
-    assert result.exit_code == 2
-    assert "--quantize must be int8" in result.output
+    result = cli("detect", "-w", tiny_weights, "--classes", "cat", "--quantize", "int4", images_dir)
+    assert result.returncode == 2
+    assert "--quantize must be int8" in result.stderr
 
 
 def test_detect_asks_for_huge_pages_unless_the_user_chose(tiny_weights: Path, images_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

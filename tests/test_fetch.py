@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import OFFICIAL_CHECKPOINT, TINY_CONFIG, cli
-from typer.testing import CliRunner
 
-from clipn_cli.cli.app import app
 from clipn_cli.errors import FetchError
 from clipn_cli.weights.fetch import pick_checkpoint
 from clipn_cli.weights.http import FetchLimits, download
@@ -128,8 +126,8 @@ def test_sha256_mismatch_is_refused_and_leaves_nothing(server: Server, tmp_path:
         download(server.url, tmp_path / "ckpt.pt", sha256="0" * 64)
     assert list(tmp_path.iterdir()) == []
 
-    out = CliRunner().invoke(app, ["weights", "fetch", server.url, "--sha256", "ab" * 32, "--config", str(TINY_CONFIG)])
-    assert out.exit_code == 2 and "sha256 mismatch" in out.output
+    out = cli("weights", "fetch", server.url, "--sha256", "ab" * 32, "--config", TINY_CONFIG)
+    assert out.returncode == 2 and "sha256 mismatch" in out.stderr
     assert not weights_dir().exists() or list(weights_dir().iterdir()) == []
     assert list(downloads_dir().iterdir()) == []
 
@@ -144,16 +142,15 @@ def test_unreachable_server_says_what_to_do_by_hand(tmp_path: Path) -> None:
 
 
 def test_fetch_converts_and_detect_uses_it_without_weights(server: Server, tiny_weights: Path, images_dir: Path) -> None:
-    runner = CliRunner()
-    first = runner.invoke(app, ["weights", "fetch", server.url])
-    assert first.exit_code == 2, first.output
-    assert "--config" in first.output and "the download is kept" in first.output
+    first = cli("weights", "fetch", server.url)
+    assert first.returncode == 2, first.stderr
+    assert "--config" in first.stderr and "the download is kept" in first.stderr
     kept = list(downloads_dir().glob("*.pt"))
     assert len(kept) == 1 and kept[0].read_bytes() == DATA
 
     sent = server.sent
-    second = runner.invoke(app, ["weights", "fetch", server.url, "--config", str(TINY_CONFIG)])
-    assert second.exit_code == 0, second.output
+    second = cli("weights", "fetch", server.url, "--config", TINY_CONFIG)
+    assert second.returncode == 0, second.stderr
     assert server.sent == sent  # the kept download was converted, not fetched again
     assert list(downloads_dir().iterdir()) == []
     stored = weights_dir() / "clipn-tiny-official.safetensors"
@@ -162,33 +159,31 @@ def test_fetch_converts_and_detect_uses_it_without_weights(server: Server, tiny_
     assert meta["source_url"] == server.url and meta["source_sha256"] == SHA
     assert get_default() == "clipn-tiny-official"
 
-    listed = json.loads(runner.invoke(app, ["weights", "list", "--format", "json"]).stdout)
+    listed = json.loads(cli("weights", "list", "--format", "json").stdout)
     row = next(r for r in listed["weights"] if r["name"] == "clipn-tiny-official")
     assert row["present"] and row["default"] and row["size"] == stored.stat().st_size
 
     args = ["detect", "--classes", "cat,horse,rocket", "--format", "json", str(images_dir)]
     plain = cli(*args)  # env: CLIPN_HOME, no CLIPN_WEIGHTS
-    explicit = runner.invoke(app, [*args, "--weights", str(tiny_weights)])
-    assert plain.returncode == 0 and explicit.exit_code == 0, plain.stderr
+    explicit = cli(*args, "--weights", tiny_weights)
+    assert plain.returncode == 0 and explicit.returncode == 0, plain.stderr
     assert json.loads(plain.stdout) == json.loads(explicit.stdout) and len(json.loads(plain.stdout)) == 12
 
 
 def test_fetch_again_is_a_no_op_unless_forced(server: Server) -> None:
-    runner = CliRunner()
-    assert runner.invoke(app, ["weights", "fetch", server.url, "--name", "tiny", "--config", str(TINY_CONFIG)]).exit_code == 0
+    assert cli("weights", "fetch", server.url, "--name", "tiny", "--config", TINY_CONFIG).returncode == 0
     sent = server.sent
-    again = runner.invoke(app, ["weights", "fetch", server.url, "--name", "tiny"])
-    assert again.exit_code == 0 and "already here" in again.output and server.sent == sent
-    forced = runner.invoke(app, ["weights", "fetch", server.url, "--name", "tiny", "--config", str(TINY_CONFIG), "--force"])
-    assert forced.exit_code == 0 and server.sent == sent + len(DATA)
+    again = cli("weights", "fetch", server.url, "--name", "tiny")
+    assert again.returncode == 0 and "already here" in again.stderr and server.sent == sent
+    forced = cli("weights", "fetch", server.url, "--name", "tiny", "--config", TINY_CONFIG, "--force")
+    assert forced.returncode == 0 and server.sent == sent + len(DATA)
 
 
 def test_forced_fetch_does_not_reuse_a_kept_download(server: Server) -> None:
-    runner = CliRunner()
-    assert runner.invoke(app, ["weights", "fetch", server.url]).exit_code == 2  # no --config: the download is kept
+    assert cli("weights", "fetch", server.url).returncode == 2  # no --config: the download is kept
     sent = server.sent
-    forced = runner.invoke(app, ["weights", "fetch", server.url, "--config", str(TINY_CONFIG), "--force"])
-    assert forced.exit_code == 0, forced.output
+    forced = cli("weights", "fetch", server.url, "--config", TINY_CONFIG, "--force")
+    assert forced.returncode == 0, forced.stderr
     assert server.sent == sent + len(DATA) and list(downloads_dir().iterdir()) == []
 
 

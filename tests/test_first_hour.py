@@ -21,11 +21,7 @@ from clipn_cli import __version__
 from clipn_cli.weights import fetch, home
 from clipn_cli.cli import firstrun
 from clipn_cli.weights.fetch import Installed
-from conftest import IMAGES, cli, spawn
-
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ROOT / "examples" / "digits" / "images"
-CLASSES = "cat,coffee,rocket"
+from conftest import CLASSES, DIGITS_IMAGES, IMAGES, ROOT, cli, spawn
 
 
 # ---------------------------------------------------------------- the demo from any install
@@ -64,7 +60,7 @@ def test_wheel_ships_the_demo_and_runs_it_by_name(wheel: Path, tmp_path: Path) -
 
     where = subprocess.run([sys.executable, "-c", "import clipn_cli; print(clipn_cli.__file__)"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert Path(where.stdout.strip()).is_relative_to(target)
-    detect = run("detect", "--weights", "digits", "--classes", "zero,one,two,three,four", "--format", "jsonl", str(DIGITS / "zero-0000.png"), str(DIGITS / "nine-0105.png"))
+    detect = run("detect", "--weights", "digits", "--classes", "zero,one,two,three,four", "--format", "jsonl", str(DIGITS_IMAGES / "zero-0000.png"), str(DIGITS_IMAGES / "nine-0105.png"))
     assert detect.returncode == 0, detect.stderr
     assert [r["verdict"] for r in map(json.loads, detect.stdout.splitlines())] == ["ID", "OOD"]
     path = run("weights", "path", "digits")
@@ -77,7 +73,7 @@ def test_wheel_ships_the_demo_and_runs_it_by_name(wheel: Path, tmp_path: Path) -
 def test_version_and_the_demo_by_name_in_process() -> None:
     version = cli("--version")
     assert version.returncode == 0 and version.stdout == f"clipn-cli {__version__}\n"
-    result = cli("detect", "--weights", "digits", "--classes", "zero,one,two,three,four", str(DIGITS / "one-0070.png"))
+    result = cli("detect", "--weights", "digits", "--classes", "zero,one,two,three,four", str(DIGITS_IMAGES / "one-0070.png"))
     assert result.returncode == 0 and json.loads(result.stdout)["verdict"] == "ID"
 
 

@@ -25,28 +25,25 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from conftest import spawn
+from conftest import DEEP, IMAGES, cli, spawn
 
 from clipn_cli.inputs import decode as images
-from clipn_cli.cli.app import app
 from clipn_cli.heads.embeddings import ClassEmbeddings
 from clipn_cli.errors import ClassesError, ClipnError, EmbeddingsError, OutputError, TrainError, WeightsError
 from clipn_cli.inputs.decode import load_images, load_one, open_image
 from clipn_cli.inputs.limits import DecodeLimits, jpeg_scans
 from clipn_cli.inputs.sources import InputItem, iter_inputs
 
-IMAGES = Path(__file__).parent / "fixtures" / "images"
 CLASSES = "cat,horse,rocket"
 HANG_GUARD = 60  # seconds: only to stop a hung test, never a speed assertion
 
 
-def invoke(*args: str, input: bytes | str | None = None) -> tuple[int, list[dict], str]:
-    """Run clipn in-process; returns the exit code, the JSON Lines records and stderr."""
-    result = CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
+def invoke(*args: str, input: str | None = None) -> tuple[int, list[dict], str]:
+    """Run clipn in-process (`cli`); returns the exit code, the JSON Lines records and stderr."""
+    result = cli(*args, stdin=input)
     records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-    return result.exit_code, records, result.stderr
+    return result.returncode, records, result.stderr
 
 
 def clipn_process(*args: str, **kwargs: object) -> subprocess.Popen:
@@ -429,8 +426,6 @@ def test_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 # 7. hostile safetensors metadata --------------------------------------------------------------
-
-DEEP = "[" * 100_000 + "]" * 100_000
 
 
 def metadata_of(path: Path) -> dict[str, str]:

@@ -24,10 +24,9 @@ from safetensors.torch import save_file
 
 from clipn_cli.errors import CalibrationError, ClipnError, EmbeddingsError
 
-from conftest import FIXTURES, IMAGES, cli
+from conftest import DEEP, IMAGES, TINY_CONFIG, calibration_doc, cli
 
 CLASSES = "cat,horse,rocket"
-DEEP = "[" * 100_000 + "]" * 100_000
 
 
 def _fifo(path: Path) -> Path:
@@ -36,14 +35,6 @@ def _fifo(path: Path) -> Path:
 
 
 # calibration files -------------------------------------------------------------------------------
-
-def _calibration(**changes: object) -> dict:
-    doc = {"format": "clipn-cli.calibration", "format_version": "1", "count": 3, "alpha": 0.05,
-           "weights_fingerprint": "f" * 64, "classes": ["cat"], "templates": "simple", "templates_sha256": "0" * 64,
-           "settings": {}, "scores": {"mcm": [0.1, 0.2, 0.3]}}
-    doc.update(changes)
-    return doc
-
 
 @pytest.mark.parametrize("case, expected", [
     ("fifo", "not a regular file"),
@@ -67,7 +58,7 @@ def test_hostile_calibration_file_is_one_error_naming_it(tmp_path: Path, case: s
     from clipn_cli.scores.calibration import Calibration
 
     path = tmp_path / "cal.json"
-    good = json.dumps(_calibration())
+    good = json.dumps(calibration_doc())
     writers = {
         "fifo": lambda: _fifo(path),
         "dir": lambda: path.mkdir(),
@@ -79,12 +70,12 @@ def test_hostile_calibration_file_is_one_error_naming_it(tmp_path: Path, case: s
         "huge_int": lambda: path.write_text(good.replace("0.1,", "1" + "0" * 400 + ",")),
         "nan": lambda: path.write_text(good.replace("0.1,", "NaN,")),
         "strings": lambda: path.write_text(good.replace("0.1,", '"0.1",')),
-        "classes": lambda: path.write_text(json.dumps(_calibration(classes=[{"a": 1}]))),
-        "version": lambda: path.write_text(json.dumps(_calibration(format_version="x" * 100_000))),
+        "classes": lambda: path.write_text(json.dumps(calibration_doc(classes=[{"a": 1}]))),
+        "version": lambda: path.write_text(json.dumps(calibration_doc(format_version="x" * 100_000))),
         "top_list": lambda: path.write_text("[1, 2, 3]"),
-        "bool_count": lambda: path.write_text(json.dumps(_calibration(count=True, scores={"msp": [0.5]}))),
-        "long_method": lambda: path.write_text(json.dumps(_calibration(scores={"m" * 1_000_000: ["x"]}))),
-        "alpha": lambda: path.write_text(json.dumps(_calibration(alpha="9" * 1_000_000))),
+        "bool_count": lambda: path.write_text(json.dumps(calibration_doc(count=True, scores={"msp": [0.5]}))),
+        "long_method": lambda: path.write_text(json.dumps(calibration_doc(scores={"m" * 1_000_000: ["x"]}))),
+        "alpha": lambda: path.write_text(json.dumps(calibration_doc(alpha="9" * 1_000_000))),
     }
     writers[case]()
     with pytest.raises(CalibrationError) as caught:
@@ -99,7 +90,7 @@ def test_calibration_devices_and_size_limit(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(CalibrationError, match="/dev/zero: not a regular file"):
         calibration.Calibration.load("/dev/zero")
     big = tmp_path / "big.json"
-    big.write_text(json.dumps(_calibration()))
+    big.write_text(json.dumps(calibration_doc()))
     monkeypatch.setattr(calibration, "MAX_FILE_BYTES", 64)
     with pytest.raises(CalibrationError, match="larger than"):
         calibration.Calibration.load(big)
@@ -287,19 +278,6 @@ def test_embeddings_fifo_is_refused(tmp_path: Path) -> None:
 
 
 # plain open_clip checkpoints and configs ----------------------------------------------------------
-
-TINY_CONFIG = FIXTURES / "clipn-tiny-config.json"
-
-
-@pytest.fixture(scope="module")
-def plain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import open_clip
-
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(**json.loads(TINY_CONFIG.read_text()))
-    path = tmp_path_factory.mktemp("plain") / "plain.pt"
-    torch.save(model.state_dict(), path)
-    return path
 
 
 @pytest.mark.parametrize("config, expected", [
@@ -562,7 +540,6 @@ def test_embed_classes_and_calibrate_write_files_with_stdout_closed(tiny_weights
                             env={**os.environ, "CLIPN_HOME": str(tmp_path / "home")})
     assert result.returncode == 0, result.stderr
     assert out.is_file() and "Traceback" not in result.stderr
-
 
 
 # training's decoding pool ---------------------------------------------------------------------------

@@ -7,15 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from clipn_cli.scores import methods
-from clipn_cli.cli.app import app
 from clipn_cli.detection import SCORE_FIELDS, check_rule, detections_from_scores
 from clipn_cli.evaluation import compute_results
 from clipn_cli.outputs.results import METHODS, SetScores
 from clipn_cli.outputs.writers import CSV_COLUMNS
 from clipn_cli.scores.scoring import Heads, score, score_heads
+from conftest import cli
 
 
 def test_table_entries_are_complete_and_unique() -> None:
@@ -94,6 +93,6 @@ def test_eval_and_plots_handle_every_method_of_the_table(tmp_path) -> None:
 
 
 def test_detect_rule_choices_are_the_table() -> None:
-    result = CliRunner().invoke(app, ["detect", "--classes", "cat", "--rule", "bogus", "x.png"])
-    assert result.exit_code == 2
+    result = cli("detect", "--classes", "cat", "--rule", "bogus", "x.png")
+    assert result.returncode == 2
     assert f"--rule must be {', '.join(methods.RULES[:-1])} or {methods.RULES[-1]}, not 'bogus'" in result.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli
+from conftest import IMAGES, WORDS, cli
 
 from clipn_cli.scores import negatives
 from clipn_cli.heads import wordpool
@@ -23,9 +23,6 @@ from clipn_cli.scores import methods as method_table
 from clipn_cli.scores.scoring import Heads, score_heads
 from clipn_cli.weights.checkpoints import load_model
 
-FIXTURES = Path(__file__).parent / "fixtures"
-WORDS = FIXTURES / "words-small.txt"
-IMAGES = FIXTURES / "images"
 CLASSES = ["cat", "horse", "rocket", "coffee", "astronaut"]
 
 

@@ -13,7 +13,6 @@ from conftest import IMAGES, cli
 
 pq = pytest.importorskip("pyarrow.parquet")
 
-CLASSES = "cat,coffee,rocket"
 PACKAGE = Path(__file__).parent.parent / "clipn_cli"
 
 
@@ -25,14 +24,6 @@ def test_no_outputs_module_imports_torch() -> None:
     assert len(names) >= 5 and result.stdout.strip() == "False"
 
 
-@pytest.fixture(scope="module")
-def embeddings(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("emb") / "classes.safetensors"
-    result = cli("embed-classes", "--classes", CLASSES, "--weights", str(tiny_weights), "--output", str(out))
-    assert result.returncode == 0, result.stderr
-    return out
-
-
 def parquet_records(path: Path) -> list[dict]:
     """Rows as detect's records: nulls dropped (an error row keeps path and error), as in JSON Lines."""
     return [{k: v for k, v in row.items() if v is not None and not (k == "top_k" and v == [])}
@@ -40,12 +31,12 @@ def parquet_records(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("extra", [(), ("--details",), ("--top-k", "2")], ids=["plain", "details", "top-k"])
-def test_parquet_holds_the_jsonl_records_in_the_shard_schema(tiny_weights: Path, embeddings: Path, tmp_path: Path, extra: tuple[str, ...]) -> None:
+def test_parquet_holds_the_jsonl_records_in_the_shard_schema(tiny_weights: Path, tiny_embeddings: Path, tmp_path: Path, extra: tuple[str, ...]) -> None:
     from clipn_cli.outputs.records import encode_shard
 
     bad = tmp_path / "broken.jpg"
     bad.write_bytes((IMAGES / "rocket.jpg").read_bytes()[:300])
-    base = ("detect", "-w", str(tiny_weights), "-e", str(embeddings), str(IMAGES), str(bad), str(tmp_path / "missing.png"), *extra)
+    base = ("detect", "-w", str(tiny_weights), "-e", str(tiny_embeddings), str(IMAGES), str(bad), str(tmp_path / "missing.png"), *extra)
     lines = cli(*base, "--format", "jsonl")
     out = tmp_path / "out.parquet"
     result = cli(*base, "--format", "parquet", "--output", str(out))
@@ -58,8 +49,8 @@ def test_parquet_holds_the_jsonl_records_in_the_shard_schema(tiny_weights: Path,
     assert pq.read_schema(out) == pq.read_schema(shard)
 
 
-def test_parquet_needs_a_file(tiny_weights: Path, embeddings: Path) -> None:
-    result = cli("detect", "-w", str(tiny_weights), "-e", str(embeddings), str(IMAGES / "chelsea.png"), "--format", "parquet")
+def test_parquet_needs_a_file(tiny_weights: Path, tiny_embeddings: Path) -> None:
+    result = cli("detect", "-w", str(tiny_weights), "-e", str(tiny_embeddings), str(IMAGES / "chelsea.png"), "--format", "parquet")
     assert result.returncode == 2 and result.stdout == ""
     assert "--format parquet is binary: give --output FILE" in result.stderr and "Traceback" not in result.stderr
 

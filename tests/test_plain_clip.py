@@ -9,32 +9,17 @@ import open_clip
 import pytest
 import torch
 
-from conftest import cli
+from conftest import FIXTURES, IMAGES, TINY_CONFIG, WORDS, cli
 
 from clipn_cli.scores import methods as method_table
 from clipn_cli.weights.plainclip import parse_spec
 from clipn_cli.weights.checkpoints import load_model
 
-FIXTURES = Path(__file__).parent / "fixtures"
-CONFIG = FIXTURES / "clipn-tiny-config.json"
-WORDS = FIXTURES / "words-small.txt"
-IMAGES = FIXTURES / "images"
 CLASSES = "cat,horse,rocket,coffee,astronaut"
 
 
-@pytest.fixture(scope="module")
-def plain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small random open_clip CLIP saved as a plain state dict (nothing downloaded)."""
-    cfg = json.loads(CONFIG.read_text())
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
-    path = tmp_path_factory.mktemp("plain") / "tiny-clip.pt"
-    torch.save(model.state_dict(), path)
-    return path
-
-
 def spec(path: Path) -> str:
-    return f"{CONFIG}:{path}"
+    return f"{TINY_CONFIG}:{path}"
 
 
 def test_spellings() -> None:
@@ -47,7 +32,7 @@ def test_spellings() -> None:
 def test_plain_clip_scores_equal_open_clip(plain_checkpoint: Path) -> None:
     model, info = load_model(spec(plain_checkpoint))
     assert not model.has_no and info.metadata["kind"] == "open_clip" and len(info.fingerprint) == 64
-    reference = open_clip.model.CLIP(**{k: v for k, v in json.loads(CONFIG.read_text()).items()})
+    reference = open_clip.model.CLIP(**{k: v for k, v in json.loads(TINY_CONFIG.read_text()).items()})
     reference.load_state_dict(torch.load(plain_checkpoint, weights_only=True))
     tokens = open_clip.tokenize(["a photo of a cat"])
     pixels = torch.randn(1, 3, 224, 224)
@@ -92,4 +77,4 @@ def test_a_clipn_checkpoint_is_not_a_plain_clip(tmp_path: Path) -> None:
     from clipn_cli.errors import WeightsError
 
     with pytest.raises(WeightsError, match="a CLIPN checkpoint, not a plain CLIP"):
-        load_model(f"{CONFIG}:{FIXTURES / 'clipn-tiny-official.pt'}")
+        load_model(f"{TINY_CONFIG}:{FIXTURES / 'clipn-tiny-official.pt'}")

@@ -20,10 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from clipn_cli.cli.app import app
-from conftest import IMAGES, assert_close_records, spawn
+from conftest import IMAGES, CliResult, assert_close_records, cli, spawn
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("pyarrow") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="ray[data] is not installed (pip install 'clipn-cli[ray]')")
@@ -32,8 +30,8 @@ DIGITS = Path(__file__).parent.parent / "examples" / "digits" / "images"
 HANG_GUARD = 600  # seconds: only against a hung cluster, never a speed limit
 
 
-def invoke(*args: str, input: str | None = None):
-    return CliRunner().invoke(app, list(args), input=input, catch_exceptions=False)
+def invoke(*args: str, input: str | None = None) -> CliResult:
+    return cli(*args, stdin=input)
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -67,7 +65,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 def local_records(tiny_weights: Path, inputs: list[str], tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("local") / "local.jsonl"
     result = invoke("detect", "-w", str(tiny_weights), "--classes", CLASSES, "--top-k", "2", "--format", "jsonl", "--output", str(out), *inputs)
-    assert result.exit_code == 1, result.output  # some inputs are broken
+    assert result.returncode == 1, result.stderr  # some inputs are broken
     records = jsonl(out)
     assert sum("error" in r for r in records) == 5
     return records
@@ -116,7 +114,7 @@ def test_ray_detect_equals_local_detect(cluster, tiny_weights: Path, inputs: lis
     out = tmp_path / "run"
     result = invoke("detect", "--engine", "ray", "--actors", "2", "--shard-size", "5", "--format", fmt,
                     "-w", str(tiny_weights), "--classes", CLASSES, "--top-k", "2", "--output", str(out), *inputs)
-    assert result.exit_code == 1, result.output  # as locally: some inputs have error records
+    assert result.returncode == 1, result.stderr  # as locally: some inputs have error records
     assert_same_records(list(read_output(str(out))), local_records)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["inputs"] == manifest["records"] == len(local_records)
@@ -139,13 +137,13 @@ def test_ray_detect_equals_local_detect(cluster, tiny_weights: Path, inputs: lis
 def test_existing_output_is_refused_without_resume_and_with_other_options(cluster, tiny_weights: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ("detect", "--engine", "ray", "--actors", "1", "-w", str(tiny_weights), "--output", str(out), str(IMAGES / "rocket.jpg"))
-    assert invoke(*args, "--classes", CLASSES).exit_code == 0
+    assert invoke(*args, "--classes", CLASSES).returncode == 0
     again = invoke(*args, "--classes", CLASSES)
-    assert again.exit_code == 2 and "add --resume" in again.output
+    assert again.returncode == 2 and "add --resume" in again.stderr
     other = invoke(*args, "--classes", "cat,dog", "--resume")
-    assert other.exit_code == 2 and "classes=" in other.output
+    assert other.returncode == 2 and "classes=" in other.stderr
     done = invoke(*args, "--classes", CLASSES, "--resume")  # a finished run: nothing to redo
-    assert done.exit_code == 0 and "0 shards scored now" in done.output
+    assert done.returncode == 0 and "0 shards scored now" in done.stderr
 
 
 @needs_ray
@@ -254,12 +252,12 @@ def test_ray_eval_equals_local_eval_and_uses_the_cache(cluster, tiny_weights: Pa
     shutil.copytree(DIGITS, ood)
     common = ("eval", "-w", str(tiny_weights), "--classes", CLASSES, "--id", str(IMAGES), "--ood", f"digits={ood}", "--format", "json")
     local = invoke(*common, "--output", str(tmp_path / "local.json"), "--save-scores", str(tmp_path / "local.jsonl"))
-    assert local.exit_code == 0, local.output
+    assert local.returncode == 0, local.stderr
     cache = tmp_path / "cache"
     for run in ("first", "second"):
         result = invoke(*common, "--engine", "ray", "--actors", "2", "--cache", str(cache),
                         "--output", str(tmp_path / f"{run}.json"), "--save-scores", str(tmp_path / f"{run}.jsonl"))
-        assert result.exit_code == 0, result.output
+        assert result.returncode == 0, result.stderr
         want, got = json.loads((tmp_path / "local.json").read_text()), json.loads((tmp_path / f"{run}.json").read_text())
         assert got["images"] == want["images"] and got["id_accuracy"] == want["id_accuracy"]
         for a, b in zip(got["results"], want["results"]):
@@ -271,7 +269,7 @@ def test_ray_eval_equals_local_eval_and_uses_the_cache(cluster, tiny_weights: Pa
             for m in ("ctw", "atd", "msp", "energy", "mcm"):
                 assert_close_records(a[m], b[m], (a["path"], m), m)
     total = len(list(IMAGES.iterdir())) + len(list(DIGITS.iterdir()))
-    assert f"{total} reused, 0 encoded" in result.output  # the second run sent nothing to the cluster
+    assert f"{total} reused, 0 encoded" in result.stderr  # the second run sent nothing to the cluster
 
 
 @needs_ray
@@ -328,14 +326,14 @@ def test_without_ray_the_engine_is_one_line_saying_how_to_install(monkeypatch: p
     for args in (("detect", "--engine", "ray", "--classes", CLASSES, "--output", str(tmp_path / "o"), str(IMAGES)),
                  ("eval", "--engine", "ray", "--classes", CLASSES, "--id", str(IMAGES), "--ood", f"d={DIGITS}")):
         result = invoke(*args)
-        assert result.exit_code == 2
-        lines = result.output.strip().splitlines()
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
         assert lines == ["clipn: error: --engine ray needs Ray, which is not installed: pip install 'clipn-cli[ray]'"]
 
 
 def test_ray_options_need_the_ray_engine() -> None:
     result = invoke("detect", "--actors", "2", "--classes", CLASSES, str(IMAGES))
-    assert result.exit_code == 2 and "need --engine ray" in result.output
+    assert result.returncode == 2 and "need --engine ray" in result.stderr
 
 
 def test_plan_shards_is_lazy_and_deterministic() -> None:
@@ -412,23 +410,23 @@ def test_ray_gives_calibrated_and_negative_label_verdicts_as_local_detect(
     if how == "calibrated":
         calib = tmp_path / "calib.json"
         made = invoke("calibrate", "-w", str(tiny_weights), "--classes", CLASSES, "--alpha", "0.3", "-o", str(calib), str(IMAGES))
-        assert made.exit_code == 0, made.output
+        assert made.returncode == 0, made.stderr
         base += ["--calibration", str(calib), "--alpha", "0.3"]
     else:
         base += ["--rule", "neglabel", "--threshold", "0.4"]
     local = tmp_path / "local.jsonl"
-    assert invoke("detect", *base, "--format", "jsonl", "--output", str(local), *inputs).exit_code == 1
+    assert invoke("detect", *base, "--format", "jsonl", "--output", str(local), *inputs).returncode == 1
     want = jsonl(local)
     out = tmp_path / "run"
     report = tmp_path / "report.html"
     result = invoke("detect", "--engine", "ray", "--actors", "2", "--shard-size", "4", *base, "--output", str(out),
                     "--report", str(report), *inputs)
-    assert result.exit_code == 1, result.output
+    assert result.returncode == 1, result.stderr
     got = list(read_output(str(out)))
     assert_same_records(got, want)
     # the report is the one local detect writes for the same records, built from every shard
     local_report = tmp_path / "local.html"
-    assert invoke("detect", *base, "--format", "jsonl", "--output", str(tmp_path / "again.jsonl"), "--report", str(local_report), *inputs).exit_code == 1
+    assert invoke("detect", *base, "--format", "jsonl", "--output", str(tmp_path / "again.jsonl"), "--report", str(local_report), *inputs).returncode == 1
     made_by = re.compile(r'<table class="prov">.*?</table>')  # the provenance: its date, and engine: ray
     assert made_by.sub("", report.read_text()) == made_by.sub("", local_report.read_text())
     assert "<th>engine</th><td>ray</td>" in report.read_text() and "<th>engine</th>" not in local_report.read_text()
@@ -441,7 +439,7 @@ def test_ray_gives_calibrated_and_negative_label_verdicts_as_local_detect(
         assert all("p_value" in pq.read_schema(f).names for f in (out / "shards").iterdir())
         other = invoke("detect", "--engine", "ray", "--actors", "2", "--shard-size", "4", *base[:-1], "0.4", "--resume",
                        "--output", str(out), *inputs)
-        assert other.exit_code == 2 and "calibration=" in other.output
+        assert other.returncode == 2 and "calibration=" in other.stderr
     else:
         assert all(r["verdict"] == ("OOD" if r["neglabel_score"] < 0.4 else "ID") for r in scored)
 
@@ -449,11 +447,11 @@ def test_ray_gives_calibrated_and_negative_label_verdicts_as_local_detect(
 def test_ray_refuses_bad_option_combinations_before_starting(tiny_weights: Path, tmp_path: Path) -> None:
     args = ["detect", "--engine", "ray", "-w", str(tiny_weights), "--classes", CLASSES, "--output", str(tmp_path / "run"), str(IMAGES)]
     fdr = invoke(*args, "--fdr", "0.1")
-    assert fdr.exit_code == 2 and "--fdr needs --calibration FILE" in fdr.output
+    assert fdr.returncode == 2 and "--fdr needs --calibration FILE" in fdr.stderr
     both = invoke(*args, "--calibration", str(tmp_path / "c.json"), "--fdr", "0.1", "--alpha", "0.1")
-    assert both.exit_code == 2 and "not both" in both.output
+    assert both.returncode == 2 and "not both" in both.stderr
     rule = invoke(*args, "--rule", "neglabel")
-    assert rule.exit_code == 2 and "--threshold" in rule.output
+    assert rule.returncode == 2 and "--threshold" in rule.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -470,18 +468,18 @@ def test_ray_fdr_rewrites_every_shard_with_the_q_values_of_the_whole_run(
     from clipn_cli.scale.store import OutputStore
 
     calib = tmp_path / "calib.json"
-    assert invoke("calibrate", "-w", str(tiny_weights), "--classes", CLASSES, "--alpha", "0.3", "-o", str(calib), str(IMAGES)).exit_code == 0
+    assert invoke("calibrate", "-w", str(tiny_weights), "--classes", CLASSES, "--alpha", "0.3", "-o", str(calib), str(IMAGES)).returncode == 0
     base = ["-w", str(tiny_weights), "--classes", CLASSES, "--calibration", str(calib), "--fdr", "0.75"]
     local = tmp_path / "local.jsonl"
-    assert invoke("detect", *base, "--format", "jsonl", "--output", str(local), *inputs).exit_code == 1
+    assert invoke("detect", *base, "--format", "jsonl", "--output", str(local), *inputs).returncode == 1
     want = jsonl(local)
     scored = [r for r in want if "error" not in r]
     assert all("q_value" in r for r in scored) and {r["verdict"] for r in scored} == {"ID", "OOD"}
     out = tmp_path / "run"
     result = invoke("detect", "--engine", "ray", "--actors", "2", "--shard-size", "4", "--format", fmt, *base,
                     "--output", str(out), *inputs)
-    assert result.exit_code == 1, result.output
-    assert "Benjamini-Hochberg at FDR 0.75" in result.output
+    assert result.returncode == 1, result.stderr
+    assert "Benjamini-Hochberg at FDR 0.75" in result.stderr
     assert_same_records(list(read_output(str(out))), want)
     files = sorted((out / "shards").iterdir())
     before = [f.read_bytes() for f in files]
@@ -498,7 +496,7 @@ def test_ray_detect_reads_a_csv_table(cluster, tiny_weights: Path, local_records
     (tmp_path / "index.csv").write_text("path\n" + "".join(r["path"] + "\n" for r in chosen), encoding="utf-8")
     result = invoke("detect", "--engine", "ray", "--actors", "1", "--format", "jsonl", "-w", str(tiny_weights), "--classes", CLASSES,
                     "--top-k", "2", "--output", str(tmp_path / "run"), str(tmp_path / "index.csv"))
-    assert result.exit_code == 1, result.output
+    assert result.returncode == 1, result.stderr
     assert_same_records(list(read_output(str(tmp_path / "run"))), chosen)
 
 

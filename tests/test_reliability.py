@@ -18,13 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import GROUPING_LOGIT, GROUPING_PROBABILITY, IMAGES, TINY_CONFIG, cli, grouping_tolerance, spawn
-
-CLASSES = "cat,coffee,rocket"
-
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines()]
+from conftest import CLASSES, GROUPING_LOGIT, GROUPING_PROBABILITY, IMAGES, TINY_CONFIG, cli, grouping_tolerance, jsonl, spawn
 
 
 def png_bomb(path: Path, side: int = 60_000) -> None:

@@ -8,7 +8,6 @@ script or external resource shows up as the console error it is.
 from __future__ import annotations
 
 import html
-import importlib.util
 import json
 import math
 import os
@@ -23,24 +22,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from clipn_cli.cli.app import app
+from conftest import DIGITS_CLASSES, DIGITS_ID, DIGITS_IMAGES, DIGITS_OOD, DIGITS_WEIGHTS, IMAGES, TINY_CONFIG, cli
 from clipn_cli.evaluation import compute_results
 from clipn_cli.outputs.results import METHODS, Evaluation, SetScores
 from clipn_cli.outputs.report import GALLERY_SIZE, DetectReport, eval_report, thumbnail_uri
 
-ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "clipn_cli" / "data" / "clipn-digits.safetensors"
-DIGITS = ROOT / "examples" / "digits" / "images"
-CLASSES = "zero,one,two,three,four"
 SCRIPT_NAME = "<script>alert(1)</script>.png"  # a directory '<script>alert(1)<' holding 'script>.png'
 IMG_NAME = "<img src=x onerror=alert(2)>.png"
 CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-
-
-def invoke(*args: Any):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def hostile_copies(folder: Path, source: Path) -> list[Path]:
@@ -69,8 +59,8 @@ def fake_evaluation(paths: list[str], n_id: int, rng: np.random.Generator) -> Ev
 
 
 def test_eval_report_escapes_every_string_and_cuts_galleries(tmp_path: Path) -> None:
-    hostile = [str(p) for p in hostile_copies(tmp_path, DIGITS / "five-0015.png")]
-    paths = hostile + [str(p) for p in sorted(DIGITS.glob("*.png"))] * 30  # 303 images, many flagged
+    hostile = [str(p) for p in hostile_copies(tmp_path, DIGITS_IMAGES / "five-0015.png")]
+    paths = hostile + [str(p) for p in sorted(DIGITS_IMAGES.glob("*.png"))] * 30  # 303 images, many flagged
     evaluation = fake_evaluation(paths, 150, np.random.default_rng(0))
     id_set = evaluation.sets[0]
     id_set.scores["atd"][:3] = 1e-4  # the hostile names: the most certain false alarms
@@ -114,7 +104,7 @@ def test_eval_report_galleries_follow_the_calibrated_verdict_with_alpha(tmp_path
 
 
 def test_detect_report_stays_bounded_for_100k_images(tmp_path: Path) -> None:
-    files = [str(p) for p in sorted(DIGITS.glob("*.png"))]
+    files = [str(p) for p in sorted(DIGITS_IMAGES.glob("*.png"))]
     report = DetectReport(["zero", "one"])
     rng = np.random.default_rng(0)
     p_ood = rng.random(100_000)
@@ -244,16 +234,11 @@ def open_in_chromium(page: Path, profile: Path) -> tuple[dict[str, Any], list[st
 
 
 @pytest.fixture(scope="module")
-def digit_sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def digit_sets(digits_held_out: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """ID digits (zero..four) and OOD digits (five..nine) from the demo's held-out images; hostile names among the OOD."""
-    pytest.importorskip("sklearn")
-    spec = importlib.util.spec_from_file_location("digits_build", ROOT / "examples" / "digits" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)  # type: ignore[union-attr]
-    held = tmp_path_factory.mktemp("held")
-    build.export_held_out(held)
+    held = digits_held_out
     root = tmp_path_factory.mktemp("sets")
-    for role, names in (("id", ("zero", "one", "two", "three", "four")), ("ood", ("five", "six", "seven", "eight", "nine"))):
+    for role, names in (("id", DIGITS_ID), ("ood", DIGITS_OOD)):
         for name in names:
             for png in sorted((held / name).glob("*.png"))[:6]:
                 (root / role / name).mkdir(parents=True, exist_ok=True)
@@ -273,10 +258,10 @@ def check_page(state: dict[str, Any], errors: list[str]) -> None:
 def test_reports_open_cleanly_in_headless_chromium(digit_sets: tuple[Path, Path], tmp_path: Path) -> None:
     id_dir, ood_dir = digit_sets
     detect_html, eval_html = tmp_path / "detect.html", tmp_path / "eval.html"
-    detected = invoke("detect", "-w", WEIGHTS, "--classes", CLASSES, "-f", "json", "-o", tmp_path / "d.json", "--report", detect_html, id_dir, ood_dir)
-    assert detected.exit_code == 0, detected.output
-    evaluated = invoke("eval", "-w", WEIGHTS, "--classes", CLASSES, "--id", id_dir, "--ood", f"digits={ood_dir}", "-f", "json", "--report", eval_html)
-    assert evaluated.exit_code == 0, evaluated.output
+    detected = cli("detect", "-w", DIGITS_WEIGHTS, "--classes", DIGITS_CLASSES, "-f", "json", "-o", tmp_path / "d.json", "--report", detect_html, id_dir, ood_dir)
+    assert detected.returncode == 0, detected.stderr
+    evaluated = cli("eval", "-w", DIGITS_WEIGHTS, "--classes", DIGITS_CLASSES, "--id", id_dir, "--ood", f"digits={ood_dir}", "-f", "json", "--report", eval_html)
+    assert evaluated.returncode == 0, evaluated.stderr
 
     state, errors = open_in_chromium(detect_html, tmp_path / "profile-detect")
     check_page(state, errors)
@@ -301,12 +286,12 @@ def test_the_browser_check_itself_sees_scripts_and_broken_images(tmp_path: Path)
 
 def test_resumed_detect_report_covers_the_whole_file(tmp_path: Path) -> None:
     """--resume --report: the records already in the file count in the report, as the new ones do."""
-    images = sorted(str(p) for p in DIGITS.glob("*.png"))[:6]
+    images = sorted(str(p) for p in DIGITS_IMAGES.glob("*.png"))[:6]
     out, report = tmp_path / "out.jsonl", tmp_path / "report.html"
-    common = ["detect", "-w", WEIGHTS, "--classes", CLASSES, "--format", "jsonl", "--output", out]
-    assert invoke(*common, *images[:4]).exit_code == 0
-    resumed = invoke(*common, "--resume", "--report", report, *images)
-    assert resumed.exit_code == 0, resumed.output
+    common = ["detect", "-w", DIGITS_WEIGHTS, "--classes", DIGITS_CLASSES, "--format", "jsonl", "--output", out]
+    assert cli(*common, *images[:4]).returncode == 0
+    resumed = cli(*common, "--resume", "--report", report, *images)
+    assert resumed.returncode == 0, resumed.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["path"] for r in records] == images
     text = report.read_text()
@@ -323,23 +308,23 @@ def test_reports_say_what_made_them(tmp_path: Path) -> None:
     import clipn_cli
     from clipn_cli.weights.checkpoints import read_info
 
-    fingerprint = read_info(WEIGHTS).fingerprint
+    fingerprint = read_info(DIGITS_WEIGHTS).fingerprint
     id_dir, ood_dir = tmp_path / "id", tmp_path / "ood"
-    for folder, prefixes in ((id_dir, ("zero", "one", "two", "three", "four")), (ood_dir, ("five", "six", "seven", "eight", "nine"))):
+    for folder, prefixes in ((id_dir, DIGITS_ID), (ood_dir, DIGITS_OOD)):
         folder.mkdir()
-        for png in DIGITS.glob("*.png"):
+        for png in DIGITS_IMAGES.glob("*.png"):
             if png.name.startswith(prefixes):
                 shutil.copy(png, folder / png.name)
     detect_html, eval_html = tmp_path / "detect.html", tmp_path / "eval.html"
-    assert invoke("detect", "-w", WEIGHTS, "--classes", CLASSES, "--precision", "fp32", "-f", "jsonl", "-o", tmp_path / "d.jsonl",
-                  "--report", detect_html, id_dir).exit_code == 0
-    assert invoke("eval", "-w", WEIGHTS, "--classes", CLASSES, "--id", id_dir, "--ood", f"digits={ood_dir}", "-f", "json",
-                  "-o", tmp_path / "e.json", "--report", eval_html).exit_code == 0
+    assert cli("detect", "-w", DIGITS_WEIGHTS, "--classes", DIGITS_CLASSES, "--precision", "fp32", "-f", "jsonl", "-o", tmp_path / "d.jsonl",
+               "--report", detect_html, id_dir).returncode == 0
+    assert cli("eval", "-w", DIGITS_WEIGHTS, "--classes", DIGITS_CLASSES, "--id", id_dir, "--ood", f"digits={ood_dir}", "-f", "json",
+               "-o", tmp_path / "e.json", "--report", eval_html).returncode == 0
     for page, options in ((detect_html, ("<th>rule</th><td>atd</td>", "<th>precision</th><td>fp32</td>")),
                           (eval_html, ("<th>FPR95 convention</th><td>clipn</td>", "<th>precision</th><td>fp32</td>"))):
         block = re.search(r'<table class="prov">(.*?)</table>', page.read_text()).group(1)
-        assert f"<th>weights fingerprint</th><td>{fingerprint}</td>" in block and str(WEIGHTS) in block
-        assert f"<th>classes</th><td>{CLASSES.replace(',', ', ')}</td>" in block
+        assert f"<th>weights fingerprint</th><td>{fingerprint}</td>" in block and str(DIGITS_WEIGHTS) in block
+        assert f"<th>classes</th><td>{DIGITS_CLASSES.replace(',', ', ')}</td>" in block
         assert f"<th>clipn version</th><td>{clipn_cli.__version__}</td>" in block and "<th>templates</th><td>clipn</td>" in block
         assert re.search(r"<th>date \(UTC\)</th><td>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00</td>", block)
         assert all(option in block for option in options)
@@ -426,22 +411,13 @@ def test_detect_report_without_p_ood_ranks_by_the_rule_score(tmp_path: Path) -> 
     assert f"showing {GALLERY_SIZE} of 200" in text
 
 
-def test_plain_clip_detect_report_from_the_cli(tmp_path: Path) -> None:
+def test_plain_clip_detect_report_from_the_cli(plain_checkpoint: Path, tmp_path: Path) -> None:
     """`detect --report` with a plain CLIP (records with p_ood null) writes the report, exit 0."""
-    torch = pytest.importorskip("torch")
-    import open_clip
-
-    fixtures = ROOT / "tests" / "fixtures"
-    cfg = json.loads((fixtures / "clipn-tiny-config.json").read_text())
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
-    checkpoint = tmp_path / "tiny-clip.pt"
-    torch.save(model.state_dict(), checkpoint)
     page = tmp_path / "r.html"
-    images = [fixtures / "images" / n for n in ("chelsea.png", "coffee.png", "astronaut.png")]
-    result = invoke("detect", "-w", f"{fixtures / 'clipn-tiny-config.json'}:{checkpoint}", "--classes", "cat,coffee", "-t", "simple",
-                    "--rule", "msp", "--threshold", "0.6", "-f", "jsonl", "-o", tmp_path / "out.jsonl", "--report", page, *images)
-    assert result.exit_code == 0, result.output
+    images = [IMAGES / n for n in ("chelsea.png", "coffee.png", "astronaut.png")]
+    result = cli("detect", "-w", f"{TINY_CONFIG}:{plain_checkpoint}", "--classes", "cat,coffee", "-t", "simple",
+                 "--rule", "msp", "--threshold", "0.6", "-f", "jsonl", "-o", tmp_path / "out.jsonl", "--report", page, *images)
+    assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert all(r["p_ood"] is None for r in records)
     text = page.read_text()

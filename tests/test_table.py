@@ -14,11 +14,8 @@ from pathlib import Path
 
 from clipn_cli.outputs.writers import open_writer
 from clipn_cli.outputs.progress import StatusLine
-from conftest import cli
+from conftest import DIGITS_CLASSES, DIGITS_IMAGES, ROOT, cli
 
-ROOT = Path(__file__).resolve().parents[1]
-DIGIT_IMAGES = ROOT / "examples" / "digits" / "images"
-ID_DIGITS = "zero,one,two,three,four"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours, line clearing, cursor hiding
 
 
@@ -73,12 +70,12 @@ def _lines(screen: str) -> list[str]:
 
 
 def _rows(screen: str) -> list[str]:
-    return [line for line in _lines(screen) if line.startswith(str(DIGIT_IMAGES))]
+    return [line for line in _lines(screen) if line.startswith(str(DIGITS_IMAGES))]
 
 
 def test_rows_appear_while_the_run_goes_on_and_ctrl_c_keeps_them() -> None:
-    images = sorted(DIGIT_IMAGES.iterdir())[:10]  # more than the 8 inputs decoded ahead: some are scored while stdin stays open
-    run = _Pty("--weights", "digits", "-c", ID_DIGITS, "--batch-size", "1", "--workers", "1")
+    images = sorted(DIGITS_IMAGES.iterdir())[:10]  # more than the 8 inputs decoded ahead: some are scored while stdin stays open
+    run = _Pty("--weights", "digits", "-c", DIGITS_CLASSES, "--batch-size", "1", "--workers", "1")
     try:
         for image in images:
             run.feed(image)
@@ -119,25 +116,25 @@ def test_progress_shows_total_and_time_left_when_known() -> None:
 
 
 def test_table_summary_top_k_and_details_in_process() -> None:
-    result = cli("detect", str(DIGIT_IMAGES / "one-0070.png"), str(DIGIT_IMAGES / "nine-0105.png"), "missing.png",
-                 "--weights", "digits", "-c", ID_DIGITS, "-f", "table", "--top-k", "2", "--details")
+    result = cli("detect", str(DIGITS_IMAGES / "one-0070.png"), str(DIGITS_IMAGES / "nine-0105.png"), "missing.png",
+                 "--weights", "digits", "-c", DIGITS_CLASSES, "-f", "table", "--top-k", "2", "--details")
     assert result.returncode == 1, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["image", "verdict", "class", "CTW", "ATD", "top", "2"]
-    records = [json.loads(line) for line in cli("detect", str(DIGIT_IMAGES / "one-0070.png"), "--weights", "digits", "-c", ID_DIGITS,
+    records = [json.loads(line) for line in cli("detect", str(DIGITS_IMAGES / "one-0070.png"), "--weights", "digits", "-c", DIGITS_CLASSES,
                                                   "-f", "jsonl", "--top-k", "2", "--details").stdout.splitlines()]
     one = records[0]
     row = lines[1].split()
-    assert row[:5] == [str(DIGIT_IMAGES / "one-0070.png"), "ID", "one", f"{one['ctw_score']:.3f}", f"{one['atd_score']:.3f}"]
+    assert row[:5] == [str(DIGITS_IMAGES / "one-0070.png"), "ID", "one", f"{one['ctw_score']:.3f}", f"{one['atd_score']:.3f}"]
     top = one["top_k"]
     assert " ".join(row[5:]) == f"{top[0]['class']} {top[0]['probability']:.3f}, {top[1]['class']} {top[1]['probability']:.3f}"
-    assert lines[2].strip() == "p_yes: " + ", ".join(f"{c} {p:.3f}" for c, p in zip(ID_DIGITS.split(","), one["p_yes"]))
+    assert lines[2].strip() == "p_yes: " + ", ".join(f"{c} {p:.3f}" for c, p in zip(DIGITS_CLASSES.split(","), one["p_yes"]))
     assert lines[3].strip().startswith(f"logits_yes: zero {one['logits_yes'][0]:.3f}, one {one['logits_yes'][1]:.3f}")
     assert lines[4].strip().startswith("logits_no: zero ")
     assert lines[5].split()[1] == "OOD"
     assert lines[9].split()[:3] == ["missing.png", "ERROR", "no"]
     assert lines[-1] == "3 inputs: 1 ID, 1 OOD, 1 error"
-    plain = cli("detect", str(DIGIT_IMAGES / "one-0070.png"), "--weights", "digits", "-c", ID_DIGITS, "-f", "table").stdout.splitlines()
+    plain = cli("detect", str(DIGITS_IMAGES / "one-0070.png"), "--weights", "digits", "-c", DIGITS_CLASSES, "-f", "table").stdout.splitlines()
     assert plain[0].split() == ["image", "verdict", "class", "CTW", "ATD"] and len(plain) == 3 and plain[-1] == "1 input: 1 ID, 0 OOD, 0 errors"
 
 
@@ -166,9 +163,9 @@ def test_the_total_counts_folders_and_files_and_leaves_out_resumed_inputs() -> N
             return True
 
     status = StatusLine(Terminal())
-    _count(status, [str(DIGIT_IMAGES), "missing.png"], skip={str(DIGIT_IMAGES / "one-0070.png")})
+    _count(status, [str(DIGITS_IMAGES), "missing.png"], skip={str(DIGITS_IMAGES / "one-0070.png")})
     assert status.total == 20  # 20 images + the missing file's record - the one already done
     with input_progress(Terminal(), ["-"]) as on_stdin:
         assert on_stdin.total is None  # paths on stdin: counted as they come, no total
-    with input_progress(io.StringIO(), [str(DIGIT_IMAGES)]) as piped:
+    with input_progress(io.StringIO(), [str(DIGITS_IMAGES)]) as piped:
         assert isinstance(piped, NoStatus)

@@ -8,14 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IMAGES, cli
+from conftest import CLASSES, IMAGES, cli, jsonl
 
-CLASSES = "cat,coffee,rocket"
 NAMES = ["rocket.jpg", "coffee.png", "chelsea.png", "nope.png"]
-
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines()]
 
 
 @pytest.fixture()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -18,14 +17,8 @@ from PIL import Image
 from clipn_cli.errors import DataError, TrainError
 from clipn_cli.training import TrainConfig, load_base, open_data, train
 from clipn_cli.training.data import caption_id, expand_braces
-from conftest import IMAGES, cli, spawn
+from conftest import IMAGES, TINY_CLIP, cli, free_port, spawn
 
-# A CLIP small enough to train in well under a second per step on one CPU core.
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
-}
 COLOURS = ("red", "green", "blue", "yellow", "black", "white")
 
 
@@ -48,11 +41,11 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / name).write_bytes(_png(colour, i))
         rows.append({"image": name, "caption": f"a {colour} square"})
     (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    (root / "tiny.json").write_text(json.dumps(TINY), encoding="utf-8")
+    (root / "tiny.json").write_text(json.dumps(TINY_CLIP), encoding="utf-8")
     import open_clip
 
     torch.manual_seed(0)
-    torch.save(open_clip.model.CLIP(**TINY).state_dict(), root / "clip.pt")
+    torch.save(open_clip.model.CLIP(**TINY_CLIP).state_dict(), root / "clip.pt")
     return root
 
 
@@ -61,7 +54,6 @@ def _config(out: Path, **kw) -> TrainConfig:
 
 
 # ---------------------------------------------------------------- data sources
-
 
 
 class _StopAfter4:
@@ -186,11 +178,11 @@ def test_open_clip_tag_base_without_network(monkeypatch: pytest.MonkeyPatch, dat
     def fake_create_model(name: str, pretrained: str, **kw):
         calls.append((name, pretrained))
         torch.manual_seed(1)
-        return open_clip.model.CLIP(**TINY)
+        return open_clip.model.CLIP(**TINY_CLIP)
 
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
     monkeypatch.setattr("clipn_cli.training.base._reachable", lambda url, timeout=5.0: True)  # no network here: the check passes, the fake loads
-    monkeypatch.setattr("clipn_cli.training.base.resolve_config", lambda name: dict(TINY))
+    monkeypatch.setattr("clipn_cli.training.base.resolve_config", lambda name: dict(TINY_CLIP))
     base = load_base("ViT-B-16", pretrained="laion2b_s34b_b88k")
     assert calls == [("ViT-B-16", "laion2b_s34b_b88k")]
     assert base.description == "open_clip:ViT-B-16:laion2b_s34b_b88k"
@@ -285,19 +277,13 @@ def test_trains_from_shards(dataset: Path, tmp_path: Path) -> None:
     assert result.steps == 2 and (tmp_path / "s.safetensors").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_the_same_model_as_one(dataset: Path, tmp_path: Path) -> None:
     """torchrun-style launch (gloo): gathered features make 2×B on two processes equal 2B on one."""
     common = ["train", "--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"),
               "--data", str(dataset / "index.jsonl"), "--steps", "3", "--device", "cpu", "--workers", "1"]
     single = cli(*common, "--batch-size", "6", "--output", str(tmp_path / "one.safetensors"))
     assert single.returncode == 0, single.stderr
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
@@ -334,23 +320,16 @@ def test_gather_features_single_process_is_identity() -> None:
 
 
 def test_cli_errors_are_one_line(dataset: Path, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from clipn_cli.cli.app import app
-
-    def run(*args: str):
-        return CliRunner().invoke(app, ["train", *args])
-
-    result = run("--base", str(dataset / "clip.pt"), "--data", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o.safetensors"))
-    assert result.exit_code == 2
-    assert result.output.strip().count("\n") == 0 and "nope.jsonl: no such file or folder" in result.output
-    result = run("--base", "ViT-B-16", "--data", str(dataset / "index.jsonl"), "--output", str(tmp_path / "o.safetensors"))
-    assert result.exit_code == 2 and "needs --pretrained TAG" in result.output and "Traceback" not in result.output
-    result = run("--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"), "--data", str(dataset / "index.jsonl"), "--output", str(tmp_path / "o.pt"))
-    assert result.exit_code == 2 and "must be a .safetensors file" in result.output
-    result = run("--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"), "--data", str(dataset / "index.jsonl"),
+    result = cli("train", "--base", str(dataset / "clip.pt"), "--data", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o.safetensors"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "nope.jsonl: no such file or folder" in result.stderr
+    result = cli("train", "--base", "ViT-B-16", "--data", str(dataset / "index.jsonl"), "--output", str(tmp_path / "o.safetensors"))
+    assert result.returncode == 2 and "needs --pretrained TAG" in result.stderr and "Traceback" not in result.stderr
+    result = cli("train", "--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"), "--data", str(dataset / "index.jsonl"), "--output", str(tmp_path / "o.pt"))
+    assert result.returncode == 2 and "must be a .safetensors file" in result.stderr
+    result = cli("train", "--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"), "--data", str(dataset / "index.jsonl"),
                  "--output", str(tmp_path / "o.safetensors"), "--resume", str(tmp_path / "none.ckpt"))
-    assert result.exit_code == 2 and "none.ckpt: no such checkpoint" in result.output
+    assert result.returncode == 2 and "none.ckpt: no such checkpoint" in result.stderr
 
 
 # ---------------------------------------------------------------- augmentation

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,13 +19,8 @@ from PIL import Image
 from clipn_cli.training import load_base, open_data
 from clipn_cli.training.batches import build_feature_table, sample_order
 from clipn_cli.training.distributed import World, share
-from conftest import GROUPING_COSINE, run_cli, spawn
+from conftest import GROUPING_COSINE, TINY_CLIP, free_port, run_cli, spawn
 
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
-}
 GOOD = 13  # odd: not a multiple of the world size, nor of the global batch
 
 
@@ -52,23 +46,17 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     edge = [{"image": "broken.png", "caption": "a thing"}, {"image": "img00.png", "caption": "a thing"}]
     (root / "edge.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edge), encoding="utf-8")
-    (root / "tiny.json").write_text(json.dumps(TINY), encoding="utf-8")
+    (root / "tiny.json").write_text(json.dumps(TINY_CLIP), encoding="utf-8")
     import open_clip
 
     torch.manual_seed(0)
-    torch.save(open_clip.model.CLIP(**TINY).state_dict(), root / "clip.pt")
+    torch.save(open_clip.model.CLIP(**TINY_CLIP).state_dict(), root / "clip.pt")
     return root
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(args: list[str], world_size: int = 2) -> list[tuple[str, str]]:
     """What torchrun does for one node: WORLD_SIZE processes with RANK/LOCAL_RANK and a rendezvous address."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(world_size):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),

@@ -11,11 +11,8 @@ from clipn_cli.heads.classes import vocabulary_warning
 from clipn_cli.errors import WeightsError
 from clipn_cli.weights.checkpoints import read_info
 from clipn_cli.weights.format import fingerprint
-from conftest import cli
+from conftest import DIGITS_IMAGES, DIGITS_WEIGHTS, cli
 
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ROOT / "clipn_cli" / "data" / "clipn-digits.safetensors"
-DIGIT_IMAGES = ROOT / "examples" / "digits" / "images"
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 WARNING = "was trained on 10 class names only"
 
@@ -32,10 +29,10 @@ def test_warning_names_the_classes_outside_and_ignores_case() -> None:
 def test_the_demo_weights_carry_their_vocabulary_and_unchanged_tensors() -> None:
     from safetensors.torch import load_file
 
-    info = read_info(DIGITS)
+    info = read_info(DIGITS_WEIGHTS)
     assert info.vocabulary == NAMES
     # the fingerprint recorded when the demo was trained still matches its tensors: only metadata was added
-    assert info.fingerprint == fingerprint(load_file(str(DIGITS))) == "3f3da6740e38bf3cf251379bf820d43dfb00a3a2ee4d6c5b90554606905b5731"
+    assert info.fingerprint == fingerprint(load_file(str(DIGITS_WEIGHTS))) == "3f3da6740e38bf3cf251379bf820d43dfb00a3a2ee4d6c5b90554606905b5731"
 
 
 def _warnings(stderr: str) -> list[str]:
@@ -43,7 +40,7 @@ def _warnings(stderr: str) -> list[str]:
 
 
 def test_every_command_warns_once_about_classes_outside_the_vocabulary(tmp_path: Path) -> None:
-    image = str(DIGIT_IMAGES / "one-0070.png")
+    image = str(DIGITS_IMAGES / "one-0070.png")
     outside = ("--weights", "digits", "-c", "cat,astronaut,coffee,horse,rocket")
     result = cli("detect", image, *outside, "-f", "jsonl")
     assert result.returncode == 0, result.stderr
@@ -56,13 +53,13 @@ def test_every_command_warns_once_about_classes_outside_the_vocabulary(tmp_path:
     result = cli("detect", image, "--weights", "digits", "-e", str(embeddings), "-f", "jsonl")
     assert result.returncode == 0, result.stderr
     assert len(_warnings(result.stderr)) == 1
-    result = cli("eval", *outside, "--id", str(DIGIT_IMAGES / "one-0070.png"), "--ood", f"x={DIGIT_IMAGES / 'nine-0105.png'}", "-f", "json")
+    result = cli("eval", *outside, "--id", str(DIGITS_IMAGES / "one-0070.png"), "--ood", f"x={DIGITS_IMAGES / 'nine-0105.png'}", "-f", "json")
     assert result.returncode == 0, result.stderr
     assert len(_warnings(result.stderr)) == 1
 
 
 def test_no_warning_inside_the_vocabulary() -> None:
-    result = cli("detect", str(DIGIT_IMAGES), "--weights", "digits", "-c", "zero,One,two,three,four", "-f", "jsonl")
+    result = cli("detect", str(DIGITS_IMAGES), "--weights", "digits", "-c", "zero,One,two,three,four", "-f", "jsonl")
     assert result.returncode == 0, result.stderr
     assert _warnings(result.stderr) == [] and "warning" not in result.stderr
     assert len(result.stdout.splitlines()) == 20
@@ -72,10 +69,10 @@ def test_damaged_vocabulary_metadata_is_one_clear_error(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open
 
-    with safe_open(str(DIGITS), "pt") as fh:
+    with safe_open(str(DIGITS_WEIGHTS), "pt") as fh:
         meta = fh.metadata()
     bad = tmp_path / "bad.safetensors"
-    save_file(load_file(str(DIGITS)), str(bad), metadata={**meta, "vocabulary": json.dumps(["zero", 1])})
+    save_file(load_file(str(DIGITS_WEIGHTS)), str(bad), metadata={**meta, "vocabulary": json.dumps(["zero", 1])})
     with pytest.raises(WeightsError, match=r"bad.safetensors: damaged metadata \(vocabulary is not a list"):
         read_info(bad)
 

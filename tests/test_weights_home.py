@@ -8,17 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import OFFICIAL_CHECKPOINT, TINY_CONFIG
+from conftest import OFFICIAL_CHECKPOINT, TINY_CONFIG, cli
 from rich.console import Console
-from typer.testing import CliRunner
 
 from clipn_cli.weights import home
-from clipn_cli.cli.app import app
 from clipn_cli.cli.weights import download_progress
 from clipn_cli.errors import WeightsError
 from clipn_cli.weights.home import resolve_weights
-
-runner = CliRunner()
 
 
 def place(tiny_weights: Path, name: str) -> Path:
@@ -60,8 +56,8 @@ def test_no_weights_error_lists_the_commands_that_fix_it() -> None:
     assert "'clipn weights add epoch_10.pt --name vitb16-rep2 --config ViT-B-16'" in message
     assert "drive.google.com/drive/folders/1eNaaPaRWz0La8_qQliX30A4I7Y44yDMY" in message
     assert str(home.weights_dir()) in message
-    out = runner.invoke(app, ["detect", "--classes", "cat,dog", "x.png"])
-    assert out.exit_code == 2 and "clipn weights fetch vitb16" in out.output and "Traceback" not in out.output
+    out = cli("detect", "--classes", "cat,dog", "x.png")
+    assert out.returncode == 2 and "clipn weights fetch vitb16" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_resolution_order(monkeypatch: pytest.MonkeyPatch, tiny_weights: Path) -> None:
@@ -87,68 +83,68 @@ def test_bundled_digits_demo_is_listed_but_never_chosen_silently(monkeypatch: py
     monkeypatch.setitem(home.BUNDLED, "digits", tmp_path / "absent.safetensors")
     row = next(e for e in home.list_weights() if e.name == "digits")
     assert row.status == "missing"
-    out = runner.invoke(app, ["weights", "path", "digits"])
-    assert out.exit_code == 2 and "ships inside clipn-cli but its file is missing" in out.output
+    out = cli("weights", "path", "digits")
+    assert out.returncode == 2 and "ships inside clipn-cli but its file is missing" in out.stderr
 
     monkeypatch.setitem(home.BUNDLED, "digits", tiny_weights)
     row = next(e for e in home.list_weights() if e.name == "digits")
     assert row.present and row.size == tiny_weights.stat().st_size and len(row.fingerprint) == 64
     with pytest.raises(WeightsError, match="clipn weights default digits"):
         resolve_weights(None)
-    assert runner.invoke(app, ["weights", "default", "digits"]).exit_code == 0
+    assert cli("weights", "default", "digits").returncode == 0
     assert resolve_weights(None) == tiny_weights
 
 
 def test_add_converts_a_checkpoint_and_makes_the_first_weights_default(tiny_weights: Path) -> None:
-    out = runner.invoke(app, ["weights", "add", str(OFFICIAL_CHECKPOINT), "--name", "tiny", "--config", str(TINY_CONFIG)])
-    assert out.exit_code == 0, out.output
-    assert "now the default" in out.output and home.get_default() == "tiny"
+    out = cli("weights", "add", OFFICIAL_CHECKPOINT, "--name", "tiny", "--config", TINY_CONFIG)
+    assert out.returncode == 0, out.stderr
+    assert "now the default" in out.stderr and home.get_default() == "tiny"
     stored = home.weights_dir() / "tiny.safetensors"
     assert home.read_header(stored)["fingerprint"] == home.read_header(tiny_weights)["fingerprint"]
-    path = runner.invoke(app, ["weights", "path", "tiny"])
-    assert path.exit_code == 0 and path.stdout.strip() == str(stored)
-    assert runner.invoke(app, ["weights", "path"]).stdout.strip() == str(stored)
+    path = cli("weights", "path", "tiny")
+    assert path.returncode == 0 and path.stdout.strip() == str(stored)
+    assert cli("weights", "path").stdout.strip() == str(stored)
 
-    second = runner.invoke(app, ["weights", "add", str(tiny_weights), "--name", "copy"])
-    assert second.exit_code == 0 and "now the default" not in second.output
+    second = cli("weights", "add", tiny_weights, "--name", "copy")
+    assert second.returncode == 0 and "now the default" not in second.stderr
     assert (home.weights_dir() / "copy.safetensors").read_bytes() == tiny_weights.read_bytes()
 
-    listed = json.loads(runner.invoke(app, ["weights", "list", "--format", "json"]).stdout)
+    listed = json.loads(cli("weights", "list", "--format", "json").stdout)
     rows = {r["name"]: r for r in listed["weights"]}
     assert listed["home"] == str(home.weights_home()) and listed["default"] == "tiny"
     assert [n for n in rows if rows[n]["known"]] == ["vitb16-rep2", "vitb16-rep3", "vitb16-rep1", "digits"]
     assert rows["tiny"]["present"] and rows["tiny"]["default"] and not rows["copy"]["default"]
     assert rows["copy"]["fingerprint"] == rows["tiny"]["fingerprint"] and rows["vitb16-rep2"]["status"] == "missing"
-    table = runner.invoke(app, ["weights", "list"])
-    assert table.exit_code == 0 and "tiny" in table.stdout and "vitb16-rep2" in table.stdout
+    table = cli("weights", "list")
+    assert table.returncode == 0 and "tiny" in table.stdout and "vitb16-rep2" in table.stdout
 
 
 def test_official_weights_present_are_not_overridden_by_a_later_add(tiny_weights: Path) -> None:
     place(tiny_weights, "vitb16-rep2")
-    assert runner.invoke(app, ["weights", "add", str(tiny_weights), "--name", "other"]).exit_code == 0
+    assert cli("weights", "add", tiny_weights, "--name", "other").returncode == 0
     assert home.get_default() is None and resolve_weights(None).name == "vitb16-rep2.safetensors"
 
 
 def test_add_refuses_bad_files_and_names_and_places_nothing(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    out = runner.invoke(app, ["weights", "add", str(junk)])
-    assert out.exit_code == 2 and "junk.pt" in out.output and "Traceback" not in out.output
+    out = cli("weights", "add", junk)
+    assert out.returncode == 2 and "junk.pt" in out.stderr and "Traceback" not in out.stderr
     for bad in ("../evil", ""):
-        out = runner.invoke(app, ["weights", "add", str(OFFICIAL_CHECKPOINT), "--name", bad])
-        assert out.exit_code == 2 and f"invalid weights name '{bad}'" in out.output
-    out = runner.invoke(app, ["weights", "add", str(OFFICIAL_CHECKPOINT), "--name", "nocfg"])
-    assert out.exit_code == 2 and "--config" in out.output
+        out = cli("weights", "add", OFFICIAL_CHECKPOINT, "--name", bad)
+        assert out.returncode == 2 and f"invalid weights name '{bad}'" in out.stderr
+    out = cli("weights", "add", OFFICIAL_CHECKPOINT, "--name", "nocfg")
+    assert out.returncode == 2 and "--config" in out.stderr
     assert not home.weights_dir().exists() or list(home.weights_dir().iterdir()) == []
 
 
 def test_default_command_sets_shows_and_unsets(tiny_weights: Path) -> None:
     target = place(tiny_weights, "a")
-    assert runner.invoke(app, ["weights", "default", "missing-one"]).exit_code == 2
-    assert runner.invoke(app, ["weights", "default", "a"]).exit_code == 0
-    shown = runner.invoke(app, ["weights", "default"])
-    assert shown.exit_code == 0 and shown.stdout.strip() == str(target) and "configured default: a" in shown.output
-    assert runner.invoke(app, ["weights", "default", "--unset"]).exit_code == 0 and home.get_default() is None
+    assert cli("weights", "default", "missing-one").returncode == 2
+    assert cli("weights", "default", "a").returncode == 0
+    shown = cli("weights", "default")
+    assert shown.returncode == 0 and shown.stdout.strip() == str(target) and "configured default: a" in shown.stderr
+    assert cli("weights", "default", "--unset").returncode == 0 and home.get_default() is None
 
 
 def test_download_bar_renders_on_a_terminal_only() -> None:
