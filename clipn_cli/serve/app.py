@@ -259,6 +259,31 @@ async def score(service: Service, request: Request) -> list[dict[str, Any]]:
         service.batcher.release(submitted)
 
 
+async def detect_response(service: Service, request: Request) -> Response:
+    """POST /v1/detect: the records, or the JSON error of a refused or failed request; counted in the metrics."""
+    started = time.monotonic()
+    if not authorized(service, request):
+        response: Response = error(401, "a valid API key is needed: Authorization: Bearer KEY", {"WWW-Authenticate": "Bearer"})
+    else:
+        try:
+            records = await score(service, request)
+            service.metrics.images(records)
+            response = Response(json_records(records), media_type="application/json", headers=SECURITY_HEADERS)
+        except RequestError as exc:
+            response = error(exc.status, exc.message, exc.headers)
+        except ClientDisconnect:
+            response = error(400, "the client went away before sending its body")
+        except asyncio.CancelledError:
+            if not service.stopping:
+                raise
+            service.cut_off += 1  # uvicorn cancels what still runs when the grace period ends
+            response = error(503, "the server stopped before this request was answered (its --grace period ran out)")
+        except Exception as exc:  # a failed batch: this request's answer, the server goes on
+            response = error(500, f"scoring failed ({type(exc).__name__}: {str(exc)[:160]})")
+    service.metrics.request(response.status_code, time.monotonic() - started)
+    return response
+
+
 def create_app(service: Service) -> Starlette:
     """The Starlette application for `service` (see README "Serve" for each endpoint)."""
 
@@ -270,27 +295,7 @@ def create_app(service: Service) -> Starlette:
         return endpoint
 
     async def detect(request: Request) -> Response:
-        started = time.monotonic()
-        if not authorized(service, request):
-            response: Response = error(401, "a valid API key is needed: Authorization: Bearer KEY", {"WWW-Authenticate": "Bearer"})
-        else:
-            try:
-                records = await score(service, request)
-                service.metrics.images(records)
-                response = Response(json_records(records), media_type="application/json", headers=SECURITY_HEADERS)
-            except RequestError as exc:
-                response = error(exc.status, exc.message, exc.headers)
-            except ClientDisconnect:
-                response = error(400, "the client went away before sending its body")
-            except asyncio.CancelledError:
-                if not service.stopping:
-                    raise
-                service.cut_off += 1  # uvicorn cancels what still runs when the grace period ends
-                response = error(503, "the server stopped before this request was answered (its --grace period ran out)")
-            except Exception as exc:  # a failed batch: this request's answer, the server goes on
-                response = error(500, f"scoring failed ({type(exc).__name__}: {str(exc)[:160]})")
-        service.metrics.request(response.status_code, time.monotonic() - started)
-        return response
+        return await detect_response(service, request)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"}, headers=SECURITY_HEADERS)
