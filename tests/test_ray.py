@@ -522,7 +522,7 @@ def test_default_actors_take_a_node_each_and_niced_workers_are_reported(cluster,
 
     with Cluster(ClusterSpec(), WorkerConfig(str(tiny_weights)), None, ScoreOptions()) as pool:
         assert (len(pool.actors), pool.cpus_per_actor) == (2, 1.0)
-        assert ray.get([a.__ray_call__.remote(lambda w: (w.config.threads, w.config.workers)) for a in pool.actors]) == [(1, 1), (1, 1)]
+        assert ray.get([a.__ray_call__.remote(lambda w: (w.config.threads, w.config.run.decode_workers)) for a in pool.actors]) == [(1, 1), (1, 1)]
         assert (pool.niceness, pool.niceness_warning()) == (0, None)
         ray.get(pool.actors[1].__ray_call__.remote(lambda w: os.setpriority(os.PRIO_PROCESS, 0, 15)))  # as Ray's default starts it
         pool._check_ready()

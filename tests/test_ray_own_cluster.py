@@ -30,7 +30,7 @@ def test_own_cluster_runs_one_unniced_actor_with_all_cpus(tiny_weights: Path, mo
         cpus = ray.cluster_resources()["CPU"]
         assert (len(pool.actors), pool.cpus_per_actor) == (1, float(int(cpus)))
         seen = ray.get(pool.actors[0].__ray_call__.remote(
-            lambda w: (os.getpriority(os.PRIO_PROCESS, 0), w.config.threads, w.config.workers, __import__("torch").get_num_threads())))
+            lambda w: (os.getpriority(os.PRIO_PROCESS, 0), w.config.threads, w.config.run.decode_workers, __import__("torch").get_num_threads())))
         assert seen == (0, int(cpus), int(cpus), int(cpus))
         assert pool.niceness_warning() is None
     assert not ray.is_initialized()

@@ -21,7 +21,6 @@ from typing import Any
 from ..errors import OptionsError, RuleError, ShardError
 from ..jsonsafe import json_text  # re-exported: the JSON text of a record
 from ..scores import methods
-from ..scores.arrays import topk
 from ..scores.methods import Scores, record_fields
 
 SHARD_FORMATS = ("parquet", "jsonl")
@@ -176,6 +175,8 @@ def detections_from_scores(
     pred = scores.pred.tolist()
     columns = record_columns(scores)
     k = min(top_k, len(classes))
+    from ..scores.arrays import topk  # NumPy only when records are made: `--help` imports this module
+
     top = topk(scores.probs, k) if k else None
     out = []
     for i, path in enumerate(paths):
