@@ -120,6 +120,43 @@ def plain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+SQUARE_COLOURS = ("red", "green", "blue", "yellow", "black", "white")
+
+
+def square_png(colour: str, shade: int) -> bytes:
+    """A 40x32 PNG of one colour with the pixel at (shade, shade) marked, so equal colours differ in bytes."""
+    import io
+
+    from PIL import Image
+
+    img = Image.new("RGB", (40, 32), colour)
+    img.putpixel((shade, shade), (shade * 20 % 256, 0, 0))
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def captioned_squares(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `clipn train` tests train on: 12 images (two per colour) captioned "a <colour> square" in
+    index.jsonl, a plain random TINY_CLIP (seed 0) as clip.pt and its config as tiny.json."""
+    import open_clip
+    import torch
+
+    root = tmp_path_factory.mktemp("data")
+    rows = []
+    for i in range(12):
+        colour = SQUARE_COLOURS[i % 6]
+        name = f"img{i:02d}.png"
+        (root / name).write_bytes(square_png(colour, i))
+        rows.append({"image": name, "caption": f"a {colour} square"})
+    (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (root / "tiny.json").write_text(json.dumps(TINY_CLIP), encoding="utf-8")
+    torch.manual_seed(0)
+    torch.save(open_clip.model.CLIP(**TINY_CLIP).state_dict(), root / "clip.pt")
+    return root
+
+
 def digits_build() -> ModuleType:
     """examples/digits/build.py as a module (digit rendering, the split, the held-out export)."""
     spec = importlib.util.spec_from_file_location("digits_build", ROOT / "examples" / "digits" / "build.py")
