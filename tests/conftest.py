@@ -3,6 +3,7 @@ numbers, the digits demo, small helpers, and the one way to run the command line
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gc
 import importlib.util
@@ -193,6 +194,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def http_request(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """GET (or POST `body`) `url` as a serve client does: status, lower-cased headers, body; an HTTP error is an answer too."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def json_body(images: list[tuple[str, bytes]]) -> bytes:
+    """A /v1/detect JSON body: the images base64-encoded, with their names."""
+    return json.dumps({"images": [base64.b64encode(d).decode() for _, d in images], "names": [n for n, _ in images]}).encode()
 
 
 @pytest.fixture(autouse=True)
