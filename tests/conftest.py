@@ -94,6 +94,14 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tiny_weights: Path) -> Any:
+    """The tiny CLIPN loaded for library calls; one per test module, so no module sees another's changes."""
+    from clipn_cli.weights.checkpoints import load_model
+
+    return load_model(tiny_weights)[0]
+
+
 @pytest.fixture(scope="session")
 def images_dir() -> Path:
     return IMAGES
