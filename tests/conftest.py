@@ -3,6 +3,7 @@ numbers, the digits demo, small helpers, and the one way to run the command line
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gc
 import importlib.util
@@ -93,6 +94,14 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tiny_weights: Path) -> Any:
+    """The tiny CLIPN loaded for library calls; one per test module, so no module sees another's changes."""
+    from clipn_cli.weights.checkpoints import load_model
+
+    return load_model(tiny_weights)[0]
+
+
 @pytest.fixture(scope="session")
 def images_dir() -> Path:
     return IMAGES
@@ -118,6 +127,43 @@ def plain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("plain") / "tiny-clip.pt"
     torch.save(model.state_dict(), path)
     return path
+
+
+SQUARE_COLOURS = ("red", "green", "blue", "yellow", "black", "white")
+
+
+def square_png(colour: str, shade: int) -> bytes:
+    """A 40x32 PNG of one colour with the pixel at (shade, shade) marked, so equal colours differ in bytes."""
+    import io
+
+    from PIL import Image
+
+    img = Image.new("RGB", (40, 32), colour)
+    img.putpixel((shade, shade), (shade * 20 % 256, 0, 0))
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def captioned_squares(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `clipn train` tests train on: 12 images (two per colour) captioned "a <colour> square" in
+    index.jsonl, a plain random TINY_CLIP (seed 0) as clip.pt and its config as tiny.json."""
+    import open_clip
+    import torch
+
+    root = tmp_path_factory.mktemp("data")
+    rows = []
+    for i in range(12):
+        colour = SQUARE_COLOURS[i % 6]
+        name = f"img{i:02d}.png"
+        (root / name).write_bytes(square_png(colour, i))
+        rows.append({"image": name, "caption": f"a {colour} square"})
+    (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (root / "tiny.json").write_text(json.dumps(TINY_CLIP), encoding="utf-8")
+    torch.manual_seed(0)
+    torch.save(open_clip.model.CLIP(**TINY_CLIP).state_dict(), root / "clip.pt")
+    return root
 
 
 def digits_build() -> ModuleType:
@@ -156,6 +202,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def http_request(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """GET (or POST `body`) `url` as a serve client does: status, lower-cased headers, body; an HTTP error is an answer too."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def json_body(images: list[tuple[str, bytes]]) -> bytes:
+    """A /v1/detect JSON body: the images base64-encoded, with their names."""
+    return json.dumps({"images": [base64.b64encode(d).decode() for _, d in images], "names": [n for n, _ in images]}).encode()
 
 
 @pytest.fixture(autouse=True)

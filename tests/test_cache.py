@@ -16,14 +16,8 @@ from clipn_cli.errors import CacheError
 from clipn_cli.inputs.decode import LoadedImage
 from clipn_cli.inputs.sources import InputItem
 from clipn_cli.model.encode import encode_images
-from clipn_cli.weights.checkpoints import load_model
 
 FINGERPRINT = "ab" * 32
-
-
-@pytest.fixture(scope="module")
-def model(tiny_weights: Path):
-    return load_model(tiny_weights)[0]
 
 
 @pytest.fixture
@@ -98,17 +92,17 @@ def run(model, paths: list[Path], cache: FeatureCache) -> tuple[list, list[str]]
     return list(encode_images(model, items, batch_size=2, cache=cache, on_loaded=on_loaded)), decoded
 
 
-def test_encode_images_with_cache(model, tmp_path: Path, photos: list[Path]) -> None:
+def test_encode_images_with_cache(tiny_model, tmp_path: Path, photos: list[Path]) -> None:
     root = tmp_path / "cache"
-    plain = list(encode_images(model, [InputItem(str(p)) for p in photos], batch_size=2))
-    first, decoded = run(model, photos, FeatureCache(root, FINGERPRINT))
+    plain = list(encode_images(tiny_model, [InputItem(str(p)) for p in photos], batch_size=2))
+    first, decoded = run(tiny_model, photos, FeatureCache(root, FINGERPRINT))
     assert decoded == [p.name for p in photos]
     assert len(entry_files(root)) == 3
     for a, b in zip(plain, first):
         assert a.path == b.path and torch.equal(a.feature, b.feature)
 
     cache = FeatureCache(root, FINGERPRINT)
-    second, decoded = run(model, photos, cache)
+    second, decoded = run(tiny_model, photos, cache)
     assert decoded == []  # nothing decoded, nothing encoded
     assert (cache.stats.hits, cache.stats.written) == (3, 0)
     for a, b in zip(first, second):
@@ -121,7 +115,7 @@ def test_encode_images_with_cache(model, tmp_path: Path, photos: list[Path]) -> 
     damaged = root / FINGERPRINT[:16] / damaged_key[:2] / f"{damaged_key}.feat"
     damaged.write_bytes(damaged.read_bytes()[:-1] + b"\x00")
     cache = FeatureCache(root, FINGERPRINT)
-    third, decoded = run(model, photos, cache)
+    third, decoded = run(tiny_model, photos, cache)
     assert decoded == [photos[1].name, photos[2].name]
     assert (cache.stats.hits, cache.stats.corrupt, cache.stats.written) == (1, 1, 2)
     for a, b in zip(first, third):
@@ -130,12 +124,12 @@ def test_encode_images_with_cache(model, tmp_path: Path, photos: list[Path]) -> 
     assert FeatureCache(root, FINGERPRINT).get(damaged_key) is not None  # rewritten, valid again
 
 
-def test_errors_keep_their_place_and_are_not_cached(model, tmp_path: Path, photos: list[Path]) -> None:
+def test_errors_keep_their_place_and_are_not_cached(tiny_model, tmp_path: Path, photos: list[Path]) -> None:
     bad = tmp_path / "photos" / "bad.png"
     bad.write_bytes(b"not an image")
     paths = [photos[0], bad, tmp_path / "missing.png", photos[1]]
     cache = FeatureCache(tmp_path / "cache", FINGERPRINT)
-    results, _ = run(model, paths, cache)
+    results, _ = run(tiny_model, paths, cache)
     assert [r.path for r in results] == [str(p) for p in paths]
     assert [r.error is None for r in results] == [True, False, False, True]
     assert len(entry_files(tmp_path / "cache")) == 2

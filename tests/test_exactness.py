@@ -41,11 +41,6 @@ LONG_NAME = " ".join(["extraordinarily"] * 40)  # beyond the 77-token context: c
 CLASSES = ["cat", "great white shark", "a very long and complicated class name with many words", LONG_NAME]
 
 
-@pytest.fixture(scope="module")
-def model(tiny_weights: Path):
-    return load_model(tiny_weights)[0]
-
-
 def reference_features(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The official computation: all 77 positions, causal mask, pooling at the end-of-text token.
 
@@ -61,37 +56,37 @@ def reference_features(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 @torch.inference_mode()
-def test_truncated_sorted_text_encoding_equals_77_tokens(model) -> None:
+def test_truncated_sorted_text_encoding_equals_77_tokens(tiny_model) -> None:
     templates = load_templates("clipn")
-    tokens = tokenizer_for(model)([t for c in CLASSES for t in templates.texts(c)])
+    tokens = tokenizer_for(tiny_model)([t for c in CLASSES for t in templates.texts(c)])
     lengths = tokens.argmax(dim=-1) + 1
     assert lengths.min() < 15 and lengths.max() == 77  # short prompts are really cut; the long name fills the context
-    ref_yes, ref_no = reference_features(model, tokens)
-    yes, no = encode_texts(model, tokens, batch_size=7)  # many length-sorted batches, out of input order
+    ref_yes, ref_no = reference_features(tiny_model, tokens)
+    yes, no = encode_texts(tiny_model, tokens, batch_size=7)  # many length-sorted batches, out of input order
     assert (yes - ref_yes).abs().max() <= 1e-5
     assert (no - ref_no).abs().max() <= 1e-5
     assert (ref_yes - ref_no).abs().max() > 1e-2  # the two towers differ, so the "no" check is not the "yes" one again
 
 
 @torch.inference_mode()
-def test_class_heads_equal_77_token_ensemble(model) -> None:
+def test_class_heads_equal_77_token_ensemble(tiny_model) -> None:
     templates = load_templates("clipn")
-    heads = embed_classes(model, CLASSES, templates, "fp")
-    ref_yes, ref_no = reference_features(model, tokenizer_for(model)([t for c in CLASSES for t in templates.texts(c)]))
+    heads = embed_classes(tiny_model, CLASSES, templates, "fp")
+    ref_yes, ref_no = reference_features(tiny_model, tokenizer_for(tiny_model)([t for c in CLASSES for t in templates.texts(c)]))
     shape = (len(CLASSES), len(templates.templates), -1)
     assert (heads.text_yes - F.normalize(ref_yes.view(shape).sum(1), dim=-1)).abs().max() <= 1e-5
     assert (heads.text_no - F.normalize(ref_no.view(shape).sum(1), dim=-1)).abs().max() <= 1e-5
 
 
 @torch.inference_mode()
-def test_class_heads_built_in_chunks_equal_one_pass(model, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_class_heads_built_in_chunks_equal_one_pass(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
     import clipn_cli.heads.embeddings as embeddings
 
     templates = load_templates("clipn")
-    whole = embed_classes(model, CLASSES, templates, "fp")
+    whole = embed_classes(tiny_model, CLASSES, templates, "fp")
     monkeypatch.setattr(embeddings, "CHUNK_PROMPTS", 3 * len(templates.templates) + 5)  # chunks of 3 classes, then 1
     seen: list[int] = []
-    chunked = embed_classes(model, CLASSES, templates, "fp", batch_size=64, progress=seen.append)
+    chunked = embed_classes(tiny_model, CLASSES, templates, "fp", batch_size=64, progress=seen.append)
     assert chunked.classes == CLASSES
     assert sum(seen) == len(CLASSES) * len(templates.templates)
     assert (chunked.text_yes - whole.text_yes).abs().max() <= GROUPING_COSINE  # README: Reproducibility
@@ -131,9 +126,9 @@ def test_parallel_loading_matches_sequential(mixed_inputs: list[InputItem], work
             assert torch.equal(seq.pixels, par.pixels)
 
 
-def test_parallel_encoding_matches_sequential(model, mixed_inputs: list[InputItem]) -> None:
-    sequential = list(encode_images(model, mixed_inputs, batch_size=5, workers=0))
-    parallel = list(encode_images(model, mixed_inputs, batch_size=5, workers=3))
+def test_parallel_encoding_matches_sequential(tiny_model, mixed_inputs: list[InputItem]) -> None:
+    sequential = list(encode_images(tiny_model, mixed_inputs, batch_size=5, workers=0))
+    parallel = list(encode_images(tiny_model, mixed_inputs, batch_size=5, workers=3))
     assert [e.path for e in parallel] == [i.path for i in mixed_inputs]
     for seq, par in zip(sequential, parallel, strict=True):
         assert seq.error == par.error
@@ -141,19 +136,19 @@ def test_parallel_encoding_matches_sequential(model, mixed_inputs: list[InputIte
             assert torch.equal(seq.feature, par.feature)
 
 
-def test_library_uses_the_devices_pipeline_defaults(model, images_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_library_uses_the_devices_pipeline_defaults(tiny_model, images_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import clipn_cli.model.devices as devices
     import clipn_cli.model.encode as inference
     from clipn_cli.detection import detect
 
-    assert pipeline_sizes(model) == (12, min(4, os.cpu_count() or 1))  # what `clipn detect` uses on a CPU
-    assert pipeline_sizes(model, 5, 0) == (5, 0)  # 0 threads (decode in the caller's thread) is a choice, not "unset"
+    assert pipeline_sizes(tiny_model) == (12, min(4, os.cpu_count() or 1))  # what `clipn detect` uses on a CPU
+    assert pipeline_sizes(tiny_model, 5, 0) == (5, 0)  # 0 threads (decode in the caller's thread) is a choice, not "unset"
     monkeypatch.setattr(devices, "default_forward_batch", lambda device: 5)
     sizes: list[int] = []
     real = inference.encode_batch
     monkeypatch.setattr(inference, "encode_batch", lambda m, pixels, *a, **k: sizes.append(len(pixels)) or real(m, pixels, *a, **k))
-    heads = embed_classes(model, ["cat", "rocket"], load_templates("simple"), "fp")
-    results = list(detect(model, heads, iter_inputs([str(images_dir)])))
+    heads = embed_classes(tiny_model, ["cat", "rocket"], load_templates("simple"), "fp")
+    results = list(detect(tiny_model, heads, iter_inputs([str(images_dir)])))
     assert len(results) == 12 and sizes == [5, 5, 2]
 
 

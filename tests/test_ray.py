@@ -21,12 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IMAGES, CliResult, assert_close_records, cli, spawn
+from conftest import CLASSES, DIGITS_IMAGES, IMAGES, WORDS, CliResult, assert_close_records, cli, spawn
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("pyarrow") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="ray[data] is not installed (pip install 'clipn-cli[ray]')")
-CLASSES = "cat,coffee,rocket"
-DIGITS = Path(__file__).parent.parent / "examples" / "digits" / "images"
 HANG_GUARD = 600  # seconds: only against a hung cluster, never a speed limit
 
 
@@ -51,8 +49,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     root = tmp_path_factory.mktemp("inputs")
     good = root / "good"
     shutil.copytree(IMAGES, good)
-    for name in sorted(os.listdir(DIGITS))[:4]:
-        shutil.copy(DIGITS / name, good / name)
+    for name in sorted(os.listdir(DIGITS_IMAGES))[:4]:
+        shutil.copy(DIGITS_IMAGES / name, good / name)
     bad = root / "bad"
     bad.mkdir()
     (bad / "empty.png").write_bytes(b"")
@@ -249,7 +247,7 @@ def test_lost_worker_costs_nothing(cluster, tiny_weights: Path, inputs: list[str
 @needs_ray
 def test_ray_eval_equals_local_eval_and_uses_the_cache(cluster, tiny_weights: Path, tmp_path: Path) -> None:
     ood = tmp_path / "ood"
-    shutil.copytree(DIGITS, ood)
+    shutil.copytree(DIGITS_IMAGES, ood)
     common = ("eval", "-w", str(tiny_weights), "--classes", CLASSES, "--id", str(IMAGES), "--ood", f"digits={ood}", "--format", "json")
     local = invoke(*common, "--output", str(tmp_path / "local.json"), "--save-scores", str(tmp_path / "local.jsonl"))
     assert local.returncode == 0, local.stderr
@@ -268,7 +266,7 @@ def test_ray_eval_equals_local_eval_and_uses_the_cache(cluster, tiny_weights: Pa
             assert a["path"] == b["path"]
             for m in ("ctw", "atd", "msp", "energy", "mcm"):
                 assert_close_records(a[m], b[m], (a["path"], m), m)
-    total = len(list(IMAGES.iterdir())) + len(list(DIGITS.iterdir()))
+    total = len(list(IMAGES.iterdir())) + len(list(DIGITS_IMAGES.iterdir()))
     assert f"{total} reused, 0 encoded" in result.stderr  # the second run sent nothing to the cluster
 
 
@@ -324,7 +322,7 @@ def _record(row: dict) -> dict:
 def test_without_ray_the_engine_is_one_line_saying_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
     for args in (("detect", "--engine", "ray", "--classes", CLASSES, "--output", str(tmp_path / "o"), str(IMAGES)),
-                 ("eval", "--engine", "ray", "--classes", CLASSES, "--id", str(IMAGES), "--ood", f"d={DIGITS}")):
+                 ("eval", "--engine", "ray", "--classes", CLASSES, "--id", str(IMAGES), "--ood", f"d={DIGITS_IMAGES}")):
         result = invoke(*args)
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
@@ -391,9 +389,6 @@ def test_object_store_mode_writes_in_place_and_commits_through_the_manifest(tmp_
     assert [r["path"] for r in read_output(str(tmp_path / "run"), require_complete=False)] == ["a.png"]
     with pytest.raises(Exception, match="not finished"):
         list(read_output(str(tmp_path / "run")))
-
-
-WORDS = Path(__file__).parent / "fixtures" / "words-small.txt"
 
 
 @needs_ray

@@ -1,9 +1,5 @@
-"""HTML reports: escaping, bounded size, and the real thing opened in headless Chromium.
-
-The browser is driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`, fds 3/4):
-no extra dependency, and the page's own Content-Security-Policy stays in force, so a blocked
-script or external resource shows up as the console error it is.
-"""
+"""HTML reports: escaping, bounded size, and the real thing opened in headless Chromium
+(tests/headless_chromium.py: the page's Content-Security-Policy in force, every console error seen)."""
 
 from __future__ import annotations
 
@@ -12,11 +8,7 @@ import json
 import math
 import os
 import re
-import select
 import shutil
-import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +19,10 @@ from conftest import DIGITS_CLASSES, DIGITS_ID, DIGITS_IMAGES, DIGITS_OOD, DIGIT
 from clipn_cli.evaluation import compute_results
 from clipn_cli.outputs.results import METHODS, Evaluation, SetScores
 from clipn_cli.outputs.report import GALLERY_SIZE, DetectReport, eval_report, thumbnail_uri
+from headless_chromium import DevTools, needs_chromium
 
 SCRIPT_NAME = "<script>alert(1)</script>.png"  # a directory '<script>alert(1)<' holding 'script>.png'
 IMG_NAME = "<img src=x onerror=alert(2)>.png"
-CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 
 
 def hostile_copies(folder: Path, source: Path) -> list[Path]:
@@ -130,71 +122,6 @@ def test_thumbnails_are_small_and_unreadable_files_cost_only_their_thumbnail(tmp
 # ---------------------------------------------------------------- headless Chromium
 
 
-class DevTools:
-    """A headless Chromium spoken to over the DevTools protocol on fds 3 (commands) and 4 (replies)."""
-
-    def __init__(self, binary: str, profile: Path) -> None:
-        to_chrome = os.pipe()
-        from_chrome = os.pipe()
-
-        def child_fds() -> None:
-            a, b = os.dup(to_chrome[0]), os.dup(from_chrome[1])  # os.dup2 makes the targets inheritable
-            os.dup2(a, 3)
-            os.dup2(b, 4)
-
-        self.proc = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--no-first-run",
-             f"--user-data-dir={profile}", "about:blank"],
-            preexec_fn=child_fds, close_fds=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        os.close(to_chrome[0])
-        os.close(from_chrome[1])
-        self.write_fd, self.read_fd = to_chrome[1], from_chrome[0]
-        self.buffer = b""
-        self.last_id = 0
-        self.events: list[dict[str, Any]] = []
-
-    def call(self, method: str, params: dict[str, Any] | None = None, session: str | None = None) -> dict[str, Any]:
-        self.last_id += 1
-        message: dict[str, Any] = {"id": self.last_id, "method": method, "params": params or {}}
-        if session:
-            message["sessionId"] = session
-        os.write(self.write_fd, json.dumps(message).encode() + b"\0")
-        reply = self.wait(lambda m: m.get("id") == self.last_id)
-        if "error" in reply:
-            raise RuntimeError(f"{method}: {reply['error']}")
-        return reply.get("result", {})
-
-    def wait(self, match: Callable[[dict[str, Any]], bool], timeout: float = 120.0) -> dict[str, Any]:
-        """The next message `match` accepts; others are kept as events. A generous hang guard only."""
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\0" not in self.buffer:
-                ready, _, _ = select.select([self.read_fd], [], [], max(deadline - time.monotonic(), 0.0))
-                if not ready:
-                    raise TimeoutError("chromium did not answer")
-                chunk = os.read(self.read_fd, 1 << 16)
-                if not chunk:
-                    raise EOFError("chromium closed the DevTools pipe")
-                self.buffer += chunk
-            raw, self.buffer = self.buffer.split(b"\0", 1)
-            message = json.loads(raw)
-            if match(message):
-                return message
-            self.events.append(message)
-
-    def close(self) -> None:
-        try:
-            self.call("Browser.close")
-            self.proc.wait(timeout=30)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait()
-        finally:
-            os.close(self.write_fd)
-            os.close(self.read_fd)
-
-
 PAGE_CHECK = """JSON.stringify({
   images: [...document.images].map(i => ({complete: i.complete, width: i.naturalWidth, alt: i.alt})),
   scripts: document.scripts.length,
@@ -206,31 +133,12 @@ PAGE_CHECK = """JSON.stringify({
 
 def open_in_chromium(page: Path, profile: Path) -> tuple[dict[str, Any], list[str]]:
     """Load `page` as a user would (its CSP in force); return what the page holds and every console error."""
-    assert CHROMIUM is not None
-    browser = DevTools(CHROMIUM, profile)
+    browser = DevTools(profile)
     try:
-        target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Page.enable", "Runtime.enable", "Log.enable"):
-            browser.call(domain, session=session)
-        browser.call("Page.navigate", {"url": page.resolve().as_uri()}, session=session)
-        browser.wait(lambda m: m.get("method") == "Page.loadEventFired")
-        found = browser.call("Runtime.evaluate", {"expression": PAGE_CHECK, "returnByValue": True}, session=session)
-        state = json.loads(found["result"]["value"])
+        state = browser.evaluate(PAGE_CHECK, browser.open(page.resolve().as_uri()))
     finally:
         browser.close()
-    errors = []
-    for event in browser.events:
-        method, params = event.get("method"), event.get("params", {})
-        if method == "Log.entryAdded" and params["entry"]["level"] == "error":
-            errors.append(params["entry"]["text"])
-        elif method == "Runtime.exceptionThrown":
-            errors.append(str(params["exceptionDetails"]))
-        elif method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
-            errors.append(str(params["args"]))
-        elif method == "Page.javascriptDialogOpening":
-            errors.append(f"dialog: {params.get('message')}")
-    return state, errors
+    return state, browser.errors()
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +162,7 @@ def check_page(state: dict[str, Any], errors: list[str]) -> None:
     assert SCRIPT_NAME in state["text"] and IMG_NAME in state["text"] and "caf\ufffd & co.png" in state["text"]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not found on PATH (Debian: apt-get install chromium); the report browser test needs it")
+@needs_chromium
 def test_reports_open_cleanly_in_headless_chromium(digit_sets: tuple[Path, Path], tmp_path: Path) -> None:
     id_dir, ood_dir = digit_sets
     detect_html, eval_html = tmp_path / "detect.html", tmp_path / "eval.html"
@@ -271,7 +179,7 @@ def test_reports_open_cleanly_in_headless_chromium(digit_sets: tuple[Path, Path]
     assert "Most certain OOD verdicts" in state["text"] and "ID images flagged OOD (false alarms)" in state["text"]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not found on PATH (Debian: apt-get install chromium); the report browser test needs it")
+@needs_chromium
 def test_the_browser_check_itself_sees_scripts_and_broken_images(tmp_path: Path) -> None:
     """The checks can fail: a page with an external image, a broken image and a script is caught."""
     page = tmp_path / "bad.html"

@@ -14,8 +14,6 @@ import signal
 import socket
 import sys
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,24 +23,8 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from conftest import assert_close_records, cli, spawn  # noqa: E402
-
-DIGITS = Path(__file__).parent.parent / "examples" / "digits" / "images"
-CLASSES = "zero,one,two,three,four"
-WORDS = Path(__file__).parent / "fixtures" / "words-small.txt"  # a small word list: mining takes a moment
-
-
-def request(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
-
-
-def json_body(images: list[tuple[str, bytes]]) -> bytes:
-    return json.dumps({"images": [base64.b64encode(d).decode() for _, d in images], "names": [n for n, _ in images]}).encode()
+from conftest import DIGITS_CLASSES, DIGITS_IMAGES, WORDS, assert_close_records, cli, http_request, json_body, spawn  # noqa: E402
+from headless_chromium import DevTools, needs_chromium  # noqa: E402
 
 
 def multipart(images: list[tuple[str, bytes]]) -> tuple[bytes, dict[str, str]]:
@@ -53,7 +35,7 @@ def multipart(images: list[tuple[str, bytes]]) -> tuple[bytes, dict[str, str]]:
 
 
 def detect_json(url: str, images: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
-    status, _, body = request(url + "/v1/detect", json_body(images), {"Content-Type": "application/json"})
+    status, _, body = http_request(url + "/v1/detect", json_body(images), {"Content-Type": "application/json"})
     assert status == 200, body
     return json.loads(body)
 
@@ -88,24 +70,24 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def atd_server(home: Path) -> Iterator[Served]:
-    served = Served(["-w", "digits", "-c", CLASSES], home)
+    served = Served(["-w", "digits", "-c", DIGITS_CLASSES], home)
     yield served
     assert served.stop() == 0
 
 
 def digit_images() -> list[tuple[str, bytes]]:
-    return [(str(p), p.read_bytes()) for p in sorted(DIGITS.glob("*.png"))]
+    return [(str(p), p.read_bytes()) for p in sorted(DIGITS_IMAGES.glob("*.png"))]
 
 
 def local_detect(*args: str) -> list[dict[str, Any]]:
-    done = cli("detect", "-w", "digits", "-c", CLASSES, "--format", "json", *args, *(str(p) for p in sorted(DIGITS.glob("*.png"))))
+    done = cli("detect", "-w", "digits", "-c", DIGITS_CLASSES, "--format", "json", *args, *(str(p) for p in sorted(DIGITS_IMAGES.glob("*.png"))))
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
 @pytest.mark.parametrize("rule", ["atd", "ctw"])
 def test_records_equal_local_detect(rule: str, home: Path, atd_server: Served) -> None:
-    served = atd_server if rule == "atd" else Served(["-w", "digits", "-c", CLASSES, "--rule", rule], home)
+    served = atd_server if rule == "atd" else Served(["-w", "digits", "-c", DIGITS_CLASSES, "--rule", rule], home)
     try:
         got = detect_json(served.url, digit_images())
     finally:
@@ -118,12 +100,12 @@ def test_records_equal_local_detect(rule: str, home: Path, atd_server: Served) -
 
 def test_calibrated_records_equal_local_detect(home: Path, tmp_path: Path) -> None:
     calib = tmp_path / "calib.json"
-    made = cli("calibrate", "-w", "digits", "-c", CLASSES, "-o", str(calib), *(str(p) for p in sorted(DIGITS.glob("*.png"))))
+    made = cli("calibrate", "-w", "digits", "-c", DIGITS_CLASSES, "-o", str(calib), *(str(p) for p in sorted(DIGITS_IMAGES.glob("*.png"))))
     assert made.returncode == 0, made.stderr
-    served = Served(["-w", "digits", "-c", CLASSES, "--calibration", str(calib), "--alpha", "0.2"], home)
+    served = Served(["-w", "digits", "-c", DIGITS_CLASSES, "--calibration", str(calib), "--alpha", "0.2"], home)
     try:
         got = detect_json(served.url, digit_images())
-        _, _, info = request(served.url + "/v1/info")
+        _, _, info = http_request(served.url + "/v1/info")
     finally:
         assert served.stop() == 0
     want = local_detect("--calibration", str(calib), "--alpha", "0.2")
@@ -134,10 +116,10 @@ def test_calibrated_records_equal_local_detect(home: Path, tmp_path: Path) -> No
 
 def test_negative_label_records_equal_local_detect(home: Path) -> None:
     neg = ["--negatives", "neglabel", "--words", str(WORDS), "--rule", "neglabel", "--threshold", "0.5"]
-    served = Served(["-w", "digits", "-c", CLASSES, *neg], home)
+    served = Served(["-w", "digits", "-c", DIGITS_CLASSES, *neg], home)
     try:
         got = detect_json(served.url, digit_images())
-        info = json.loads(request(served.url + "/v1/info")[2])
+        info = json.loads(http_request(served.url + "/v1/info")[2])
     finally:
         assert served.stop() == 0
     want = local_detect(*neg)
@@ -149,7 +131,7 @@ def test_negative_label_records_equal_local_detect(home: Path) -> None:
 def test_multipart_uploads_are_named_by_their_file_names(atd_server: Served) -> None:
     images = digit_images()[:3]
     body, headers = multipart([(Path(n).name, d) for n, d in images])
-    status, got_headers, answer = request(atd_server.url + "/v1/detect", body, headers)
+    status, got_headers, answer = http_request(atd_server.url + "/v1/detect", body, headers)
     assert status == 200
     assert [r["path"] for r in json.loads(answer)] == [Path(n).name for n, _ in images]
     assert json.loads(answer)[1:] == [dict(r, path=Path(r["path"]).name) for r in detect_json(atd_server.url, images)][1:]
@@ -159,7 +141,7 @@ def test_multipart_uploads_are_named_by_their_file_names(atd_server: Served) -> 
 def broken_images() -> list[tuple[str, bytes, str]]:
     from PIL import Image
 
-    png = sorted(DIGITS.glob("*.png"))[0].read_bytes()
+    png = sorted(DIGITS_IMAGES.glob("*.png"))[0].read_bytes()
     bomb = io.BytesIO()
     Image.new("1", (12_000, 12_000)).save(bomb, format="PNG")
     return [
@@ -190,10 +172,10 @@ def metric(text: str, name: str) -> float:
 def test_metrics_count_what_was_sent(atd_server: Served) -> None:
     names = ['clipn_requests_total{status="200"}', 'clipn_requests_total{status="400"}', 'clipn_images_total{verdict="ID"}',
              'clipn_images_total{verdict="OOD"}', 'clipn_images_total{verdict="error"}', "clipn_request_seconds_count"]
-    before = request(atd_server.url + "/metrics")[2].decode()
+    before = http_request(atd_server.url + "/metrics")[2].decode()
     records = detect_json(atd_server.url, digit_images()) + detect_json(atd_server.url, [("x.txt", b"not an image")])
-    assert request(atd_server.url + "/v1/detect", b"{", {"Content-Type": "application/json"})[0] == 400
-    after = request(atd_server.url + "/metrics")[2].decode()
+    assert http_request(atd_server.url + "/v1/detect", b"{", {"Content-Type": "application/json"})[0] == 400
+    after = http_request(atd_server.url + "/metrics")[2].decode()
     delta = {n: metric(after, n) - metric(before, n) for n in names}
     verdicts = [r.get("verdict", "error") for r in records]
     assert delta == {names[0]: 2, names[1]: 1, names[2]: verdicts.count("ID"), names[3]: verdicts.count("OOD"), names[4]: 1, names[5]: 3}
@@ -202,27 +184,27 @@ def test_metrics_count_what_was_sent(atd_server: Served) -> None:
 
 
 def test_info_health_pages(atd_server: Served) -> None:
-    status, _, body = request(atd_server.url + "/v1/info")
+    status, _, body = http_request(atd_server.url + "/v1/info")
     info = json.loads(body)
-    assert status == 200 and info["classes"] == CLASSES.split(",") and info["rule"] == "atd" and len(info["weights_fingerprint"]) == 64
+    assert status == 200 and info["classes"] == DIGITS_CLASSES.split(",") and info["rule"] == "atd" and len(info["weights_fingerprint"]) == 64
     assert info["limits"]["queue"] == 16
-    assert request(atd_server.url + "/healthz")[0] == 200 and request(atd_server.url + "/readyz")[0] == 200
-    spec = json.loads(request(atd_server.url + "/openapi.json")[2])
+    assert http_request(atd_server.url + "/healthz")[0] == 200 and http_request(atd_server.url + "/readyz")[0] == 200
+    spec = json.loads(http_request(atd_server.url + "/openapi.json")[2])
     assert set(spec["paths"]) >= {"/v1/detect", "/healthz", "/readyz", "/v1/info", "/metrics"}
     for page in ("/", "/docs"):
-        status, headers, html = request(atd_server.url + page)
+        status, headers, html = http_request(atd_server.url + page)
         csp = headers["content-security-policy"]
         assert status == 200 and "default-src 'none'" in csp
         assert not re.search(rb"(src|href)=\"(https?:)?//", html), page  # nothing fetched from elsewhere
 
 
 def test_sigterm_answers_the_request_in_flight_and_exits_0(home: Path) -> None:
-    served = Served(["-w", "digits", "-c", CLASSES], home)
+    served = Served(["-w", "digits", "-c", DIGITS_CLASSES], home)
     body = json_body(digit_images()[:2])
     host, port = served.url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port))) as conn:
         conn.sendall(f"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:100])
-        while metric(request(served.url + "/metrics")[2].decode(), "clipn_queue_depth") != 1:
+        while metric(http_request(served.url + "/metrics")[2].decode(), "clipn_queue_depth") != 1:
             pass  # admitted: its body is being received
         served.proc.send_signal(signal.SIGTERM)
         conn.sendall(body[100:])
@@ -237,12 +219,12 @@ def test_sigterm_answers_the_request_in_flight_and_exits_0(home: Path) -> None:
 
 
 def test_sigterm_after_grace_answers_503_and_exits_1(home: Path) -> None:
-    served = Served(["-w", "digits", "-c", CLASSES, "--grace", "0.5"], home)
+    served = Served(["-w", "digits", "-c", DIGITS_CLASSES, "--grace", "0.5"], home)
     body = json_body(digit_images()[:2])
     host, port = served.url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port))) as conn:
         conn.sendall(f"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:100])
-        while metric(request(served.url + "/metrics")[2].decode(), "clipn_queue_depth") != 1:
+        while metric(http_request(served.url + "/metrics")[2].decode(), "clipn_queue_depth") != 1:
             pass  # admitted: its body is being received, and the rest never comes
         served.proc.send_signal(signal.SIGTERM)
         answer = b""
@@ -280,12 +262,12 @@ def test_requests_in_the_model_or_queued_after_grace_get_503(tmp_path: Path) -> 
     url = proc.stdout.readline().strip()
     png = digit_images()[0][1]
     answers: list[Any] = []
-    clients = [threading.Thread(target=lambda n=n: answers.append(request(url + "/v1/detect", json_body([(n, png)]), {"Content-Type": "application/json"})))
+    clients = [threading.Thread(target=lambda n=n: answers.append(http_request(url + "/v1/detect", json_body([(n, png)]), {"Content-Type": "application/json"})))
                for n in ("a.png", "b.png")]
     clients[0].start()
     assert proc.stdout.readline() == "scoring\n"  # the first is in the model, the second waits in the queue
     clients[1].start()
-    while metric(request(url + "/metrics")[2].decode(), "clipn_queue_depth") != 2:
+    while metric(http_request(url + "/metrics")[2].decode(), "clipn_queue_depth") != 2:
         threading.Event().wait(0.01)
     proc.send_signal(signal.SIGTERM)
     for t in clients:
@@ -299,14 +281,14 @@ def test_requests_in_the_model_or_queued_after_grace_get_503(tmp_path: Path) -> 
 def test_detect_server_prints_what_local_detect_prints(atd_server: Served, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
-    for p in sorted(DIGITS.glob("*.png"))[:4]:
+    for p in sorted(DIGITS_IMAGES.glob("*.png"))[:4]:
         (folder / p.name).write_bytes(p.read_bytes())
     for name, data, _ in broken_images()[:2]:
         (folder / name).write_bytes(data)
     for fmt in ("json", "jsonl", "csv"):
         args = ("--format", fmt, str(folder), str(tmp_path / "missing.png"))
         remote = cli("detect", "--server", atd_server.url, *args)
-        local = cli("detect", "-w", "digits", "-c", CLASSES, *args)
+        local = cli("detect", "-w", "digits", "-c", DIGITS_CLASSES, *args)
         assert remote.returncode == local.returncode == 1
         if fmt == "csv":
             assert remote.stdout.splitlines()[0] == local.stdout.splitlines()[0] and len(remote.stdout.splitlines()) == 8
@@ -371,10 +353,10 @@ def test_queue_full_is_429_at_once(gated_server: tuple[str, Gated]) -> None:
     url, model = gated_server
     png = digit_images()[0][1]
     first: list[Any] = []
-    holder = threading.Thread(target=lambda: first.append(request(url + "/v1/detect", json_body([("a.png", png)]), {"Content-Type": "application/json"})))
+    holder = threading.Thread(target=lambda: first.append(http_request(url + "/v1/detect", json_body([("a.png", png)]), {"Content-Type": "application/json"})))
     holder.start()
     model.entered.wait()
-    status, headers, body = request(url + "/v1/detect", json_body([("b.png", png)]), {"Content-Type": "application/json"})
+    status, headers, body = http_request(url + "/v1/detect", json_body([("b.png", png)]), {"Content-Type": "application/json"})
     assert status == 429 and headers["retry-after"] == "1" and "--queue" in json.loads(body)["error"]
     model.gate.set()
     holder.join()
@@ -390,7 +372,7 @@ def test_many_clients_hold_at_most_queue_bodies_and_twice_max_batch_decoded_imag
     answers: list[Any] = []
 
     def send(name: str) -> None:
-        answers.append(request(url + "/v1/detect", json_body([(name, png)]), {"Content-Type": "application/json"}))
+        answers.append(http_request(url + "/v1/detect", json_body([(name, png)]), {"Content-Type": "application/json"}))
 
     admitted = [threading.Thread(target=send, args=(f"{i}.png",)) for i in range(4)]
     for t in admitted:
@@ -398,7 +380,7 @@ def test_many_clients_hold_at_most_queue_bodies_and_twice_max_batch_decoded_imag
     # one request in the model, one decoded and queued (2 = twice --max-batch); two hold only their bytes
     while held.counts() != {"bodies": 2, "decoded": 2, "waiting_to_decode": 2}:
         threading.Event().wait(0.01)
-    refused = [request(url + "/v1/detect", json_body([(f"late{i}.png", png)]), {"Content-Type": "application/json"}) for i in range(12)]
+    refused = [http_request(url + "/v1/detect", json_body([(f"late{i}.png", png)]), {"Content-Type": "application/json"}) for i in range(12)]
     assert [r[0] for r in refused] == [429] * 12
     assert model.decoded == 2 and model.service.batcher.depth() == 4
     model.gate.set()
@@ -448,9 +430,9 @@ def test_decoded_images_are_granted_in_arrival_order_and_a_large_request_alone()
 def test_malformed_requests_get_a_json_error(gated_server: tuple[str, Gated], body: bytes, kind: str, status: int, reason: str) -> None:
     url, model = gated_server
     model.gate.set()
-    got, _, answer = request(url + "/v1/detect", body, {"Content-Type": kind})
+    got, _, answer = http_request(url + "/v1/detect", body, {"Content-Type": kind})
     assert got == status and reason in json.loads(answer)["error"], answer
-    assert request(url + "/v1/detect", json_body([("ok.txt", b"hi")]), {"Content-Type": "application/json"})[0] == 200
+    assert http_request(url + "/v1/detect", json_body([("ok.txt", b"hi")]), {"Content-Type": "application/json"})[0] == 200
 
 
 @pytest.mark.parametrize("request_limits", [{"queue": 2, "max_upload_mb": 1, "max_images": 3, "key": "s3cret"}])
@@ -460,10 +442,10 @@ def test_a_key_is_needed_when_the_server_has_one(gated_server: tuple[str, Gated]
     body = json_body([("ok.txt", b"hi")])
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
         for path, data in (("/v1/detect", body), ("/v1/info", None), ("/metrics", None)):
-            status, got, _ = request(url + path, data, {"Content-Type": "application/json", **headers})
+            status, got, _ = http_request(url + path, data, {"Content-Type": "application/json", **headers})
             assert status == 401 and got["www-authenticate"] == "Bearer", (path, headers)
-    assert request(url + "/v1/detect", body, {"Content-Type": "application/json", "Authorization": "Bearer s3cret"})[0] == 200
-    assert request(url + "/healthz")[0] == 200
+    assert http_request(url + "/v1/detect", body, {"Content-Type": "application/json", "Authorization": "Bearer s3cret"})[0] == 200
+    assert http_request(url + "/healthz")[0] == 200
 
 
 # ---------------------------------------------------------------- the drop page in headless Chromium
@@ -483,47 +465,22 @@ DROP = """(() => {
 })()"""
 
 
-def page_rows(browser: Any, session: str, count: int) -> list[dict[str, Any]]:
+def page_rows(browser: DevTools, session: str, count: int) -> list[dict[str, Any]]:
     """The page's result rows, newest first, once there are `count` of them (the page awaits the server)."""
-    found = browser.call("Runtime.evaluate", {"expression": PAGE_ROWS % count, "awaitPromise": True, "returnByValue": True}, session=session)
-    return json.loads(found["result"]["value"])
+    return browser.evaluate(PAGE_ROWS % count, session, await_promise=True)
 
 
-def browser_errors(events: list[dict[str, Any]]) -> list[str]:
-    """Console errors, exceptions and dialogs among the DevTools events."""
-    errors = []
-    for event in events:
-        method, params = event.get("method"), event.get("params", {})
-        if method == "Log.entryAdded" and params["entry"]["level"] == "error":
-            errors.append(params["entry"]["text"])
-        elif method == "Runtime.exceptionThrown":
-            errors.append(str(params["exceptionDetails"]))
-        elif method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
-            errors.append(str(params["args"]))
-        elif method == "Page.javascriptDialogOpening":
-            errors.append(f"dialog: {params.get('message')}")
-    return errors
-
-
+@needs_chromium
 def test_the_drop_page_shows_each_verdict_in_headless_chromium(atd_server: Served, tmp_path: Path) -> None:
-    from test_report import CHROMIUM, DevTools
-
-    if CHROMIUM is None:
-        pytest.skip("chromium not found on PATH (Debian: apt-get install chromium); the page test needs it")
     picked = [tmp_path / "three.png", tmp_path / "notes.txt"]
     digits = digit_images()
     picked[0].write_bytes(digits[3][1])
     picked[1].write_bytes(b"hello, not an image")
     want = [dict(r, path=Path(r["path"]).name) for r in detect_json(atd_server.url, [(p.name, p.read_bytes()) for p in picked] + [("dropped.png", digits[17][1])])]
 
-    browser = DevTools(CHROMIUM, tmp_path / "profile")
+    browser = DevTools(tmp_path / "profile")
     try:
-        target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Page.enable", "Runtime.enable", "Log.enable", "Network.enable", "DOM.enable"):
-            browser.call(domain, session=session)
-        browser.call("Page.navigate", {"url": atd_server.url + "/"}, session=session)
-        browser.wait(lambda m: m.get("method") == "Page.loadEventFired")
+        session = browser.open(atd_server.url + "/", "Network", "DOM")
         root = browser.call("DOM.getDocument", session=session)["root"]["nodeId"]
         pick = browser.call("DOM.querySelector", {"nodeId": root, "selector": "#pick"}, session=session)["nodeId"]
         browser.call("DOM.setFileInputFiles", {"nodeId": pick, "files": [str(p) for p in picked]}, session=session)
@@ -544,8 +501,8 @@ def test_the_drop_page_shows_each_verdict_in_headless_chromium(atd_server: Serve
             cls, p_ood, atd = re.fullmatch(r"(\S+)  p_ood (\S+)  atd (\S+)", row["cells"][2]).groups()
             assert_close_records({"class": cls, "p_ood": float(p_ood), "atd_score": float(atd)},
                                  {k: record[k] for k in ("class", "p_ood", "atd_score")})
-    assert browser_errors(browser.events) == []
-    fetched = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
+    assert browser.errors() == []
+    fetched = browser.requested()
     assert atd_server.url + "/v1/detect" in fetched
     assert all(url.startswith((atd_server.url + "/", "blob:")) for url in fetched), fetched
 
@@ -553,14 +510,14 @@ def test_the_drop_page_shows_each_verdict_in_headless_chromium(atd_server: Serve
 def test_runtime_onnx_records_equal_local_detect_onnx(home: Path) -> None:
     """--runtime reaches serve through detect's helper: the ONNX image tower scores, as in detect --runtime onnx."""
     pytest.importorskip("onnxruntime")
-    served = Served(["-w", "digits", "-c", CLASSES, "--runtime", "onnx"], home)
+    served = Served(["-w", "digits", "-c", DIGITS_CLASSES, "--runtime", "onnx"], home)
     try:
         got = detect_json(served.url, digit_images())
-        info = json.loads(request(served.url + "/v1/info")[2])
+        info = json.loads(http_request(served.url + "/v1/info")[2])
     finally:
         assert served.stop() == 0
-    done = cli("detect", "-w", "digits", "-c", CLASSES, "--format", "json", "--runtime", "onnx",
-               *(str(p) for p in sorted(DIGITS.glob("*.png"))), env={"CLIPN_HOME": str(home)})
+    done = cli("detect", "-w", "digits", "-c", DIGITS_CLASSES, "--format", "json", "--runtime", "onnx",
+               *(str(p) for p in sorted(DIGITS_IMAGES.glob("*.png"))), env={"CLIPN_HOME": str(home)})
     assert done.returncode == 0, done.stderr
     assert info["runtime"] == "onnx" and len(got) == 20
     assert_close_records(got, json.loads(done.stdout))

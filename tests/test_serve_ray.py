@@ -23,8 +23,7 @@ import pytest
 pytest.importorskip("ray.serve")
 pytest.importorskip("starlette")
 
-from conftest import assert_close_records, cli, spawn  # noqa: E402
-from test_serve import CLASSES, DIGITS, json_body, request  # noqa: E402
+from conftest import DIGITS_CLASSES, DIGITS_IMAGES, assert_close_records, cli, free_port, http_request, json_body, spawn  # noqa: E402
 
 HANG_GUARD = 600  # seconds: only against a hung cluster, never a speed limit
 
@@ -55,12 +54,6 @@ class Served:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=HANG_GUARD)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +89,17 @@ def port() -> int:
 
 def images() -> list[tuple[str, bytes]]:
     """The 20 demo digits and a truncated PNG (an error record)."""
-    good = [(str(p), p.read_bytes()) for p in sorted(DIGITS.glob("*.png"))]
+    good = [(str(p), p.read_bytes()) for p in sorted(DIGITS_IMAGES.glob("*.png"))]
     return [*good[:10], ("broken.png", good[0][1][:200]), *good[10:]]
 
 
 def ray_args(address: str, port: int, *rule: str) -> list[str]:
     return ["--engine", "ray", "--ray-address", address, "--port", str(port), "--replicas", "2",
-            "--max-ongoing", "2", "--queue", "2", "--timeout", "300", "-w", "digits", "-c", CLASSES, *rule]
+            "--max-ongoing", "2", "--queue", "2", "--timeout", "300", "-w", "digits", "-c", DIGITS_CLASSES, *rule]
 
 
 def detect(url: str) -> tuple[int, bytes]:
-    status, _, body = request(url + "/v1/detect", json_body(images()), {"Content-Type": "application/json"})
+    status, _, body = http_request(url + "/v1/detect", json_body(images()), {"Content-Type": "application/json"})
     return status, body
 
 
@@ -118,14 +111,14 @@ def atd_ray(cluster: str, home: Path, port: int) -> Iterator[Served]:
 
 
 def test_scale_out_options_are_checked_before_anything_loads() -> None:
-    done = cli("serve", "-w", "digits", "-c", CLASSES, "--replicas", "3")
+    done = cli("serve", "-w", "digits", "-c", DIGITS_CLASSES, "--replicas", "3")
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "need --engine ray" in done.stderr
-    done = cli("serve", "--engine", "ray", "--replicas", "many", "-w", "digits", "-c", CLASSES)
+    done = cli("serve", "--engine", "ray", "--replicas", "many", "-w", "digits", "-c", DIGITS_CLASSES)
     assert done.returncode == 2 and "--replicas many: give a number of replicas (1 or more) or auto" in done.stderr
 
 
 def local_serve(home: Path, *rule: str) -> bytes:
-    local = Served(["--port", "0", "-w", "digits", "-c", CLASSES, *rule], home)
+    local = Served(["--port", "0", "-w", "digits", "-c", DIGITS_CLASSES, *rule], home)
     try:
         status, body = detect(local.url)
     finally:
@@ -140,7 +133,7 @@ def check_records(got: bytes, want: bytes, rule: tuple[str, ...]) -> None:
     records = json.loads(got)
     assert len(records) == 21 and "error" in records[10] and records[10]["path"] == "broken.png"
     assert {r["verdict"] for r in records if "verdict" in r} == {"ID", "OOD"}
-    done = cli("detect", "-w", "digits", "-c", CLASSES, "--format", "json", *rule, *(str(p) for p in sorted(DIGITS.glob("*.png"))))
+    done = cli("detect", "-w", "digits", "-c", DIGITS_CLASSES, "--format", "json", *rule, *(str(p) for p in sorted(DIGITS_IMAGES.glob("*.png"))))
     assert_close_records([r for r in records if "error" not in r], json.loads(done.stdout))
 
 
@@ -148,7 +141,7 @@ def test_atd_records_equal_local_serve_and_detect(atd_ray: Served, home: Path) -
     status, got = detect(atd_ray.url)
     assert status == 200
     check_records(got, local_serve(home), ())
-    info = json.loads(request(atd_ray.url + "/v1/info")[2])
+    info = json.loads(http_request(atd_ray.url + "/v1/info")[2])
     assert (info["engine"], info["rule"]) == ("ray", "atd")
 
 
@@ -221,7 +214,7 @@ def test_full_queue_is_429_with_retry_after(atd_ray: Served) -> None:
         deadline = time.monotonic() + HANG_GUARD
         while (status := detect(atd_ray.url))[0] != 429 and time.monotonic() < deadline:
             time.sleep(0.2)  # until the proxy has handed all six to the ingress
-        _, headers, text = request(atd_ray.url + "/v1/detect", json_body(images()), {"Content-Type": "application/json"})
+        _, headers, text = http_request(atd_ray.url + "/v1/detect", json_body(images()), {"Content-Type": "application/json"})
     finally:
         for sock in held:
             sock.close()
@@ -241,7 +234,7 @@ def test_threshold_records_equal_local_serve_and_detect(atd_ray: Served, cluster
     served = Served(ray_args(cluster, port, *rule), home)
     try:
         status, got = detect(served.url)
-        info = json.loads(request(served.url + "/v1/info")[2])
+        info = json.loads(http_request(served.url + "/v1/info")[2])
     finally:
         assert served.stop() == 0, "".join(served.lines)
     assert status == 200 and (info["rule"], info["threshold"]) == ("energy", 12.5)

@@ -17,36 +17,7 @@ from PIL import Image
 from clipn_cli.errors import DataError, TrainError
 from clipn_cli.training import TrainConfig, load_base, open_data, train
 from clipn_cli.training.data import caption_id, expand_braces
-from conftest import IMAGES, TINY_CLIP, cli, free_port, spawn
-
-COLOURS = ("red", "green", "blue", "yellow", "black", "white")
-
-
-def _png(colour: str, shade: int) -> bytes:
-    img = Image.new("RGB", (40, 32), colour)
-    img.putpixel((shade, shade), (shade * 20 % 256, 0, 0))
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 images (two per colour) with captions, plus a plain CLIP checkpoint and its config."""
-    root = tmp_path_factory.mktemp("data")
-    rows = []
-    for i in range(12):
-        colour = COLOURS[i % 6]
-        name = f"img{i:02d}.png"
-        (root / name).write_bytes(_png(colour, i))
-        rows.append({"image": name, "caption": f"a {colour} square"})
-    (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    (root / "tiny.json").write_text(json.dumps(TINY_CLIP), encoding="utf-8")
-    import open_clip
-
-    torch.manual_seed(0)
-    torch.save(open_clip.model.CLIP(**TINY_CLIP).state_dict(), root / "clip.pt")
-    return root
+from conftest import IMAGES, SQUARE_COLOURS, TINY_CLIP, cli, free_port, spawn, square_png
 
 
 def _config(out: Path, **kw) -> TrainConfig:
@@ -65,10 +36,10 @@ class _StopAfter4:
         if log.step == 4:
             raise KeyboardInterrupt
 
-def test_jsonl_index_paths_relative_to_the_index(dataset: Path) -> None:
-    data = open_data(str(dataset / "index.jsonl"))
+def test_jsonl_index_paths_relative_to_the_index(captioned_squares: Path) -> None:
+    data = open_data(str(captioned_squares / "index.jsonl"))
     assert len(data) == 12
-    assert data.pairs[0].image == str(dataset / "img00.png") and data.pairs[0].caption == "a red square"
+    assert data.pairs[0].image == str(captioned_squares / "img00.png") and data.pairs[0].caption == "a red square"
 
 
 def test_csv_with_header_tsv_without_header(tmp_path: Path) -> None:
@@ -99,7 +70,7 @@ def test_index_errors_name_file_and_line(tmp_path: Path) -> None:
 
 def test_folder_source_pairs_images_with_txt(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "a.png").write_bytes(_png("red", 1))
+    (tmp_path / "sub" / "a.png").write_bytes(square_png("red", 1))
     (tmp_path / "sub" / "a.txt").write_text("a red square\n", encoding="utf-8")
     (tmp_path / "b.jpg").write_bytes(b"whatever")
     data = open_data(str(tmp_path))
@@ -118,8 +89,8 @@ def _write_shards(folder: Path, count: int = 2, per_shard: int = 6) -> str:
         with tarfile.open(folder / f"shard-{s:03d}.tar", "w") as tar:
             for i in range(per_shard):
                 key = f"{s:03d}{i:04d}"
-                colour = COLOURS[(s * per_shard + i) % 6]
-                members = {f"{key}.jpg" if i % 2 else f"{key}.png": _png(colour, i), f"{key}.txt": f"a {colour} square".encode(), f"{key}.json": b"{}"}
+                colour = SQUARE_COLOURS[(s * per_shard + i) % 6]
+                members = {f"{key}.jpg" if i % 2 else f"{key}.png": square_png(colour, i), f"{key}.txt": f"a {colour} square".encode(), f"{key}.json": b"{}"}
                 if i == per_shard - 1:
                     del members[f"{key}.txt"]  # a sample without caption is skipped
                 for name, payload in members.items():
@@ -155,8 +126,8 @@ def test_caption_ids_equal_for_equal_text() -> None:
 # ---------------------------------------------------------------- base model
 
 
-def test_plain_clip_base_initialised_as_official(dataset: Path) -> None:
-    base = load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json"))
+def test_plain_clip_base_initialised_as_official(captioned_squares: Path) -> None:
+    base = load_base(str(captioned_squares / "clip.pt"), config=str(captioned_squares / "tiny.json"))
     state = base.model.state_dict()
     for key in [k for k in state if "_no" not in k and k.startswith(("transformer.", "token_embedding", "positional_embedding", "ln_final", "text_projection"))]:
         part, _, rest = key.partition(".")
@@ -166,11 +137,11 @@ def test_plain_clip_base_initialised_as_official(dataset: Path) -> None:
     assert trainable == {n for n, _ in base.model.named_parameters() if "_no" in n}
     assert base.description == "clip:clip.pt"
     with pytest.raises(TrainError, match="no bundled open_clip config matches"):
-        load_base(str(dataset / "clip.pt"))
-    assert load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json"), num_prompts=4).model.prompt_no.shape[0] == 4
+        load_base(str(captioned_squares / "clip.pt"))
+    assert load_base(str(captioned_squares / "clip.pt"), config=str(captioned_squares / "tiny.json"), num_prompts=4).model.prompt_no.shape[0] == 4
 
 
-def test_open_clip_tag_base_without_network(monkeypatch: pytest.MonkeyPatch, dataset: Path) -> None:
+def test_open_clip_tag_base_without_network(monkeypatch: pytest.MonkeyPatch, captioned_squares: Path) -> None:
     import open_clip
 
     calls = []
@@ -210,10 +181,10 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def test_frozen_tensors_bit_identical_and_no_tower_trains(dataset: Path, tmp_path: Path) -> None:
-    base = load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json"))
+def test_frozen_tensors_bit_identical_and_no_tower_trains(captioned_squares: Path, tmp_path: Path) -> None:
+    base = load_base(str(captioned_squares / "clip.pt"), config=str(captioned_squares / "tiny.json"))
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
-    result = train(base, open_data(str(dataset / "index.jsonl")), _config(tmp_path / "out.safetensors"))
+    result = train(base, open_data(str(captioned_squares / "index.jsonl")), _config(tmp_path / "out.safetensors"))
     after = _state(tmp_path / "out.safetensors")
     assert after.keys() == before.keys()
     frozen = [k for k in before if "_no" not in k]
@@ -224,7 +195,7 @@ def test_frozen_tensors_bit_identical_and_no_tower_trains(dataset: Path, tmp_pat
     assert meta["steps"] == "4" and meta["base"] == "clip:clip.pt" and json.loads(meta["losses"]).keys() == {"loss", "yes", "no", "tso"}
 
 
-def test_first_step_losses_are_the_official_initial_values(dataset: Path, tmp_path: Path) -> None:
+def test_first_step_losses_are_the_official_initial_values(captioned_squares: Path, tmp_path: Path) -> None:
     """"No" tower = copy of the yes tower and zero prompts: p = 0.5, so L_yes = L_no = ln 2, L_TSO = 1.99."""
     seen = []
 
@@ -233,8 +204,8 @@ def test_first_step_losses_are_the_official_initial_values(dataset: Path, tmp_pa
         def advance(self, n): pass
         def step(self, log): seen.append(log)
 
-    base = load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json"))
-    train(base, open_data(str(dataset / "index.jsonl")), _config(tmp_path / "o.safetensors", steps=2), Record())
+    base = load_base(str(captioned_squares / "clip.pt"), config=str(captioned_squares / "tiny.json"))
+    train(base, open_data(str(captioned_squares / "index.jsonl")), _config(tmp_path / "o.safetensors", steps=2), Record())
     first = seen[0].losses
     assert first["yes"] == pytest.approx(0.693147, abs=1e-5) and first["no"] == pytest.approx(0.693147, abs=1e-5)
     assert first["tso"] == pytest.approx(1.99, abs=1e-5)
@@ -242,45 +213,45 @@ def test_first_step_losses_are_the_official_initial_values(dataset: Path, tmp_pa
 
 
 @pytest.mark.parametrize("cached", [True, False])
-def test_resume_ends_with_the_same_weights(dataset: Path, tmp_path: Path, cached: bool) -> None:
-    data = open_data(str(dataset / "index.jsonl"))
+def test_resume_ends_with_the_same_weights(captioned_squares: Path, tmp_path: Path, cached: bool) -> None:
+    data = open_data(str(captioned_squares / "index.jsonl"))
     full = tmp_path / "full.safetensors"
-    train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data, _config(full, steps=6, cache_features=cached))
+    train(load_base(str(captioned_squares / "clip.pt"), config=str(captioned_squares / "tiny.json")), data, _config(full, steps=6, cache_features=cached))
 
     cut = tmp_path / "cut.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data,
+        train(load_base(str(captioned_squares / "clip.pt"), config=str(captioned_squares / "tiny.json")), data,
               _config(cut, steps=6, cache_features=cached, checkpoint_every=3), _StopAfter4())
     checkpoint = tmp_path / "cut.safetensors.ckpt"
     assert checkpoint.is_file() and not cut.exists()
-    train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data,
+    train(load_base(str(captioned_squares / "clip.pt"), config=str(captioned_squares / "tiny.json")), data,
           _config(cut, steps=6, cache_features=cached, checkpoint_every=3, resume=checkpoint))
     a, b = _state(full), _state(cut)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_resume_refuses_changed_settings(dataset: Path, tmp_path: Path) -> None:
-    data = open_data(str(dataset / "index.jsonl"))
-    base = lambda: load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json"))  # noqa: E731
+def test_resume_refuses_changed_settings(captioned_squares: Path, tmp_path: Path) -> None:
+    data = open_data(str(captioned_squares / "index.jsonl"))
+    base = lambda: load_base(str(captioned_squares / "clip.pt"), config=str(captioned_squares / "tiny.json"))  # noqa: E731
     train(base(), data, _config(tmp_path / "a.safetensors", steps=4, checkpoint_every=2))
     with pytest.raises(TrainError, match=r"cannot resume with changed settings: lr 0\.0003 → 0\.001"):
         train(base(), data, _config(tmp_path / "a.safetensors", steps=4, lr=1e-3, resume=tmp_path / "a.safetensors.ckpt"))
 
 
-def test_trains_from_shards(dataset: Path, tmp_path: Path) -> None:
+def test_trains_from_shards(captioned_squares: Path, tmp_path: Path) -> None:
     pattern = _write_shards(tmp_path)
-    base = load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json"))
+    base = load_base(str(captioned_squares / "clip.pt"), config=str(captioned_squares / "tiny.json"))
     with pytest.raises(TrainError, match="give --steps, or --samples-per-epoch"):
         train(base, open_data(pattern), _config(tmp_path / "s.safetensors", steps=None))
     result = train(base, open_data(pattern), _config(tmp_path / "s.safetensors", steps=None, epochs=1, samples_per_epoch=8))
     assert result.steps == 2 and (tmp_path / "s.safetensors").is_file()
 
 
-def test_two_processes_train_the_same_model_as_one(dataset: Path, tmp_path: Path) -> None:
+def test_two_processes_train_the_same_model_as_one(captioned_squares: Path, tmp_path: Path) -> None:
     """torchrun-style launch (gloo): gathered features make 2×B on two processes equal 2B on one."""
-    common = ["train", "--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"),
-              "--data", str(dataset / "index.jsonl"), "--steps", "3", "--device", "cpu", "--workers", "1"]
+    common = ["train", "--base", str(captioned_squares / "clip.pt"), "--config", str(captioned_squares / "tiny.json"),
+              "--data", str(captioned_squares / "index.jsonl"), "--steps", "3", "--device", "cpu", "--workers", "1"]
     single = cli(*common, "--batch-size", "6", "--output", str(tmp_path / "one.safetensors"))
     assert single.returncode == 0, single.stderr
     port = str(free_port())
@@ -319,15 +290,15 @@ def test_gather_features_single_process_is_identity() -> None:
 # ---------------------------------------------------------------- CLI
 
 
-def test_cli_errors_are_one_line(dataset: Path, tmp_path: Path) -> None:
-    result = cli("train", "--base", str(dataset / "clip.pt"), "--data", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o.safetensors"))
+def test_cli_errors_are_one_line(captioned_squares: Path, tmp_path: Path) -> None:
+    result = cli("train", "--base", str(captioned_squares / "clip.pt"), "--data", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o.safetensors"))
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "nope.jsonl: no such file or folder" in result.stderr
-    result = cli("train", "--base", "ViT-B-16", "--data", str(dataset / "index.jsonl"), "--output", str(tmp_path / "o.safetensors"))
+    result = cli("train", "--base", "ViT-B-16", "--data", str(captioned_squares / "index.jsonl"), "--output", str(tmp_path / "o.safetensors"))
     assert result.returncode == 2 and "needs --pretrained TAG" in result.stderr and "Traceback" not in result.stderr
-    result = cli("train", "--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"), "--data", str(dataset / "index.jsonl"), "--output", str(tmp_path / "o.pt"))
+    result = cli("train", "--base", str(captioned_squares / "clip.pt"), "--config", str(captioned_squares / "tiny.json"), "--data", str(captioned_squares / "index.jsonl"), "--output", str(tmp_path / "o.pt"))
     assert result.returncode == 2 and "must be a .safetensors file" in result.stderr
-    result = cli("train", "--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"), "--data", str(dataset / "index.jsonl"),
+    result = cli("train", "--base", str(captioned_squares / "clip.pt"), "--config", str(captioned_squares / "tiny.json"), "--data", str(captioned_squares / "index.jsonl"),
                  "--output", str(tmp_path / "o.safetensors"), "--resume", str(tmp_path / "none.ckpt"))
     assert result.returncode == 2 and "none.ckpt: no such checkpoint" in result.stderr
 
@@ -359,12 +330,12 @@ def test_keyed_crop_follows_torchvision_and_depends_only_on_the_key() -> None:
     assert torch.equal(first, keyed(photo, 5)) and not torch.equal(first, keyed(photo, 6))
 
 
-def test_augmented_runs_do_not_depend_on_thread_count(dataset: Path, tmp_path: Path) -> None:
-    data = open_data(str(dataset / "index.jsonl"))
+def test_augmented_runs_do_not_depend_on_thread_count(captioned_squares: Path, tmp_path: Path) -> None:
+    data = open_data(str(captioned_squares / "index.jsonl"))
     runs = {}
     for name, workers, augment in (("one", 1, True), ("four", 4, True), ("four-again", 4, True), ("plain", 4, False)):
         out = tmp_path / f"{name}.safetensors"
-        train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data,
+        train(load_base(str(captioned_squares / "clip.pt"), config=str(captioned_squares / "tiny.json")), data,
               _config(out, steps=4, augment=augment, cache_features=False, workers=workers))
         runs[name] = _state(out)
     for key in runs["one"]:
@@ -373,25 +344,25 @@ def test_augmented_runs_do_not_depend_on_thread_count(dataset: Path, tmp_path: P
     assert any(not torch.equal(runs["one"][k], runs["plain"][k]) for k in runs["one"])  # the crops do change training
 
 
-def test_augmented_resume_with_several_workers_is_exact(dataset: Path, tmp_path: Path) -> None:
-    data = open_data(str(dataset / "index.jsonl"))
+def test_augmented_resume_with_several_workers_is_exact(captioned_squares: Path, tmp_path: Path) -> None:
+    data = open_data(str(captioned_squares / "index.jsonl"))
     settings = {"steps": 6, "augment": True, "cache_features": False, "workers": 3}
     full = tmp_path / "full.safetensors"
-    train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data, _config(full, **settings))
+    train(load_base(str(captioned_squares / "clip.pt"), config=str(captioned_squares / "tiny.json")), data, _config(full, **settings))
 
     cut = tmp_path / "cut.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data,
+        train(load_base(str(captioned_squares / "clip.pt"), config=str(captioned_squares / "tiny.json")), data,
               _config(cut, checkpoint_every=3, **settings), _StopAfter4())
-    train(load_base(str(dataset / "clip.pt"), config=str(dataset / "tiny.json")), data,
+    train(load_base(str(captioned_squares / "clip.pt"), config=str(captioned_squares / "tiny.json")), data,
           _config(cut, checkpoint_every=3, resume=tmp_path / "cut.safetensors.ckpt", **settings))
     a, b = _state(full), _state(cut)
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_cli_summary_repeats_the_last_logged_step(dataset: Path, tmp_path: Path) -> None:
-    result = cli("train", "--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"), "--data", str(dataset / "index.jsonl"),
+def test_cli_summary_repeats_the_last_logged_step(captioned_squares: Path, tmp_path: Path) -> None:
+    result = cli("train", "--base", str(captioned_squares / "clip.pt"), "--config", str(captioned_squares / "tiny.json"), "--data", str(captioned_squares / "index.jsonl"),
                  "--steps", "3", "--batch-size", "4", "--device", "cpu", "--workers", "1", "--output", str(tmp_path / "o.safetensors"))
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()

@@ -80,17 +80,10 @@ def test_damaged_vocabulary_metadata_is_one_clear_error(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- clipn train
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_training import dataset as build  # the tiny CLIP and its 12 captioned squares
-
-    return build.__wrapped__(tmp_path_factory)
-
-
-def test_train_records_the_vocabulary_and_keeps_a_bases(dataset: Path, tmp_path: Path) -> None:
-    common = ("--data", str(dataset / "index.jsonl"), "--steps", "1", "--batch-size", "4", "--device", "cpu", "--workers", "1")
+def test_train_records_the_vocabulary_and_keeps_a_bases(captioned_squares: Path, tmp_path: Path) -> None:
+    common = ("--data", str(captioned_squares / "index.jsonl"), "--steps", "1", "--batch-size", "4", "--device", "cpu", "--workers", "1")
     first = tmp_path / "first.safetensors"
-    result = cli("train", "--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"), *common,
+    result = cli("train", "--base", str(captioned_squares / "clip.pt"), "--config", str(captioned_squares / "tiny.json"), *common,
                  "--vocabulary", "red, green,blue,,red", "-o", str(first))
     assert result.returncode == 0, result.stderr
     assert read_info(first).vocabulary == ("red", "green", "blue")
@@ -98,7 +91,7 @@ def test_train_records_the_vocabulary_and_keeps_a_bases(dataset: Path, tmp_path:
     assert cli("train", "--base", str(first), *common, "-o", str(second)).returncode == 0
     assert read_info(second).vocabulary == ("red", "green", "blue")
     plain = tmp_path / "plain.safetensors"  # no --vocabulary, a plain CLIP base: open vocabulary
-    assert cli("train", "--base", str(dataset / "clip.pt"), "--config", str(dataset / "tiny.json"), *common, "-o", str(plain)).returncode == 0
+    assert cli("train", "--base", str(captioned_squares / "clip.pt"), "--config", str(captioned_squares / "tiny.json"), *common, "-o", str(plain)).returncode == 0
     assert read_info(plain).vocabulary is None and "vocabulary" not in read_info(plain).metadata
     result = cli("train", "--base", str(first), *common, "--vocabulary", " , ", "-o", str(tmp_path / "x.safetensors"))
     assert result.returncode == 2 and result.stderr.strip() == "clipn: error: --vocabulary: no class names given"
