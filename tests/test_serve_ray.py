@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,88 @@ def test_threshold_records_equal_local_serve_and_detect(atd_ray: Served, cluster
         assert served.stop() == 0, "".join(served.lines)
     assert status == 200 and (info["rule"], info["threshold"]) == ("energy", 12.5)
     check_records(got, local_serve(home, *rule), rule)
+
+
+class FakeModelHandle:
+    """A `ClipnModel` deployment handle whose calls answer `outcomes` in turn: an exception (raised
+    when awaited, as Ray Serve's router raises `BackPressureError` for a full queue) or records."""
+
+    def __init__(self, outcomes: list[Exception | str]) -> None:
+        self.detect, self.outcomes, self.calls = self, list(outcomes), 0
+
+    def remote(self, images: list[Any]) -> Any:
+        self.calls += 1
+        outcome = self.outcomes.pop(0)
+
+        async def answer() -> list[dict[str, Any]]:
+            if isinstance(outcome, Exception):
+                raise outcome
+            return [{"path": i.path, "verdict": outcome} for i in images]
+        return answer()
+
+
+@pytest.fixture
+def handle_server(request: pytest.FixtureRequest) -> Iterator[tuple[str, FakeModelHandle]]:
+    """The ingress's Service and app (as `ClipnIngress` builds them) under uvicorn, over a fake handle."""
+    import uvicorn
+
+    from clipn_cli.serve.app import Service
+    from clipn_cli.serve.engine import ServeLimits
+    from clipn_cli.serve.ray_app import HandleBatcher
+    from clipn_cli.serve.run import config_for
+
+    handle = FakeModelHandle(request.param)
+    service = Service(HandleBatcher(handle, 4), lambda image: image.size, {"version": "test"}, ServeLimits(queue=4))
+    server = uvicorn.Server(config_for(service, "127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        threading.Event().wait(0.01)
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", handle
+    server.should_exit = True
+    thread.join()
+    assert service.batcher.depth() == 0  # every admitted request released its place
+
+
+def backpressure() -> Exception:
+    from ray.serve.exceptions import BackPressureError
+
+    return BackPressureError(num_queued_requests=2, max_queued_requests=2)
+
+
+def actor_died() -> Exception:
+    from ray.exceptions import RayActorError
+
+    return RayActorError()
+
+
+BUSY = {"error": "busy: every replica is busy and the queue is full (--queue); retry shortly", "status": 429}
+
+
+@pytest.mark.parametrize("handle_server, calls, want", [
+    pytest.param([backpressure()], 1, (429, BUSY), id="full-queue"),
+    pytest.param([actor_died(), backpressure()], 2, (429, BUSY), id="replica-died-then-full-queue"),
+    pytest.param([actor_died(), "ID"], 2, (200, [{"path": "a.png", "verdict": "ID"}]), id="replica-died-then-answered"),
+    pytest.param([actor_died(), actor_died()], 2, (500, None), id="replica-died-twice"),
+], indirect=["handle_server"])
+def test_handle_backpressure_is_local_serves_json_429(handle_server: tuple[str, FakeModelHandle], calls: int,
+                                                      want: tuple[int, Any]) -> None:
+    """README "On a Ray Serve cluster": Ray Serve's `BackPressureError` from the model handle (a full
+    `max_queued_requests` queue, e.g. while autoscaling has fewer replicas than the ingress's bound
+    assumes) is answered as local serve's JSON 429 with Retry-After; a request whose replica died is
+    sent once more, and fails (500, JSON) only when that try fails too."""
+    url, handle = handle_server
+    png = sorted(DIGITS_IMAGES.glob("*.png"))[0].read_bytes()
+    status, headers, body = http_request(url + "/v1/detect", json_body([("a.png", png)]), {"Content-Type": "application/json"})
+    assert (status, handle.calls) == (want[0], calls)
+    assert headers["content-type"] == "application/json"
+    if status == 429:
+        assert headers["retry-after"] == "1"
+    else:
+        assert "retry-after" not in headers
+    if want[1] is not None:
+        assert json.loads(body) == want[1]
+    else:
+        assert json.loads(body)["status"] == 500 and "RayActorError" in json.loads(body)["error"]
+    metrics = http_request(url + "/metrics")[2].decode()
+    assert f'clipn_requests_total{{status="{status}"}} 1.0' in metrics
