@@ -58,13 +58,13 @@ def serve_on_ray(
         runtime_folder=str(weights_home() / "runtimes"), fingerprint=weights_info.fingerprint,
         threads=max(1, int(scale.cpus_per_replica)) if scale.gpus_per_replica == 0 else None,
     )
-    ingress = IngressSpec(image_size, details, limits, api_key, exif_transpose, decode_threads, scale.capacity)
     ray = require_ray()
     own = connect(ray, address)
     try:
         if scale.replicas is None:
             scale = dataclasses.replace(scale, max_replicas=_most_replicas(ray, scale))
-            ingress = dataclasses.replace(ingress, capacity=scale.capacity)
+        details = {**details, "limits": {**details["limits"], **scale.info()}}
+        ingress = IngressSpec(image_size, details, limits, api_key, exif_transpose, decode_threads, scale.capacity)
         run_on_ray(application(replica, scale, ingress, heads, verdicts), host, port or _free_port(host), limits.timeout, announce, own)
     finally:
         if own:

@@ -79,6 +79,16 @@ class ScaleSpec:
         """Requests the ingress holds at once: all replicas busy plus a full queue; more get 429."""
         return self.most_replicas * self.max_ongoing + self.queue
 
+    def info(self) -> dict[str, Any]:
+        """/v1/info's `limits` additions: what Ray Serve was asked for, so a client sees fixed or autoscaled replicas."""
+        if self.replicas is None:
+            replicas: dict[str, Any] = {"replicas": "auto", "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                                        "target_ongoing_requests": AUTOSCALE_TARGET}
+        else:
+            replicas = {"replicas": self.replicas}
+        return {**replicas, "max_ongoing": self.max_ongoing, "cpus_per_replica": self.cpus_per_replica,
+                "gpus_per_replica": self.gpus_per_replica}
+
 
 @dataclass(frozen=True)
 class IngressSpec:
