@@ -2,7 +2,8 @@
 nice 0, as clipn's own clusters), joined by `clipn serve` subprocesses with `--ray-address`; a real
 HTTP client on 127.0.0.1. Records must be byte-equal to local serve's for the same request (broken
 images included), a killed replica must be replaced while requests keep being answered, and a full
-queue must answer local serve's JSON 429."""
+queue (the ingress's bound, or Ray Serve's `BackPressureError` from the model handle) must answer
+local serve's JSON 429, and `--replicas auto` must be Ray Serve autoscaling within the cluster's CPUs."""
 
 from __future__ import annotations
 
@@ -138,10 +139,16 @@ def check_records(got: bytes, want: bytes, rule: tuple[str, ...]) -> None:
     assert_close_records([r for r in records if "error" not in r], json.loads(done.stdout))
 
 
-def test_atd_records_equal_local_serve_and_detect(atd_ray: Served, home: Path) -> None:
+@pytest.fixture(scope="module")
+def local_atd(home: Path) -> bytes:
+    """Local serve's body for `images()` with ATD: what every ATD application here must answer."""
+    return local_serve(home)
+
+
+def test_atd_records_equal_local_serve_and_detect(atd_ray: Served, local_atd: bytes) -> None:
     status, got = detect(atd_ray.url)
     assert status == 200
-    check_records(got, local_serve(home), ())
+    check_records(got, local_atd, ())
     info = json.loads(http_request(atd_ray.url + "/v1/info")[2])
     assert (info["engine"], info["rule"]) == ("ray", "atd")
 
@@ -325,3 +332,38 @@ def test_handle_backpressure_is_local_serves_json_429(handle_server: tuple[str, 
         assert json.loads(body)["status"] == 500 and "RayActorError" in json.loads(body)["error"]
     metrics = http_request(url + "/metrics")[2].decode()
     assert f'clipn_requests_total{{status="{status}"}} 1.0' in metrics
+
+
+def test_auto_replicas_autoscale_between_one_and_what_the_cluster_holds(cluster: str, home: Path, port: int,
+                                                                        local_atd: bytes) -> None:
+    """Last (one clipn application per cluster: the threshold test has removed the ATD one). README
+    "On a Ray Serve cluster": `--replicas auto` is Ray Serve autoscaling of `ClipnModel` on ongoing
+    requests, `target_ongoing_requests` 2, from 1 replica to as many as the cluster's 3 CPUs hold at
+    1 CPU each; /v1/info says so; the records are local serve's."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    args = ray_args(cluster, port)
+    args[args.index("--replicas") + 1] = "auto"
+    served = Served(args, home)
+    try:
+        status, got = detect(served.url)
+        info = json.loads(http_request(served.url + "/v1/info")[2])
+        app = serve.status().applications["clipn"]
+        deployments = _get_global_client().get_serve_details()["applications"]["clipn"]["deployments"]
+    finally:
+        assert served.stop() == 0, "".join(served.lines)
+    assert status == 200
+    check_records(got, local_atd, ())
+    assert info["engine"] == "ray"
+    assert {k: info["limits"][k] for k in ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing",
+                                          "queue")} == {"replicas": "auto", "min_replicas": 1, "max_replicas": 3,
+                                                        "target_ongoing_requests": 2, "max_ongoing": 2, "queue": 2}
+    assert app.status == "RUNNING" and app.deployments["ClipnModel"].status == "HEALTHY"
+    model = deployments["ClipnModel"]
+    autoscaling = model["deployment_config"]["autoscaling_config"]
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"], autoscaling["target_ongoing_requests"]) == (1, 3, 2), model
+    assert (model["deployment_config"]["max_ongoing_requests"], model["deployment_config"]["max_queued_requests"]) == (2, 2)
+    assert 1 <= model["target_num_replicas"] <= 3, model
+    ingress = deployments["ClipnIngress"]["deployment_config"]
+    assert (ingress["num_replicas"], ingress["max_ongoing_requests"]) == (1, 3 * 2 + 2 + 32), ingress  # capacity + INGRESS_EXTRA
