@@ -1,8 +1,8 @@
-"""Workflow: detect without torch, for `detect --embeddings F --runtime onnx` once the image tower's
-ONNX export for these weights is cached (README "Runtimes", "The torch-free fast start").
+"""Workflow: detect without torch, for `detect --embeddings F --runtime onnx|openvino` once the image
+tower's ONNX export for these weights is cached (README "Runtimes", "The torch-free fast start").
 
 The class heads come from the embeddings file (read and checked by `heads.embeddings_file`), the
-image tower from the cached export (its fingerprint checked by ONNX Runtime itself); images go
+image tower from the cached export (its fingerprint read by ONNX Runtime or OpenVINO itself); images go
 through the same guarded decoder with open_clip's eval transform in Pillow/NumPy
 (`runtimes.preprocess`, pixel for pixel), the scores through the same formulas as torch's
 (`scores.scoring` on NumPy arrays) and the records through the same `detections_from_scores`. A
@@ -29,7 +29,7 @@ from .model.devices import MIN_PREFETCH, default_decode_workers, default_forward
 from .outputs.records import Detection, detections_from_scores
 from .runtimes import export_path
 from .runtimes.preprocess import preprocess
-from .runtimes.sessions import OnnxTower
+from .runtimes.sessions import OnnxTower, OpenVinoTower
 from .scores.methods import check_rule
 from .scores.scoring import Heads, score_heads, unit
 from .weights.home import FORMAT, VOCABULARY, read_header, resolve_weights, weights_home
@@ -39,17 +39,18 @@ _CPU = SimpleNamespace(type="cpu")  # what the device defaults read of a device 
 
 @dataclass(frozen=True)
 class FastStart:
-    """What a torch-free run holds: the weights' file and vocabulary, the class heads, the ONNX tower."""
+    """What a torch-free run holds: the weights' file and vocabulary, the class heads, the exported tower."""
 
     weights: Path
     vocabulary: tuple[str, ...] | None
     embeddings: StoredEmbeddings
     heads: Heads
-    tower: OnnxTower
+    tower: OnnxTower | OpenVinoTower
 
     @classmethod
-    def open(cls, weights: str | os.PathLike[str] | None, embeddings: Path) -> FastStart | None:
-        """The fast start for these weights and embeddings, or None when the torch path must run.
+    def open(cls, weights: str | os.PathLike[str] | None, embeddings: Path, runtime: str = "onnx") -> FastStart | None:
+        """The fast start for these weights and embeddings in `runtime` (onnx or openvino, fp32 on the
+        CPU), or None when the torch path must run.
 
         None: weights that resolve to nothing here or are no clipn weights file with a fingerprint
         (the torch path says why, or offers the first-run download), embeddings holding negative
@@ -66,7 +67,7 @@ class FastStart:
         stored = read_embeddings(embeddings)
         if stored.pools:
             return None
-        tower = OnnxTower(export)
+        tower = OnnxTower(export) if runtime == "onnx" else OpenVinoTower(export)
         if tower.fingerprint != fingerprint:
             return None
         check_made_with(stored.weights_fingerprint, stored.text_yes.shape[1], fingerprint, str(embeddings), tower.embed_dim)

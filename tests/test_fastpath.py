@@ -1,5 +1,6 @@
-"""The torch-free fast start of `detect --embeddings F --runtime onnx` (README "The torch-free fast
-start"): no torch imported, and the same records as the torch path within README "Reproducibility"."""
+"""The torch-free fast start of `detect --embeddings F --runtime onnx|openvino|auto` (README "The
+torch-free fast start"): no torch imported, and the same records as the torch path within README
+"Reproducibility"."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ pytestmark = pytest.mark.skipif(find_spec("onnxruntime") is None or find_spec("o
 
 CLASSES = "cat,horse,rocket,coffee"
 TEXT_FIELDS = ("path", "error", "verdict", "rule", "class", "top_k")
+# the runtimes the fast start runs, each where its package is installed
+RUNTIMES = ["onnx", pytest.param("openvino", marks=pytest.mark.skipif(find_spec("openvino") is None, reason="needs the openvino extra"))]
 # run clipn's main as the console script does, then say whether torch (or onnx) was ever imported
 NO_TORCH = """
 import sys
@@ -77,9 +80,11 @@ def parsed(fmt: str, text: str) -> list[dict]:
     return [{k: (float(v) if v and k not in TEXT_FIELDS else v) for k, v in row.items()} for row in rows]
 
 
-def test_fast_start_imports_no_torch_once_the_export_is_cached(tiny_weights: Path, setup: tuple[Path, list[str]], tmp_path: Path) -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_fast_start_imports_no_torch_once_the_export_is_cached(tiny_weights: Path, setup: tuple[Path, list[str]], tmp_path: Path,
+                                                               runtime: str) -> None:
     embeddings, images = setup
-    args = ["detect", "-w", str(tiny_weights), "-e", str(embeddings), "--runtime", "onnx", "--format", "jsonl", images[0]]
+    args = ["detect", "-w", str(tiny_weights), "-e", str(embeddings), "--runtime", runtime, "--format", "jsonl", images[0]]
     first = cli(*args)  # no export yet: the torch path makes it, and says so once
     assert first.returncode == 0, first.stderr
     assert first.stderr.count("ONNX export for these weights is not cached yet") == 1
@@ -92,31 +97,65 @@ def test_fast_start_imports_no_torch_once_the_export_is_cached(tiny_weights: Pat
     assert_close_records(json.loads(done.stdout), json.loads(first.stdout))
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("rule", [("--rule", "atd"), ("--rule", "ctw"), ("--rule", "msp", "--threshold", "0.3"),
                                   ("--rule", "energy", "--threshold", "0.1", "--details")])
-def test_fast_records_equal_the_torch_paths(monkeypatch: pytest.MonkeyPatch, tiny_weights: Path, setup: tuple[Path, list[str]], rule: tuple[str, ...]) -> None:
+def test_fast_records_equal_the_torch_paths(monkeypatch: pytest.MonkeyPatch, tiny_weights: Path, setup: tuple[Path, list[str]],
+                                            rule: tuple[str, ...], runtime: str) -> None:
     embeddings, images = setup
     common = ("-w", tiny_weights, "-e", embeddings, *rule, "--top-k", "3", "--format", "jsonl", "--batch-size", "5", *images)
-    assert run(*common, "--runtime", "onnx")[0] == 1  # exports the tower; the broken image's record makes it 1
-    code, fast, _ = fast_path(monkeypatch, *common, "--runtime", "onnx")
-    for runtime in ("onnx", "torch"):
-        want_code, want, _ = torch_path(monkeypatch, *common, "--runtime", runtime)
+    assert run(*common, "--runtime", runtime)[0] == 1  # exports the tower; the broken image's record makes it 1
+    code, fast, _ = fast_path(monkeypatch, *common, "--runtime", runtime)
+    for slow in (runtime, "torch"):
+        want_code, want, _ = torch_path(monkeypatch, *common, "--runtime", slow)
         assert code == want_code == 1
         assert_close_records(parsed("jsonl", fast), parsed("jsonl", want))
     records = parsed("jsonl", fast)
     assert [r["path"] for r in records] == images and "error" in records[-1] and len(records[0]["top_k"]) == 3
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("fmt", ["json", "csv"])
-def test_fast_records_equal_in_every_format(monkeypatch: pytest.MonkeyPatch, tiny_weights: Path, setup: tuple[Path, list[str]], fmt: str) -> None:
+def test_fast_records_equal_in_every_format(monkeypatch: pytest.MonkeyPatch, tiny_weights: Path, setup: tuple[Path, list[str]], fmt: str,
+                                            runtime: str) -> None:
     embeddings, images = setup
-    common = ("-w", tiny_weights, "-e", embeddings, "--runtime", "onnx", "--format", fmt, *images)
+    common = ("-w", tiny_weights, "-e", embeddings, "--runtime", runtime, "--format", fmt, *images)
     run(*common)  # exports the tower
     code, fast, _ = fast_path(monkeypatch, *common)
     want_code, want, _ = torch_path(monkeypatch, *common)
     assert code == want_code == 1
     assert_close_records(parsed(fmt, fast), parsed(fmt, want))
     assert len(parsed(fmt, fast)) == len(images)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_auto_takes_the_fast_start_in_the_runtime_tune_recorded(monkeypatch: pytest.MonkeyPatch, tiny_weights: Path,
+                                                                setup: tuple[Path, list[str]], runtime: str) -> None:
+    from clipn_cli.fastdetect import FastStart
+    from clipn_cli.runtimes.choice import record_measurement
+    from clipn_cli.weights.home import read_header, weights_home
+
+    embeddings, images = setup
+    common = ("-w", tiny_weights, "-e", embeddings, "--format", "jsonl", *images)
+    run(*common, "--runtime", runtime)  # exports the tower
+    record_measurement(weights_home() / "runtimes", read_header(tiny_weights)["fingerprint"], runtime, {})
+    opened: list[str] = []
+    real_open = FastStart.open.__func__
+
+    def spy(cls: type, weights: object, embeddings: Path, runtime: str = "onnx") -> FastStart | None:
+        opened.append(runtime)
+        return real_open(cls, weights, embeddings, runtime)
+
+    monkeypatch.setattr(FastStart, "open", classmethod(spy))
+    code, fast, err = fast_path(monkeypatch, *common, "--runtime", "auto")
+    assert opened == [runtime]
+    assert code == 1 and err.count("--runtime auto") == 1 and f"--runtime auto: {runtime} (measured fastest" in err
+    want_code, want, _ = torch_path(monkeypatch, *common, "--runtime", "torch")
+    assert want_code == 1
+    assert_close_records(parsed("jsonl", fast), parsed("jsonl", want))
+    record_measurement(weights_home() / "runtimes", read_header(tiny_weights)["fingerprint"], "torch", {})
+    opened.clear()
+    assert run(*common, "--runtime", "auto")[0] == 1 and opened == []  # tune picked torch: the torch path, no fast start tried
 
 
 @pytest.mark.parametrize("extra", [("--cache", "features"), ("--report", "r.html"), ("--precision", "fp32", "--quantize", "int8"),

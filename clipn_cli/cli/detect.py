@@ -93,7 +93,7 @@ def detect(
         check_verdict_options(rule, threshold, calibration is not None)
         names = load_classes(classes, classes_file, embeddings)
         preflight(weights, device, embeddings=embeddings, templates=templates, inputs=paths, files={"--calibration": calibration, "--words": words})
-        if runtime in ("onnx", "auto"):  # the torch-free fast start, when it can take this run (cli/fastpath.py)
+        if runtime in ("onnx", "openvino", "auto"):  # the torch-free fast start, when it can take this run (cli/fastpath.py)
             from .fastpath import fast_detect
 
             fast_detect(locals(), pools, _write_records)  # exits when it took the run

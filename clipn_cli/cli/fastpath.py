@@ -16,7 +16,7 @@ import typer
 from .common import EXIT_OK, EXIT_PARTIAL, fail, info, warn
 
 # detect's options, and the values with which the fast start can take the run
-_TAKES = {"runtime": ("onnx", "auto"), "device": ("auto", "cpu"), "precision": ("fp32",), "quantize": (None,), "negatives": (None,),
+_TAKES = {"runtime": ("onnx", "openvino", "auto"), "device": ("auto", "cpu"), "precision": ("fp32",), "quantize": (None,), "negatives": (None,),
           "calibration": (None,), "report": (None,), "cache": (None,), "resume": (False,)}
 
 
@@ -27,9 +27,12 @@ def fast_detect(args: dict[str, Any], pools: tuple[str, ...], write_records: Cal
         return
     from ..fastdetect import FastStart, weights_export
 
-    if args["runtime"] == "auto" and not _auto_is_onnx(args["weights"]):
+    runtime = _auto_runtime(args["weights"]) if args["runtime"] == "auto" else args["runtime"]
+    if runtime is None:
         return
-    fast = FastStart.open(args["weights"], args["embeddings"])
+    fast = FastStart.open(args["weights"], args["embeddings"], runtime)
+    if fast is not None and args["runtime"] == "auto":  # else the torch path says it
+        info(f"--runtime auto: {runtime} (measured fastest and exact for these weights on this CPU by 'clipn weights tune')")
     if fast is None:
         found = weights_export(args["weights"])
         if found is not None and not found[2].is_file():
@@ -59,18 +62,16 @@ def fast_detect(args: dict[str, Any], pools: tuple[str, ...], write_records: Cal
     raise typer.Exit(EXIT_OK)
 
 
-def _auto_is_onnx(weights: Any) -> bool:
+def _auto_runtime(weights: Any) -> str | None:
     """`--runtime auto` resolved as the torch path would (`export.choose_runtime`), reading only the
-    weights header and the measurement record: True when 'clipn weights tune' picked onnx here."""
+    weights header and the measurement record: the runtime 'clipn weights tune' picked here when it is
+    onnx or openvino, else None (torch, or no record: the torch path runs)."""
     from ..fastdetect import weights_export
     from ..runtimes.choice import measured_runtime
     from ..weights.home import weights_home
 
     found = weights_export(weights)
     if found is None:
-        return False
+        return None
     chosen, _ = measured_runtime(weights_home() / "runtimes", found[1]["fingerprint"])  # a warning is said by the torch path
-    if chosen != "onnx":
-        return False
-    info("--runtime auto: onnx (measured fastest and exact for these weights on this CPU by 'clipn weights tune')")
-    return True
+    return chosen if chosen in ("onnx", "openvino") else None

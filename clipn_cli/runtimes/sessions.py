@@ -65,7 +65,24 @@ class OpenVinoTower:
     def __init__(self, path: Path, precision: str = "fp32") -> None:
         import openvino as ov
 
-        self.compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": _OPENVINO_HINTS[precision]})
+        core = ov.Core()
+        self.model = core.read_model(str(path))  # read once: its metadata and shapes, then compiled as is
+        self.compiled = core.compile_model(self.model, "CPU", {"INFERENCE_PRECISION_HINT": _OPENVINO_HINTS[precision]})
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return np.asarray(self.compiled(np.ascontiguousarray(pixels, dtype=np.float32))[0], dtype=np.float32)
+
+    @property
+    def fingerprint(self) -> str:
+        """The weights fingerprint in the file's ONNX metadata, as OpenVINO read it (its `framework` rt_info)."""
+        key = ["framework", FINGERPRINT_KEY]
+        return self.model.get_rt_info(key).astype(str) if self.model.has_rt_info(key) else ""
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square image the tower was exported for (its input is (batch, 3, size, size))."""
+        return int(self.model.inputs[0].get_partial_shape()[-1].get_length())
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.outputs[0].get_partial_shape()[-1].get_length())
