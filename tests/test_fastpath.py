@@ -135,6 +135,9 @@ def test_auto_takes_the_fast_start_in_the_runtime_tune_recorded(monkeypatch: pyt
     from clipn_cli.runtimes.choice import record_measurement
     from clipn_cli.weights.home import read_header, weights_home
 
+    from clipn_cli.cli import fastpath
+
+    monkeypatch.setattr(fastpath, "_accelerator_may_be_here", lambda: False)  # a GPU machine is the case at the end
     embeddings, images = setup
     common = ("-w", tiny_weights, "-e", embeddings, "--format", "jsonl", *images)
     run(*common, "--runtime", runtime)  # exports the tower
@@ -156,6 +159,10 @@ def test_auto_takes_the_fast_start_in_the_runtime_tune_recorded(monkeypatch: pyt
     record_measurement(weights_home() / "runtimes", read_header(tiny_weights)["fingerprint"], "torch", {})
     opened.clear()
     assert run(*common, "--runtime", "auto")[0] == 1 and opened == []  # tune picked torch: the torch path, no fast start tried
+    record_measurement(weights_home() / "runtimes", read_header(tiny_weights)["fingerprint"], runtime, {})
+    monkeypatch.setattr(fastpath, "_accelerator_may_be_here", lambda: True)
+    assert run(*common, "--runtime", "auto")[0] == 1 and opened == []  # --device auto may mean a GPU: the torch path decides
+    assert run(*common, "--runtime", "auto", "--device", "cpu")[0] == 1 and opened == [runtime]  # the CPU named: the fast start
 
 
 @pytest.mark.parametrize("extra", [("--cache", "features"), ("--report", "r.html"), ("--precision", "fp32", "--quantize", "int8"),

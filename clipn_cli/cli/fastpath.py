@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -27,7 +28,11 @@ def fast_detect(args: dict[str, Any], pools: tuple[str, ...], write_records: Cal
         return
     from ..fastdetect import FastStart, weights_export
 
-    runtime = _auto_runtime(args["weights"]) if args["runtime"] == "auto" else args["runtime"]
+    runtime = args["runtime"]
+    if runtime == "auto":
+        if args["device"] == "auto" and _accelerator_may_be_here():
+            return  # the torch path may load on the GPU, where auto means torch
+        runtime = _auto_runtime(args["weights"])
     if runtime is None:
         return
     fast = FastStart.open(args["weights"], args["embeddings"], runtime)
@@ -75,3 +80,11 @@ def _auto_runtime(weights: Any) -> str | None:
         return None
     chosen, _ = measured_runtime(weights_home() / "runtimes", found[1]["fingerprint"])  # a warning is said by the torch path
     return chosen if chosen in ("onnx", "openvino") else None
+
+
+def _accelerator_may_be_here() -> bool:
+    """Whether `--device auto` might pick a GPU, told without importing torch: an NVIDIA or AMD
+    compute device node (Linux), or macOS (MPS). A false "maybe" only costs this run the fast start."""
+    if sys.platform == "darwin":
+        return True
+    return any(Path(node).exists() for node in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
