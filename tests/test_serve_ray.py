@@ -235,12 +235,21 @@ def test_full_queue_is_429_with_retry_after(atd_ray: Served) -> None:
     assert detect(atd_ray.url)[0] == 200
 
 
+def serve_controller() -> str:
+    """The id of the cluster's Ray Serve controller actor."""
+    import ray
+
+    return ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")._actor_id.hex()
+
+
 def test_threshold_records_equal_local_serve_and_detect(atd_ray: Served, cluster: str, home: Path, port: int) -> None:
     """Last: it replaces the ATD application (one clipn application per cluster)."""
     rule = ("--rule", "energy", "--threshold", "12.5")
+    controller = serve_controller()
     assert atd_ray.stop() == 0, "".join(atd_ray.lines)
     served = Served(ray_args(cluster, port, *rule), home)
     try:
+        assert serve_controller() == controller  # a joined cluster's Serve instance lives on: only the clipn application went
         status, got = detect(served.url)
         info = json.loads(http_request(served.url + "/v1/info")[2])
     finally:

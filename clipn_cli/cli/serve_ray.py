@@ -3,6 +3,8 @@ the driver loaded and checked to a Ray Serve application (clipn_cli/serve/ray_ap
 
 from __future__ import annotations
 
+import os
+
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
@@ -59,13 +61,16 @@ def serve_on_ray(
         threads=max(1, int(scale.cpus_per_replica)) if scale.gpus_per_replica == 0 else None,
     )
     ray = require_ray()
-    own = connect(ray, address)
+    joined = address or os.environ.get("RAY_ADDRESS")
+    own = connect(ray, address)  # this process called ray.init: it disconnects at the end
     try:
         if scale.replicas is None:
             scale = dataclasses.replace(scale, max_replicas=_most_replicas(ray, scale))
         details = {**details, "limits": {**details["limits"], **scale.info()}}
         ingress = IngressSpec(image_size, details, limits, api_key, exif_transpose, decode_threads, scale.capacity)
-        run_on_ray(application(replica, scale, ingress, heads, verdicts), host, port or _free_port(host), limits.timeout, announce, own)
+        # only a cluster started here has its Serve instance shut down; on a joined one just the clipn application goes
+        run_on_ray(application(replica, scale, ingress, heads, verdicts), host, port or _free_port(host), limits.timeout, announce,
+                   own and not joined)
     finally:
         if own:
             ray.shutdown()

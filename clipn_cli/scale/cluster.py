@@ -189,7 +189,8 @@ class Cluster:
 
 def connect(ray: Any, address: str | None) -> bool:
     """Join the cluster at `address` (None: $RAY_ADDRESS, else start a local one); True when this
-    process started it (and must shut it down). Used by `Cluster` and by `clipn serve --engine ray`."""
+    process initialised Ray here and must call `ray.shutdown()` at the end (which stops a cluster it
+    started and only disconnects from one it joined). Used by `Cluster` and by `clipn serve --engine ray`."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
