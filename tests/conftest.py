@@ -9,10 +9,12 @@ import gc
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -242,6 +244,38 @@ def sigint_at_default() -> None:
 def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen:
     """`subprocess.Popen` for a test's child process, with SIGINT at its default (`sigint_at_default`)."""
     return subprocess.Popen(args, preexec_fn=sigint_at_default, **kwargs)
+
+
+class ServeProcess:
+    """A `clipn serve` subprocess with its own weights home and no weights or key from the
+    environment, ready once it prints its URL. `drain` reads the rest of its stderr into `lines` as
+    it comes (a chatty child, e.g. Ray's, must never fill the pipe); otherwise a test reads it."""
+
+    def __init__(self, args: list[str], home: Path, env: dict[str, str] | None = None, drain: bool = False) -> None:
+        full = {k: v for k, v in os.environ.items() if k not in ("CLIPN_WEIGHTS", "CLIPN_API_KEY")}
+        full.update(CLIPN_HOME=str(home), **(env or {}))
+        self.proc = spawn([sys.executable, "-m", "clipn_cli", "serve", *args], env=full,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if found := re.search(r"serving on (http://\S+)", line):
+                self.url = found.group(1)
+                break
+        else:
+            raise AssertionError("".join(self.lines))
+        if drain:
+            threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def stop(self, timeout: float | None = None) -> int:
+        """SIGTERM (unless it has ended), then its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
 
 
 def run_cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from conftest import DIGITS_CLASSES, DIGITS_IMAGES, WORDS, assert_close_records, cli, http_request, json_body, spawn  # noqa: E402
+from conftest import DIGITS_CLASSES, DIGITS_IMAGES, WORDS, assert_close_records, cli, http_request, json_body, spawn, ServeProcess  # noqa: E402
 from headless_chromium import DevTools, needs_chromium  # noqa: E402
 
 
@@ -40,27 +40,11 @@ def detect_json(url: str, images: list[tuple[str, bytes]]) -> list[dict[str, Any
     return json.loads(body)
 
 
-class Served:
-    def __init__(self, args: list[str], home: Path, env: dict[str, str] | None = None) -> None:
-        full = {k: v for k, v in os.environ.items() if k not in ("CLIPN_WEIGHTS", "CLIPN_API_KEY")}
-        full.update(CLIPN_HOME=str(home), **(env or {}))
-        self.proc = spawn([sys.executable, "-m", "clipn_cli", "serve", "--port", "0", *args], env=full,
-                          stdout=__import__("subprocess").PIPE, stderr=__import__("subprocess").PIPE, text=True)
-        self.lines: list[str] = []
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if found := re.search(r"serving on (http://\S+)", line):
-                self.url = found.group(1)
-                break
-        else:
-            raise AssertionError("".join(self.lines))
+class Served(ServeProcess):
+    """Local `clipn serve` on any free port."""
 
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait()
-        self.proc.stderr.close()
-        self.proc.stdout.close()
-        return code
+    def __init__(self, args: list[str], home: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__(["--port", "0", *args], home, env)
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +199,6 @@ def test_sigterm_answers_the_request_in_flight_and_exits_0(home: Path) -> None:
     assert len(json.loads(answer.split(b"\r\n\r\n", 1)[1])) == 2
     assert served.proc.wait() == 0
     served.proc.stderr.close()
-    served.proc.stdout.close()
 
 
 def test_sigterm_after_grace_answers_503_and_exits_1(home: Path) -> None:
@@ -235,7 +218,6 @@ def test_sigterm_after_grace_answers_503_and_exits_1(home: Path) -> None:
     assert served.proc.wait() == 1
     assert "1 request(s) still running after --grace 0.5 s were answered 503" in served.proc.stderr.read()
     served.proc.stderr.close()
-    served.proc.stdout.close()
 
 
 GATED_SERVER = r"""
@@ -256,8 +238,6 @@ sys.exit(1 if cut_off else 0)
 
 
 def test_requests_in_the_model_or_queued_after_grace_get_503(tmp_path: Path) -> None:
-    import subprocess
-
     proc = spawn([sys.executable, "-c", GATED_SERVER, "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = proc.stdout.readline().strip()
     png = digit_images()[0][1]

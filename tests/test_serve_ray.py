@@ -10,10 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,37 +22,19 @@ import pytest
 pytest.importorskip("ray.serve")
 pytest.importorskip("starlette")
 
-from conftest import DIGITS_CLASSES, DIGITS_IMAGES, assert_close_records, cli, free_port, http_request, json_body, spawn  # noqa: E402
+from conftest import DIGITS_CLASSES, DIGITS_IMAGES, assert_close_records, cli, free_port, http_request, json_body, ServeProcess  # noqa: E402
 
 HANG_GUARD = 600  # seconds: only against a hung cluster, never a speed limit
 
 
-class Served:
-    """A `clipn serve` subprocess, ready once it prints its URL."""
+class Served(ServeProcess):
+    """A `clipn serve --engine ray` subprocess; Ray's logs are read as they come."""
 
     def __init__(self, args: list[str], home: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in ("CLIPN_WEIGHTS", "CLIPN_API_KEY")}
-        env["CLIPN_HOME"] = str(home)
-        self.proc = spawn([sys.executable, "-m", "clipn_cli", "serve", *args], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if found := re.search(r"serving on (http://\S+)", line):
-                self.url = found.group(1)
-                break
-        else:
-            raise AssertionError("".join(self.lines))
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
+        super().__init__(args, home, drain=True)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=HANG_GUARD)
+        return super().stop(timeout=HANG_GUARD)
 
 
 @pytest.fixture(scope="module")
