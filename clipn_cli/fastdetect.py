@@ -27,7 +27,7 @@ from .inputs.decode import LoadedImage, load_images
 from .inputs.sources import InputItem
 from .model.devices import MIN_PREFETCH, default_decode_workers, default_forward_batch
 from .outputs.records import Detection, detections_from_scores
-from .runtimes import export_path
+from .runtimes import export_path, is_cached
 from .runtimes.preprocess import preprocess
 from .runtimes.sessions import OnnxTower, OpenVinoTower
 from .scores.methods import check_rule
@@ -58,7 +58,7 @@ class FastStart:
         ones. Embeddings made with other weights are refused here, in the torch path's words.
         """
         found = weights_export(weights)
-        if found is None or not found[2].is_file():
+        if found is None or not is_cached(found[2]):
             return None
         path, meta, export = found
         fingerprint, vocabulary = meta["fingerprint"], _vocabulary(meta)

@@ -4,6 +4,7 @@ ONNX Runtime / OpenVINO fp32 giving CTW/ATD within 1e-5 of torch fp32."""
 from __future__ import annotations
 
 import json
+import os
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def test_export_writes_fingerprinted_dynamic_batch(tiny_weights: Path, tmp_path:
     assert result.returncode == 0, result.stderr
     model, info = load_model(tiny_weights, device=torch.device("cpu"), text=False)
     assert read_fingerprint(out) == info.fingerprint
+    weights = sum(p.numel() * 4 for p in model.visual.parameters())
+    assert out.with_name("tower.onnx.data").stat().st_size > 0.95 * weights > 10 * out.stat().st_size  # the weights (all but the smallest) beside the graph
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tower.onnx", "tower.onnx.data"]  # nothing staged is left
     import onnx
 
     graph = onnx.load(str(out)).graph
@@ -98,6 +102,64 @@ def test_export_is_cached_in_the_home_and_reused(tiny_weights: Path, tmp_path: P
     stamp = path.stat().st_mtime_ns
     assert cached_export(model, tmp_path / "runtimes", info.fingerprint) == path
     assert path.stat().st_mtime_ns == stamp  # reused, not exported again
+
+
+@pytest.mark.skipif("onnx" not in INSTALLED, reason="needs onnxruntime")
+def test_export_written_as_one_file_is_made_again_with_its_weights_beside(tiny_weights: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from clipn_cli.runtimes.onnx_export import cached_export, export_image_tower
+    from clipn_cli.runtimes.towers import OnnxTower
+    from clipn_cli.weights.checkpoints import load_model
+
+    model, info = load_model(tiny_weights, device=torch.device("cpu"), text=False)
+    path = export_image_tower(model, tmp_path / "made" / "tower.onnx", info.fingerprint)
+    cached = tmp_path / "runtimes" / f"{info.fingerprint[:16]}.onnx"
+    cached.parent.mkdir()
+    onnx.save(onnx.load(str(path)), str(cached))  # the layout of earlier clipn: one file, weights inside
+    assert cached_export(model, tmp_path / "runtimes", info.fingerprint) == cached
+    assert cached.with_name(cached.name + ".data").is_file() and cached.stat().st_size < path.with_name("tower.onnx.data").stat().st_size
+    pixels = torch.randn(2, 3, *model.visual.image_size)
+    assert abs(OnnxTower(cached)(pixels.numpy()) - model.encode_image(pixels, normalize=True).detach().numpy()).max() < EXACT
+
+
+@pytest.mark.parametrize("runtime", INSTALLED)
+@pytest.mark.parametrize("damage", ["truncated", "missing", "outside"])
+def test_damaged_cached_export_is_one_line(tiny_weights: Path, tmp_path: Path, runtime: str, damage: str) -> None:
+    """The graph's weights file cut short, gone (the graph alone is no cache: exported again), or
+    pointed outside its folder (both runtimes refuse to read it): one line naming the file, on the
+    torch path (--classes) and the torch-free fast start (--embeddings) alike."""
+    import onnx
+
+    from clipn_cli.weights.home import weights_home
+
+    embeddings = tmp_path / "heads.safetensors"
+    assert cli("embed-classes", "-w", str(tiny_weights), "-c", CLASSES, "-o", str(embeddings)).returncode == 0
+    assert cli("detect", "-w", str(tiny_weights), "-c", CLASSES, "--runtime", runtime, PICTURES[0]).returncode == 0
+    (cached,) = (weights_home() / "runtimes").glob("*.onnx")
+    data = cached.with_name(cached.name + ".data")
+    if damage == "truncated":
+        data.write_bytes(data.read_bytes()[:1000])
+    elif damage == "missing":
+        data.unlink()
+    else:
+        secret = tmp_path / "secret.bin"
+        secret.write_bytes(data.read_bytes())
+        proto = onnx.load(str(cached), load_external_data=False)
+        for tensor in proto.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = os.path.relpath(secret, cached.parent)
+        cached.write_bytes(proto.SerializeToString())
+    for heads in (("-c", CLASSES), ("-e", str(embeddings))):
+        result = cli("detect", "-w", str(tiny_weights), *heads, "--runtime", runtime, "--format", "jsonl", PICTURES[0])
+        if damage == "missing":
+            assert result.returncode == 0 and json.loads(result.stdout)["path"] == PICTURES[0], result.stderr
+            assert data.is_file()  # exported again by the torch path
+            continue
+        assert (result.returncode, result.stdout) == (2, ""), result.stderr
+        name = {"onnx": "ONNX Runtime", "openvino": "OpenVINO"}[runtime]
+        assert result.stderr.startswith(f"clipn: error: {cached}: {name} cannot load this export (") and result.stderr.count("\n") == 1
 
 
 @pytest.mark.skipif("onnx" not in INSTALLED, reason="needs onnxruntime")

@@ -27,6 +27,7 @@ def fast_detect(args: dict[str, Any], pools: tuple[str, ...], write_records: Cal
     if args["embeddings"] is None or pools or any(args[name] not in values for name, values in _TAKES.items()):
         return
     from ..fastdetect import FastStart, weights_export
+    from ..runtimes import is_cached
 
     runtime = args["runtime"]
     if runtime == "auto":
@@ -40,7 +41,7 @@ def fast_detect(args: dict[str, Any], pools: tuple[str, ...], write_records: Cal
         info(f"--runtime auto: {runtime} (measured fastest and exact for these weights on this CPU by 'clipn weights tune')")
     if fast is None:
         found = weights_export(args["weights"])
-        if found is not None and not found[2].is_file():
+        if found is not None and not is_cached(found[2]):
             info(f"the image tower's ONNX export for these weights is not cached yet: this run loads torch and writes {found[2]} "
                  "(later runs start without torch)")
         return

@@ -21,9 +21,22 @@ RUNTIME_PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "onnx": ("fp32",), "ope
 FINGERPRINT_KEY = "clipn_weights_fingerprint"  # the ONNX metadata entry naming the weights an export was made from
 
 
-def export_path(folder: str | os.PathLike[str], fingerprint: str) -> Path:
-    """Where the cached fp32 export of the weights with `fingerprint` lives in `folder`."""
-    return Path(folder) / f"{fingerprint[:16]}.onnx"
+def export_path(folder: str | os.PathLike[str], fingerprint: str, quantize: str | None = None) -> Path:
+    """Where the cached export of the weights with `fingerprint` lives in `folder` (fp32, or its
+    `quantize="int8"` quantisation); an fp32 export's weights are beside it, in `<name>.data`."""
+    return Path(folder) / f"{fingerprint[:16]}{'-' + quantize if quantize else ''}.onnx"
+
+
+
+def data_path(path: str | os.PathLike[str]) -> Path:
+    """The weights file an fp32 export at `path` names as its external data: `<name>.data`, beside it."""
+    return Path(f"{path}.data")
+
+
+def is_cached(path: Path, quantize: str | None = None) -> bool:
+    """Whether an export clipn can load is at `path`: the graph, and for fp32 its weights beside it
+    (an int8 quantisation is one file)."""
+    return path.is_file() and (quantize is not None or data_path(path).is_file())
 
 
 # What a runtime needs installed: module to find, extra that brings it.

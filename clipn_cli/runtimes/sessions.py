@@ -3,11 +3,13 @@ so the torch-free fast start (`fastdetect`) runs the same sessions `towers.Image
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DeviceError
+from ..errors import DeviceError, WeightsError
 from . import FINGERPRINT_KEY
 
 _OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -27,6 +29,18 @@ def onnx_providers(device: str) -> list[str]:
     return ["CUDAExecutionProvider"]
 
 
+@contextmanager
+def _loading(path: Path, runtime: str) -> Iterator[None]:
+    """A file the runtime cannot load (damaged, truncated, its weights file missing or outside its
+    folder, which both runtimes refuse) is one line naming it, not the runtime's traceback."""
+    try:
+        yield
+    except Exception as exc:  # ONNX Runtime raises its own Exception subclasses (Fail, InvalidProtobuf, NoSuchFile), OpenVINO RuntimeError
+        reason = " ".join(str(exc).split())
+        reason = reason if len(reason) <= 240 else "..." + reason[-240:].partition(" ")[2]  # the end says what failed
+        raise WeightsError(f"{path}: {runtime} cannot load this export ({reason}); delete it and its .data file to export it again") from None
+
+
 class OnnxTower:
     """ONNX Runtime's session over the exported image tower (fp32, exact), on the CPU or a CUDA device."""
 
@@ -34,11 +48,12 @@ class OnnxTower:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3  # its own warnings about unused initializers are noise to a user
+        options.log_severity_level = 4  # its warnings (unused initializers) are noise; its errors reach the user as our one line
         providers: list = onnx_providers(device)
         if ":" in device:
             providers = [(providers[0], {"device_id": int(device.partition(":")[2])})]
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        with _loading(path, "ONNX Runtime"):
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.provider = self.session.get_providers()[0]
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
@@ -66,8 +81,9 @@ class OpenVinoTower:
         import openvino as ov
 
         core = ov.Core()
-        self.model = core.read_model(str(path))  # read once: its metadata and shapes, then compiled as is
-        self.compiled = core.compile_model(self.model, "CPU", {"INFERENCE_PRECISION_HINT": _OPENVINO_HINTS[precision]})
+        with _loading(path, "OpenVINO"):
+            self.model = core.read_model(str(path))  # read once: its metadata and shapes, then compiled as is
+            self.compiled = core.compile_model(self.model, "CPU", {"INFERENCE_PRECISION_HINT": _OPENVINO_HINTS[precision]})
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return np.asarray(self.compiled(np.ascontiguousarray(pixels, dtype=np.float32))[0], dtype=np.float32)
