@@ -8,9 +8,11 @@ Tests run as root, where `chmod 000` stops nothing: an unreadable folder is simu
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -34,6 +36,7 @@ from clipn_cli.errors import ClassesError, ClipnError, EmbeddingsError, OutputEr
 from clipn_cli.inputs.decode import load_images, load_one, open_image
 from clipn_cli.inputs.limits import DecodeLimits, jpeg_scans
 from clipn_cli.inputs.sources import InputItem, iter_inputs
+from clipn_cli.outputs.writers import CsvRows
 
 CLASSES = "cat,horse,rocket"
 HANG_GUARD = 60  # seconds: only to stop a hung test, never a speed assertion
@@ -721,3 +724,38 @@ def test_hostile_json_files_given_by_name(tmp_path: Path) -> None:
     index.write_text('{"image": "a.png", "caption": "a cat"}\n' + DEEP + "\n")
     with pytest.raises(DataError, match=f"^{index}:2: JSON nested too deeply"):
         read_index(index)
+
+
+# 6. file names that are markup in an output format: one parseable record per image, the name intact --
+
+ODD_NAMES = (b"car\rriage.png", b"new\nline.png", b"tab\tx.png", b"com,ma.png", b'quo"te.png', b"lat\xe9.png", b"\xff\xfe.png")
+
+
+def test_odd_file_names_keep_one_record_each_in_csv_and_jsonl(tiny_weights: Path, tmp_path: Path) -> None:
+    """A bare carriage return is a line end to every CSV reader: its field must be quoted like one with "\\n"."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    want = sorted(os.fsencode(folder) + b"/" + name for name in ODD_NAMES)
+    for name in want:
+        shutil.copy(IMAGES / "chelsea.png", name)
+    args = ("detect", "-w", str(tiny_weights), "--classes", CLASSES, str(folder))
+    printed = cli(*args, "--format", "csv")
+    written = cli(*args, "--format", "csv", "--output", str(tmp_path / "out.csv"))
+    assert printed.returncode == written.returncode == 0
+    saved = (tmp_path / "out.csv").read_bytes().decode("utf-8", "surrogateescape")
+    for text in (printed.stdout, saved):
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        assert sorted(os.fsencode(row["path"]) for row in rows) == want
+        assert all(row["class"] in CLASSES.split(",") for row in rows)
+    lines = cli(*args, "--format", "jsonl").stdout.splitlines()
+    assert sorted(os.fsencode(json.loads(line)["path"]) for line in lines) == want
+
+
+def test_csv_rows_quote_a_carriage_return_and_leave_other_rows_minimal() -> None:
+    out = io.StringIO()
+    writer = CsvRows(out, ("path", "score"))
+    writer.writeheader()
+    writer.writerow({"path": "a\rb.png", "score": 0.5})
+    writer.writerow({"path": "c.png", "score": 0.25})
+    assert out.getvalue() == 'path,score\n"a\rb.png","0.5"\nc.png,0.25\n'
+    assert list(csv.reader(io.StringIO(out.getvalue(), newline=""))) == [["path", "score"], ["a\rb.png", "0.5"], ["c.png", "0.25"]]

@@ -4,7 +4,6 @@ plots and the CLI's rendering read results without importing the evaluation work
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ import numpy as np
 from ..files import atomic_open
 from ..scores import methods as method_table
 from ..scores import metrics
-from .writers import TEXT_ERRORS, json_text
+from .writers import TEXT_ERRORS, CsvRows, json_text
 
 METHODS = {m.name: m.label for m in method_table.TABLE if m.name in method_table.CLASSIC}  # every evaluation has these
 LABELS = {m.name: m.label for m in method_table.TABLE}
@@ -104,7 +103,7 @@ def write_scores(evaluation: Evaluation, path: str | os.PathLike[str]) -> None:
     """Every image's scores as CSV (JSON Lines if `path` ends in .jsonl), written atomically."""
     jsonl = str(path).endswith(".jsonl")
     with atomic_open(path, "w", encoding="utf-8", errors=TEXT_ERRORS, newline="") as fh:
-        writer = None if jsonl else csv.DictWriter(fh, fieldnames=score_columns(evaluation), lineterminator="\n")
+        writer = None if jsonl else CsvRows(fh, score_columns(evaluation))
         if writer:
             writer.writeheader()
         for row in score_rows(evaluation):

@@ -62,11 +62,32 @@ class JsonWriter(Writer):
         self.stream.write("\n]\n" if self._count else "]\n")
 
 
+class CsvRows:
+    """csv.DictWriter with "\n" line ends whose rows holding a carriage return are quoted in full.
+
+    With "\n" as the line end, Python 3.11's csv quotes a field holding "\n" but not one holding a
+    bare "\r", which csv readers (Python's, pandas', spreadsheets) take for a line end: a file named
+    `a\rb.png` split its record in two. Other rows are written as before (minimal quoting).
+    """
+
+    def __init__(self, stream: IO[str], fieldnames: tuple[str, ...] | list[str], extrasaction: str = "raise") -> None:
+        self._plain = csv.DictWriter(stream, fieldnames=fieldnames, extrasaction=extrasaction, lineterminator="\n")
+        self._quoted = csv.DictWriter(stream, fieldnames=fieldnames, extrasaction=extrasaction, lineterminator="\n",
+                                      quoting=csv.QUOTE_ALL)
+
+    def writeheader(self) -> None:
+        self._plain.writeheader()
+
+    def writerow(self, row: dict[str, Any]) -> None:
+        returns = any(isinstance(value, str) and "\r" in value for value in row.values())
+        (self._quoted if returns else self._plain).writerow(row)
+
+
 class CsvWriter(Writer):
     def __init__(self, stream: IO[str], details: bool = False, extra: tuple[str, ...] = ()) -> None:
         super().__init__(stream)
         columns = CSV_COLUMNS + extra + (DETAIL_COLUMNS if details else ("top_k",))
-        self._csv = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        self._csv = CsvRows(stream, columns, extrasaction="ignore")
         self._csv.writeheader()
 
     def write(self, record: dict[str, Any]) -> None:
