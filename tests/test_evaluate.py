@@ -241,12 +241,13 @@ def test_cached_rerun_encodes_nothing(tiny_weights: Path, sets: tuple[Path, Path
 def test_table_csv_and_openood(tiny_weights: Path, sets: tuple[Path, Path], tmp_path: Path) -> None:
     id_dir, ood_dir = sets
     base = ["eval", "-w", str(tiny_weights), "--classes", CLASSES, "--id", str(id_dir), "--ood", f"misc={ood_dir}",
-            "--ood", f"pngs={ood_dir / '*.png'}", "--cache", str(tmp_path / "cache")]
+            "--ood", f"p\rngs={ood_dir / '*.png'}", "--cache", str(tmp_path / "cache")]  # a carriage return stays in its quoted CSV field
     clipn_json = json.loads(cli(*base, "--format", "json").stdout)
     out = cli(*base, "--format", "csv", "--fpr-convention", "openood")
     assert out.exit_code == 0, out.output
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     assert len(rows) == 3 * len(METHODS) and {r["fpr95_convention"] for r in rows} == {"openood"}
+    assert {r["ood"] for r in rows} == {"misc", "p\rngs", "average"}
     by_key = {(r["ood"], r["method"]): r for r in clipn_json["results"]}
     for row in rows:  # the convention changes FPR95 only
         assert float(row["auroc"]) == by_key[(row["ood"], row["method"])]["auroc"]

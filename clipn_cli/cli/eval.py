@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -217,7 +216,7 @@ def _engine(engine: str, weights: Path, run: RunRequest, exif_transpose: bool, r
 
 def _write_report(evaluation: Evaluation, fmt: str, output: Path | None, points: list[OperatingPoint] | None = None, seed: int = 0) -> None:
     from ..files import atomic_open
-    from ..outputs.writers import TEXT_ERRORS, json_text
+    from ..outputs.writers import TEXT_ERRORS, CsvRows, json_text
 
     with contextlib.ExitStack() as stack:
         stream: IO[str] = sys.stdout if output is None else stack.enter_context(atomic_open(output, "w", encoding="utf-8", errors=TEXT_ERRORS, newline=""))
@@ -230,7 +229,7 @@ def _write_report(evaluation: Evaluation, fmt: str, output: Path | None, points:
             stream.write(json_text(found, indent=2) + "\n")
         elif fmt == "csv":
             columns = CSV_COLUMNS + (("calibrated_alpha", "calibrated_id_flagged", "calibrated_ood_caught") if points else ())
-            writer = csv.DictWriter(stream, fieldnames=columns, lineterminator="\n")
+            writer = CsvRows(stream, columns)
             writer.writeheader()
             for result in evaluation.results:
                 row = {**result.as_dict(), "fpr95_convention": evaluation.convention}
