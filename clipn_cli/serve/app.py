@@ -31,6 +31,7 @@ from .engine import Batcher, ServeLimits
 from .metrics import ServeMetrics
 from .pages import DOCS_CSP, INDEX_CSP, INDEX_HTML, docs_html, openapi
 
+MAX_HEADER_BYTES = 64 << 10  # a request line and headers larger than this are refused (431)
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
 
@@ -289,18 +290,26 @@ async def detect_response(service: Service, request: Request) -> Response:
     return response
 
 
-class OneFraming:
-    """Refuses a request that sends both Content-Length and Transfer-Encoding (the shape of request
-    smuggling behind a proxy that reads the other one): 400, and the connection is closed."""
+class HeadChecks:
+    """What every request head must pass before routing: at most MAX_HEADER_BYTES (431; h11 refuses a
+    larger head only while it is still arriving, not one that came in a single read), and not both
+    Content-Length and Transfer-Encoding (400: the shape of request smuggling behind a proxy that reads
+    the other one). Both answers close the connection."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        names = {name for name, _ in scope.get("headers", ())}
-        if scope["type"] == "http" and {b"content-length", b"transfer-encoding"} <= names:
-            answer = error(400, "a request may not send both Content-Length and Transfer-Encoding", {"Connection": "close"})
-            return await answer(scope, receive, send)
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            size = len(scope["raw_path"]) + len(scope["query_string"]) + sum(len(k) + len(v) + 4 for k, v in headers)
+            names = {name for name, _ in headers}
+            if size > MAX_HEADER_BYTES:
+                answer = error(431, f"the request line and headers are over {MAX_HEADER_BYTES >> 10} KB", {"Connection": "close"})
+                return await answer(scope, receive, send)
+            if {b"content-length", b"transfer-encoding"} <= names:
+                answer = error(400, "a request may not send both Content-Length and Transfer-Encoding", {"Connection": "close"})
+                return await answer(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -355,4 +364,4 @@ def create_app(service: Service) -> Starlette:
         Route("/v1/info", guarded(info)), Route("/metrics", guarded(metrics)),
         Route("/openapi.json", openapi_json), Route("/docs", docs), Route("/", index),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(OneFraming)], exception_handlers={HTTPException: refused, Exception: failed})
+    return Starlette(routes=routes, middleware=[Middleware(HeadChecks)], exception_handlers={HTTPException: refused, Exception: failed})

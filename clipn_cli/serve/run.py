@@ -19,10 +19,9 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .app import Service, create_app
+from .app import MAX_HEADER_BYTES, Service, create_app
 
 GRACE_SECONDS = 30.0  # the default --grace: the longest a stop waits for requests in flight
-MAX_HEADER_BYTES = 64 << 10  # a request line and headers larger than this are refused (431)
 MAX_CONNECTIONS = 1000  # open connections at once (fewer where the open-files limit is low); more: 503 and closed
 
 
@@ -50,13 +49,16 @@ class ServeProtocol(H11Protocol):
     max_connections: int = MAX_CONNECTIONS
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = None
-        if len(self.connections) > self.max_connections:
-            transport.write(raw_json_response(503, "Service Unavailable", f"too many open connections (over {self.max_connections}); retry shortly"))
-            transport.close()
-            return
+        self._refused = False
+        super().connection_made(transport)
         self._arm()
+        if len(self.connections) > self.max_connections:
+            self._refuse(raw_json_response(503, "Service Unavailable", f"too many open connections (over {self.max_connections}); retry shortly"))
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._deadline is not None:
@@ -67,14 +69,33 @@ class ServeProtocol(H11Protocol):
         super().on_response_complete()
         self._arm()
 
+    def shutdown(self) -> None:
+        if self._refused:
+            self.transport.close()
+        else:
+            super().shutdown()
+
     def send_400_response(self, msg: str) -> None:
         """h11 refused the request (malformed, or a head over MAX_HEADER_BYTES): a JSON 400 or 431."""
         if len(self.conn.trailing_data[0]) > MAX_HEADER_BYTES:
             status, reason, message = 431, "Request Header Fields Too Large", f"the request line and headers are over {MAX_HEADER_BYTES >> 10} KB"
         else:
             status, reason, message = 400, "Bad Request", "malformed HTTP request (request line, headers, Content-Length or chunked body)"
-        self.transport.write(raw_json_response(status, reason, message))
-        self.transport.close()
+        self._refuse(raw_json_response(status, reason, message))
+
+    def _refuse(self, answer: bytes) -> None:
+        """Answer, then close our side only: what the client still sends is read and dropped until it
+        closes or the head deadline, since closing with bytes unread resets the connection and the
+        client could lose the answer."""
+        self._refused = True
+        if self.cycle is not None and not self.cycle.response_complete:  # its endpoint sees the client gone, as at a close
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        self.transport.write(answer)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
 
     def _arm(self) -> None:
         if self._deadline is not None:
@@ -84,9 +105,9 @@ class ServeProtocol(H11Protocol):
 
     def _head_timed_out(self) -> None:
         self._deadline = None
-        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete and not self._refused):
             return  # a request is being answered: its endpoint bounds its body; the answer re-arms the deadline
-        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+        if not self._refused and self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
             self.transport.write(raw_json_response(408, "Request Timeout", f"the request head took longer than {self.head_timeout:g} s to arrive (--timeout)"))
         self.transport.close()
 
