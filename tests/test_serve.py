@@ -308,11 +308,11 @@ def gated_server(request_limits: dict[str, Any]) -> Iterator[tuple[str, Gated]]:
     from clipn_cli.serve.run import config_for
 
     model = Gated()
-    limits = ServeLimits(**{k: v for k, v in request_limits.items() if k != "key"})
+    limits = ServeLimits(**{k: v for k, v in request_limits.items() if k not in ("key", "max_connections")})
     service = Service(Batcher(model, limits.max_batch, limits.max_wait_ms, limits.queue), model.transform, {"version": "test"},
                       limits, api_key=request_limits.get("key"))
     model.service = service
-    server = uvicorn.Server(config_for(service, "127.0.0.1", 0))
+    server = uvicorn.Server(config_for(service, "127.0.0.1", 0, max_connections=request_limits.get("max_connections")))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -426,6 +426,104 @@ def test_a_key_is_needed_when_the_server_has_one(gated_server: tuple[str, Gated]
             assert status == 401 and got["www-authenticate"] == "Bearer", (path, headers)
     assert http_request(url + "/v1/detect", body, {"Content-Type": "application/json", "Authorization": "Bearer s3cret"})[0] == 200
     assert http_request(url + "/healthz")[0] == 200
+
+
+# ---------------------------------------------------------------- hostile HTTP: raw sockets
+
+def raw_exchange(url: str, data: bytes, sock: socket.socket | None = None) -> tuple[int, dict[str, str], Any]:
+    """Send `data` as is and read until the server closes: status, lower-cased headers, JSON body."""
+    if sock is None:
+        sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=60)
+    with sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict((k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:]))
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def request_bytes(method: str, path: str, headers: str = "", body: bytes = b"") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{headers}\r\n".encode() + body
+
+
+@pytest.mark.parametrize("data, status, reason", [
+    (request_bytes("GET", "/healthz", "".join(f"X-{i}: {'a' * 1000}\r\n" for i in range(100))), 431, "over 64 KB"),
+    (request_bytes("GET", "/healthz", "".join(f"X{i}:a\r\n" for i in range(20_000))), 431, "over 64 KB"),
+    (request_bytes("POST", "/v1/detect", "Content-Length: -5\r\n"), 400, "malformed HTTP request"),
+    (request_bytes("POST", "/v1/detect", "Content-Length: abc\r\n"), 400, "malformed HTTP request"),
+    (request_bytes("POST", "/v1/detect", "Content-Length: 2\r\nContent-Length: 3\r\n", b"{}"), 400, "malformed HTTP request"),
+    (request_bytes("POST", "/v1/detect", "Transfer-Encoding: chunked\r\n", b"zz\r\nab\r\n0\r\n\r\n"), 400, "malformed HTTP request"),
+    (request_bytes("GET", "/\xff".encode("latin-1").decode("latin-1")), 400, "malformed HTTP request"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(100), 400, "malformed HTTP request"),
+    (b"GET /healthz\r\n\r\n", 400, "malformed HTTP request"),
+    (request_bytes("POST", "/v1/detect", "Content-Type: application/json\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n", b"2\r\n{}\r\n0\r\n\r\n"),
+     400, "both Content-Length and Transfer-Encoding"),
+    (request_bytes("POST", "/v1/detect", "Content-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: 2\r\n", b"{}"),
+     415, "Content-Encoding 'gzip' is not accepted"),
+    (request_bytes("GET", "/nope"), 404, "GET '/nope': Not Found"),
+    (request_bytes("GET", "/../../etc/passwd"), 404, "Not Found"),
+    (request_bytes("GET", "/v1/detect"), 405, "Method Not Allowed"),
+    (request_bytes("OPTIONS", "/v1/detect"), 405, "Method Not Allowed"),
+    (request_bytes("FOO", "/healthz"), 405, "Method Not Allowed"),
+], ids=["head-100KB-one-read", "20000-headers", "negative-length", "non-numeric-length", "two-lengths", "bad-chunk", "non-ascii-path",
+        "tls-hello", "http-0.9", "length-and-chunked", "gzip-body", "unknown-path", "traversal", "get-on-post", "options", "unknown-method"])
+def test_every_refusal_is_one_json_error_and_the_server_goes_on(gated_server: tuple[str, Gated], data: bytes, status: int, reason: str) -> None:
+    """Refused by the HTTP layer (h11) or by routing, as by the endpoint: the documented status with
+    `{"error", "status"}` as JSON, never text/plain; oversized heads are refused, not parsed."""
+    url, model = gated_server
+    model.gate.set()
+    got, headers, body = raw_exchange(url, data)
+    assert (got, body["status"]) == (status, status) and reason in body["error"] and set(body) == {"error", "status"}, body
+    assert headers["content-type"] == "application/json"
+    assert http_request(url + "/v1/detect", json_body([("ok.txt", b"hi")]), {"Content-Type": "application/json"})[0] == 200
+
+
+def closed_by_server(sock: socket.socket) -> bytes:
+    """What the server sends before closing `sock` (the socket's 60 s timeout fails a server that never does)."""
+    answer = b""
+    with sock:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("request_limits", [{"queue": 2, "max_upload_mb": 1, "max_images": 3, "timeout": 0.5}])
+def test_slow_heads_idle_connections_and_trickled_bodies_are_closed_after_timeout(gated_server: tuple[str, Gated]) -> None:
+    """Slowloris: a connection must send its request head within --timeout of opening (or of its last
+    answer); an idle one, a half-sent head and a body trickled after an early answer are closed, and
+    the server answers others meanwhile."""
+    url, model = gated_server
+    model.gate.set()
+    port = int(url.rsplit(":", 1)[1])
+    idle, partial, trickled = (socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(3))
+    partial.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: a")
+    trickled.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\nabc")
+    assert http_request(url + "/v1/detect", json_body([("ok.txt", b"hi")]), {"Content-Type": "application/json"})[0] == 200
+    assert closed_by_server(idle) == b""
+    head, _, body = closed_by_server(partial).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and "request head took longer than 0.5 s" in json.loads(body)["error"]
+    assert closed_by_server(trickled).startswith(b"HTTP/1.1 200 ")  # answered once, then closed: the rest of its body is never awaited
+    assert http_request(url + "/healthz")[0] == 200
+
+
+@pytest.mark.parametrize("request_limits", [{"queue": 2, "max_upload_mb": 1, "max_images": 3, "max_connections": 4}])
+def test_connections_past_the_cap_get_503_and_the_server_recovers(gated_server: tuple[str, Gated]) -> None:
+    url, model = gated_server
+    model.gate.set()
+    port = int(url.rsplit(":", 1)[1])
+    held = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(4)]
+    for sock in held:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")  # heads never finished
+    status, _, body = raw_exchange(url, request_bytes("GET", "/healthz"))
+    assert status == 503 and body == {"error": "too many open connections (over 4); retry shortly", "status": 503}
+    for sock in held:
+        sock.close()
+    while (answer := http_request(url + "/healthz"))[0] != 200:  # the server sees the closes as they come
+        assert answer[0] == 503
+    assert http_request(url + "/v1/detect", json_body([("ok.txt", b"hi")]), {"Content-Type": "application/json"})[0] == 200
 
 
 # ---------------------------------------------------------------- the drop page in headless Chromium

@@ -54,7 +54,7 @@ def serve(
     queue: Annotated[int, typer.Option("--queue", rich_help_panel=SERVER, min=1, help="Most requests held at once (receiving, decoding, waiting, scoring); more get 429 with Retry-After.")] = 16,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", rich_help_panel=SERVER, min=0.001, help="Largest request body in MB (larger: 413).")] = 16.0,
     max_images: Annotated[int, typer.Option("--max-images", rich_help_panel=SERVER, min=1, help="Most images in one request (more: 413).")] = 64,
-    timeout: Annotated[float, typer.Option("--timeout", rich_help_panel=SERVER, min=0.1, help="Seconds a client may take to send its request body (then 408); idle connections close after it.")] = 30.0,
+    timeout: Annotated[float, typer.Option("--timeout", rich_help_panel=SERVER, min=0.1, help="Seconds a client may take to send its request head, then its body (then 408); idle connections close after it.")] = 30.0,
     grace: Annotated[float, typer.Option("--grace", rich_help_panel=SERVER, min=0, help="Seconds a stop (SIGTERM, SIGINT) waits for requests in flight; those still running then get 503.")] = 30.0,
     api_key_file: Annotated[Path | None, typer.Option("--api-key-file", rich_help_panel=SERVER, help=f"A file holding the API key clients must send (Authorization: Bearer KEY); default ${API_KEY_ENV}, none: no key.", show_default=False)] = None,
     engine: Annotated[str, typer.Option("--engine", rich_help_panel=SCALE, help="local (this process) or ray (a Ray Serve application: see --replicas).")] = "local",

@@ -18,9 +18,11 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..inputs.decode import DecodeLimits, LoadedImage, load_one
 from ..inputs.sources import InputItem
@@ -29,6 +31,7 @@ from .engine import Batcher, ServeLimits
 from .metrics import ServeMetrics
 from .pages import DOCS_CSP, INDEX_CSP, INDEX_HTML, docs_html, openapi
 
+MAX_HEADER_BYTES = 64 << 10  # a request line and headers larger than this are refused (431)
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
 
@@ -135,6 +138,9 @@ def authorized(service: Service, request: Request) -> bool:
 
 async def read_body(request: Request, limits: ServeLimits) -> bytes:
     """The body, refused past `max_upload_mb` (413) or when it takes longer than `timeout` to arrive (408)."""
+    coding = request.headers.get("content-encoding", "identity").strip().lower()
+    if coding != "identity":
+        raise RequestError(415, f"Content-Encoding {coding[:40]!r} is not accepted: send the body uncompressed")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limits.max_bytes:
         raise RequestError(413, f"request body of {declared} bytes is over the {limits.max_upload_mb:g} MB limit (--max-upload-mb)")
@@ -284,6 +290,29 @@ async def detect_response(service: Service, request: Request) -> Response:
     return response
 
 
+class HeadChecks:
+    """What every request head must pass before routing: at most MAX_HEADER_BYTES (431; h11 refuses a
+    larger head only while it is still arriving, not one that came in a single read), and not both
+    Content-Length and Transfer-Encoding (400: the shape of request smuggling behind a proxy that reads
+    the other one). Both answers close the connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            size = len(scope["raw_path"]) + len(scope["query_string"]) + sum(len(k) + len(v) + 4 for k, v in headers)
+            names = {name for name, _ in headers}
+            if size > MAX_HEADER_BYTES:
+                answer = error(431, f"the request line and headers are over {MAX_HEADER_BYTES >> 10} KB", {"Connection": "close"})
+                return await answer(scope, receive, send)
+            if {b"content-length", b"transfer-encoding"} <= names:
+                answer = error(400, "a request may not send both Content-Length and Transfer-Encoding", {"Connection": "close"})
+                return await answer(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(service: Service) -> Starlette:
     """The Starlette application for `service` (see README "Serve" for each endpoint)."""
 
@@ -320,10 +349,19 @@ def create_app(service: Service) -> Starlette:
     async def index(request: Request) -> Response:
         return HTMLResponse(INDEX_HTML, headers={**SECURITY_HEADERS, "Content-Security-Policy": INDEX_CSP})
 
+    async def refused(request: Request, exc: Exception) -> Response:
+        """Starlette's own refusals (404, 405: `Allow` kept) as the JSON error every endpoint answers."""
+        assert isinstance(exc, HTTPException)
+        return error(exc.status_code, f"{request.method[:16]} {request.url.path[:200]!r}: {exc.detail}", dict(exc.headers or {}))
+
+    async def failed(request: Request, exc: Exception) -> Response:
+        """An unexpected failure: a JSON 500 naming the exception's type, never a traceback."""
+        return error(500, f"internal error ({type(exc).__name__})")
+
     routes = [
         Route("/v1/detect", detect, methods=["POST"]),
         Route("/healthz", healthz), Route("/readyz", readyz),
         Route("/v1/info", guarded(info)), Route("/metrics", guarded(metrics)),
         Route("/openapi.json", openapi_json), Route("/docs", docs), Route("/", index),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, middleware=[Middleware(HeadChecks)], exception_handlers={HTTPException: refused, Exception: failed})

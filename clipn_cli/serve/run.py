@@ -1,19 +1,115 @@
 """Run a Service on uvicorn until SIGTERM or SIGINT, then stop gracefully: the listening socket closes,
 /readyz turns 503, requests in flight get their answers for up to the grace period (`--grace`), and
-those still running after it get a 503 JSON error (the endpoint turns uvicorn's cancellation into it)."""
+those still running after it get a 503 JSON error (the endpoint turns uvicorn's cancellation into it).
+
+The connection layer is uvicorn's h11 protocol, never httptools (which has no header limit), with
+what uvicorn lacks against slow or hostile clients: a deadline for each request head, a cap on open
+connections, and JSON answers for what it refuses before the application sees a request."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import resource
 import signal
 import socket
 from collections.abc import Callable
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .app import Service, create_app
+from .app import MAX_HEADER_BYTES, Service, create_app
 
 GRACE_SECONDS = 30.0  # the default --grace: the longest a stop waits for requests in flight
-MAX_HEADER_BYTES = 64 << 10  # a request line and headers larger than this are refused (h11)
+MAX_CONNECTIONS = 1000  # open connections at once (fewer where the open-files limit is low); more: 503 and closed
+
+
+def connection_cap() -> int:
+    """MAX_CONNECTIONS, or fewer so that files the server opens itself (spooled uploads, the model's) still fit."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else max(16, min(MAX_CONNECTIONS, soft // 2))
+
+
+def raw_json_response(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 response with the JSON error body, closing the connection (for refusals made
+    before h11 holds a request to answer)."""
+    body = json.dumps({"error": message, "status": status}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "x-content-type-options: nosniff\r\nconnection: close\r\n\r\n").encode() + body
+
+
+class ServeProtocol(H11Protocol):
+    """One client connection. Its request head (request line and headers) must arrive within
+    `head_timeout` of the connection opening or of the previous answer, else the connection closes
+    (408 when part of a head came); an idle keep-alive connection closes after the same time. A body
+    is the endpoint's to time (`--timeout`, 408). Past `max_connections`, a new connection gets 503."""
+
+    head_timeout: float = 30.0
+    max_connections: int = MAX_CONNECTIONS
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._deadline: asyncio.TimerHandle | None = None
+        self._refused = False
+        super().connection_made(transport)
+        self._arm()
+        if len(self.connections) > self.max_connections:
+            self._refuse(raw_json_response(503, "Service Unavailable", f"too many open connections (over {self.max_connections}); retry shortly"))
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def shutdown(self) -> None:
+        if self._refused:
+            self.transport.close()
+        else:
+            super().shutdown()
+
+    def send_400_response(self, msg: str) -> None:
+        """h11 refused the request (malformed, or a head over MAX_HEADER_BYTES): a JSON 400 or 431."""
+        if len(self.conn.trailing_data[0]) > MAX_HEADER_BYTES:
+            status, reason, message = 431, "Request Header Fields Too Large", f"the request line and headers are over {MAX_HEADER_BYTES >> 10} KB"
+        else:
+            status, reason, message = 400, "Bad Request", "malformed HTTP request (request line, headers, Content-Length or chunked body)"
+        self._refuse(raw_json_response(status, reason, message))
+
+    def _refuse(self, answer: bytes) -> None:
+        """Answer, then close our side only: what the client still sends is read and dropped until it
+        closes or the head deadline, since closing with bytes unread resets the connection and the
+        client could lose the answer."""
+        self._refused = True
+        if self.cycle is not None and not self.cycle.response_complete:  # its endpoint sees the client gone, as at a close
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        self.transport.write(answer)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if not self.transport.is_closing():
+            self._deadline = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete and not self._refused):
+            return  # a request is being answered: its endpoint bounds its body; the answer re-arms the deadline
+        if not self._refused and self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+            self.transport.write(raw_json_response(408, "Request Timeout", f"the request head took longer than {self.head_timeout:g} s to arrive (--timeout)"))
+        self.transport.close()
 
 
 class _Server(uvicorn.Server):
@@ -34,12 +130,15 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def config_for(service: Service, host: str, port: int, grace: float = GRACE_SECONDS) -> uvicorn.Config:
-    """uvicorn's settings for `service`: idle connections closed after --timeout, bounded headers, no
-    banner, requests in flight cancelled `grace` seconds after a stop signal."""
+def config_for(service: Service, host: str, port: int, grace: float = GRACE_SECONDS, max_connections: int | None = None) -> uvicorn.Config:
+    """uvicorn's settings for `service`: the ServeProtocol (request heads and idle connections closed
+    after --timeout, heads over MAX_HEADER_BYTES refused, connections capped), no WebSocket, no banner,
+    requests in flight cancelled `grace` seconds after a stop signal."""
+    protocol = type("ServeProtocol", (ServeProtocol,), {
+        "head_timeout": service.limits.timeout, "max_connections": max_connections or connection_cap()})
     return uvicorn.Config(
         create_app(service), host=host, port=port, log_level="warning", access_log=False, lifespan="off",
-        timeout_keep_alive=max(1, int(service.limits.timeout)), timeout_graceful_shutdown=grace,
+        http=protocol, ws="none", timeout_keep_alive=max(1, int(service.limits.timeout)), timeout_graceful_shutdown=grace,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES, server_header=False,
     )
 
