@@ -759,3 +759,18 @@ def test_csv_rows_quote_a_carriage_return_and_leave_other_rows_minimal() -> None
     writer.writerow({"path": "c.png", "score": 0.25})
     assert out.getvalue() == 'path,score\n"a\rb.png","0.5"\nc.png,0.25\n'
     assert list(csv.reader(io.StringIO(out.getvalue(), newline=""))) == [["path", "score"], ["a\rb.png", "0.5"], ["c.png", "0.25"]]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF", "JPEG", "TIFF", "BMP", "WEBP"])
+def test_pixel_limit_is_clipns_in_every_format_up_and_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """Pillow refuses at open any image past twice its own MAX_IMAGE_PIXELS, in its own words: a
+    CLIPN_MAX_PIXELS above that must still let an image through, and every refusal name clipn's limit.
+    Pillow's limit is lowered to 1,000 pixels here so that small files stand for large ones."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for side in (60, 100, 120):  # 3,600 pixels: under clipn's 5,000; 10,000 and 14,400: over it (the last past twice it)
+        Image.new("RGB", (side, side), (200, 10, 10)).save(tmp_path / f"{side}.{fmt.lower()}", fmt)
+    limits = DecodeLimits(max_pixels=5000)
+    assert load_one(InputItem(str(tmp_path / f"60.{fmt.lower()}")), None, limits=limits).error is None
+    for side in (100, 120):
+        error = load_one(InputItem(str(tmp_path / f"{side}.{fmt.lower()}")), None, limits=limits).error
+        assert error is not None and error.startswith("image too large: ") and "(limit 5000, CLIPN_MAX_PIXELS); possible decompression bomb" in error

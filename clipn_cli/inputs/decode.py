@@ -11,6 +11,7 @@ import atexit
 import io
 import os
 import queue
+import re
 import stat
 import struct
 import threading
@@ -116,8 +117,14 @@ def _decode(
     """Identify (allowed formats only), check the frame to be decoded, decode within the budget, transform."""
     head = fp.read(64)
     fp.seek(0)
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limits.max_pixels:
+        Image.MAX_IMAGE_PIXELS = limits.max_pixels  # Pillow refuses at open past twice its own limit: CLIPN_MAX_PIXELS raises it
     try:
         img = Image.open(fp, formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as exc:  # past twice Pillow's limit, said in clipn's words
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        raise ImageError(f"image too large: {size.group(1) + ' pixels' if size else exc} (limit {limits.max_pixels}, CLIPN_MAX_PIXELS); "
+                         "possible decompression bomb") from None
     except UnidentifiedImageError:
         refused = _refused_format(head)
         if refused:
