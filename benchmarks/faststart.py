@@ -1,10 +1,11 @@
-"""One image through `clipn detect --embeddings F`: the torch-free fast start (`--runtime onnx`, export
-cached) against today's torch path (`--runtime torch`), wall and CPU seconds of the whole process.
+"""One image through `clipn detect --embeddings F`: the torch-free fast start (`--runtime onnx` and
+`--runtime openvino`, export cached) against today's torch path (`--runtime torch`), wall and CPU
+seconds of the whole process.
 
     python benchmarks/faststart.py                    # digits demo and a random ViT-B-16, 5 rounds
     python benchmarks/faststart.py --models digits --rounds 9 --out benchmarks/faststart.json
 
-The two commands alternate in rounds (fast, torch, fast, torch, …) so background load on a shared
+The three commands alternate in rounds (onnx, openvino, torch, onnx, …) so background load on a shared
 machine hits both alike; the 1-minute load average is recorded before each run, and each run's
 records are checked equal in verdicts and classes. The ONNX export is made by one run beforehand.
 """
@@ -28,7 +29,8 @@ MODELS = {
     "digits": ("zero,one,two,three,four", ROOT / "examples" / "digits" / "images" / "eight-0040.png"),
     "vitb16": ("cat,horse,rocket,coffee", ROOT / "tests" / "fixtures" / "images" / "chelsea.png"),
 }
-VARIANTS = {"fast (onnx, no torch)": ("--runtime", "onnx"), "today (torch)": ("--runtime", "torch")}
+VARIANTS = {"fast (onnx, no torch)": ("--runtime", "onnx"), "fast (openvino, no torch)": ("--runtime", "openvino"),
+            "today (torch)": ("--runtime", "torch")}
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
@@ -66,12 +68,12 @@ def measure(model: str, rounds: int, work: Path, env: dict[str, str]) -> dict:
             wall, cpu, out = timed([*base, *args], env)
             runs[name].append({"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "load_1min": round(load, 2)})
             outputs[name] = out
-    fast, today = (json.loads(outputs[name]) for name in VARIANTS)
-    assert (fast["verdict"], fast["class"]) == (today["verdict"], today["class"]), (fast, today)
+    fast, vino, today = (json.loads(outputs[name]) for name in VARIANTS)
+    assert (fast["verdict"], fast["class"]) == (vino["verdict"], vino["class"]) == (today["verdict"], today["class"]), (fast, vino, today)
     summary = {name: {"median_wall_s": statistics.median(r["wall_s"] for r in rs), "median_cpu_s": statistics.median(r["cpu_s"] for r in rs),
                       "min_wall_s": min(r["wall_s"] for r in rs), "runs": rs} for name, rs in runs.items()}
     return {"weights": weights if model == "digits" else "random ViT-B-16 (benchmarks/bench.py make_weights)", "image": str(image.relative_to(ROOT)),
-            "largest_score_change": max(abs(fast[k] - today[k]) for k in ("ctw_score", "atd_score", "msp")), **summary}
+            "largest_score_change": max(abs(r[k] - today[k]) for r in (fast, vino) for k in ("ctw_score", "atd_score", "msp")), **summary}
 
 
 def main() -> None:

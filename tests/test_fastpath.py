@@ -45,8 +45,8 @@ def setup(tiny_weights: Path, tmp_path: Path) -> tuple[Path, list[str]]:
     return embeddings, [*sorted(str(p) for p in IMAGES.iterdir()), str(broken)]
 
 
-def run(*args: object) -> tuple[int, str, str]:
-    result = cli("detect", *args)
+def run(*args: object, stdin: str | None = None) -> tuple[int, str, str]:
+    result = cli("detect", *args, stdin=stdin)
     return result.returncode, result.stdout, result.stderr
 
 
@@ -55,11 +55,11 @@ def torch_path(monkeypatch: pytest.MonkeyPatch, *args: object) -> tuple[int, str
     from clipn_cli.fastdetect import FastStart
 
     with monkeypatch.context() as patch:
-        patch.setattr(FastStart, "open", classmethod(lambda cls, *a: None))
+        patch.setattr(FastStart, "open", classmethod(lambda cls, *a, **k: None))
         return run(*args)
 
 
-def fast_path(monkeypatch: pytest.MonkeyPatch, *args: object) -> tuple[int, str, str]:
+def fast_path(monkeypatch: pytest.MonkeyPatch, *args: object, stdin: str | None = None) -> tuple[int, str, str]:
     """The command with the torch path's model loading made to fail: only the fast start can answer."""
     from clipn_cli.cli import detect
 
@@ -68,7 +68,7 @@ def fast_path(monkeypatch: pytest.MonkeyPatch, *args: object) -> tuple[int, str,
 
     with monkeypatch.context() as patch:
         patch.setattr(detect, "load_weights_for_cli", no_torch_path)
-        return run(*args)
+        return run(*args, stdin=stdin)
 
 
 def parsed(fmt: str, text: str) -> list[dict]:
@@ -145,9 +145,9 @@ def test_auto_takes_the_fast_start_in_the_runtime_tune_recorded(monkeypatch: pyt
     opened: list[str] = []
     real_open = FastStart.open.__func__
 
-    def spy(cls: type, weights: object, embeddings: Path, runtime: str = "onnx") -> FastStart | None:
+    def spy(cls: type, weights: object, embeddings: Path, runtime: str = "onnx", few: bool = False) -> FastStart | None:
         opened.append(runtime)
-        return real_open(cls, weights, embeddings, runtime)
+        return real_open(cls, weights, embeddings, runtime, few)
 
     monkeypatch.setattr(FastStart, "open", classmethod(spy))
     code, fast, err = fast_path(monkeypatch, *common, "--runtime", "auto")
@@ -207,3 +207,34 @@ def test_guarded_decoder_with_numpy_pixels_gives_the_torch_transforms(setup: tup
         assert got.error == want.error
         if want.pixels is not None:
             assert isinstance(got.pixels, np.ndarray) and np.array_equal(got.pixels, want.pixels.numpy()), path
+
+
+def test_a_few_files_open_onnx_runtime_without_prepacking(monkeypatch: pytest.MonkeyPatch, tiny_weights: Path,
+                                                          setup: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """Up to FEW_IMAGES files named on the command line skip ONNX Runtime's weight prepacking (a faster
+    start); a folder, stdin or more files keep it (faster per image). The records are the same."""
+    from clipn_cli.fastdetect import FEW_IMAGES
+    from clipn_cli.runtimes.sessions import OnnxTower
+
+    embeddings, images = setup
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for name in images[:3]:
+        (folder / Path(name).name).write_bytes(Path(name).read_bytes())
+    common = ("-w", tiny_weights, "-e", embeddings, "--runtime", "onnx", "--format", "jsonl")
+    run(*common, images[0])  # exports the tower
+    prepacked: list[bool] = []
+    real_init = OnnxTower.__init__
+
+    def spy(self: OnnxTower, path: Path, device: str = "cpu", prepack: bool = True) -> None:
+        prepacked.append(prepack)
+        real_init(self, path, device, prepack)
+
+    monkeypatch.setattr(OnnxTower, "__init__", spy)
+    few = fast_path(monkeypatch, *common, *sorted(str(p) for p in folder.iterdir()))
+    many = fast_path(monkeypatch, *common, str(folder))
+    assert fast_path(monkeypatch, *common, *[images[0]] * (FEW_IMAGES + 1))[0] == 0
+    assert fast_path(monkeypatch, *common, "-", stdin=images[0] + "\n")[0] == 0
+    assert prepacked == [False, True, True, True]
+    assert few[0] == many[0] == 0
+    assert_close_records(parsed("jsonl", few[1]), parsed("jsonl", many[1]))

@@ -7,6 +7,7 @@ loads torch to make it and the next run starts fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,7 @@ def fast_detect(args: dict[str, Any], pools: tuple[str, ...], write_records: Cal
         runtime = _auto_runtime(args["weights"])
     if runtime is None:
         return
-    fast = FastStart.open(args["weights"], args["embeddings"], runtime)
+    fast = FastStart.open(args["weights"], args["embeddings"], runtime, few=_few_files(args["paths"]))
     if fast is not None and args["runtime"] == "auto":  # else the torch path says it
         info(f"--runtime auto: {runtime} (measured fastest and exact for these weights on this CPU by 'clipn weights tune')")
     if fast is None:
@@ -81,6 +82,14 @@ def _auto_runtime(weights: Any) -> str | None:
         return None
     chosen, _ = measured_runtime(weights_home() / "runtimes", found[1]["fingerprint"])  # a warning is said by the torch path
     return chosen if chosen in ("onnx", "openvino") else None
+
+
+def _few_files(paths: list[str] | None) -> bool:
+    """Whether the run is known to be a few images: at most FEW_IMAGES paths, each a file (not stdin,
+    not a folder, which may hold any number)."""
+    from ..fastdetect import FEW_IMAGES
+
+    return bool(paths) and len(paths) <= FEW_IMAGES and all(p != "-" and os.path.isfile(p) for p in paths)
 
 
 def _accelerator_may_be_here() -> bool:
