@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -493,6 +494,18 @@ def answered_once_its_place_is_free(url: str) -> int:
     return 429
 
 
+def fully_closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server let go of `sock` (after its answer and half-close): bytes sent to a closed
+    socket are answered with a reset, after which sending fails; a half-open one drops them for ever."""
+    for _ in range(6000):  # 60 s: far past REFUSAL_LINGER
+        try:
+            sock.sendall(b"x")
+        except OSError:  # ECONNRESET or EPIPE
+            return True
+        threading.Event().wait(0.01)
+    return False
+
+
 def closed_by_server(sock: socket.socket) -> bytes:
     """What the server sends before closing `sock` (the socket's 60 s timeout fails a server that never does)."""
     answer = b""
@@ -502,7 +515,7 @@ def closed_by_server(sock: socket.socket) -> bytes:
     return answer
 
 
-@pytest.mark.parametrize("request_limits", [{"queue": 2, "max_upload_mb": 1, "max_images": 3, "timeout": 0.5}])
+@pytest.mark.parametrize("request_limits", [{"queue": 2, "max_upload_mb": 1, "max_images": 3, "timeout": 2.0}])
 def test_slow_heads_idle_connections_and_trickled_bodies_are_closed_after_timeout(gated_server: tuple[str, Gated]) -> None:
     """Slowloris: a connection must send its request head within --timeout of opening (or of its last
     answer); an idle one, a half-sent head and a body trickled after an early answer are closed, and
@@ -516,25 +529,38 @@ def test_slow_heads_idle_connections_and_trickled_bodies_are_closed_after_timeou
     assert http_request(url + "/v1/detect", json_body([("ok.txt", b"hi")]), {"Content-Type": "application/json"})[0] == 200
     assert closed_by_server(idle) == b""
     head, _, body = closed_by_server(partial).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408 ") and "request head took longer than 0.5 s" in json.loads(body)["error"]
+    assert head.startswith(b"HTTP/1.1 408 ") and "request head took longer than 2 s" in json.loads(body)["error"]
     assert closed_by_server(trickled).startswith(b"HTTP/1.1 200 ")  # answered once, then closed: the rest of its body is never awaited
     assert http_request(url + "/healthz")[0] == 200
 
 
-@pytest.mark.parametrize("request_limits", [{"queue": 2, "max_upload_mb": 1, "max_images": 3, "max_connections": 4}])
+@pytest.mark.parametrize("request_limits", [{"queue": 2, "max_upload_mb": 1, "max_images": 3, "max_connections": 4, "timeout": 600}])
 def test_connections_past_the_cap_get_503_and_the_server_recovers(gated_server: tuple[str, Gated]) -> None:
+    """Past the cap: a JSON 503, and the connection closed by the server within REFUSAL_LINGER even
+    though its client keeps it open and --timeout is 10 minutes (a refused client holds no socket)."""
     url, model = gated_server
     model.gate.set()
     port = int(url.rsplit(":", 1)[1])
     held = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(4)]
     for sock in held:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")  # heads never finished
-    status, _, body = raw_exchange(url, request_bytes("GET", "/healthz"))
-    assert status == 503 and body == {"error": "too many open connections (over 4); retry shortly", "status": 503}
+    refused = socket.create_connection(("127.0.0.1", port), timeout=60)
+    refused.sendall(request_bytes("GET", "/healthz"))
+    answer = b""
+    while chunk := refused.recv(65536):  # the answer, then the end of file of the server's half-close
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and json.loads(body) == {"error": "too many open connections (over 4); retry shortly", "status": 503}
+    assert fully_closed_by_server(refused)
+    refused.close()
     for sock in held:
         sock.close()
-    while (answer := http_request(url + "/healthz"))[0] != 200:  # the server sees the closes as they come
+    for _ in range(1000):  # the server sees the closes as they come
+        if (answer := http_request(url + "/healthz"))[0] == 200:
+            break
         assert answer[0] == 503
+        threading.Event().wait(0.01)
+    assert answer[0] == 200
     assert http_request(url + "/v1/detect", json_body([("ok.txt", b"hi")]), {"Content-Type": "application/json"})[0] == 200
 
 
@@ -612,3 +638,75 @@ def test_runtime_onnx_records_equal_local_detect_onnx(home: Path) -> None:
     assert info["runtime"] == "onnx" and len(got) == 20
     assert_close_records(got, json.loads(done.stdout))
     assert list((home / "runtimes").iterdir())  # the export both used, made once
+
+
+class _Timers:
+    """A loop whose call_later only records: the test fires each deadline itself."""
+
+    def __init__(self) -> None:
+        self.pending: list[Any] = []
+
+    def call_later(self, delay: float, callback: Any) -> Any:
+        timer = types.SimpleNamespace(delay=delay, callback=callback, cancel=lambda: self.pending.remove(timer) if timer in self.pending else None)
+        self.pending.append(timer)
+        return timer
+
+    def fire(self) -> float:
+        (timer,) = self.pending
+        self.pending.clear()
+        timer.callback()
+        return timer.delay
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written, self.eof, self.closed = b"", False, False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 9) if name in ("sockname", "peername") else default
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_request_being_answered_keeps_its_deadline_and_a_refusal_then_closes() -> None:
+    """The head deadline firing while a request is answered is looked at again a timeout later (it
+    was dropped: a request refused after that moment, or an answer its client never reads, held the
+    connection for ever); a refusal closes the connection REFUSAL_LINGER later; an answer stuck unread
+    (writing paused) for two deadlines in a row closes it."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from clipn_cli.serve.run import REFUSAL_LINGER, ServeProtocol
+
+    config = uvicorn.Config(lambda scope, receive, send: None, http=ServeProtocol, lifespan="off")
+    config.load()
+    for ending in ("refused", "stalled"):
+        timers, transport = _Timers(), _Transport()
+        protocol = ServeProtocol(config, ServerState(), {}, _loop=timers)  # type: ignore[arg-type]
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.cycle = types.SimpleNamespace(response_complete=False, disconnected=False, message_event=threading.Event())
+        assert timers.fire() == ServeProtocol.head_timeout and not transport.closed
+        assert len(timers.pending) == 1  # looked at again, not dropped
+        if ending == "refused":
+            protocol.send_400_response("bad chunk")
+            assert transport.written.startswith(b"HTTP/1.1 400 ") and transport.eof and protocol.cycle.disconnected
+            assert timers.fire() == REFUSAL_LINGER and transport.closed
+        else:
+            protocol.flow.write_paused = True
+            timers.fire()
+            assert not transport.closed  # one deadline with the answer unread: it may be a slow reader
+            timers.fire()
+            assert transport.closed

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import signal
 import socket
 from collections.abc import Callable
@@ -23,10 +22,15 @@ from .app import MAX_HEADER_BYTES, Service, create_app
 
 GRACE_SECONDS = 30.0  # the default --grace: the longest a stop waits for requests in flight
 MAX_CONNECTIONS = 1000  # open connections at once (fewer where the open-files limit is low); more: 503 and closed
+REFUSAL_LINGER = 2.0  # seconds a refused connection stays half-open so that its answer is read, not reset
 
 
 def connection_cap() -> int:
     """MAX_CONNECTIONS, or fewer so that files the server opens itself (spooled uploads, the model's) still fit."""
+    try:
+        import resource
+    except ImportError:  # Windows: no open-files limit to read
+        return MAX_CONNECTIONS
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else max(16, min(MAX_CONNECTIONS, soft // 2))
 
@@ -50,7 +54,7 @@ class ServeProtocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
-        self._refused = False
+        self._refused = self._stalled = False
         super().connection_made(transport)
         self._arm()
         if len(self.connections) > self.max_connections:
@@ -84,9 +88,9 @@ class ServeProtocol(H11Protocol):
         self._refuse(raw_json_response(status, reason, message))
 
     def _refuse(self, answer: bytes) -> None:
-        """Answer, then close our side only: what the client still sends is read and dropped until it
-        closes or the head deadline, since closing with bytes unread resets the connection and the
-        client could lose the answer."""
+        """Answer, then close our side only, and the connection REFUSAL_LINGER seconds later: what the
+        client still sends meanwhile is read and dropped, since closing with bytes unread resets the
+        connection and the client could lose the answer; after it, a refused client holds nothing."""
         self._refused = True
         if self.cycle is not None and not self.cycle.response_complete:  # its endpoint sees the client gone, as at a close
             self.cycle.disconnected = True
@@ -94,20 +98,29 @@ class ServeProtocol(H11Protocol):
         self.transport.write(answer)
         if self.transport.can_write_eof():
             self.transport.write_eof()
+            self._arm(min(self.head_timeout, REFUSAL_LINGER))
         else:
             self.transport.close()
 
-    def _arm(self) -> None:
+    def _arm(self, delay: float | None = None) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
         if not self.transport.is_closing():
-            self._deadline = self.loop.call_later(self.head_timeout, self._head_timed_out)
+            self._deadline = self.loop.call_later(self.head_timeout if delay is None else delay, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
+        """The deadline: close a connection refused, idle, or slow with its head. One whose request is
+        being answered is looked at again a timeout later (its endpoint bounds the body), and closed
+        when its answer has been stuck for two deadlines in a row on a client that does not read."""
         self._deadline = None
-        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete and not self._refused):
-            return  # a request is being answered: its endpoint bounds its body; the answer re-arms the deadline
-        if not self._refused and self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete and not self._refused:
+            stalled, self._stalled = self._stalled, self.flow.write_paused
+            if not (stalled and self._stalled):
+                self._arm()
+                return
+        elif not self._refused and self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
             self.transport.write(raw_json_response(408, "Request Timeout", f"the request head took longer than {self.head_timeout:g} s to arrive (--timeout)"))
         self.transport.close()
 
