@@ -211,8 +211,9 @@ def test_guarded_decoder_with_numpy_pixels_gives_the_torch_transforms(setup: tup
 
 def test_a_few_files_open_onnx_runtime_without_prepacking(monkeypatch: pytest.MonkeyPatch, tiny_weights: Path,
                                                           setup: tuple[Path, list[str]], tmp_path: Path) -> None:
-    """Up to FEW_IMAGES files named on the command line skip ONNX Runtime's weight prepacking (a faster
-    start); a folder, stdin or more files keep it (faster per image). The records are the same."""
+    """Up to FEW_IMAGES image files named on the command line skip ONNX Runtime's weight prepacking (a
+    faster start); a folder, stdin, a list of paths or more files keep it (faster per image). The
+    records are the same."""
     from clipn_cli.fastdetect import FEW_IMAGES
     from clipn_cli.runtimes.sessions import OnnxTower
 
@@ -235,6 +236,9 @@ def test_a_few_files_open_onnx_runtime_without_prepacking(monkeypatch: pytest.Mo
     many = fast_path(monkeypatch, *common, str(folder))
     assert fast_path(monkeypatch, *common, *[images[0]] * (FEW_IMAGES + 1))[0] == 0
     assert fast_path(monkeypatch, *common, "-", stdin=images[0] + "\n")[0] == 0
-    assert prepacked == [False, True, True, True]
+    listed = tmp_path / "list.txt"
+    listed.write_text(images[0] + "\n")
+    assert fast_path(monkeypatch, *common, str(listed))[0] == 0  # one file naming any number of images
+    assert prepacked == [False, True, True, True, True]
     assert few[0] == many[0] == 0
     assert_close_records(parsed("jsonl", few[1]), parsed("jsonl", many[1]))

@@ -124,11 +124,12 @@ def test_export_written_as_one_file_is_made_again_with_its_weights_beside(tiny_w
 
 
 @pytest.mark.parametrize("runtime", INSTALLED)
-@pytest.mark.parametrize("damage", ["truncated", "missing", "outside"])
-def test_damaged_cached_export_is_one_line(tiny_weights: Path, tmp_path: Path, runtime: str, damage: str) -> None:
+@pytest.mark.parametrize("damage_kind", ["truncated", "missing", "outside", "absolute", "symlink"])
+def test_damaged_cached_export_is_one_line(tiny_weights: Path, tmp_path: Path, runtime: str, damage_kind: str) -> None:
     """The graph's weights file cut short, gone (the graph alone is no cache: exported again), or
-    pointed outside its folder (both runtimes refuse to read it): one line naming the file, on the
-    torch path (--classes) and the torch-free fast start (--embeddings) alike."""
+    named outside its folder (both runtimes, at the versions the extras ask for, refuse to read it):
+    one line naming the file, on the torch path (--classes) and the torch-free fast start
+    (--embeddings) alike."""
     import onnx
 
     from clipn_cli.weights.home import weights_home
@@ -138,22 +139,30 @@ def test_damaged_cached_export_is_one_line(tiny_weights: Path, tmp_path: Path, r
     assert cli("detect", "-w", str(tiny_weights), "-c", CLASSES, "--runtime", runtime, PICTURES[0]).returncode == 0
     (cached,) = (weights_home() / "runtimes").glob("*.onnx")
     data = cached.with_name(cached.name + ".data")
-    if damage == "truncated":
-        data.write_bytes(data.read_bytes()[:1000])
-    elif damage == "missing":
-        data.unlink()
-    else:
-        secret = tmp_path / "secret.bin"
-        secret.write_bytes(data.read_bytes())
-        proto = onnx.load(str(cached), load_external_data=False)
-        for tensor in proto.graph.initializer:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = os.path.relpath(secret, cached.parent)
-        cached.write_bytes(proto.SerializeToString())
+    secret = tmp_path / "secret.bin"
+
+    def damage() -> None:
+        if damage_kind == "truncated":
+            data.write_bytes(data.read_bytes()[:1000])
+        elif damage_kind == "missing":
+            data.unlink()
+        else:  # the weights outside the folder, named by a relative path, an absolute one, or a symlink in it
+            secret.write_bytes(data.read_bytes())
+            link = cached.parent / "link.bin"
+            if damage_kind == "symlink" and not link.is_symlink():
+                link.symlink_to(secret)
+            location = {"outside": os.path.relpath(secret, cached.parent), "absolute": str(secret), "symlink": link.name}[damage_kind]
+            proto = onnx.load(str(cached), load_external_data=False)
+            for tensor in proto.graph.initializer:
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = location
+            cached.write_bytes(proto.SerializeToString())
+
     for heads in (("-c", CLASSES), ("-e", str(embeddings))):
+        damage()  # each path meets it (the torch path mends a missing .data by exporting again)
         result = cli("detect", "-w", str(tiny_weights), *heads, "--runtime", runtime, "--format", "jsonl", PICTURES[0])
-        if damage == "missing":
+        if damage_kind == "missing":
             assert result.returncode == 0 and json.loads(result.stdout)["path"] == PICTURES[0], result.stderr
             assert data.is_file()  # exported again by the torch path
             continue

@@ -85,11 +85,12 @@ def _auto_runtime(weights: Any) -> str | None:
 
 
 def _few_files(paths: list[str] | None) -> bool:
-    """Whether the run is known to be a few images: at most FEW_IMAGES paths, each a file (not stdin,
-    not a folder, which may hold any number)."""
+    """Whether the run is known to be a few images: at most FEW_IMAGES paths, each an image file (not
+    stdin, a folder, a list or a table of paths, which may name any number)."""
     from ..fastdetect import FEW_IMAGES
+    from ..inputs.tables import is_table
 
-    return bool(paths) and len(paths) <= FEW_IMAGES and all(p != "-" and os.path.isfile(p) for p in paths)
+    return bool(paths) and len(paths) <= FEW_IMAGES and all(p != "-" and os.path.isfile(p) and not is_table(p) for p in paths)
 
 
 def _accelerator_may_be_here() -> bool:

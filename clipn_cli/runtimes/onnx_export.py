@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsError
-from ..files import atomic_path
+from ..files import DiskFullError, atomic_path, disk_full, is_disk_full
 from ..model.clipn import CLIPN
 from . import FINGERPRINT_KEY, data_path, export_path, is_cached
 
@@ -39,13 +39,25 @@ def export_image_tower(model: CLIPN, target: str | os.PathLike[str], fingerprint
     Uses torch's TorchScript-based exporter (`dynamo=False`): it needs no onnxscript and traces a
     ViT in seconds; its deprecation warnings are silenced here, the result is checked by the tests.
     """
-    import onnx
-
     visual = model.visual
     if next(visual.parameters()).device.type != "cpu" or getattr(model, "image_quantization", None):
         raise ValueError("the image tower is exported from fp32 weights on the CPU")
-    target = Path(target)
+    target = Path(os.path.realpath(target))  # through a symlink: the weights go beside the file the graph is written to
     target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _stage_and_rename(model, target, fingerprint)
+    except OSError as exc:
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise disk_full(target) from None
+        raise
+    return target
+
+
+def _stage_and_rename(model: CLIPN, target: Path, fingerprint: str) -> None:
+    """Trace into a private folder beside `target`, add the fingerprint, save graph and weights
+    there, then rename the weights and the graph into place (the staging folder goes in every case)."""
+    import onnx
+
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
         traced = Path(tmp) / "traced" / "tower.onnx"
         traced.parent.mkdir()
@@ -60,7 +72,6 @@ def export_image_tower(model: CLIPN, target: str | os.PathLike[str], fingerprint
             os.replace(staged.with_name(data_path(target).name), part)
         with atomic_path(target) as part:
             os.replace(staged, part)
-    return target
 
 
 def _trace(model: CLIPN, path: Path) -> None:

@@ -35,10 +35,13 @@ def _loading(path: Path, runtime: str) -> Iterator[None]:
     folder, which both runtimes refuse) is one line naming it, not the runtime's traceback."""
     try:
         yield
+    except MemoryError:
+        raise
     except Exception as exc:  # ONNX Runtime raises its own Exception subclasses (Fail, InvalidProtobuf, NoSuchFile), OpenVINO RuntimeError
         reason = " ".join(str(exc).split())
         reason = reason if len(reason) <= 240 else "..." + reason[-240:].partition(" ")[2]  # the end says what failed
-        raise WeightsError(f"{path}: {runtime} cannot load this export ({reason}); delete it and its .data file to export it again") from None
+        raise WeightsError(f"{path}: {runtime} cannot load this export ({reason}); if it is damaged, delete it and its .data "
+                           "file to export it again") from None
 
 
 class OnnxTower:
