@@ -298,3 +298,37 @@ def test_calibrate_and_eval_take_the_runtime(tiny_weights: Path, tmp_path: Path)
     result = cli("eval", "-w", str(tiny_weights), "-c", CLASSES, *(x for p in PICTURES[:3] for x in ("--id", p)), "--ood", f"other={PICTURES[3]}",
                  "--runtime", "onnx", "--format", "json")
     assert result.returncode == 0, result.stderr
+
+
+@needs_onnx
+def test_export_through_a_symlink_and_onto_a_full_disk(tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through a symlink the graph is written to the file it points to, and its weights beside the
+    path as named, where ONNX Runtime and OpenVINO look when given that path; a full disk while
+    staging is one line naming the export, and leaves nothing behind."""
+    import errno
+
+    import onnx
+
+    real = tmp_path / "real" / "tower.onnx"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    link = tmp_path / "tower.onnx"
+    link.symlink_to(real)
+    result = cli("export", str(tiny_weights), str(link))
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and real.stat().st_size > 3 and (tmp_path / "tower.onnx.data").is_file()
+    if "onnx" in INSTALLED:
+        from clipn_cli.runtimes.towers import OnnxTower
+
+        tower = OnnxTower(link)
+        assert tower(torch.zeros(2, 3, tower.image_size, tower.image_size).numpy()).shape == (2, tower.embed_dim)
+
+    def full(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", full)
+    out = tmp_path / "full" / "tower.onnx"
+    out.parent.mkdir()
+    result = cli("export", str(tiny_weights), str(out))
+    assert result.returncode == 2 and result.stderr == f"clipn: error: {out}: the disk is full (no space left on the device); nothing was written\n"
+    assert list(out.parent.iterdir()) == []

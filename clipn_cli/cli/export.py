@@ -36,7 +36,7 @@ def export(
         from ..runtimes.onnx_export import export_image_tower
         preflight(weights, "cpu")
         model, weights_info = load_weights_for_cli(weights, "cpu", text=False)
-        graph = export_image_tower(model, output, weights_info.fingerprint)  # through a symlink: the file it points to
+        graph = export_image_tower(model, output, weights_info.fingerprint)
         data = data_path(graph)
         info(f"wrote {graph} and {data.name} ({(graph.stat().st_size + data.stat().st_size) / 1e6:.1f} MB, image tower of "
              f"{weights_info.model_name}, fingerprint {weights_info.fingerprint[:12]})")

@@ -42,7 +42,7 @@ def export_image_tower(model: CLIPN, target: str | os.PathLike[str], fingerprint
     visual = model.visual
     if next(visual.parameters()).device.type != "cpu" or getattr(model, "image_quantization", None):
         raise ValueError("the image tower is exported from fp32 weights on the CPU")
-    target = Path(os.path.realpath(target))  # through a symlink: the weights go beside the file the graph is written to
+    target = Path(target)  # a symlink stays one (the graph is written through it) and the weights go beside it, where runtimes look
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         _stage_and_rename(model, target, fingerprint)
