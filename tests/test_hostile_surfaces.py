@@ -418,7 +418,7 @@ def _manifest(tmp_path: Path, text: str | bytes | None = None, **shard: object) 
     if text is None:
         entry = {"index": 0, "file": "shards/part-000000.jsonl", "records": 1, "errors": 0, "digest": "ab"}
         entry.update(shard)
-        text = json.dumps({"schema": "clipn-scale-manifest/1", "format": "jsonl", "complete": True, "finished_shards": [entry]})
+        text = json.dumps({"schema": "clipn-scale-manifest/1", "format": "jsonl", "complete": True, "inputs": 1, "finished_shards": [entry]})
     (folder / "manifest.json").write_bytes(text.encode() if isinstance(text, str) else text)
     return folder
 

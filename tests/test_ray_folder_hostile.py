@@ -30,7 +30,7 @@ def make_run(root: Path, shards: list[list[dict]], fmt: str = "jsonl", calibrate
     store = OutputStore.open(str(root))
     store.prepare()
     job = {"command": "detect", "format": fmt, **({"calibration": {"method": "atd"}} if calibrated else {})}
-    manifest = Manifest(job, complete=True)
+    manifest = Manifest(job, inputs=sum(map(len, shards)), complete=True)
     writer = ManifestWriter(store, manifest, interval=3600)
     for index, records in enumerate(shards):
         name = f"part-{index:06d}.{fmt}"

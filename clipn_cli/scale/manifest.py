@@ -18,12 +18,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ClipnError
+from ..errors import ClipnError, JSONLimitError
+from ..files import JSONLimits, check_json
+from ..outputs.records import SHARD_FORMATS
 from .planner import shard_name
 from .store import COMMITTED, MANIFEST, OutputStore
 
 SCHEMA = "clipn-scale-manifest/1"
 SHARD_FILE = re.compile(r"shards/part-[0-9]{6,}\.[a-z]{1,10}")
+DIGEST = re.compile(r"[0-9a-f]{1,64}")
+SUMMARY_KEYS = ("file", "records", "errors", "digest")  # what a finished shard's entry holds (with its index)
 
 
 class ResumeError(ClipnError):
@@ -58,17 +62,41 @@ class Manifest:
             "finished_shards": [{"index": i, **self.shards[i]} for i in sorted(self.shards)],
         }
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        known = {"schema", "complete", "inputs", "records", "errors", "finished_shards"}
-        job = {k: v for k, v in data.items() if k not in known}
-        shards = {int(s["index"]): {k: v for k, v in s.items() if k != "index"} for s in data.get("finished_shards", [])}
-        return cls(job, shards, data.get("inputs"), bool(data.get("complete")))
-
 
 MAX_MANIFEST_BYTES = 64 << 20  # ~400,000 shard entries; the file is read whole
 MAX_MANIFEST_ELEMENTS = 4_000_000  # JSON values (counted before parsing): ~300 MB of Python objects at most
-MAX_MARKER_BYTES = 1 << 20
+MAX_MARKER_BYTES = 64 << 10  # a marker is one shard's entry: ~150 bytes
+
+
+def _parse(data: bytes, what: str) -> Any:
+    """JSON of a manifest or marker, bounded before any object is built (`_check_elements`, then
+    `files.check_json`'s depth and containers), and unambiguous: a key given twice (readers differ on
+    which one counts) or NaN/Infinity (not JSON) is refused."""
+    _check_elements(data)
+    try:
+        check_json(data, JSONLimits(values=MAX_MANIFEST_ELEMENTS, containers=MAX_MANIFEST_ELEMENTS, depth=32))
+        return json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (JSONLimitError, _Ambiguous):
+        raise
+    except (ValueError, RecursionError) as exc:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        raise ValueError(f"{what} is not valid JSON ({str(exc)[:120]})") from None
+
+
+class _Ambiguous(ValueError):
+    """JSON that readers read differently."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Ambiguous(f"the key {_shown(twice)} is given twice")
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise _Ambiguous(f"{name} is not a JSON number")
 
 
 def _check_elements(data: bytes) -> bytes:
@@ -103,48 +131,83 @@ def load_manifest(store: OutputStore) -> Manifest | None:
     shard entry checked (an index, record and error counts, a digest and a file name), so a damaged
     or hostile manifest is one line naming it, not a traceback later.
     """
-    from ..jsonsafe import loads_json
-
     if not store.exists(MANIFEST):
         return None
     where = f"{store.uri}/{MANIFEST}"
     try:
-        data = loads_json(_check_elements(store.read(MANIFEST, limit=MAX_MANIFEST_BYTES)), "manifest.json")
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            raise ValueError(f"schema {str(data.get('schema') if isinstance(data, dict) else type(data).__name__)[:40]!r}")
-        if not isinstance(data.get("finished_shards", []), list):
-            raise ValueError("finished_shards is not a list")
-        for entry in data.get("finished_shards", []):
-            _check_summary(entry)
-        manifest = Manifest.from_dict(data)
-        if len(manifest.shards) != len(data.get("finished_shards", [])):
-            raise ValueError("a shard is listed twice")
+        manifest = _checked_manifest(_parse(store.read(MANIFEST, limit=MAX_MANIFEST_BYTES), "manifest.json"))
         for name in store.list(COMMITTED):
             where = f"{store.uri}/{COMMITTED}/{name}"
-            marker = _check_summary(loads_json(_check_elements(store.read(COMMITTED, name, limit=MAX_MARKER_BYTES)), "commit marker"))
-            manifest.shards.setdefault(int(marker.pop("index")), marker)
+            marker = _check_summary(_parse(store.read(COMMITTED, name, limit=MAX_MARKER_BYTES), "commit marker"), manifest.job["format"])
+            manifest.shards.setdefault(marker.pop("index"), marker)
+        where = f"{store.uri}/{MANIFEST}"
+        if manifest.complete:
+            _check_complete(manifest)
         return manifest
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:  # SafetensorsError is a ValueError
         raise ResumeError(f"{where}: not a clipn manifest ({str(exc)[:200]})") from None
 
 
-def _check_summary(entry: Any) -> dict[str, Any]:
-    """A finished shard's entry as the driver writes it, or ValueError naming what is wrong."""
+def _checked_manifest(data: Any) -> Manifest:
+    """manifest.json's object as the driver writes it, or ValueError naming what is wrong: every field
+    a reader relies on has its type, and the totals agree with the shards listed."""
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise ValueError(f"schema {str(data.get('schema') if isinstance(data, dict) else type(data).__name__)[:40]!r}")
+    entries = data.get("finished_shards", [])
+    if not isinstance(entries, list):
+        raise ValueError("finished_shards is not a list")
+    if data.get("format") not in SHARD_FORMATS:
+        raise ValueError(f"format {_shown(data.get('format'))[:20]}")
+    shards = [_check_summary(entry, data["format"]) for entry in entries]
+    if not isinstance(data.get("complete", False), bool):
+        raise ValueError(f"complete is {_shown(data['complete'])[:20]}, not true or false")
+    for key in ("inputs", "shard_size"):
+        if data.get(key) is not None and not _is_count(data[key]):
+            raise ValueError(f"{key} is {_shown(data[key])[:20]}, not a count")
+    for key in ("records", "errors"):  # written from the shards listed: another total means an edit
+        if key in data and data[key] != sum(s[key] for s in shards):
+            raise ValueError(f"{key} is {_shown(data[key])[:20]}, the finished shards hold {sum(s[key] for s in shards)}")
+    job = {k: v for k, v in data.items() if k not in {"schema", "complete", "inputs", "records", "errors", "finished_shards"}}
+    manifest = Manifest(job, {s.pop("index"): s for s in shards}, data.get("inputs"), data.get("complete", False))
+    if len(manifest.shards) != len(shards):
+        raise ValueError("a shard is listed twice")
+    return manifest
+
+
+def _check_complete(manifest: Manifest) -> None:
+    """A finished run lists every shard of its inputs: shards 0..n-1, as many records as inputs, so a
+    reader of it never misses a shard that an edit removed from the list."""
+    missing = next((i for i in range(len(manifest.shards)) if i not in manifest.shards), None)
+    if missing is not None:
+        raise ValueError(f"complete, but shard {missing} is not listed")
+    if manifest.inputs != manifest.records:
+        raise ValueError(f"complete, but its shards hold {manifest.records} records for {_shown(manifest.inputs)[:20]} inputs")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 53
+
+
+def _check_summary(entry: Any, fmt: str) -> dict[str, Any]:
+    """A finished shard's entry as the driver writes it (only its own keys kept: an entry padded with
+    more is not held), or ValueError naming what is wrong."""
     if not isinstance(entry, dict):
         raise ValueError("a finished shard is not an object")
     for key in ("index", "records", "errors"):
         value = entry.get(key)
-        if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 53):
+        if not _is_count(value):
             raise ValueError(f"a finished shard's {key} is {str(value)[:20]!r}, not a count")
-    if not isinstance(entry.get("digest"), str):
+    if not (isinstance(entry.get("digest"), str) and DIGEST.fullmatch(entry["digest"])):
         raise ValueError("a finished shard has no digest")
     if not (isinstance(entry.get("file"), str) and SHARD_FILE.fullmatch(entry["file"])):  # never a path out of the folder
         raise ValueError(f"a finished shard's file {str(entry.get('file'))[:60]!r} is not shards/part-NNNNNN.FORMAT")
+    if not entry["file"].endswith(f".{fmt}"):  # read as the run's format, so written as it
+        raise ValueError(f"a finished shard's file {entry['file'][:60]!r} is not a {fmt} shard")
     if entry["file"].split("/")[1].split(".")[0] != shard_name(entry["index"]):  # one shard, one file: never read twice
         raise ValueError(f"shard {entry['index']}'s file is {entry['file'][:60]!r}, not {shard_name(entry['index'])}")
     if entry["errors"] > entry["records"]:
         raise ValueError(f"shard {entry['index']} has more errors than records")
-    return entry
+    return {"index": entry["index"], **{key: entry[key] for key in SUMMARY_KEYS}}
 
 
 def check_resumable(old: Manifest, job: dict[str, Any], uri: str) -> None:

@@ -26,6 +26,7 @@ from .cluster import (  # noqa: F401  (also imported from here: the public names
 from ..model.devices import RunRequest
 from .manifest import Manifest, ManifestWriter, ResumeError, check_resumable, previous_run
 from .planner import DEFAULT_SHARD_SIZE, plan_shards
+from .store import SHARDS
 from .worker import ScoreOptions, Worker, WorkerConfig
 
 if TYPE_CHECKING:
@@ -74,6 +75,9 @@ def open_manifest(store: OutputStore, job: dict[str, Any], resume: bool) -> Mani
     check_resumable(old, job, store.uri)
     old.job["clipn_version"] = job["clipn_version"]
     old.complete = False
+    present = set(store.list(SHARDS))  # one listing, not a request per shard
+    for index in [i for i, s in old.shards.items() if s["file"].split("/", 1)[1] not in present]:
+        del old.shards[index]  # committed, but its file is gone: scored again, never counted without its records
     return old
 
 
