@@ -146,3 +146,13 @@ def test_a_file_swapped_after_its_check_is_refused_on_the_open_descriptor(tmp_pa
     _swapped_after_check(store, lambda: (shard.unlink(), os.mkfifo(shard)))
     with pytest.raises(OutputStoreError, match=r"part-000001.jsonl: not a regular file"):  # never waits for a writer
         store.read("shards", "part-000001.jsonl")
+
+
+def test_resume_of_another_runs_folder_is_one_line_naming_the_difference(tmp_path: Path) -> None:
+    store = three_shards(tmp_path / "run")
+    edited(store, lambda d: d.update(weights_fingerprint="f" * 64, classes=["cat"]))
+    job = {**load_manifest(store).job, "clipn_version": "0", "weights_fingerprint": "e" * 64, "classes": ["cat"]}
+    with pytest.raises(ResumeError) as caught:
+        open_manifest(store, job, resume=True)
+    assert str(caught.value) == (f"--resume {store.uri}: the run there was made with weights_fingerprint='{'f' * 64}', this one has "
+                                 f"weights_fingerprint='{'e' * 64}'; use the same options or a new --output")
