@@ -385,7 +385,7 @@ def test_object_store_mode_writes_in_place_and_commits_through_the_manifest(tmp_
     writer.flush()
     store.write(encode_shard([{"path": "a.png", "error": "no such file"}], "jsonl"), "shards", "part-000000.jsonl")
     store.write(encode_shard([{"path": "b.png", "error": "no such file"}], "jsonl"), "shards", "part-000001.jsonl")
-    writer.finished(0, {"file": "shards/part-000000.jsonl", "records": 1, "errors": 1, "digest": "x"})
+    writer.finished(0, {"file": "shards/part-000000.jsonl", "records": 1, "errors": 1, "digest": "ab12"})
     assert sorted(load_manifest(store).shards) == [0]  # shard 1's file exists but was never committed
     assert [r["path"] for r in read_output(str(tmp_path / "run"), require_complete=False)] == ["a.png"]
     with pytest.raises(Exception, match="not finished"):
