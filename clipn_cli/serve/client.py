@@ -61,7 +61,8 @@ def _call(url: str, key: str | None, body: bytes | None = None) -> Any:
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
         if watch.fired:
             raise _Unreachable(f"{url}: no complete answer within {timeout:g} s ($CLIPN_SERVER_TIMEOUT_S)") from None
-        raise _Unreachable(f"{url}: cannot reach the server ({_reason(exc)})") from None
+        broken = isinstance(exc, http.client.HTTPException) or isinstance(getattr(exc, "reason", None), http.client.HTTPException)
+        raise _Unreachable(f"{url}: {'no valid HTTP answer' if broken else 'cannot reach the server'} ({_reason(exc)})") from None
     finally:
         watch.cancel()
     if watch.fired:  # the sockets were shut mid-answer: what was read is not all of it
