@@ -294,3 +294,13 @@ def test_weights_download_keeps_encoded_bytes_as_sent(fast: None, tmp_path: Path
     result = download(server.url + "/w.pt", tmp_path / "w.pt", sha256=hashlib.sha256(bomb).hexdigest())
     assert result.size == len(bomb) < 1 << 20 and (tmp_path / "w.pt").read_bytes() == bomb
 
+
+
+def test_server_timeout_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = Hostile(send(answer(json.dumps(INFO).encode())))
+    for bad in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv("CLIPN_SERVER_TIMEOUT_S", bad)
+        with pytest.raises(ServerError, match=r"\$CLIPN_SERVER_TIMEOUT_S must be a positive number"):
+            server_info(server.url, None)
+    monkeypatch.setenv("CLIPN_SERVER_TIMEOUT_S", "2.5")
+    assert server_info(server.url, None) == INFO
