@@ -304,3 +304,31 @@ def test_server_timeout_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
             server_info(server.url, None)
     monkeypatch.setenv("CLIPN_SERVER_TIMEOUT_S", "2.5")
     assert server_info(server.url, None) == INFO
+
+
+def test_weights_download_does_not_read_a_redirects_endless_body(fast: None, tmp_path: Path) -> None:
+    """urllib reads a redirect's body to its end before following it: an endless one is not read."""
+    sent: list[int] = []
+
+    def behave(conn: socket.socket, head: bytes) -> None:
+        if b" /w.pt " not in head:
+            return conn.sendall(answer(b"abc", headers=b""))
+        conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: /real\r\n\r\n")
+        sent.append(0)
+        for _ in range(4800):  # 300 MiB, then the connection closes
+            conn.sendall(b"x" * 65536)
+            sent[0] += 65536
+
+    server = Hostile(behave)
+    result = download(server.url + "/w.pt", tmp_path / "w.pt")
+    assert (tmp_path / "w.pt").read_bytes() == b"abc" and result.size == 3
+    assert server.seen == ["/w.pt", "/real"] and sent[0] < 300 << 20
+
+
+@pytest.mark.parametrize("location", [b"\x01ftp://HOST/x", b" ftp://HOST/x", b"FTP://HOST/x", b"\tftp://HOST/x"])
+def test_weights_redirect_scheme_is_read_as_urllib_reads_it(location: bytes, fast: None, tmp_path: Path) -> None:
+    host = ELSEWHERE.url("ftp").split("://")[1].split("/")[0].encode()
+    hits = ELSEWHERE.hits
+    with pytest.raises(FetchError, match=r"only http\(s\) redirects are followed"):
+        download(Hostile(redirect(location.replace(b"HOST", host))).url + "/w.pt", tmp_path / "w.pt")
+    assert ELSEWHERE.hits == hits

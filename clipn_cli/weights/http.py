@@ -115,7 +115,7 @@ def _shut(sock: socket.socket) -> None:
 
 
 class Redirected(urllib.error.URLError):
-    """A redirect not followed (off http(s), past 10, or any where none are); `reason` names the target."""
+    """A redirect not followed (off http(s), past 10, or any where none are); `reason` names it."""
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):
@@ -125,21 +125,21 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
         self.follow = follow
 
     def http_error_302(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any) -> Any:
-        target = _printable(headers.get("Location") or headers.get("URI") or "")
+        target = _printable(raw := headers.get("Location") or headers.get("URI") or "")
         if not self.follow:
             raise Redirected(f"the server redirects (HTTP {code}) to {target!r}, which is not followed")
-        if urllib.parse.urlparse(target).scheme.lower() not in ("http", "https", ""):
+        if urllib.parse.urlparse(urllib.parse.urljoin(req.full_url, raw)).scheme.lower() not in ("http", "https"):
             raise Redirected(f"the server redirects to {target!r}: only http(s) redirects are followed")
         if len(getattr(req, "redirect_dict", {})) >= self.max_redirections:
             raise Redirected(f"more than {self.max_redirections} redirects (the last to {target!r}): refused")
+        fp.close()  # unread: urllib would read a redirect's body to its end, however long
         return super().http_error_302(req, fp, code, msg, headers)
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 def _opener(watch: _Watch, follow: bool = True) -> urllib.request.OpenerDirector:
-    """urllib's usual opener (proxies, redirects to http(s) only; none unless `follow`) whose
-    connections `watch` can cut."""
+    """urllib's usual opener (proxies; redirects as `_Redirects`) whose connections `watch` can cut."""
 
     class HTTP(urllib.request.HTTPHandler):
         def do_open(self, http_class: type[http.client.HTTPConnection], req: urllib.request.Request, **kw: Any) -> Any:
