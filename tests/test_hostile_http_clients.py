@@ -154,6 +154,7 @@ INFO_CASES = {
     "status line not UTF-8": (send(b"HTTP/1.1 500 \xff\xfe\x1b[2J\r\nContent-Length: 0\r\n\r\n"), r"HTTP 500 \xff\xfe\?\[2J$"),
     "redirect to another host": (send(answer(b"", b"302 Found", b"Location: " + ELSEWHERE.url("http").encode() + b"\r\n")),
                                  r"the server redirects \(HTTP 302\) to 'http://127\.0\.0\.1:\d+/x', which is not followed: give --server the URL"),
+    "gzip bomb": (send(answer(gzip.compress(b"[" * (20 << 20)), headers=b"Content-Encoding: gzip\r\n")), r"the answer is not JSON"),
     "redirect to file://": (send(answer(b"", b"307 Temporary Redirect", b"Location: file:///etc/passwd\r\n")), r"redirects \(HTTP 307\) to 'file:///etc/passwd', which is not followed"),
 }
 
@@ -332,3 +333,12 @@ def test_weights_redirect_scheme_is_read_as_urllib_reads_it(location: bytes, fas
     with pytest.raises(FetchError, match=r"only http\(s\) redirects are followed"):
         download(Hostile(redirect(location.replace(b"HOST", host))).url + "/w.pt", tmp_path / "w.pt")
     assert ELSEWHERE.hits == hits
+
+
+@pytest.mark.parametrize("status", [b"429 Too Many Requests\r\nRetry-After: 99999999", b"429 Slow\r\nRetry-After: -5",
+                                    b"503 \xff\xfe\x1b[2J\r\nRetry-After: Wed, 21 Oct 2999 07:28:00 GMT"])
+def test_weights_download_never_waits_on_retry_after(status: bytes, fast: None, tmp_path: Path) -> None:
+    server = Hostile(send(b"HTTP/1.1 " + status + b"\r\nContent-Length: 5\r\n\r\nslow!"))
+    with pytest.raises(FetchError, match=r"the server answered HTTP (429|503) ") as info:
+        download(server.url + "/w.pt", tmp_path / "w.pt")
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value) and server.seen == ["/w.pt"]
