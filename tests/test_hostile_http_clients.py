@@ -342,3 +342,11 @@ def test_weights_download_never_waits_on_retry_after(status: bytes, fast: None, 
     with pytest.raises(FetchError, match=r"the server answered HTTP (429|503) ") as info:
         download(server.url + "/w.pt", tmp_path / "w.pt")
     assert "\n" not in str(info.value) and "\x1b" not in str(info.value) and server.seen == ["/w.pt"]
+
+
+def test_a_server_that_never_answers_is_named_by_the_clients_own_timeout(fast: None) -> None:
+    """Whichever bound ends the wait (the socket's or the whole request's), the message names $CLIPN_SERVER_TIMEOUT_S."""
+    server = Hostile(send(b"", then_wait=30))
+    with pytest.raises(ServerError, match=r"no complete answer within 1 s \(\$CLIPN_SERVER_TIMEOUT_S\)$") as info:
+        server_info(server.url, None)
+    assert "CLIPN_FETCH" not in str(info.value)

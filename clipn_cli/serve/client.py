@@ -59,9 +59,10 @@ def _call(url: str, key: str | None, body: bytes | None = None) -> Any:
     except Redirected as exc:
         raise ServerError(f"{url}: {exc.reason}: give --server the URL of the server itself") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
-        if watch.fired:
+        cause = getattr(exc, "reason", exc) if isinstance(exc, urllib.error.URLError) else exc
+        if watch.fired or isinstance(cause, TimeoutError):
             raise _Unreachable(f"{url}: no complete answer within {timeout:g} s ($CLIPN_SERVER_TIMEOUT_S)") from None
-        broken = isinstance(exc, http.client.HTTPException) or isinstance(getattr(exc, "reason", None), http.client.HTTPException)
+        broken = isinstance(cause, http.client.HTTPException)
         raise _Unreachable(f"{url}: {'no valid HTTP answer' if broken else 'cannot reach the server'} ({_reason(exc)})") from None
     finally:
         watch.cancel()
