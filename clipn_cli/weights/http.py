@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,8 +114,32 @@ def _shut(sock: socket.socket) -> None:
         pass
 
 
-def _opener(watch: _Watch) -> urllib.request.OpenerDirector:
-    """urllib's usual opener (proxies, redirects) whose connections `watch` can cut."""
+class Redirected(urllib.error.URLError):
+    """A redirect not followed (off http(s), past 10, or any where none are); `reason` names it."""
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows at most `max_redirections` (10) redirects, to http(s) only (urllib alone follows ftp://); none unless `follow`."""
+
+    def __init__(self, follow: bool) -> None:
+        self.follow = follow
+
+    def http_error_302(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any) -> Any:
+        target = _printable(raw := headers.get("Location") or headers.get("URI") or "")
+        if not self.follow:
+            raise Redirected(f"the server redirects (HTTP {code}) to {target!r}, which is not followed")
+        if urllib.parse.urlparse(urllib.parse.urljoin(req.full_url, raw)).scheme.lower() not in ("http", "https"):
+            raise Redirected(f"the server redirects to {target!r}: only http(s) redirects are followed")
+        if len(getattr(req, "redirect_dict", {})) >= self.max_redirections:
+            raise Redirected(f"more than {self.max_redirections} redirects (the last to {target!r}): refused")
+        fp.close()  # unread: urllib would read a redirect's body to its end, however long
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def _opener(watch: _Watch, follow: bool = True) -> urllib.request.OpenerDirector:
+    """urllib's usual opener (proxies; redirects as `_Redirects`) whose connections `watch` can cut."""
 
     class HTTP(urllib.request.HTTPHandler):
         def do_open(self, http_class: type[http.client.HTTPConnection], req: urllib.request.Request, **kw: Any) -> Any:
@@ -124,7 +149,7 @@ def _opener(watch: _Watch) -> urllib.request.OpenerDirector:
         def do_open(self, http_class: type[http.client.HTTPConnection], req: urllib.request.Request, **kw: Any) -> Any:
             return super().do_open(watch.connection(http_class), req, **kw)
 
-    return urllib.request.build_opener(HTTP, HTTPS)
+    return urllib.request.build_opener(HTTP, HTTPS, _Redirects(follow))
 
 
 @dataclass(frozen=True)
@@ -215,6 +240,9 @@ def _request(url: str, offset: int, validator: str, limits: FetchLimits, timeout
         if exc.code == 416:
             raise _Unsatisfiable(_range_total(exc.headers.get("Content-Range", ""))) from None
         raise FetchError(f"{url}: the server answered HTTP {exc.code} {_printable(str(exc.reason))}; {_by_hand(url)}") from None
+    except Redirected as exc:
+        watch.cancel()
+        raise FetchError(f"{url}: {exc.reason}; {_by_hand(url)}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
         watch.cancel()
         if watch.fired:
