@@ -341,3 +341,28 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- a Ray output folder, made as the driver makes it
+
+RAY_RECORD = {"path": "a.png", "verdict": "ID", "rule": "atd", "class": "cat", "class_index": 0, "ctw_score": 0.5,
+              "atd_score": 0.7, "p_ood": 0.3, "msp": 0.9, "max_logit": 20.0, "energy": -20.0, "p_value": 0.4}
+
+
+def make_ray_run(root: Path, shards: list[list[dict]], fmt: str = "jsonl", calibrated: bool = True) -> Any:
+    """A finished run as `run_detect` leaves it: shard files, then the manifest listing them (an OutputStore)."""
+    from clipn_cli.outputs.records import encode_shard
+    from clipn_cli.scale.manifest import Manifest, ManifestWriter
+    from clipn_cli.scale.store import OutputStore
+
+    store = OutputStore.open(str(root))
+    store.prepare()
+    job = {"command": "detect", "format": fmt, **({"calibration": {"method": "atd"}} if calibrated else {})}
+    manifest = Manifest(job, inputs=sum(map(len, shards)), complete=True)
+    writer = ManifestWriter(store, manifest, interval=3600)
+    for index, records in enumerate(shards):
+        name = f"part-{index:06d}.{fmt}"
+        store.write(encode_shard(records, fmt, extra=("p_value",) if calibrated else ()), "shards", name)
+        writer.finished(index, {"file": f"shards/{name}", "records": len(records), "errors": sum("error" in r for r in records), "digest": "d"})
+    writer.flush(force=True)
+    return store

@@ -14,31 +14,13 @@ import pytest
 
 pytest.importorskip("pyarrow")
 
+from conftest import RAY_RECORD as GOOD, make_ray_run as make_run  # noqa: E402
+
 from clipn_cli.errors import ClipnError, OutputError  # noqa: E402
 from clipn_cli.outputs.writers import resume_jsonl  # noqa: E402
-from clipn_cli.scale.manifest import Manifest, ManifestWriter, ResumeError, load_manifest  # noqa: E402
+from clipn_cli.scale.manifest import ResumeError, load_manifest  # noqa: E402
 from clipn_cli.scale.output import apply_fdr, read_output  # noqa: E402
-from clipn_cli.outputs.records import encode_shard  # noqa: E402
 from clipn_cli.scale.store import OutputStore  # noqa: E402
-
-GOOD = {"path": "a.png", "verdict": "ID", "rule": "atd", "class": "cat", "class_index": 0, "ctw_score": 0.5,
-        "atd_score": 0.7, "p_ood": 0.3, "msp": 0.9, "max_logit": 20.0, "energy": -20.0, "p_value": 0.4}
-
-
-def make_run(root: Path, shards: list[list[dict]], fmt: str = "jsonl", calibrated: bool = True) -> OutputStore:
-    """A finished run as `run_detect` leaves it: shard files, then the manifest listing them."""
-    store = OutputStore.open(str(root))
-    store.prepare()
-    job = {"command": "detect", "format": fmt, **({"calibration": {"method": "atd"}} if calibrated else {})}
-    manifest = Manifest(job, inputs=sum(map(len, shards)), complete=True)
-    writer = ManifestWriter(store, manifest, interval=3600)
-    for index, records in enumerate(shards):
-        name = f"part-{index:06d}.{fmt}"
-        store.write(encode_shard(records, fmt, extra=("p_value",) if calibrated else ()), "shards", name)
-        writer.finished(index, {"file": f"shards/{name}", "records": len(records), "errors": sum("error" in r for r in records), "digest": "d"})
-    writer.flush(force=True)
-    return store
-
 
 def edit_record(store: OutputStore, index: int, **fields) -> Path:
     """Rewrite shard `index`'s first record with `fields` (None removes one), as an editor would."""

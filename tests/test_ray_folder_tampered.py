@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("pyarrow")
 
-from test_ray_folder_hostile import GOOD, make_run  # noqa: E402
+from conftest import RAY_RECORD as GOOD, make_ray_run as make_run  # noqa: E402
 
 from clipn_cli.scale.manifest import Manifest, ResumeError, load_manifest  # noqa: E402
 from clipn_cli.scale.output import read_output  # noqa: E402
