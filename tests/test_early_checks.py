@@ -62,7 +62,7 @@ def test_every_mistake_is_one_line_before_torch(tmp_path: Path) -> None:
     finished = tmp_path / "ray-run"
     store = OutputStore.open(str(finished))
     store.prepare()
-    ManifestWriter(store, Manifest({"format": "jsonl"}, complete=True)).flush(force=True)
+    ManifestWriter(store, Manifest({"format": "jsonl"}, inputs=0, complete=True)).flush(force=True)
     data = tmp_path / "pairs"
     data.mkdir()
     gone = "/nonexistent-clipn-dir/sub"
