@@ -12,10 +12,11 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -366,3 +367,49 @@ def make_ray_run(root: Path, shards: list[list[dict]], fmt: str = "jsonl", calib
         writer.finished(index, {"file": f"shards/{name}", "records": len(records), "errors": sum("error" in r for r in records), "digest": "d"})
     writer.flush(force=True)
     return store
+
+
+# ---------------------------------------------------------------- a hostile HTTP server
+
+class RawServer:
+    """A raw-socket server on 127.0.0.1 (TLS with `context`) answering each connection, in a thread
+    of its own, with `behave(conn, head)` once the request head and the body its Content-Length
+    announces are read (with `whole_request=False`: after one read, whatever it holds, so that a TLS
+    hello, which is no HTTP head, is answered too); the path of every request is kept in `seen`. For
+    clients facing a hostile server."""
+
+    def __init__(self, behave: Callable[[socket.socket, bytes], None], context: ssl.SSLContext | None = None,
+                 whole_request: bool = True) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.behave, self.context, self.whole_request, self.seen = behave, context, whole_request, []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.context else 'http'}://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        try:
+            if self.context is not None:
+                conn = self.context.wrap_socket(conn, server_side=True)
+            head = conn.recv(65536)
+            while self.whole_request and b"\r\n\r\n" not in head and len(head) < 1 << 20:
+                head += conn.recv(65536) or b"\r\n\r\n"
+            head, _, body = head.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", head)
+            while self.whole_request and length and len(body) < int(length.group(1)):
+                body += conn.recv(65536) or b"x" * int(length.group(1))
+            self.seen.append(head.split(b" ")[1].decode(errors="replace") if head.count(b" ") else "")
+            self.behave(conn, head)
+        except OSError:
+            pass
+        finally:
+            conn.close()

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import OFFICIAL_CHECKPOINT, TINY_CONFIG, cli
+from conftest import OFFICIAL_CHECKPOINT, TINY_CONFIG, RawServer, cli
 
 from clipn_cli.errors import FetchError
 from clipn_cli.weights.fetch import pick_checkpoint
@@ -195,34 +195,16 @@ def test_pick_checkpoint_from_a_drive_folder_listing() -> None:
         pick_checkpoint(files[:1], "checkpoints/epoch_10.pt", "u")
 
 
-class Hostile:
-    """A raw-socket server on 127.0.0.1 that answers every connection with `behave(conn)`; each
-    endless behaviour stops by itself after a bound (so old code fails an assertion instead of hanging)."""
+class Hostile(RawServer):
+    """The conftest raw-socket server answering every connection with `behave(conn)`, at a checkpoint's
+    URL; each endless behaviour stops by itself after a bound (so old code fails an assertion instead of hanging)."""
 
     def __init__(self, behave: Callable[[socket.socket], None]) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.behave = behave
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(lambda conn, head: behave(conn), whole_request=False)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/epoch_10.pt"
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.recv(65536)
-                self.behave(conn)
-            except OSError:
-                pass
+        return super().url + "/epoch_10.pt"
 
 
 def _drip(data: bytes, pause: float = 0.05) -> Callable[[socket.socket], None]:

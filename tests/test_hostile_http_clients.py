@@ -22,6 +22,7 @@ from clipn_cli.errors import FetchError
 from clipn_cli.inputs.sources import InputItem
 from clipn_cli.serve.client import ServerError, remote_records, server_info
 from clipn_cli.weights.http import download
+from conftest import RawServer as Hostile
 from conftest import cli
 
 Behave = Callable[[socket.socket, bytes], None]
@@ -30,46 +31,6 @@ INFO = {"classes": ["a", "b"], "limits": {"max_upload_mb": 16}, "calibration_alp
 
 def record(path: str) -> dict:
     return {"path": path, "verdict": "ID", "rule": "ctw", "class": "a", "class_index": 0}
-
-
-class Hostile:
-    """Answers every request with `behave(conn, request)` (the request line and headers, the body
-    read too); counts the requests per path in `seen`."""
-
-    def __init__(self, behave: Behave, context: ssl.SSLContext | None = None) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.behave, self.context, self.seen = behave, context, []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.context else 'http'}://127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        try:
-            if self.context is not None:
-                conn = self.context.wrap_socket(conn, server_side=True)
-            head = b""
-            while b"\r\n\r\n" not in head and len(head) < 1 << 20:
-                head += conn.recv(65536) or b"\r\n\r\n"
-            head, _, body = head.partition(b"\r\n\r\n")
-            length = re.search(rb"(?i)content-length: *(\d+)", head)
-            while length and len(body) < int(length.group(1)):
-                body += conn.recv(65536) or b"x" * int(length.group(1))
-            self.seen.append(head.split(b" ")[1].decode())
-            self.behave(conn, head)
-        except OSError:
-            pass
-        finally:
-            conn.close()
 
 
 def answer(body: bytes, status: bytes = b"200 OK", headers: bytes = b"Content-Type: application/json\r\n") -> bytes:
