@@ -234,11 +234,12 @@ def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:
         st = os.fstat(fh.fileno())
         data = fh.read(limit + 1) if st.st_size <= limit else None  # read one byte more: the file may grow
     if data is None or len(data) > limit:
-        raise FileTooLargeError(f"larger than {_size(limit)} (the limit for this kind of file)", path)
+        raise FileTooLargeError(f"larger than {size_text(limit)} (the limit for this kind of file)", path)
     return data
 
 
-def _size(count: int) -> str:
+def size_text(count: int) -> str:
+    """A byte limit as people read it (64 KiB, 256 MiB)."""
     return f"{count >> 20} MiB" if count >= 1 << 20 else f"{count >> 10} KiB" if count >= 1 << 10 else f"{count} bytes"
 
 

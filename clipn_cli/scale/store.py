@@ -15,10 +15,12 @@ written just before a crash is simply written again on `--resume`.
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from dataclasses import dataclass
 
 from ..errors import ClipnError
+from ..files import OPEN_FLAGS, size_text
 
 OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
 SHARDS = "shards"
@@ -87,23 +89,19 @@ class OutputStore:
         if info.type != pafs.FileType.File:
             raise OutputStoreError(f"{where}: not a regular file")
         if limit is not None and info.size is not None and info.size > limit:
-            raise OutputStoreError(f"{where}: larger than {_size(limit)} (the limit for this file)")
+            raise OutputStoreError(f"{where}: larger than {size_text(limit)} (the limit for this file)")
         if self.filesystem.type_name == "local":
             data = self._read_local(where, *parts, limit=limit)
         else:
             with self.filesystem.open_input_stream(self.path(*parts)) as fh:
                 data = fh.read() if limit is None else fh.read(limit + 1)
         if limit is not None and len(data) > limit:
-            raise OutputStoreError(f"{where}: larger than {_size(limit)} (the limit for this file)")
+            raise OutputStoreError(f"{where}: larger than {size_text(limit)} (the limit for this file)")
         return data
 
     def _read_local(self, where: str, *parts: str, limit: int | None) -> bytes:
         """The read itself on a local disk, checked again on the opened descriptor: a file swapped after
         the checks above for a FIFO (which would block for ever), a device or a symbolic link is refused."""
-        import stat
-
-        from ..files import OPEN_FLAGS
-
         try:
             fd = os.open(self.path(*parts), OPEN_FLAGS | getattr(os, "O_NOFOLLOW", 0))
         except OSError as exc:  # ELOOP: the last part became a symbolic link
@@ -113,7 +111,7 @@ class OutputStore:
             if not stat.S_ISREG(st.st_mode):
                 raise OutputStoreError(f"{where}: not a regular file")
             if limit is not None and st.st_size > limit:
-                raise OutputStoreError(f"{where}: larger than {_size(limit)} (the limit for this file)")
+                raise OutputStoreError(f"{where}: larger than {size_text(limit)} (the limit for this file)")
             return fh.read() if limit is None else fh.read(limit + 1)
 
     def _check_inside(self, where: str, *parts: str) -> None:
@@ -183,6 +181,3 @@ class OutputStore:
     def has_shard_files(self) -> bool:
         return bool(self.list(SHARDS))
 
-
-def _size(limit: int) -> str:
-    return f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
