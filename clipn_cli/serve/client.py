@@ -25,7 +25,7 @@ from ..errors import ClipnError
 from ..files import env_number
 from ..inputs.sources import InputItem, os_reason
 from ..outputs.records import CSV_COLUMNS, DETAIL_COLUMNS, record_problem
-from ..weights.http import Redirected, _opener, _printable, _reason, _Watch
+from ..weights.http import Redirected, Watch, opener, printable, reason_of
 
 PER_REQUEST = 16  # images per request (the server's default --max-batch)
 TIMEOUT = 300.0  # seconds one request may take, default of $CLIPN_SERVER_TIMEOUT_S
@@ -49,10 +49,10 @@ def _call(url: str, key: str | None, body: bytes | None = None) -> Any:
     if key:
         headers["Authorization"] = f"Bearer {key}"
     request = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
-    watch = _Watch()
+    watch = Watch()
     watch.start(timeout)
     try:
-        with _opener(watch, follow=False).open(request, timeout=timeout) as response:
+        with opener(watch, follow=False).open(request, timeout=timeout) as response:
             data, missing, kind = *_read_capped(url, response), response.headers.get("Content-Type", "")
     except urllib.error.HTTPError as exc:
         raise ServerError(f"{url}: HTTP {exc.code} {_refusal(exc)}") from None
@@ -63,7 +63,7 @@ def _call(url: str, key: str | None, body: bytes | None = None) -> Any:
         if watch.fired or isinstance(cause, TimeoutError):
             raise _Unreachable(f"{url}: no complete answer within {timeout:g} s ($CLIPN_SERVER_TIMEOUT_S)") from None
         broken = isinstance(cause, http.client.HTTPException)
-        raise _Unreachable(f"{url}: {'no valid HTTP answer' if broken else 'cannot reach the server'} ({_reason(exc)})") from None
+        raise _Unreachable(f"{url}: {'no valid HTTP answer' if broken else 'cannot reach the server'} ({reason_of(exc)})") from None
     finally:
         watch.cancel()
     if watch.fired:  # the sockets were shut mid-answer: what was read is not all of it
@@ -73,7 +73,7 @@ def _call(url: str, key: str | None, body: bytes | None = None) -> Any:
     try:
         return json.loads(data)
     except (ValueError, RecursionError):
-        raise ServerError(f"{url}: the answer is not JSON (Content-Type {_printable(kind)!r}): is this a clipn server?") from None
+        raise ServerError(f"{url}: the answer is not JSON (Content-Type {printable(kind)!r}): is this a clipn server?") from None
 
 
 def _read_capped(url: str, response: http.client.HTTPResponse) -> tuple[bytes, int]:
@@ -97,14 +97,14 @@ def _refusal(exc: urllib.error.HTTPError) -> str:
     except (ValueError, RecursionError, OSError, AttributeError, http.client.HTTPException):
         pass
     retry = exc.headers.get("Retry-After") if exc.headers is not None else None
-    return _printable(reason) + (f" (Retry-After: {_printable(retry)[:40]})" if retry else "")
+    return printable(reason) + (f" (Retry-After: {printable(retry)[:40]})" if retry else "")
 
 
 def server_info(base: str, key: str | None) -> dict[str, Any]:
     """GET /v1/info: the classes and rule the server's records are made with (checked: a
     positive upload limit, classes as text, a calibration level in (0, 1) or none)."""
     if urllib.parse.urlparse(base).scheme.lower() not in ("http", "https"):
-        raise ServerError(f"--server must be an http(s) URL, not {_printable(base)!r}")
+        raise ServerError(f"--server must be an http(s) URL, not {printable(base)!r}")
     url = base.rstrip("/") + "/v1/info"
     info = _call(url, key)
     info = info if isinstance(info, dict) else {}
@@ -155,9 +155,9 @@ def _records(url: str, key: str | None, sent: list[tuple[str, bytes]]) -> list[d
 def _stray(record: dict[str, Any], name: str) -> str | None:
     """Why a well-formed record is not this image's, or not writable as local detect's are."""
     if record["path"] != name:
-        return f"is for another path ({_printable(record['path'])[:60]!r})"
+        return f"is for another path ({printable(record['path'])[:60]!r})"
     extra = next((k for k, v in record.items() if k not in _KNOWN and v is not None and not _number(v)), None)
-    return None if extra is None else f"has a field {_printable(extra)[:40]!r} that is not a number"
+    return None if extra is None else f"has a field {printable(extra)[:40]!r} that is not a number"
 
 
 def remote_records(base: str, items: Iterable[InputItem], key: str | None, max_bytes: int) -> Iterator[dict[str, Any]]:

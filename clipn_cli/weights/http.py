@@ -67,7 +67,7 @@ class _CutOff(Exception):
     """The server broke a limit; the message says which."""
 
 
-class _Watch:
+class Watch:
     """Closes the sockets of a request when its deadline passes: a blocked read then returns at once.
 
     Connections made by urllib (one per redirect) register here through `_WatchedHTTP(S)Handler`."""
@@ -125,7 +125,7 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
         self.follow = follow
 
     def http_error_302(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any) -> Any:
-        target = _printable(raw := headers.get("Location") or headers.get("URI") or "")
+        target = printable(raw := headers.get("Location") or headers.get("URI") or "")
         if not self.follow:
             raise Redirected(f"the server redirects (HTTP {code}) to {target!r}, which is not followed")
         if urllib.parse.urlparse(urllib.parse.urljoin(req.full_url, raw)).scheme.lower() not in ("http", "https"):
@@ -138,7 +138,7 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
-def _opener(watch: _Watch, follow: bool = True) -> urllib.request.OpenerDirector:
+def opener(watch: Watch, follow: bool = True) -> urllib.request.OpenerDirector:
     """urllib's usual opener (proxies; redirects as `_Redirects`) whose connections `watch` can cut."""
 
     class HTTP(urllib.request.HTTPHandler):
@@ -231,15 +231,15 @@ def _request(url: str, offset: int, validator: str, limits: FetchLimits, timeout
     headers = {"User-Agent": f"clipn-cli/{__version__}", "Accept-Encoding": "identity"}
     if offset:
         headers.update({"Range": f"bytes={offset}-", "If-Range": validator})
-    watch = _Watch()
+    watch = Watch()
     watch.start(limits.headers)
     try:
-        response = _opener(watch).open(urllib.request.Request(url, headers=headers), timeout=min(timeout, limits.stall))
+        response = opener(watch).open(urllib.request.Request(url, headers=headers), timeout=min(timeout, limits.stall))
     except urllib.error.HTTPError as exc:
         watch.cancel()
         if exc.code == 416:
             raise _Unsatisfiable(_range_total(exc.headers.get("Content-Range", ""))) from None
-        raise FetchError(f"{url}: the server answered HTTP {exc.code} {_printable(str(exc.reason))}; {_by_hand(url)}") from None
+        raise FetchError(f"{url}: the server answered HTTP {exc.code} {printable(str(exc.reason))}; {_by_hand(url)}") from None
     except Redirected as exc:
         watch.cancel()
         raise FetchError(f"{url}: {exc.reason}; {_by_hand(url)}") from None
@@ -247,7 +247,7 @@ def _request(url: str, offset: int, validator: str, limits: FetchLimits, timeout
         watch.cancel()
         if watch.fired:
             raise FetchError(f"{url}: {_late(limits)}; {_by_hand(url)}") from None
-        raise FetchError(f"cannot download {url} ({_reason(exc)}); {_by_hand(url)}") from None
+        raise FetchError(f"cannot download {url} ({reason_of(exc)}); {_by_hand(url)}") from None
     watch.cancel()
     if watch.fired:  # cut inside the headers: what came looks like a reply, but it is not one
         response.close()
@@ -262,7 +262,7 @@ def _body_range(url: str, response: http.client.HTTPResponse, offset: int, limit
     if response.status == 206 and _range_start(content_range) == offset:
         total = _range_total(content_range)
     elif response.status == 206:
-        raise FetchError(f"{url}: the server sent a part of the file that was not asked for (Content-Range {_printable(content_range)!r}): refused")
+        raise FetchError(f"{url}: the server sent a part of the file that was not asked for (Content-Range {printable(content_range)!r}): refused")
     else:
         offset = 0
         total = _content_length(url, response.headers.get("Content-Length"))
@@ -288,7 +288,7 @@ def _receive(
                 raise _CutOff(f"no byte for {limits.stall:g} s (CLIPN_FETCH_STALL_S)") from None
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 if total is None:
-                    raise _CutOff(f"the connection failed after {offset + received} bytes ({_reason(exc)})") from None
+                    raise _CutOff(f"the connection failed after {offset + received} bytes ({reason_of(exc)})") from None
                 break
             if not block:
                 break
@@ -326,16 +326,16 @@ def _content_length(url: str, value: str | None) -> int | None:
     if value is None:
         return None
     if not re.fullmatch(r"[0-9]{1,20}", value.strip()):
-        raise FetchError(f"{url}: the server sent an invalid Content-Length {_printable(value)!r}: refused")
+        raise FetchError(f"{url}: the server sent an invalid Content-Length {printable(value)!r}: refused")
     return int(value)
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """A server's text cut to 100 printable characters, for a one-line message."""
     return "".join(c if c.isprintable() else "?" for c in text[:100])
 
 
-def _reason(exc: BaseException) -> str:
+def reason_of(exc: BaseException) -> str:
     """One short line for a network or protocol failure (http.client's messages can hold a whole header line)."""
     reason = getattr(exc, "reason", None) if isinstance(exc, urllib.error.URLError) else exc
     reason = reason if reason is not None else exc
@@ -348,8 +348,8 @@ def _reason(exc: BaseException) -> str:
     if isinstance(reason, http.client.BadStatusLine):
         return "the reply is not HTTP"
     if isinstance(reason, http.client.HTTPException):
-        return f"not a valid HTTP reply: {type(reason).__name__}: {_printable(str(reason))}"
-    return _printable(str(reason)) or type(reason).__name__
+        return f"not a valid HTTP reply: {type(reason).__name__}: {printable(str(reason))}"
+    return printable(str(reason)) or type(reason).__name__
 
 
 def _finish(part: Path, dest: Path, validator_file: Path, sha256: str | None, size: int | None, offset: int, received: int) -> Download:
